@@ -1,0 +1,12 @@
+"""advface-engine: adversarial facial features that keep recognition and defeat reconstruction.
+
+    import advface_engine as afe
+    z_adv = afe.protect(z, shadow=S, encoder=E, config=afe.ProtectConfig())
+"""
+
+from .config import ProtectConfig
+from .models import build_model, load_model, save_model
+from .protect import Protector, protect
+
+__version__ = "0.1.0"
+__all__ = ["ProtectConfig", "Protector", "__version__", "build_model", "load_model", "protect", "save_model"]

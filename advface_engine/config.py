@@ -1,0 +1,71 @@
+"""Protection configuration: every decision of ALGORITHM.md is a field here."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+NORMS = ("linf", "l2")
+CONSTRAINTS = ("ball", "per_step")
+ANCHORS = ("shadow", "original")
+
+
+@dataclass(frozen=True)
+class ProtectConfig:
+    """How adversarial features are made.
+
+    eps:          radius of the perturbation budget (L-inf or L2, see ``norm``).
+    alpha:        step size of each sign (or L2-normalised) gradient step.
+    steps:        number of steps T; 0 returns the (normalised) anchor.
+    norm:         "linf" (sign steps, L-inf ball) or "l2" (L2-normalised steps, L2 ball).
+    constraint:   "ball": project onto the eps-ball around the anchor after every
+                  step (PGD form); "per_step": clip each single step to eps (the
+                  poster's literal ||z_{t+1} - z_t|| < eps).
+    anchor:       "shadow": z_0 = E(S(z)) (Eq. 5); "original": z_0 = z.
+    normalize:    features are unit-norm (ArcFace convention): the anchor is
+                  normalised before the loop and z_T after it.
+    random_start: start from a uniform point in the ball, drawn from ``seed`` and
+                  the row's content, so a row's result never depends on batching.
+    seed:         seed of the random start.
+    """
+
+    eps: float = 0.02
+    alpha: float = 0.005
+    steps: int = 10
+    norm: str = "linf"
+    constraint: str = "ball"
+    anchor: str = "shadow"
+    normalize: bool = True
+    random_start: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("eps", "alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"steps must be a non-negative integer, got {self.steps!r}")
+        for name, allowed in (("norm", NORMS), ("constraint", CONSTRAINTS), ("anchor", ANCHORS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    def replace(self, **changes) -> "ProtectConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ProtectConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown ProtectConfig fields: {sorted(unknown)}")
+        return cls(**data)

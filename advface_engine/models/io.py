@@ -1,0 +1,61 @@
+"""Checkpoints as safetensors with a metadata header (architecture + kwargs): loading never runs code."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT = "advface-engine/1"
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> None:
+    """Write ``model`` (built by ``build_model``) to ``path`` atomically (temporary file + rename)."""
+    arch = getattr(model, "arch", None)
+    if arch is None:
+        raise ValueError("model has no .arch: build it with advface_engine.models.build_model")
+    metadata = {"format": FORMAT, "arch": arch, "kwargs": json.dumps(model.arch_kwargs), "extra": json.dumps(extra or {})}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The checkpoint's header: {"arch", "kwargs", "extra"}."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an advface-engine checkpoint (no '{FORMAT}' header)")
+    return {"arch": meta["arch"], "kwargs": json.loads(meta["kwargs"]), "extra": json.loads(meta.get("extra", "{}"))}
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the module recorded in ``path`` and load its weights, in eval mode."""
+    from . import build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    meta = read_metadata(path)
+    model = build_model(meta["arch"], **meta["kwargs"])
+    model.load_state_dict(load_file(str(path)))
+    model.checkpoint_extra = meta["extra"]
+    return model.to(device).eval()
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict:
+    """A user's state dict from .safetensors, or .pth/.pt through ``torch.load(weights_only=True)``."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state

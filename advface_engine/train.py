@@ -1,0 +1,158 @@
+"""Training of shadow / attacker decoders (Eq. 1) and of small encoders, resumable and seeded.
+
+Every epoch visits the data in a permutation drawn from (seed, epoch), and a training
+checkpoint (weights, optimiser, epoch) is written atomically after each epoch, so an
+interrupted run resumed from its checkpoint ends with the same weights as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .models.io import save_model
+
+
+@torch.no_grad()
+def encode(encoder: nn.Module, images: Tensor, batch_size: int = 256, normalize: bool = True,
+           device: str | torch.device | None = None) -> Tensor:
+    """Features E(x) of ``images`` in eval mode, batched; unit-norm when ``normalize``. Returned on CPU."""
+    training = encoder.training
+    encoder.eval()
+    device = device or next(encoder.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        z = encoder(images[i:i + batch_size].to(device))
+        out.append((F.normalize(z, dim=1) if normalize else z).cpu())
+    encoder.train(training)
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def _fit(modules: dict[str, nn.Module], loss_fn: Callable[[Tensor, torch.Generator], Tensor], n: int, epochs: int, batch_size: int,
+         lr: float, seed: int, checkpoint: str | os.PathLike | None, desc: str, progress: bool) -> list[float]:
+    """Adam over all ``modules``; ``loss_fn(indices, generator)`` gives a batch's loss.
+
+    The generator of each epoch is seeded by (seed, epoch) and draws the permutation and any
+    augmentation, so resuming at an epoch boundary replays exactly. Returns each epoch's mean loss.
+    """
+    if n == 0:
+        raise ValueError("no training data")
+    if epochs < 1 or batch_size < 1 or not lr > 0:
+        raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    history: list[float] = []
+    start = 0
+    path = Path(checkpoint) if checkpoint else None
+    if path is not None and path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for name, module in modules.items():
+            module.load_state_dict(state["modules"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start, history = state["epoch"], list(state["history"])
+    for m in modules.values():
+        m.train()
+    steps_per_epoch = math.ceil(n / batch_size)
+    bar = tqdm(total=epochs * steps_per_epoch, initial=start * steps_per_epoch, desc=desc, disable=not progress,
+               leave=False)
+    for epoch in range(start, epochs):
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=gen)
+        total = 0.0
+        for i in range(0, n, batch_size):
+            idx = order[i:i + batch_size]
+            loss = loss_fn(idx, gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
+        schedule.step()
+        history.append(total / n)
+        if path is not None:
+            state = {"modules": {k: m.state_dict() for k, m in modules.items()}, "optimizer": optimizer.state_dict(),
+                     "schedule": schedule.state_dict(), "epoch": epoch + 1, "history": history}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+    bar.close()
+    for m in modules.values():
+        m.eval()
+    return history
+
+
+def train_decoder(decoder: nn.Module, encoder: nn.Module, images: Tensor, epochs: int = 10, batch_size: int = 64,
+                  lr: float = 2e-3, normalize: bool = True, seed: int = 0, checkpoint: str | os.PathLike | None = None,
+                  output: str | os.PathLike | None = None, progress: bool = True) -> list[float]:
+    """Train ``decoder`` to invert ``encoder``: min sum_i ||x_i - D(E(x_i))||_1 (Eq. 1; mean per pixel).
+
+    Used for the server's shadow model S and for attacker networks R. ``checkpoint`` makes the
+    run resumable; ``output`` receives the final weights as a safetensors model file.
+    Returns the per-epoch mean L1 loss.
+    """
+    torch.manual_seed(seed)
+    device = next(decoder.parameters()).device
+    z = encode(encoder, images, normalize=normalize, device=next(encoder.parameters()).device).to(device)
+    x = images.to(device)
+
+    def loss_fn(idx: Tensor, gen: torch.Generator) -> Tensor:
+        return (decoder(z[idx]) - x[idx]).abs().mean()
+
+    history = _fit({"decoder": decoder}, loss_fn, len(x), epochs, batch_size, lr, seed, checkpoint, "train decoder",
+                   progress)
+    if output is not None:
+        save_model(decoder, output, extra={"trained_for": "decoder", "epochs": epochs, "l1": history[-1],
+                                           "normalize": normalize})
+    return history
+
+
+class CosFaceHead(nn.Module):
+    """Large-margin cosine classifier used to train encoders: s * (cos(theta_y) - m)."""
+
+    def __init__(self, num_features: int, num_classes: int, s: float = 30.0, m: float = 0.25):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, num_features) * 0.01)
+        self.s, self.m = s, m
+
+    def forward(self, z: Tensor, labels: Tensor) -> Tensor:
+        cos = F.normalize(z, dim=1) @ F.normalize(self.weight, dim=1).t()
+        logits = self.s * (cos - self.m * F.one_hot(labels, cos.shape[1]))
+        return F.cross_entropy(logits, labels)
+
+
+def train_encoder(encoder: nn.Module, images: Tensor, labels: Tensor, epochs: int = 10, batch_size: int = 128,
+                  lr: float = 2e-3, seed: int = 0, checkpoint: str | os.PathLike | None = None,
+                  output: str | os.PathLike | None = None, progress: bool = True) -> list[float]:
+    """Train a recognition encoder with a CosFace head on identity-labelled faces (random flips)."""
+    torch.manual_seed(seed)
+    device = next(encoder.parameters()).device
+    labels = torch.as_tensor(labels)
+    classes, y = torch.unique(labels, return_inverse=True)
+    with torch.no_grad():
+        dim = encoder.eval()(images[:2].to(device)).shape[1]
+    head = CosFaceHead(dim, len(classes)).to(device)
+    x, y = images.to(device), y.to(device)
+
+    def loss_fn(idx: Tensor, gen: torch.Generator) -> Tensor:
+        batch = x[idx]
+        flip = (torch.rand(len(idx), generator=gen) < 0.5).to(device)
+        batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
+        return head(encoder(batch), y[idx])
+
+    history = _fit({"encoder": encoder, "head": head}, loss_fn, len(x), epochs, batch_size, lr, seed, checkpoint,
+                   "train encoder", progress)
+    if output is not None:
+        save_model(encoder, output, extra={"trained_for": "encoder", "epochs": epochs, "loss": history[-1]})
+    return history

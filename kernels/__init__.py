@@ -1,0 +1,1 @@
+"""Triton kernels of the fused backend, one file per fused operation (installed as advface_engine.kernels)."""
