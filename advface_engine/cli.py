@@ -10,6 +10,7 @@ import sys
 # Modules that add subcommands: each defines register(subparsers) and sets a ``func`` default.
 SUBCOMMAND_MODULES = [
     "advface_engine.commands",
+    "advface_engine.gallery.command",
 ]
 
 

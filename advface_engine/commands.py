@@ -1,11 +1,150 @@
-"""Core subcommands: train-shadow, protect, demo."""
+"""Core subcommands: train-encoder, train-shadow, protect and demo."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config_args import add_protect_args, config_from_args
+
+
+def add_image_args(p: argparse.ArgumentParser, identities: int = 200, per_identity: int = 10) -> None:
+    g = p.add_argument_group("training images (default: built-in synthetic faces)")
+    g.add_argument("--images", help="image folder, one sub-folder per identity")
+    g.add_argument("--images-npy", help=".npy array of images, (N, H, W, 3) uint8 or (N, 3, H, W) in [-1, 1]")
+    g.add_argument("--labels-npy", help=".npy identity labels for --images-npy (encoder training)")
+    g.add_argument("--synthetic-identities", type=int, default=identities)
+    g.add_argument("--per-identity", type=int, default=per_identity)
+    g.add_argument("--first-identity", type=int, default=0, help="synthetic identity offset (disjoint sets)")
+    g.add_argument("--data-seed", type=int, default=0)
+
+
+def load_images(args: argparse.Namespace, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training images named by the flags, at ``size`` x ``size``, and labels when known."""
+    from .data import images_from_array, load_image_folder, synthetic_faces
+
+    if args.images:
+        images, labels, _ = load_image_folder(args.images, size)
+        return images, labels
+    if args.images_npy:
+        images = images_from_array(np.load(args.images_npy, allow_pickle=False), size)
+        labels = torch.from_numpy(np.load(args.labels_npy, allow_pickle=False)) if args.labels_npy else None
+        return images, labels
+    return synthetic_faces(args.synthetic_identities, args.per_identity, size, args.data_seed, args.first_identity)
+
+
+def add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float, batch_size: int) -> None:
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", help="training state file: written every epoch, resumed from if present")
+    p.add_argument("--device", default="cpu")
+
+
+def cmd_train_encoder(args: argparse.Namespace) -> int:
+    from .models import build_model
+    from .train import train_encoder
+
+    encoder = build_model(args.arch, num_features=args.dim, input_size=args.size,
+                          **({"width": args.width} if args.arch == "mobilefacenet" else {})).to(args.device)
+    images, labels = load_images(args, args.size)
+    if labels is None:
+        raise ValueError("encoder training needs identity labels (--images folder or --labels-npy)")
+    history = train_encoder(encoder, images, labels, args.epochs, args.batch_size, args.lr, args.seed,
+                            args.checkpoint, args.output)
+    print(f"trained {args.arch} on {len(images)} faces: final loss {history[-1]:.4f} -> {args.output}")
+    return 0
+
+
+def cmd_train_shadow(args: argparse.Namespace) -> int:
+    from .models import build_model, load_encoder
+    from .train import train_decoder
+
+    encoder = load_encoder(args.encoder, args.encoder_arch, args.device)
+    size = args.size or getattr(encoder, "input_size", None)
+    if size is None:
+        raise ValueError("the encoder does not record its input size: pass --size")
+    images, _ = load_images(args, size)
+    with torch.no_grad():
+        dim = encoder(images[:1].to(args.device)).shape[1]
+    decoder = build_model(args.arch, feature_dim=dim, size=size, width=args.width).to(args.device)
+    history = train_decoder(decoder, encoder, images, args.epochs, args.batch_size, args.lr, not args.no_normalize,
+                            args.seed, args.checkpoint, args.output)
+    print(f"trained {args.arch} decoder on {len(images)} faces: final L1 {history[-1]:.4f} -> {args.output}")
+    return 0
+
+
+def cmd_protect(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .models import load_encoder, load_model
+    from .protect import Protector
+
+    src, dst = Path(args.input), Path(args.output)
+    if src.resolve() == dst.resolve():
+        raise ValueError("--output must differ from --input (the gallery is never overwritten in place)")
+    gallery = np.load(src, mmap_mode="r", allow_pickle=False)
+    if gallery.ndim != 2 or gallery.dtype.kind != "f":
+        raise ValueError(f"{src}: expected a 2-D float array (N, D), got {gallery.dtype} {gallery.shape}")
+    protector = Protector(shadow=load_model(args.shadow, args.device),
+                          encoder=load_encoder(args.encoder, args.encoder_arch, args.device),
+                          config=config_from_args(args), backend=args.backend)
+    tmp = dst.with_name(dst.name + ".tmp.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=gallery.dtype, shape=gallery.shape)
+    start = time.perf_counter()
+    for i in tqdm(range(0, len(gallery), args.batch_size), desc="protect", unit="batch"):
+        z = torch.from_numpy(np.array(gallery[i:i + args.batch_size]))
+        out[i:i + len(z)] = protector(z).numpy()
+    out.flush()
+    del out
+    os.replace(tmp, dst)
+    elapsed = time.perf_counter() - start
+    print(f"protected {len(gallery)} features in {elapsed:.1f} s ({len(gallery) / max(elapsed, 1e-9):.0f}/s), "
+          f"backend {protector.backend_name} -> {dst}")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from .demo import add_demo_parser
+
+    p = sub.add_parser("train-encoder", help="train a small recognition encoder (CosFace) on labelled faces")
+    p.add_argument("--output", required=True, help="encoder checkpoint (.safetensors)")
+    p.add_argument("--arch", default="mobilefacenet", help="mobilefacenet or iresnet18/34/50/100")
+    p.add_argument("--dim", type=int, default=128, help="feature dimension")
+    p.add_argument("--size", type=int, default=32, help="input image size")
+    p.add_argument("--width", type=int, default=16, help="mobilefacenet channel width")
+    add_image_args(p)
+    add_train_args(p, epochs=8, lr=2e-3, batch_size=128)
+    p.set_defaults(func=cmd_train_encoder)
+
+    p = sub.add_parser("train-shadow", help="train a shadow (or attacker) decoder on (E(x), x) pairs, Eq. 1")
+    p.add_argument("--encoder", required=True, help="encoder: advface .safetensors, .onnx, or .pth with --encoder-arch")
+    p.add_argument("--encoder-arch", help="architecture of a plain state-dict encoder, e.g. iresnet50")
+    p.add_argument("--output", required=True, help="decoder checkpoint (.safetensors)")
+    p.add_argument("--arch", default="dcgan", help="decoder family: dcgan, nbnet or upconv")
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--size", type=int, help="image size (default: the encoder's input size)")
+    p.add_argument("--no-normalize", action="store_true", help="train on raw, not unit-norm, features")
+    add_image_args(p)
+    add_train_args(p, epochs=8, lr=2e-3, batch_size=64)
+    p.set_defaults(func=cmd_train_shadow)
+
+    p = sub.add_parser("protect", help="protect a .npy gallery of features (N, D) into a new .npy")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--shadow", required=True, help="shadow decoder checkpoint")
+    p.add_argument("--encoder", required=True)
+    p.add_argument("--encoder-arch")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "fused"])
+    add_protect_args(p)
+    p.set_defaults(func=cmd_protect)
 
     add_demo_parser(sub)

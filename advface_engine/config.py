@@ -22,7 +22,8 @@ class ProtectConfig:
     constraint:   "ball": project onto the eps-ball around the anchor after every
                   step (PGD form); "per_step": clip each single step to eps (the
                   poster's literal ||z_{t+1} - z_t|| < eps).
-    anchor:       "shadow": z_0 = E(S(z)) (Eq. 5); "original": z_0 = z.
+    anchor:       "shadow": z_0 = E(S(z)) (Eq. 5); "original": z_0 = z. Anchored at z, S(z_0) equals
+                  the target x~ and the L1 gradient is exactly 0 (sign(0) = 0): use random_start.
     normalize:    features are unit-norm (ArcFace convention): the anchor is
                   normalised before the loop and z_T after it.
     random_start: start from a uniform point in the ball, drawn from ``seed`` and

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-from advface_engine.models import build_model
+if not torch.cuda.is_available():  # Triton kernels run under its CPU interpreter (set before triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from advface_engine.models import build_model  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

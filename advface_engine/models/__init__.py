@@ -29,7 +29,31 @@ def build_model(arch: str, **kwargs) -> nn.Module:
     return model
 
 
+def load_encoder(path, arch: str | None = None, device="cpu", **kwargs) -> nn.Module:
+    """An encoder from an advface checkpoint (.safetensors), an ONNX file (.onnx), or a user's
+    ArcFace state dict (.pth/.pt/.safetensors without header) given ``arch`` (e.g. "iresnet50")."""
+    from pathlib import Path
+
+    from .io import load_state_dict_file, read_metadata
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no encoder file at {path}")
+    if path.suffix == ".onnx":
+        from .onnx_encoder import OnnxEncoder
+
+        return OnnxEncoder(path)
+    if arch is None:
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path} has no architecture header: pass arch= (e.g. 'iresnet50')")
+        read_metadata(path)  # a clear error when it is not an advface checkpoint
+        return load_model(path, device)
+    model = build_model(arch, **kwargs)
+    model.load_state_dict(load_state_dict_file(path))
+    return model.to(device).eval()
+
+
 __all__ = [
     "ARCHITECTURES", "DECODERS", "ENCODERS", "DCGANDecoder", "DenseBlock", "IResNet", "MobileFaceNet",
-    "NbNetDecoder", "UpConvDecoder", "build_model", "iresnet", "load_model", "save_model",
+    "NbNetDecoder", "UpConvDecoder", "build_model", "iresnet", "load_encoder", "load_model", "save_model",
 ]

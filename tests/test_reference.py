@@ -1,0 +1,195 @@
+"""The reference backend against an independent float64 implementation of ALGORITHM.md."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_models
+
+import advface_engine as afe
+
+
+def equations(z, S, E, eps, alpha, steps, norm="linf", constraint="ball", anchor="shadow", normalize=True,
+              start=None):
+    """ALGORITHM.md written again, row by row, in float64. ``start``: a given random start per row."""
+    out = []
+    for i, row in enumerate(z):
+        row = row[None]
+        x_shadow = S(row).detach()                                   # x~ = S(z)            (3)
+        z0 = E(x_shadow).detach() if anchor == "shadow" else row.clone()  # z~ = E(x~)
+        if normalize:
+            z0 = z0 / z0.norm()
+        zt = z0.clone() if start is None else z0 + start[i]
+        for _ in range(steps):
+            delta = torch.zeros_like(zt, requires_grad=True)
+            loss = (S(zt + delta) - x_shadow).abs().sum()             # ||S(z_t + d) - x~||_1 (4)
+            (g,) = torch.autograd.grad(loss, delta)
+            if norm == "linf":
+                z_next = zt + alpha * torch.sign(g)                   # z_t + alpha sign(g)   (5)
+            else:
+                z_next = zt + alpha * g / g.norm() if g.norm() > 0 else zt
+            center = z0 if constraint == "ball" else zt
+            d = z_next - center
+            if norm == "linf":
+                d = torch.clamp(d, -eps, eps)
+            elif d.norm() > eps:
+                d = d * eps / d.norm()
+            zt = (center + d).detach()
+        if normalize:
+            zt = zt / zt.norm()
+        out.append(zt)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("family", ["dcgan", "nbnet", "upconv"])
+@pytest.mark.parametrize("norm,constraint,anchor", [("linf", "ball", "shadow"), ("l2", "ball", "original"),
+                                                    ("linf", "per_step", "original"), ("l2", "per_step", "shadow")])
+def test_reference_equals_equations_float64(family, norm, constraint, anchor):
+    S, E = tiny_models(family, dtype=torch.float64)
+    z = F.normalize(torch.randn(4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3)), dim=1)
+    eps, alpha = (0.05, 0.02) if norm == "linf" else (0.2, 0.08)
+    # anchored at z itself, S(z_0) == x~ and the L1 gradient is exactly 0: only a random start moves
+    random_start = anchor == "original"
+    cfg = afe.ProtectConfig(eps=eps, alpha=alpha, steps=4, norm=norm, constraint=constraint, anchor=anchor,
+                            random_start=random_start)
+    got = afe.protect(z, shadow=S, encoder=E, config=cfg)
+    start = None
+    if random_start:
+        start = afe.protect(z, S, E, cfg.replace(steps=0, normalize=False)) - z
+    want = equations(z, S, E, eps, alpha, 4, norm, constraint, anchor, start=start)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(got, z)
+
+
+def _trace(z, S, E, cfg):
+    """z_t after each step, without the final normalisation, by running steps = 1..T."""
+    return [afe.protect(z, S, E, cfg.replace(steps=t, normalize=False)) for t in range(1, cfg.steps + 1)]
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_ball_constraint_after_every_step(norm, features):
+    S, E = tiny_models(dtype=torch.float64)
+    z = features.double()
+    eps = 0.03 if norm == "linf" else 0.1
+    cfg = afe.ProtectConfig(eps=eps, alpha=eps / 2, steps=5, norm=norm, anchor="original", normalize=False,
+                            random_start=True)
+    for zt in _trace(z, S, E, cfg):
+        dist = (zt - z).abs().amax(dim=1) if norm == "linf" else (zt - z).norm(dim=1)
+        assert (dist <= eps + 1e-12).all(), dist
+    # with alpha * steps > eps the budget is reached: the constraint is active, not vacuous
+    assert (dist > eps * 0.99).any()
+
+
+def test_steps_zero_returns_normalised_anchor(models, features):
+    S, E = models
+    cfg = afe.ProtectConfig(steps=0)
+    got = afe.protect(features, S, E, cfg)
+    want = F.normalize(E(S(features)), dim=1)
+    torch.testing.assert_close(got, want)
+    got = afe.protect(features, S, E, cfg.replace(anchor="original"))
+    torch.testing.assert_close(got, features)
+
+
+def test_normalize_off_keeps_raw_scale(models, features):
+    S, E = models
+    raw = features * 7.0
+    out = afe.protect(raw, S, E, afe.ProtectConfig(anchor="original", normalize=False, eps=0.01, alpha=0.01, steps=2))
+    assert (out - raw).abs().max() <= 0.01 + 1e-6
+    assert not torch.allclose(out.norm(dim=1), torch.ones(len(out)))
+    out = afe.protect(raw, S, E, afe.ProtectConfig(anchor="original", normalize=True, steps=2))
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(len(out)))
+
+
+def test_steps_move_the_feature_and_raise_reconstruction_error(models, features):
+    S, E = models
+    cfg = afe.ProtectConfig(eps=0.05, alpha=0.01, steps=5, normalize=False)
+    anchor = E(S(features)).detach()
+    x_shadow = S(features).detach()
+    z_adv = afe.protect(features, S, E, cfg)
+    before = (S(anchor) - x_shadow).abs().sum(dim=(1, 2, 3))
+    after = (S(z_adv) - x_shadow).abs().sum(dim=(1, 2, 3))
+    assert (after > before).all()
+
+
+def test_random_start_is_seeded_in_ball_and_batch_independent(models, features):
+    S, E = models
+    cfg = afe.ProtectConfig(eps=0.05, alpha=0.01, steps=0, anchor="original", normalize=False, random_start=True, seed=7)
+    a = afe.protect(features, S, E, cfg)
+    assert ((a - features).abs() <= 0.05 + 1e-7).all() and not torch.allclose(a, features)
+    torch.testing.assert_close(afe.protect(features, S, E, cfg), a)          # same seed, same start
+    assert not torch.allclose(afe.protect(features, S, E, cfg.replace(seed=8)), a)
+    torch.testing.assert_close(afe.protect(features[2:4], S, E, cfg), a[2:4])  # rows alone, same noise
+    l2 = afe.protect(features, S, E, cfg.replace(norm="l2", eps=0.2))
+    assert ((l2 - features).norm(dim=1) <= 0.2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("family", ["dcgan", "nbnet", "upconv"])
+def test_batch_equals_rows_alone(family):
+    S, E = tiny_models(family, dtype=torch.float64)
+    z = F.normalize(torch.randn(5, 16, dtype=torch.float64), dim=1)
+    cfg = afe.ProtectConfig(eps=0.05, alpha=0.01, steps=3)
+    batch = afe.protect(z, S, E, cfg)
+    rows = torch.cat([afe.protect(z[i:i + 1], S, E, cfg) for i in range(len(z))])
+    torch.testing.assert_close(batch, rows, rtol=1e-10, atol=1e-10)
+
+
+def test_models_restored_and_no_weight_grads(models, features):
+    S, E = models
+    S.train()
+    flags = [p.requires_grad for p in S.parameters()]
+    afe.protect(features, S, E, afe.ProtectConfig(steps=2))
+    assert S.training and not E.training
+    assert [p.requires_grad for p in S.parameters()] == flags
+    assert all(p.grad is None for p in list(S.parameters()) + list(E.parameters()))
+
+
+def test_output_keeps_shape_dtype_device(models, features):
+    S, E = models
+    z16 = features.to(torch.float16)
+    out = afe.Protector(shadow=S, encoder=E)(z16)
+    assert out.shape == z16.shape and out.dtype == torch.float16 and out.device == z16.device
+    assert afe.Protector(shadow=S, encoder=E)(features[:0]).shape == (0, 16)
+
+
+def test_default_config_works_and_auto_is_reference_on_cpu(models, features):
+    S, E = models
+    p = afe.Protector(shadow=S, encoder=E, config=afe.ProtectConfig(), backend="auto")
+    assert p.backend_name == "reference"
+    out = p(features)
+    assert torch.isfinite(out).all() and not torch.allclose(out, features)
+
+
+@pytest.mark.parametrize("kwargs", [dict(eps=0), dict(eps=-1), dict(alpha=0), dict(eps=float("nan")),
+                                    dict(steps=-1), dict(steps=2.5), dict(norm="l1"), dict(constraint="box"),
+                                    dict(anchor="probe"), dict(seed=1.5)])
+def test_bad_config(kwargs):
+    with pytest.raises(ValueError):
+        afe.ProtectConfig(**kwargs)
+
+
+def test_bad_features_name_rows(models, features):
+    S, E = models
+    z = features.clone()
+    z[1, 3] = float("nan")
+    z[4, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"rows \[1, 4\]"):
+        afe.protect(z, S, E)
+    with pytest.raises(ValueError, match="shape"):
+        afe.protect(features[0], S, E)
+    with pytest.raises(ValueError, match="floating"):
+        afe.protect(torch.ones(2, 16, dtype=torch.int64), S, E)
+    with pytest.raises(ValueError, match="backend"):
+        afe.protect(features, S, E, backend="fast")
+
+
+def test_dimension_mismatch_says_which(models, features):
+    S, E = models
+    with pytest.raises(ValueError, match="shadow decoder"):
+        afe.protect(torch.randn(2, 12), S, E)
+    E32 = afe.build_model("mobilefacenet", num_features=32, input_size=16, width=4).eval()
+    with pytest.raises(ValueError, match="encoder outputs"):
+        afe.protect(features, S, E32)
+    E_big = afe.build_model("mobilefacenet", num_features=16, input_size=32, width=4).eval()
+    with pytest.raises(ValueError, match="encoder"):
+        afe.protect(features, S, E_big)
