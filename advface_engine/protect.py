@@ -78,7 +78,8 @@ class Protector:
     """A configured protection: ``Protector(shadow=S, encoder=E, config=cfg)(z) -> z_adv``.
 
     The output has z's shape, dtype and device; the work runs on the models' device
-    in the models' dtype. Model checks run once per feature dim.
+    in the models' dtype. Model checks run once per feature dim. ``backend_options`` go to
+    the fused backend, e.g. ``{"dtype": "bf16"}``.
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class Protector:
         encoder: nn.Module,
         config: ProtectConfig | None = None,
         backend: str = "auto",
+        backend_options: dict | None = None,
     ):
         if not isinstance(shadow, nn.Module) or not isinstance(encoder, nn.Module):
             raise TypeError("shadow and encoder must be torch.nn.Module instances")
@@ -94,7 +96,7 @@ class Protector:
         self.config = config if config is not None else ProtectConfig()
         if not isinstance(self.config, ProtectConfig):
             raise TypeError(f"config must be a ProtectConfig, got {type(self.config).__name__}")
-        self.backend = make_backend(backend, shadow, encoder, self.config)
+        self.backend = make_backend(backend, shadow, encoder, self.config, **(backend_options or {}))
         self._checked: set[tuple] = set()
 
     @property

@@ -1,1 +1,34 @@
-"""Triton kernels of the fused backend, one file per fused operation (installed as advface_engine.kernels)."""
+"""Triton kernels of the fused backend, one file per fused operation (installed as advface_engine.kernels).
+
+On a CPU the kernels run under Triton's interpreter, which must be chosen before triton is
+imported (``TRITON_INTERPRET=1``): that is how the test suite checks them without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def interpreted() -> bool:
+    """Whether Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """A clear error instead of a Triton crash when CPU tensors meet compiled kernels."""
+    for t in tensors:
+        if t.device.type != "cuda" and not interpreted():
+            raise RuntimeError(
+                f"Triton kernels need CUDA tensors (got {t.device}); on a CPU they run only under the "
+                "interpreter: set TRITON_INTERPRET=1 before triton is imported (testing only)"
+            )
+
+
+def block_size(n: int, device: torch.device, gpu_block: int = 1024) -> int:
+    """Elementwise block: fixed on a GPU; large under the interpreter (fewer, slower programs)."""
+    import triton
+
+    limit = gpu_block if device.type == "cuda" else 16384
+    return min(limit, max(16, triton.next_power_of_2(n)))

@@ -26,22 +26,27 @@ def _device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def make_backend(name: str, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig):
-    """Build backend ``name``; "auto" picks fused on a CUDA device, else reference."""
+def make_backend(name: str, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig, **options):
+    """Build backend ``name``; "auto" picks fused on a CUDA device, else reference.
+
+    ``options`` go to the fused backend (e.g. dtype="bf16", graphs=False); the reference takes none.
+    """
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
     if name == "reference":
+        if options:
+            raise ValueError(f"the reference backend takes no options, got {sorted(options)}")
         return ReferenceBackend(shadow, encoder, config)
     if name == "fused":
         from .fused import FusedBackend
 
-        return FusedBackend(shadow, encoder, config)
+        return FusedBackend(shadow, encoder, config, **options)
     if _device_of(shadow).type != "cuda":
         return ReferenceBackend(shadow, encoder, config)
     try:
         from .fused import FusedBackend
 
-        return FusedBackend(shadow, encoder, config)
+        return FusedBackend(shadow, encoder, config, **options)
     except (ImportError, UnsupportedModelError) as err:
         warnings.warn(f"fused backend unavailable ({err}); using the reference backend", stacklevel=3)
         return ReferenceBackend(shadow, encoder, config)

@@ -1,0 +1,207 @@
+"""Fused backend: the reference loop with an explicit decoder backward, Triton kernels around the
+convolutions, and (on a GPU) the whole protection of a batch captured once as a CUDA graph.
+
+Per step: y = S(z_t) (plan forward, saving pre-activations only); g = sign(y - x~) * head'(y)
+(kernels/l1_sign.py); the plan's backward down to the first Linear; then g_h @ W with the
+sign step, the projection and, on the last step, the L2 normalisation in the matmul's epilogue
+(kernels/linear_step.py). z, the anchor and the step arithmetic are float32 whatever the
+decoder's dtype. Same semantics as reference.py: shadow_targets, random_start, project.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ProtectConfig
+from ..kernels import interpreted
+from ..kernels.l1_sign import l1_sign_backward
+from ..kernels.linear_step import linear_sign_step
+from ..kernels.sign_step import sign_step_project
+from .plan import build_plan
+from .reference import random_start
+
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_GRAPHS = 8
+
+
+def _first_param(module: nn.Module) -> Tensor | None:
+    return next((p for p in list(module.parameters()) + list(module.buffers()) if p.is_floating_point()), None)
+
+
+def _weights_key(*modules: nn.Module) -> tuple:
+    """Changes when a parameter or buffer is replaced, moved or modified in place."""
+    return tuple((t.data_ptr(), t._version) for m in modules for t in list(m.parameters()) + list(m.buffers()))
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    """TF32 in cuBLAS and cuDNN on or off for the call (fp32 means IEEE fp32 here), restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+class _Graph:
+    """One captured protection for a fixed batch size: static input z, random-start noise and output."""
+
+    def __init__(self, z: Tensor, noise: Tensor | None):
+        self.z, self.noise = z, noise
+        self.graph = torch.cuda.CUDAGraph()
+        self.out: Tensor | None = None
+        self.losses: Tensor | None = None
+
+
+class FusedBackend:
+    """Triton kernels + CUDA graphs; equals the reference backend up to rare sign flips.
+
+    dtype:   decoder precision, "fp32" (default), "tf32", "bf16" or "fp16" (CUDA only); the encoder
+             runs under autocast for bf16/fp16. z, anchor and steps stay float32.
+    graphs:  on a GPU, capture the whole protection per batch size once and replay it; a batch
+             is padded up to a captured size at most twice its own instead of recaptured.
+    split_k: split of the first Linear's gradient matmul (None: enough to fill the GPU).
+    record_loss: keep the per-sample L1 loss of every step in ``self.losses`` (steps, B).
+
+    The plan and the captured graphs are rebuilt when the models' weights change or move.
+    """
+
+    name = "fused"
+
+    def __init__(self, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig, dtype: str = "fp32",
+                 graphs: bool = True, split_k: int | None = None, record_loss: bool = False):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.shadow, self.encoder, self.config = shadow, encoder, config
+        self.dtype, self.graphs, self.split_k, self.record_loss = dtype, graphs, split_k, record_loss
+        self.losses: Tensor | None = None
+        self._graphs: dict[int, _Graph] = {}
+        self._build()
+
+    def _build(self) -> None:
+        """Plan the shadow decoder as it is now (device, dtype and weights); drop captured graphs."""
+        like = _first_param(self.shadow)
+        device = like.device if like is not None else torch.device("cpu")
+        if device.type != "cuda":
+            if not interpreted():
+                raise RuntimeError("the fused backend runs on CUDA; on a CPU only under the Triton interpreter "
+                                   "(TRITON_INTERPRET=1 before triton is imported, for tests): use backend='reference'")
+            if self.dtype != "fp32":
+                raise ValueError(f"dtype {self.dtype!r} needs a GPU; the Triton interpreter runs fp32 only")
+        self.plan = build_plan(self.shadow, DTYPES[self.dtype], device)
+        self._graphs.clear()
+        self._key = _weights_key(self.shadow, self.encoder)
+
+    # -- the algorithm, written once for eager runs and graph capture --------------------------
+
+    def targets(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """x~ = S(z) (through the plan, so that z_t == z gives exact ties) and the fp32 anchor (Eq. 3)."""
+        x_shadow, _ = self.plan.forward(z, keep=False)
+        if self.config.anchor == "shadow":
+            if self.dtype in ("bf16", "fp16"):
+                with torch.autocast("cuda", dtype=self.plan.dtype):
+                    anchor = self.encoder(x_shadow).float()
+            else:
+                enc = _first_param(self.encoder)
+                anchor = self.encoder(x_shadow.to(enc.dtype if enc is not None else torch.float32)).float()
+        else:
+            anchor = z.float().clone()
+        if self.config.normalize:
+            anchor = F.normalize(anchor, dim=1)
+        return x_shadow, anchor.contiguous()
+
+    def decoder_gradient(self, z_t: Tensor, x_shadow: Tensor, loss: Tensor | None = None) -> Tensor:
+        """The L1 gradient carried back to the first Linear's output (or to z if there is none)."""
+        y, saved = self.plan.forward(z_t)
+        grad = l1_sign_backward(y, x_shadow, self.plan.head, loss)
+        return self.plan.backward(grad, saved)
+
+    def gradient(self, z_t: Tensor, x_shadow: Tensor) -> Tensor:
+        """g_t of Eq. 4 with respect to z (materialised: for tests and inspection, not the loop)."""
+        grad = self.decoder_gradient(z_t, x_shadow)
+        if self.plan.first_linear is not None:
+            grad = grad.reshape(grad.shape[0], -1).float() @ self.plan.first_linear.weight.float()
+        return grad.float()
+
+    def step(self, z_t: Tensor, anchor: Tensor, x_shadow: Tensor, last: bool, loss: Tensor | None = None) -> None:
+        """z_t <- Proj(z_t + alpha * sign(g_t)) in place (unit-norm after the last step if normalize)."""
+        cfg = self.config
+        args = (cfg.alpha, cfg.eps, cfg.norm, cfg.constraint, cfg.normalize and last)
+        grad = self.decoder_gradient(z_t, x_shadow, loss)
+        if self.plan.first_linear is not None:
+            linear_sign_step(grad.reshape(grad.shape[0], -1), self.plan.first_linear.weight, z_t, anchor, *args,
+                             split_k=self.split_k, tf32=self.dtype == "tf32")
+        else:
+            sign_step_project(z_t, grad.reshape(z_t.shape).float(), anchor, *args)
+
+    def protect(self, z: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The whole protection of a batch (no host synchronisation, so it can be captured)."""
+        cfg = self.config
+        x_shadow, anchor = self.targets(z)
+        z_t = anchor + noise if noise is not None else anchor.clone()
+        losses = torch.zeros(cfg.steps, z.shape[0], device=z.device) if self.record_loss else None
+        for t in range(cfg.steps):
+            self.step(z_t, anchor, x_shadow, last=t == cfg.steps - 1, loss=None if losses is None else losses[t])
+        if cfg.steps == 0 and cfg.normalize:
+            z_t = F.normalize(z_t, dim=1)
+        return z_t, losses
+
+    # -- entry point --------------------------------------------------------------------------
+
+    def run(self, z: Tensor) -> Tensor:
+        if _weights_key(self.shadow, self.encoder) != self._key:
+            self._build()
+        z32 = z.float().contiguous()
+        noise = None
+        if self.config.random_start:  # seeded from z's rows as the caller gave them, like the reference
+            noise = random_start(torch.zeros_like(z32), z, self.config)
+        with torch.no_grad(), _tf32(self.dtype == "tf32"):
+            if self.graphs and z32.is_cuda:
+                z_adv, losses = self._replay(z32, noise)
+            else:
+                z_adv, losses = self.protect(z32, noise)
+        self.losses = losses
+        return z_adv.to(z.dtype)
+
+    # -- CUDA graphs --------------------------------------------------------------------------
+
+    def _replay(self, z: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        batch = z.shape[0]
+        size = min((s for s in self._graphs if batch <= s <= 2 * batch), default=None)
+        if size is None:
+            size = batch
+            try:
+                self._capture(z, noise)
+            except RuntimeError as err:  # e.g. an encoder that synchronises with the host
+                warnings.warn(f"CUDA graph capture failed ({err}); running eagerly", stacklevel=3)
+                self.graphs = False
+                return self.protect(z, noise)
+        graph = self._graphs[size]
+        graph.z[:batch].copy_(z)
+        graph.z[batch:].copy_(z[:1].expand(size - batch, -1))  # padding rows: copies of a real row
+        if noise is not None:
+            graph.noise[:batch].copy_(noise)
+        graph.graph.replay()
+        losses = graph.losses[:, :batch].clone() if graph.losses is not None else None
+        return graph.out[:batch].clone(), losses
+
+    def _capture(self, z: Tensor, noise: Tensor | None) -> None:
+        """Warm up (Triton compilation, cuDNN algorithm choice) on a side stream, then capture."""
+        if len(self._graphs) >= MAX_GRAPHS:
+            self._graphs.pop(next(iter(self._graphs)))
+        graph = _Graph(z.clone(), None if noise is None else noise.clone())
+        side = torch.cuda.Stream(device=z.device)
+        side.wait_stream(torch.cuda.current_stream(z.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.protect(graph.z, graph.noise)
+        torch.cuda.current_stream(z.device).wait_stream(side)
+        with torch.cuda.graph(graph.graph):
+            graph.out, graph.losses = self.protect(graph.z, graph.noise)
+        self._graphs[z.shape[0]] = graph

@@ -1,0 +1,301 @@
+"""The shadow decoder as an explicit plan: BatchNorm folded, a forward that saves only what the
+input-gradient backward needs, and that backward written out (no autograd, no weight gradients).
+
+Supported modules: Linear, Unflatten/Flatten, Conv2d, ConvTranspose2d, BatchNorm1d/2d (eval
+statistics), ReLU/LeakyReLU/PReLU, Upsample (nearest, bilinear), Identity/Dropout (no-ops),
+the project's DenseBlock, and a Tanh/Sigmoid/Identity head as the last module. Convolutions
+stay in PyTorch (cuDNN); the activation backward is a Triton kernel (kernels/act_backward.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..kernels.act_backward import act_backward
+from ..models.decoders import DenseBlock
+
+HEAD_MODULES = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "identity"}
+HEAD_FUNCTIONS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda x: x}
+
+
+def _unsupported(module: nn.Module, why: str = "") -> Exception:
+    from . import UnsupportedModelError
+
+    return UnsupportedModelError(f"the fused backend does not support {module!r} in the shadow decoder{why}")
+
+
+def bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """Eval-mode BatchNorm as y = scale * x + shift (per channel), in float64."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise _unsupported(bn, " (BatchNorm without running statistics)")
+    scale = 1.0 / torch.sqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    return scale, shift
+
+
+class Linear:
+    def __init__(self, weight: Tensor, bias: Tensor | None):
+        self.weight, self.bias, self.folded = weight, bias, False
+
+    def fold(self, scale: Tensor, shift: Tensor, per_channel: int) -> None:
+        """BatchNorm after this layer (its output viewed as channels of ``per_channel`` values)."""
+        scale, shift = scale.repeat_interleave(per_channel), shift.repeat_interleave(per_channel)
+        bias = self.bias if self.bias is not None else torch.zeros_like(shift)
+        self.weight, self.bias = self.weight * scale[:, None], bias * scale + shift
+        self.folded = True
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        return F.linear(x, self.weight, self.bias), None
+
+    def backward(self, grad: Tensor, saved: None) -> Tensor:
+        return grad @ self.weight
+
+
+class Reshape:
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = tuple(shape)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, torch.Size]:
+        return x.reshape(x.shape[0], *self.shape), x.shape
+
+    def backward(self, grad: Tensor, in_shape: torch.Size) -> Tensor:
+        return grad.reshape(in_shape)
+
+
+class Conv:
+    """Conv2d or ConvTranspose2d; the input gradient is cuDNN's, through aten.convolution_backward."""
+
+    def __init__(self, module: nn.Module):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise _unsupported(module, " (only zero padding given as numbers)")
+        self.transposed = isinstance(module, nn.ConvTranspose2d)
+        self.weight, self.bias = module.weight.detach().double(), None
+        if module.bias is not None:
+            self.bias = module.bias.detach().double()
+        self.stride, self.padding, self.dilation = list(module.stride), list(module.padding), list(module.dilation)
+        self.output_padding = list(module.output_padding) if self.transposed else [0, 0]
+        self.groups, self.folded = module.groups, False
+
+    def fold(self, scale: Tensor, shift: Tensor, per_channel: int = 1) -> None:
+        out_dim = 1 if self.transposed else 0
+        view = [1, 1, 1, 1]
+        view[out_dim] = -1
+        bias = self.bias if self.bias is not None else torch.zeros_like(shift)
+        self.weight, self.bias = self.weight * scale.view(view), bias * scale + shift
+        self.folded = True
+
+    def forward(self, x: Tensor) -> tuple[Tensor, torch.Size]:
+        if self.transposed:
+            y = F.conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding, self.output_padding,
+                                   self.groups, self.dilation)
+        else:
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return y, x.shape
+
+    def backward(self, grad: Tensor, in_shape: torch.Size) -> Tensor:
+        stub = grad.new_empty(1).expand(in_shape)
+        return torch.ops.aten.convolution_backward(
+            grad, stub, self.weight, None, self.stride, self.padding, self.dilation, self.transposed,
+            self.output_padding, self.groups, [True, False, False],
+        )[0]
+
+
+class Act:
+    """Activation, optionally after an unfolded BatchNorm: a = scale * x + shift, y = act(a); saves a."""
+
+    def __init__(self, module: nn.Module):
+        self.scale = self.shift = None
+        if isinstance(module, nn.ReLU):
+            self.kind, self.slope = "relu", None
+        elif isinstance(module, nn.LeakyReLU):
+            self.kind, self.slope = "leaky_relu", torch.tensor([float(module.negative_slope)], dtype=torch.float64)
+        elif isinstance(module, nn.PReLU):
+            self.kind, self.slope = "prelu", module.weight.detach().double().flatten()
+        else:
+            raise _unsupported(module)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (-1,) + (1,) * (x.dim() - 2)
+        pre = x if self.scale is None else torch.addcmul(self.shift.view(shape), x, self.scale.view(shape))
+        if self.kind == "relu":
+            return F.relu(pre), pre
+        return torch.where(pre > 0, pre, pre * self.slopes(x.shape[1]).view(shape)), pre
+
+    def backward(self, grad: Tensor, pre: Tensor) -> Tensor:
+        slopes = None if self.slope is None else self.slopes(pre.shape[1])
+        return act_backward(grad, pre, self.kind, slopes, self.scale, out=grad if grad.is_contiguous() else None)
+
+    def slopes(self, channels: int) -> Tensor:
+        """The negative slope per channel (LeakyReLU and a one-parameter PReLU share one)."""
+        return self.slope.expand(channels) if self.slope.numel() == 1 else self.slope
+
+
+class Affine:
+    """A BatchNorm that is neither folded nor followed by an activation."""
+
+    def __init__(self, scale: Tensor, shift: Tensor):
+        self.scale, self.shift = scale, shift
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        shape = (-1,) + (1,) * (x.dim() - 2)
+        return torch.addcmul(self.shift.view(shape), x, self.scale.view(shape)), None
+
+    def backward(self, grad: Tensor, saved: None) -> Tensor:
+        return grad * self.scale.view((-1,) + (1,) * (grad.dim() - 2))
+
+
+class Upsample:
+    def __init__(self, module: nn.Upsample):
+        if module.mode not in ("nearest", "bilinear"):
+            raise _unsupported(module, " (Upsample modes: nearest, bilinear)")
+        self.mode, self.size, self.align_corners = module.mode, module.size, module.align_corners
+        factor = module.scale_factor
+        self.scales = (None, None) if factor is None else tuple(
+            float(f) for f in (factor if isinstance(factor, tuple) else (factor, factor)))
+        self.scale_factor = factor
+        if module.recompute_scale_factor:
+            raise _unsupported(module, " (recompute_scale_factor)")
+
+    def forward(self, x: Tensor) -> tuple[Tensor, torch.Size]:
+        y = F.interpolate(x, size=self.size, scale_factor=self.scale_factor, mode=self.mode,
+                          align_corners=self.align_corners)
+        return y, x.shape
+
+    def backward(self, grad: Tensor, in_shape: torch.Size) -> Tensor:
+        out_size, in_size = list(grad.shape[2:]), list(in_shape)
+        if self.mode == "nearest":
+            return torch.ops.aten.upsample_nearest2d_backward(grad, out_size, in_size, *self.scales)
+        return torch.ops.aten.upsample_bilinear2d_backward(grad, out_size, in_size, bool(self.align_corners),
+                                                           *self.scales)
+
+
+class Dense:
+    """The project's DenseBlock: layer i sees cat(x, f_1 .. f_{i-1}) through BN, act, Conv; output cat of all."""
+
+    def __init__(self, block: DenseBlock):
+        self.layers = []
+        for layer in block.layers:
+            if len(layer) != 3 or not isinstance(layer[0], nn.BatchNorm2d) or not isinstance(layer[2], nn.Conv2d):
+                raise _unsupported(layer, " (dense layer must be BatchNorm2d, activation, Conv2d)")
+            act = Act(layer[1])
+            act.scale, act.shift = bn_affine(layer[0])
+            self.layers.append((act, Conv(layer[2])))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list]:
+        feats, saved = [x], []
+        for act, conv in self.layers:
+            a, pre = act.forward(torch.cat(feats, dim=1))
+            f, in_shape = conv.forward(a)
+            feats.append(f)
+            saved.append((pre, in_shape))
+        return torch.cat(feats, dim=1), saved
+
+    def backward(self, grad: Tensor, saved: list) -> Tensor:
+        grad = grad.clone()
+        start = grad.shape[1]
+        for (act, conv), (pre, in_shape) in zip(reversed(self.layers), reversed(saved), strict=True):
+            width = conv.weight.shape[0]
+            start -= width
+            g_in = act.backward(conv.backward(grad[:, start:start + width].contiguous(), in_shape), pre)
+            grad[:, :start] += g_in
+        return grad[:, :start]
+
+
+def _flatten(module: nn.Module) -> list[nn.Module]:
+    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+        return [m for child in module for m in _flatten(child)]
+    return [module]
+
+
+class DecoderPlan:
+    """ops[0] .. ops[-1] then the head; ``forward`` returns (y, saved), ``backward`` runs to ops[0]'s output.
+
+    When ``first_linear`` is set, ops[0] is the Linear from the feature, whose input gradient is
+    left to the fused step kernel (kernels/linear_step.py).
+    """
+
+    def __init__(self, ops: list, head: str, dtype: torch.dtype, device: torch.device):
+        self.ops, self.head, self.dtype = ops, head, dtype
+        parts = ops + [part for op in ops for layer in getattr(op, "layers", []) for part in layer]
+        for part in parts:  # parameters were folded in float64; now the plan's device and dtype
+            for name in ("weight", "bias", "scale", "shift", "slope"):
+                value = getattr(part, name, None)
+                if isinstance(value, Tensor):
+                    setattr(part, name, value.to(device=device, dtype=dtype).contiguous())
+        self.first_linear = ops[0] if ops and isinstance(ops[0], Linear) else None
+
+    def forward(self, z: Tensor, keep: bool = True) -> tuple[Tensor, list]:
+        """The decoder output y = S(z) in the plan's dtype, and what the backward needs (if ``keep``)."""
+        x, saved = z.to(self.dtype), []
+        for op in self.ops:
+            x, s = op.forward(x)
+            if keep:
+                saved.append(s)
+        return HEAD_FUNCTIONS[self.head](x), saved
+
+    def backward(self, grad: Tensor, saved: list) -> Tensor:
+        """From the gradient at the head's input back to the first Linear's output (or to z)."""
+        stop = 1 if self.first_linear is not None else 0
+        for op, s in zip(reversed(self.ops[stop:]), reversed(saved[stop:]), strict=True):
+            grad = op.backward(grad, s)
+        return grad
+
+
+def build_plan(shadow: nn.Module, dtype: torch.dtype = torch.float32,
+               device: torch.device | None = None) -> DecoderPlan:
+    """Walk the shadow decoder once, fold eval BatchNorm into the layer before it, and build the plan."""
+    modules = [m for m in _flatten(shadow) if not isinstance(m, nn.Dropout)]
+    head = "identity"
+    if modules and type(modules[-1]) in HEAD_MODULES:
+        head = HEAD_MODULES[type(modules.pop())]
+    ops: list = []
+    per_channel = 1  # values per channel of the last Linear's output once unflattened
+    for module in modules:
+        last = ops[-1] if ops else None
+        if isinstance(module, nn.Identity):
+            continue
+        if isinstance(module, nn.Linear):
+            ops.append(Linear(module.weight.detach().double(),
+                              None if module.bias is None else module.bias.detach().double()))
+            per_channel = 1
+        elif type(module) in (nn.Conv2d, nn.ConvTranspose2d):
+            ops.append(Conv(module))
+        elif isinstance(module, nn.Unflatten) and module.dim == 1:
+            ops.append(Reshape(module.unflattened_size))
+            if len(ops) >= 2 and isinstance(ops[-2], Linear):
+                per_channel = int(torch.tensor(module.unflattened_size[1:]).prod().item())
+        elif isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
+            ops.append(Reshape((-1,)))
+        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            scale, shift = bn_affine(module)
+            folded = last if isinstance(last, (Linear, Conv)) else None
+            if isinstance(last, Reshape) and len(ops) >= 2 and isinstance(ops[-2], Linear):
+                folded = ops[-2]
+            if isinstance(folded, Conv) and folded.transposed and folded.groups > 1:
+                folded = None
+            if folded is not None and not folded.folded:
+                folded.fold(scale, shift, per_channel if isinstance(folded, Linear) else 1)
+            else:
+                ops.append(Affine(scale, shift))
+        elif isinstance(module, (nn.ReLU, nn.LeakyReLU, nn.PReLU)):
+            act = Act(module)
+            if isinstance(last, Affine):
+                act.scale, act.shift = last.scale, last.shift
+                ops[-1] = act
+            else:
+                ops.append(act)
+        elif isinstance(module, nn.Upsample):
+            ops.append(Upsample(module))
+        elif isinstance(module, DenseBlock):
+            ops.append(Dense(module))
+        else:
+            raise _unsupported(module)
+    if device is None:
+        device = next((p.device for p in shadow.parameters()), torch.device("cpu"))
+    return DecoderPlan(ops, head, dtype, device)

@@ -1,0 +1,207 @@
+"""Benchmark of the protection loop on a GPU: reference vs fused vs fused + CUDA graph.
+
+Default shadow decoder build_model("dcgan") (feature_dim 512, 112x112), encoder iresnet50 (or
+mobilefacenet(512, 112)), T = 20 steps, B in {1, 64, 1024}. Models are randomly initialised,
+with BatchNorm statistics taken from one pass over random inputs so activations stay in range.
+
+Achieved TFLOP/s counts the reference computation's FLOPs (torch.utils.flop_counter: the
+encoder once and T decoder forward + input-gradient passes) over each provider's time; the
+fraction is of the bf16 dense peak (989 TFLOP/s on H100/H200 SXM). Results go to
+OUTDIR/bench.json after every measurement, so a failure keeps what was measured, and a table
+to OUTDIR/bench_table.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import advface_engine as afe
+from advface_engine.backends.fused import FusedBackend, _tf32
+from advface_engine.backends.reference import ReferenceBackend
+from advface_engine.models import build_model
+from advface_engine.protect import frozen
+
+BF16_DENSE_PEAK = {"H100": 989.4, "H200": 989.4}  # TFLOP/s, SXM datasheets
+PROVIDERS = ("reference", "fused-fp32", "fused-bf16", "fused-fp32+graph", "fused-bf16+graph")
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def calibrate(model: nn.Module, inputs: torch.Tensor) -> nn.Module:
+    """BatchNorm running statistics from one pass (cumulative average), then eval mode."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        model.train()(inputs)
+    return model.eval()
+
+
+def make_backend(name: str, shadow, encoder, cfg):
+    if name == "reference":
+        return ReferenceBackend(shadow, encoder, cfg)
+    dtype = "bf16" if "bf16" in name else "fp32"
+    return FusedBackend(shadow, encoder, cfg, dtype=dtype, graphs=name.endswith("+graph"))
+
+
+def time_ms(fn, reps: int, device: torch.device) -> list[float]:
+    """Milliseconds per call: CUDA events on a GPU (after a warm-up call), the host clock on a CPU."""
+    fn()  # warm-up: compilation, cuDNN choices, graph capture
+    times = []
+    for _ in range(reps):
+        if device.type != "cuda":
+            start = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - start))
+            continue
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def reference_flops(shadow: nn.Module, encoder: nn.Module, z: torch.Tensor, steps: int) -> int:
+    """FLOPs of the reference loop for z: E(S(z)) once, then per step S forward and the gradient to z.
+
+    (Written with .backward(): FlopCounterMode does not accept autograd.grad on a leaf.)
+    """
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            x_shadow = shadow(z)
+            encoder(x_shadow)
+        z_t = z.clone().requires_grad_(True)
+        for _ in range(steps):
+            (shadow(z_t) - x_shadow).abs().sum().backward()
+    return counter.get_total_flops()
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor, alpha: float) -> float:
+    return ((a - b).abs() <= 2 * alpha).float().mean().item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="gpu_check")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 1024])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--encoder", default="iresnet50", choices=["iresnet50", "mobilefacenet"])
+    parser.add_argument("--budget", type=float, default=200.0, help="seconds; later measurements are skipped")
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run (needs TRITON_INTERPRET=1 and small sizes)")
+    parser.add_argument("--size", type=int, default=112)
+    parser.add_argument("--feature-dim", type=int, default=512)
+    parser.add_argument("--width", type=int, default=32, help="decoder width (32 is build_model's default)")
+    parser.add_argument("--reps", type=int, nargs=2, default=[10, 3], help="repeats for B <= 64 and for larger B")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    began = time.time()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in BF16_DENSE_PEAK.items() if k in name), None)
+    report: dict = {"gpu": name, "torch": torch.__version__, "bf16_dense_peak_tflops": peak, "args": vars(args),
+                    "results": [], "checks": {}, "errors": []}
+    import triton
+
+    report["triton"] = triton.__version__
+    json_path = out / "bench.json"
+
+    torch.manual_seed(0)
+    dim = args.feature_dim
+    shadow = build_model("dcgan", feature_dim=dim, size=args.size, width=args.width).to(device)
+    encoder = (build_model("iresnet50", num_features=dim, input_size=args.size) if args.encoder == "iresnet50"
+               else build_model("mobilefacenet", num_features=dim, input_size=args.size)).to(device)
+    z_calib = F.normalize(torch.randn(64, dim, device=device), dim=1)
+    calibrate(shadow, z_calib)
+    with torch.no_grad():
+        calibrate(encoder, shadow(z_calib))
+    cfg = afe.ProtectConfig(eps=0.03, alpha=0.01, steps=args.steps)
+
+    with frozen(shadow, encoder):
+        z1 = F.normalize(torch.randn(1, dim, device=device), dim=1)
+        flops_per_sample = reference_flops(shadow, encoder, z1, args.steps)
+        report["flops_per_sample"] = flops_per_sample
+        write_json(json_path, report)
+
+        # correctness on this model: fused vs reference (both IEEE fp32), and bf16 + graph vs reference
+        try:
+            z = F.normalize(torch.randn(64, dim, device=device), dim=1)
+            with _tf32(False):
+                want = ReferenceBackend(shadow, encoder, cfg).run(z)
+            for provider in ("fused-fp32", "fused-bf16+graph"):
+                got = make_backend(provider, shadow, encoder, cfg).run(z)
+                report["checks"][provider] = {"within_2alpha_of_reference": agreement(got, want, cfg.alpha),
+                                              "max_abs_diff": (got - want).abs().max().item()}
+        except Exception:  # keep going: the timings are still worth having
+            report["errors"].append(traceback.format_exc())
+        write_json(json_path, report)
+
+        for batch in args.batches:
+            z = F.normalize(torch.randn(batch, dim, device=device), dim=1)
+            reference_ms = None
+            for provider in PROVIDERS:
+                row = {"provider": provider, "batch": batch}
+                if time.time() - began > args.budget:
+                    row["skipped"] = "time budget"
+                    report["results"].append(row)
+                    continue
+                try:
+                    backend = make_backend(provider, shadow, encoder, cfg)
+                    reps = args.reps[0] if batch <= 64 else args.reps[1]
+                    times = time_ms(lambda b=backend, z=z: b.run(z), reps, device)
+                    ms = statistics.median(times)
+                    tflops = flops_per_sample * batch / (ms * 1e-3) / 1e12
+                    row.update(ms_median=ms, ms_all=times, samples_per_s=batch / (ms * 1e-3), tflops=tflops,
+                               frac_bf16_peak=tflops / peak if peak else None)
+                    if provider == "reference":
+                        reference_ms = ms
+                    if reference_ms:
+                        row["speedup_vs_reference"] = reference_ms / ms
+                    del backend
+                except Exception as err:
+                    row["error"] = f"{type(err).__name__}: {err}"
+                    report["errors"].append(traceback.format_exc())
+                torch.cuda.empty_cache()
+                report["results"].append(row)
+                write_json(json_path, report)
+                print(row_text(row), flush=True)
+
+    lines = [f"{name}  torch {torch.__version__}  triton {triton.__version__}  encoder {args.encoder}  "
+             f"T={args.steps}  size {args.size}  reference GFLOP/sample {flops_per_sample / 1e9:.2f}",
+             f"checks: {json.dumps(report['checks'])}",
+             f"{'provider':<18}{'B':>6}{'ms':>10}{'samples/s':>12}{'TFLOP/s':>9}{'%bf16pk':>9}{'speedup':>9}"]
+    lines += [row_text(r) for r in report["results"]]
+    (out / "bench_table.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    write_json(json_path, report)
+
+
+def row_text(r: dict) -> str:
+    if "ms_median" not in r:
+        return f"{r['provider']:<18}{r['batch']:>6}  {r.get('error') or r.get('skipped')}"
+    frac = f"{100 * r['frac_bf16_peak']:.2f}" if r.get("frac_bf16_peak") is not None else "-"
+    return (f"{r['provider']:<18}{r['batch']:>6}{r['ms_median']:>10.2f}{r['samples_per_s']:>12.1f}"
+            f"{r['tflops']:>9.2f}{frac:>9}{r.get('speedup_vs_reference', float('nan')):>9.2f}")
+
+
+if __name__ == "__main__":
+    main()

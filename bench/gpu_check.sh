@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# GPU check of the fused backend (issue 3): the gpu-marked tests, then the benchmark
+# (bench/gpu_check.py), all results under OUTDIR. Each part has its own time limit and a
+# failure in one does not stop the next; about 6 minutes at most.
+# Usage: bench/gpu_check.sh OUTDIR
+set -u
+OUT="${1:-gpu_check}"
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} > "$OUT/env.txt" 2>&1
+# the kernels folder is installed as advface_engine.kernels: install the package if it is not
+python -c "import advface_engine.kernels.l1_sign" 2>/dev/null \
+  || python -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/env.txt" 2>&1
+timeout 120 python -m pytest -m gpu -q -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1
+echo "pytest exit code $?" >> "$OUT/pytest_gpu.txt"
+timeout 230 python bench/gpu_check.py --out "$OUT" --budget 180 > "$OUT/bench_log.txt" 2>&1
+echo "benchmark exit code $?" >> "$OUT/bench_log.txt"
+tail -n 15 "$OUT/pytest_gpu.txt"
+tail -n 20 "$OUT/bench_log.txt"

@@ -1,0 +1,69 @@
+"""Backward of a hidden activation, optionally after an eval-mode BatchNorm that could not be folded.
+
+For a saved pre-activation a (B, C, ...) and the incoming gradient g:
+
+    relu:                g * [a > 0]
+    leaky_relu / prelu:  g * ([a > 0] + slope_c [a <= 0])   (slope per channel)
+
+then, when ``scale`` is given (the BatchNorm in front of the activation, a = scale_c x + shift_c),
+times scale_c, so the result is the gradient with respect to x.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import block_size, check_device
+
+ACTS = ("relu", "leaky_relu", "prelu")
+
+
+@triton.jit
+def _act_backward_kernel(g_ptr, pre_ptr, out_ptr, slope_ptr, scale_ptr, n, channels, inner,
+                         HAS_SLOPE: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    pre = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    channel = (offs // inner) % channels
+    if HAS_SLOPE:
+        slope = tl.load(slope_ptr + channel, mask=mask, other=0.0).to(tl.float32)
+        g = tl.where(pre > 0, g, g * slope)
+    else:
+        g = tl.where(pre > 0, g, 0.0)
+    if HAS_SCALE:
+        g = g * tl.load(scale_ptr + channel, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, g.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def act_backward(grad: torch.Tensor, pre: torch.Tensor, act: str = "relu", slope: torch.Tensor | None = None,
+                 scale: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient through act (and the BatchNorm scale before it); channels are dim 1 of ``pre``.
+
+    ``slope``: (C,) negative slopes for leaky_relu / prelu; ``scale``: (C,) or None; ``out`` may be ``grad``.
+    """
+    if act not in ACTS:
+        raise ValueError(f"act must be one of {ACTS}, got {act!r}")
+    if grad.shape != pre.shape or pre.dim() < 2:
+        raise ValueError(f"grad and pre must have one shape (B, C, ...), got {tuple(grad.shape)}, {tuple(pre.shape)}")
+    channels = pre.shape[1]
+    if act != "relu" and (slope is None or slope.numel() != channels):
+        got = None if slope is None else slope.numel()
+        raise ValueError(f"{act} needs a slope per channel ({channels}), got {got}")
+    if scale is not None and scale.numel() != channels:
+        raise ValueError(f"scale must have one value per channel ({channels}), got {scale.numel()}")
+    check_device(grad, pre)
+    grad, pre = grad.contiguous(), pre.contiguous()
+    out = torch.empty_like(grad) if out is None else out
+    n = grad.numel()
+    if n == 0:
+        return out
+    block = block_size(n, grad.device)
+    has_slope = act != "relu"
+    _act_backward_kernel[(triton.cdiv(n, block),)](
+        grad, pre, out, slope.contiguous() if has_slope else pre, scale.contiguous() if scale is not None else pre,
+        n, channels, n // (pre.shape[0] * channels), HAS_SLOPE=has_slope, HAS_SCALE=scale is not None, BLOCK=block,
+    )
+    return out

@@ -1,0 +1,90 @@
+"""The decoder's first Linear layer backward fused with the protection step.
+
+For h = z W^T + b, the feature gradient is g = g_h W (B, N) @ (N, D). The matmul keeps whole
+rows of g per program, so its epilogue applies ``step_project`` (sign, alpha step, projection,
+last-step L2 normalisation) and writes only z: the gradient never goes to memory.
+
+Small batches leave most of the GPU idle, so the reduction over N is then split over
+``split_k`` programs that add partial sums into a float32 buffer, and the standalone step
+kernel (sign_step.py) finishes: a (B, D) buffer, cheap next to the weight read.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import check_device
+from .sign_step import check_step_args, sign_step_project, step_project
+
+
+@triton.jit
+def _linear_step_kernel(gh_ptr, w_ptr, z_ptr, anchor_ptr, partial_ptr, n_rows, k_dim, dim, k_chunk, alpha, eps,
+                        L2: tl.constexpr, BALL: tl.constexpr, NORMALIZE: tl.constexpr, SPLIT: tl.constexpr,
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok, col_ok = rows < n_rows, cols < dim
+    k_start = tl.program_id(1) * k_chunk
+    k_end = tl.minimum(k_start + k_chunk, k_dim)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < k_end
+        a = tl.load(gh_ptr + rows[:, None] * k_dim + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + ks[:, None].to(tl.int64) * dim + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = rows[:, None] * dim + cols[None, :]
+    if SPLIT:
+        tl.atomic_add(partial_ptr + offs, acc, mask=mask)
+    else:
+        z = tl.load(z_ptr + offs, mask=mask, other=0.0)
+        anchor = tl.load(anchor_ptr + offs, mask=mask, other=0.0)
+        z = step_project(z, acc, anchor, alpha, eps, L2, BALL, NORMALIZE)
+        tl.store(z_ptr + offs, z, mask=mask)
+
+
+def pick_split_k(batch: int, k_dim: int, block_m: int, block_k: int, device: torch.device) -> int:
+    """Enough programs to fill the GPU's SMs, each with at least 8 K-blocks of work; 1 on CPU."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs_m = triton.cdiv(batch, block_m)
+    return max(1, min(sms // programs_m, triton.cdiv(k_dim, 8 * block_k)))
+
+
+def linear_sign_step(grad_h: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, anchor: torch.Tensor,
+                     alpha: float, eps: float, norm: str = "linf", constraint: str = "ball", normalize: bool = False,
+                     split_k: int | None = None, tf32: bool = False) -> torch.Tensor:
+    """z (B, D) fp32 <- Proj(z + alpha * dir(grad_h @ weight)) in place; ``weight`` is the Linear's (N, D)."""
+    check_step_args(z, anchor, norm, constraint)
+    batch, dim = z.shape
+    if grad_h.dim() != 2 or grad_h.shape[0] != batch or weight.shape != (grad_h.shape[1], dim):
+        raise ValueError(f"need grad_h (B, N) and weight (N, D) for z {tuple(z.shape)}, "
+                         f"got {tuple(grad_h.shape)} and {tuple(weight.shape)}")
+    if grad_h.dtype != weight.dtype:
+        raise ValueError(f"grad_h and weight must share a dtype, got {grad_h.dtype} and {weight.dtype}")
+    check_device(grad_h, weight, z, anchor)
+    if z.numel() == 0:
+        return z
+    grad_h, weight = grad_h.contiguous(), weight.contiguous()
+    k_dim = grad_h.shape[1]
+    block_d = max(16, triton.next_power_of_2(dim))
+    block_m = 16 if (batch <= 16 or block_d > 256) else 32
+    block_k = 32 if block_d <= 512 else 16
+    split = split_k or pick_split_k(batch, k_dim, block_m, block_k, z.device)
+    k_chunk = triton.cdiv(triton.cdiv(k_dim, split), block_k) * block_k
+    split = triton.cdiv(k_dim, k_chunk)
+    partial = torch.zeros_like(z) if split > 1 else z
+    precision = "tf32" if (tf32 and weight.dtype == torch.float32) else "ieee"
+    _linear_step_kernel[(triton.cdiv(batch, block_m), split)](
+        grad_h, weight, z, anchor, partial, batch, k_dim, dim, k_chunk, float(alpha), float(eps),
+        L2=norm == "l2", BALL=constraint == "ball", NORMALIZE=bool(normalize), SPLIT=split > 1, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8 if block_d >= 512 else 4,
+    )
+    if split > 1:
+        sign_step_project(z, partial, anchor, alpha, eps, norm, constraint, normalize)
+    return z

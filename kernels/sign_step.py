@@ -1,0 +1,84 @@
+"""One protection step on whole feature rows (Eq. 2, 5 and the project's constraint):
+
+    z <- Proj(z + alpha * dir(g)),   dir = sign(g) (linf) or g / ||g||_2 (l2)
+    Proj: onto the eps-ball around the anchor ("ball") or around z itself ("per_step")
+    and, on the last step when features are unit-norm, z <- z / ||z||_2.
+
+``step_project`` is the shared epilogue (also used by the Linear-gradient matmul in
+linear_step.py); ``sign_step_project`` is the standalone kernel for decoders whose first
+layer is not Linear. z is updated in place; everything is fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import check_device
+
+
+@triton.jit
+def step_project(z, g, anchor, alpha, eps, L2: tl.constexpr, BALL: tl.constexpr, NORMALIZE: tl.constexpr):
+    """The step on fp32 (rows, BLOCK_D) tiles that hold whole rows (masked entries are 0)."""
+    if L2:
+        g_norm = tl.sqrt_rn(tl.sum(g * g, axis=1))
+        direction = tl.div_rn(g, tl.maximum(g_norm, 1e-12)[:, None])
+    else:
+        direction = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))
+    if BALL:
+        center = anchor
+    else:
+        center = z
+    delta = (z + alpha * direction) - center
+    if L2:
+        d_norm = tl.sqrt_rn(tl.sum(delta * delta, axis=1))
+        delta = delta * tl.minimum(tl.div_rn(eps + tl.zeros_like(d_norm), tl.maximum(d_norm, 1e-12)), 1.0)[:, None]
+    else:
+        delta = tl.minimum(tl.maximum(delta, -eps), eps)
+    z = center + delta
+    if NORMALIZE:
+        z_norm = tl.sqrt_rn(tl.sum(z * z, axis=1))
+        z = tl.div_rn(z, tl.maximum(z_norm, 1e-12)[:, None])
+    return z
+
+
+@triton.jit
+def _sign_step_kernel(z_ptr, g_ptr, anchor_ptr, n_rows, dim, alpha, eps, L2: tl.constexpr, BALL: tl.constexpr,
+                      NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows < n_rows)[:, None] & (cols < dim)[None, :]
+    offs = rows[:, None] * dim + cols[None, :]
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    anchor = tl.load(anchor_ptr + offs, mask=mask, other=0.0)
+    z = step_project(z, g, anchor, alpha, eps, L2, BALL, NORMALIZE)
+    tl.store(z_ptr + offs, z, mask=mask)
+
+
+def check_step_args(z: torch.Tensor, anchor: torch.Tensor, norm: str, constraint: str) -> None:
+    if norm not in ("linf", "l2") or constraint not in ("ball", "per_step"):
+        raise ValueError(f"norm must be linf/l2 and constraint ball/per_step, got {norm!r}, {constraint!r}")
+    if z.dtype != torch.float32 or anchor.dtype != torch.float32:
+        raise ValueError(f"z and anchor must be float32, got {z.dtype} and {anchor.dtype}")
+    if z.dim() != 2 or anchor.shape != z.shape or not z.is_contiguous() or not anchor.is_contiguous():
+        raise ValueError(f"z and anchor must be contiguous (B, D) tensors, got {tuple(z.shape)}, {tuple(anchor.shape)}")
+
+
+def sign_step_project(z: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor, alpha: float, eps: float,
+                      norm: str = "linf", constraint: str = "ball", normalize: bool = False) -> torch.Tensor:
+    """z (B, D) fp32 <- Proj(z + alpha * dir(grad)) in place, then unit-norm rows if ``normalize``; returns z."""
+    check_step_args(z, anchor, norm, constraint)
+    if grad.shape != z.shape:
+        raise ValueError(f"grad must have z's shape {tuple(z.shape)}, got {tuple(grad.shape)}")
+    check_device(z, grad, anchor)
+    if z.numel() == 0:
+        return z
+    block_d = max(16, triton.next_power_of_2(z.shape[1]))
+    block_m = max(1, min(16, 4096 // block_d)) if z.device.type == "cuda" else 64
+    _sign_step_kernel[(triton.cdiv(z.shape[0], block_m),)](
+        z, grad.contiguous(), anchor, z.shape[0], z.shape[1], float(alpha), float(eps),
+        L2=norm == "l2", BALL=constraint == "ball", NORMALIZE=bool(normalize), BLOCK_M=block_m, BLOCK_D=block_d,
+    )
+    return z

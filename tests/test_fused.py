@@ -1,0 +1,264 @@
+"""The fused backend against the reference backend, on every decoder family (fp32, Triton interpreter on CPU).
+
+Criteria (issue 3): per-step sign agreement of g >= 99.9%; final |z_fused - z_ref| <= 2 alpha on
+>= 99.9% of entries; the ball constraint holds exactly. GPU-only checks are marked ``gpu``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_models
+from torch import nn
+
+import advface_engine as afe
+import advface_engine.backends as backends
+import advface_engine.backends.fused as fused_module
+from advface_engine.backends import UnsupportedModelError
+from advface_engine.backends.fused import FusedBackend
+from advface_engine.backends.reference import ReferenceBackend, project, shadow_targets, step_direction
+from advface_engine.models import build_model
+from advface_engine.protect import frozen
+
+VARIANTS = [
+    ("dcgan", {}),
+    ("dcgan", {"act": "leaky_relu", "head": "sigmoid"}),
+    ("dcgan", {"act": "prelu", "head": "identity"}),
+    ("nbnet", {}),
+    ("nbnet", {"act": "prelu"}),
+    ("upconv", {"mode": "nearest"}),
+    ("upconv", {"mode": "bilinear", "act": "relu"}),
+]
+CFG = afe.ProtectConfig(eps=0.05, alpha=0.01, steps=5)
+
+
+def _ids(variant):
+    family, kwargs = variant
+    return "-".join([family] + [str(v) for v in kwargs.values()])
+
+
+def shadow_variant(family: str, seed: int = 0, **kwargs) -> nn.Module:
+    """A tiny shadow decoder with non-trivial BatchNorm (weights, bias, statistics) and PReLU slopes."""
+    torch.manual_seed(seed)
+    shadow = build_model(family, feature_dim=16, size=16, width=4, **kwargs)
+    for m in shadow.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.1, 0.1)
+        if isinstance(m, nn.PReLU):
+            m.weight.data.uniform_(0.05, 0.4)
+    return shadow.eval()
+
+
+def features(batch: int = 16, seed: int = 1) -> torch.Tensor:
+    return F.normalize(torch.randn(batch, 16, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+def agreement(z_fused: torch.Tensor, z_ref: torch.Tensor, alpha: float) -> float:
+    """Fraction of entries with |z_fused - z_ref| <= 2 alpha."""
+    return ((z_fused - z_ref).abs() <= 2 * alpha).float().mean().item()
+
+
+def reference_gradient(shadow: nn.Module, z_t: torch.Tensor, x_shadow: torch.Tensor) -> torch.Tensor:
+    z_t = z_t.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad((shadow(z_t) - x_shadow).abs().sum(), z_t)
+    return grad
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_gradient_signs_agree_at_every_step(variant):
+    """Along the reference trajectory, the fused g_t has the reference's signs (>= 99.9% per step)."""
+    shadow, encoder = shadow_variant(variant[0], **variant[1]), tiny_models()[1]
+    z = features(8)
+    with frozen(shadow, encoder):
+        backend = FusedBackend(shadow, encoder, CFG)
+        x_ref, anchor = shadow_targets(z, shadow, encoder, CFG)
+        x_fused, _ = backend.targets(z)
+        z_t, report = anchor.clone(), []
+        for _ in range(CFG.steps):
+            g_ref = reference_gradient(shadow, z_t, x_ref)
+            g_fused = backend.gradient(z_t, x_fused)
+            report.append(((g_fused.sign() == g_ref.sign()).float().mean().item(),
+                           ((g_fused - g_ref).norm() / g_ref.norm()).item()))
+            z_t = project(z_t + CFG.alpha * step_direction(g_ref, "linf"), z_t, anchor, CFG)
+    assert all(signs >= 0.999 and rel_err < 1e-3 for signs, rel_err in report), report
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_fused_equals_reference_on_every_family(variant):
+    shadow, encoder = shadow_variant(variant[0], **variant[1]), tiny_models()[1]
+    z = features(8)
+    got = afe.protect(z, shadow, encoder, CFG, backend="fused")
+    want = afe.protect(z, shadow, encoder, CFG, backend="reference")
+    assert got.shape == z.shape and got.dtype == z.dtype
+    assert agreement(got, want, CFG.alpha) >= 0.999, (got - want).abs().max()
+    # the steps moved z: the comparison is not between two unchanged anchors
+    assert (want - afe.protect(z, shadow, encoder, CFG.replace(steps=0))).abs().max() > CFG.alpha
+
+
+CONFIGS = [
+    dict(norm="l2", eps=0.2, alpha=0.08),
+    dict(constraint="per_step"),
+    dict(norm="l2", constraint="per_step", eps=0.2, alpha=0.08),
+    dict(anchor="original", random_start=True, seed=3),
+    dict(norm="l2", random_start=True, eps=0.2, alpha=0.08, normalize=False),
+    dict(steps=0),
+    dict(steps=1),
+]
+
+
+@pytest.mark.parametrize("changes", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_fused_equals_reference_for_each_setting(changes, models):
+    shadow, encoder = models
+    cfg = CFG.replace(**changes)
+    z = features()
+    got = afe.protect(z, shadow, encoder, cfg, backend="fused")
+    want = afe.protect(z, shadow, encoder, cfg, backend="reference")
+    assert agreement(got, want, cfg.alpha) >= 0.999, (got - want).abs().max()
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.03), ("l2", 0.1)])
+def test_ball_constraint_holds(norm, eps, models):
+    shadow, encoder = models
+    cfg = afe.ProtectConfig(eps=eps, alpha=eps / 2, steps=5, norm=norm, anchor="original", normalize=False,
+                            random_start=True)
+    z = features()
+    got = afe.protect(z, shadow, encoder, cfg, backend="fused")
+    dist = (got - z).abs().amax(dim=1) if norm == "linf" else (got - z).norm(dim=1)
+    assert (dist <= eps * (1 + 1e-6)).all(), dist
+    assert (dist > 0.99 * eps).any(), "the budget must be reached for the check to mean something"
+
+
+def test_decoder_without_first_linear_uses_standalone_step():
+    torch.manual_seed(4)
+    shadow = nn.Sequential(
+        nn.Unflatten(1, (16, 1, 1)), nn.ConvTranspose2d(16, 8, 4, 1, 0), nn.BatchNorm2d(8), nn.LeakyReLU(0.1),
+        nn.Upsample(scale_factor=4), nn.Conv2d(8, 3, 3, 1, 1), nn.Tanh(),
+    ).eval()
+    shadow[2].running_var.uniform_(0.5, 1.5)
+    encoder = tiny_models()[1]
+    backend = FusedBackend(shadow, encoder, CFG)
+    assert backend.plan.first_linear is None
+    z = features()
+    got = afe.Protector(shadow, encoder, CFG, backend="fused")(z)
+    want = afe.protect(z, shadow, encoder, CFG)
+    assert agreement(got, want, CFG.alpha) >= 0.999, (got - want).abs().max()
+
+
+def test_unsupported_module_is_named_and_auto_falls_back(monkeypatch, models):
+    shadow = nn.Sequential(nn.Linear(16, 3 * 16 * 16), nn.Unflatten(1, (3, 16, 16)), nn.ELU(), nn.Tanh())
+    encoder = models[1]
+    with pytest.raises(UnsupportedModelError, match="ELU"):
+        FusedBackend(shadow, encoder, CFG)
+    monkeypatch.setattr(backends, "_device_of", lambda module: torch.device("cuda"))  # as if on a GPU
+    with pytest.warns(UserWarning, match="ELU"):
+        backend = backends.make_backend("auto", shadow, encoder, CFG)
+    assert isinstance(backend, ReferenceBackend)
+
+
+def test_protector_fused_defaults_and_loss_record(models):
+    shadow, encoder = models
+    z = features(6)
+    protector = afe.Protector(shadow, encoder, CFG, backend="fused")
+    assert protector.backend_name == "fused"
+    assert protector(z).shape == z.shape
+    backend = FusedBackend(shadow, encoder, CFG, record_loss=True)
+    with frozen(shadow, encoder):
+        backend.run(z)
+        x_shadow, anchor = shadow_targets(z, shadow, encoder, CFG)
+        first = (shadow(anchor) - x_shadow).abs().flatten(1).sum(1)
+    assert backend.losses.shape == (CFG.steps, 6)
+    torch.testing.assert_close(backend.losses[0], first, rtol=1e-4, atol=1e-4)
+    assert (backend.losses[-1] > backend.losses[0]).all(), "the steps must raise the reconstruction error"
+
+
+def test_plan_follows_shadow_weights_changed_in_place(models):
+    shadow, encoder = shadow_variant("dcgan"), models[1]
+    protector = afe.Protector(shadow, encoder, CFG, backend="fused")
+    z = features(8)
+    before = protector(z)
+    with torch.no_grad():
+        shadow[0].weight.mul_(-1.0)  # e.g. the shadow trained further after the Protector was built
+    got = protector(z)
+    want = afe.protect(z, shadow, encoder, CFG)
+    assert agreement(got, want, CFG.alpha) >= 0.999, (got - want).abs().max()
+    assert agreement(before, want, CFG.alpha) < 0.999, "the change must matter for the check to mean something"
+
+
+def test_clear_errors_on_cpu(monkeypatch, models):
+    shadow, encoder = models
+    with pytest.raises(ValueError, match="bf16"):
+        FusedBackend(shadow, encoder, CFG, dtype="bf16")
+    with pytest.raises(ValueError, match="bf16"):  # options reach the backend through the Protector
+        afe.Protector(shadow, encoder, CFG, backend="fused", backend_options={"dtype": "bf16"})
+    with pytest.raises(ValueError, match="no options"):
+        afe.Protector(shadow, encoder, CFG, backend="reference", backend_options={"dtype": "bf16"})
+    with pytest.raises(ValueError, match="dtype"):
+        FusedBackend(shadow, encoder, CFG, dtype="int8")
+    monkeypatch.setattr(fused_module, "interpreted", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        FusedBackend(shadow, encoder, CFG)
+
+
+# -- GPU only: mixed precision, CUDA graphs, padding ---------------------------------------------
+
+
+def _gpu_models(family: str = "dcgan"):
+    shadow, encoder = shadow_variant(family), tiny_models()[1]
+    return shadow.cuda(), encoder.cuda()
+
+
+def _run(backend, z):
+    with frozen(backend.shadow, backend.encoder):
+        return backend.run(z)
+
+
+def _reference_fp32(shadow, encoder, z, cfg=CFG):
+    with fused_module._tf32(False):  # the reference in IEEE fp32 (cuDNN allows TF32 by default)
+        return afe.protect(z, shadow, encoder, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["dcgan", "nbnet", "upconv"])
+@pytest.mark.parametrize("graphs", [False, True])
+def test_gpu_fp32_equals_reference(family, graphs):
+    shadow, encoder = _gpu_models(family)
+    z = features(32).cuda()
+    got = _run(FusedBackend(shadow, encoder, CFG, graphs=graphs), z)
+    assert agreement(got, _reference_fp32(shadow, encoder, z), CFG.alpha) >= 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "tf32"])
+def test_gpu_reduced_precision_close_to_reference(dtype):
+    shadow, encoder = _gpu_models()
+    z = features(64).cuda()
+    got = _run(FusedBackend(shadow, encoder, CFG, dtype=dtype), z)
+    assert got.dtype == torch.float32
+    assert agreement(got, _reference_fp32(shadow, encoder, z), CFG.alpha) >= 0.9
+
+
+@pytest.mark.gpu
+def test_gpu_graph_replay_equals_eager_and_pads_last_batch():
+    shadow, encoder = _gpu_models()
+    z = features(8).cuda()
+    graphed = FusedBackend(shadow, encoder, CFG, graphs=True)
+    eager = FusedBackend(shadow, encoder, CFG, graphs=False)
+    full = _run(graphed, z)
+    assert agreement(full, _run(eager, z), CFG.alpha) >= 0.999
+    short = _run(graphed, z[:5])  # 5 rows replay the 8-row graph, padded
+    assert list(graphed._graphs) == [8]
+    assert agreement(short, full[:5], CFG.alpha) >= 0.999
+    assert agreement(short, _run(eager, z[:5]), CFG.alpha) >= 0.999
+
+
+@pytest.mark.gpu
+def test_gpu_split_k_equals_single_pass():
+    shadow, encoder = _gpu_models()
+    z = features(4).cuda()
+    one = _run(FusedBackend(shadow, encoder, CFG, graphs=False, split_k=1), z)
+    four = _run(FusedBackend(shadow, encoder, CFG, graphs=False, split_k=4), z)
+    assert agreement(one, four, CFG.alpha) >= 0.999

@@ -1,0 +1,140 @@
+"""Each Triton kernel against the PyTorch formula it replaces (under TRITON_INTERPRET=1 on a CPU).
+
+Odd shapes (3x5x7x7, 2-D, several blocks per row) and ties: y == x~ must give sign 0, a
+pre-activation of exactly 0 must follow PyTorch's convention, a zero gradient gives no step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advface_engine.backends.reference import project, step_direction
+from advface_engine.config import ProtectConfig
+from advface_engine.kernels.act_backward import act_backward
+from advface_engine.kernels.l1_sign import l1_sign_backward
+from advface_engine.kernels.linear_step import linear_sign_step
+from advface_engine.kernels.sign_step import sign_step_project
+
+TOL = {torch.float32: dict(rtol=1.3e-6, atol=1e-6)}  # one table, as the kernels are fp32 here
+HEADS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda a: a}
+ACTS = {"relu": lambda c: nn.ReLU(), "leaky_relu": lambda c: nn.LeakyReLU(0.2), "prelu": lambda c: nn.PReLU(c)}
+SHAPES = [(3, 5, 7, 7), (4, 6), (2, 3, 77, 77)]  # the last one spans two blocks per sample
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_l1_sign_equals_autograd_with_ties(shape, head):
+    gen = _gen()
+    a = torch.randn(shape, generator=gen)
+    y = HEADS[head](a)
+    target = HEADS[head](torch.randn(shape, generator=gen))
+    ties = torch.rand(shape, generator=gen) < 0.2
+    target[ties] = y[ties]
+    a_grad = a.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad((HEADS[head](a_grad) - target).abs().sum(), a_grad)
+    loss = torch.zeros(shape[0])
+    got = l1_sign_backward(y, target, head, loss)
+    assert ties.any() and (got[ties] == 0).all(), "a tie y == x~ must give sign 0"
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    torch.testing.assert_close(loss, (y - target).abs().flatten(1).sum(1), rtol=1e-5, atol=1e-4)
+
+
+def test_l1_sign_rejects_bad_input():
+    y = torch.zeros(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="head"):
+        l1_sign_backward(y, y, "relu")
+    with pytest.raises(ValueError, match="same shape"):
+        l1_sign_backward(y, y[:1], "tanh")
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2])
+@pytest.mark.parametrize("act", sorted(ACTS))
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_act_backward_equals_autograd(shape, act, with_scale):
+    gen = _gen(1)
+    channels = shape[1]
+    module = ACTS[act](channels)
+    if act == "prelu":
+        module.weight.data = torch.rand(channels, generator=gen) - 0.3  # negative slopes too
+    x = torch.randn(shape, generator=gen)
+    x[torch.rand(shape, generator=gen) < 0.2] = 0.0  # pre-activations of exactly 0
+    view = (-1,) + (1,) * (len(shape) - 2)
+    scale = torch.rand(channels, generator=gen) + 0.5 if with_scale else None
+    shift = torch.zeros(channels) if with_scale else None
+    grad = torch.randn(shape, generator=gen)
+    x_grad = x.clone().requires_grad_(True)
+    pre = x_grad if scale is None else torch.addcmul(shift.view(view), x_grad, scale.view(view))
+    (want,) = torch.autograd.grad(module(pre), x_grad, grad)
+    slope = None
+    if act == "leaky_relu":
+        slope = torch.full((channels,), 0.2)
+    elif act == "prelu":
+        slope = module.weight.detach()
+    got = act_backward(grad, pre.detach(), act, slope, scale)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+def test_act_backward_rejects_missing_slope():
+    with pytest.raises(ValueError, match="slope"):
+        act_backward(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4), "prelu")
+
+
+def _step_case(batch: int, dim: int, seed: int):
+    gen = _gen(seed)
+    anchor = torch.randn(batch, dim, generator=gen)
+    z = anchor + 0.04 * (2 * torch.rand(batch, dim, generator=gen) - 1)
+    return z, anchor, gen
+
+
+def _reference_step(z, grad, anchor, cfg: ProtectConfig, normalize: bool):
+    z_next = project(z + cfg.alpha * step_direction(grad, cfg.norm), z, anchor, cfg)
+    return F.normalize(z_next, dim=1) if normalize else z_next
+
+
+STEP_CASES = [(norm, constraint, normalize) for norm in ("linf", "l2") for constraint in ("ball", "per_step")
+              for normalize in (False, True)]
+
+
+@pytest.mark.parametrize("norm,constraint,normalize", STEP_CASES)
+def test_sign_step_equals_reference_ops(norm, constraint, normalize):
+    z, anchor, gen = _step_case(5, 37, 2)
+    grad = torch.randn(5, 37, generator=gen)
+    grad[torch.rand(5, 37, generator=gen) < 0.2] = 0.0  # zero gradient: no step on that coordinate
+    grad[3] = 0.0  # and a whole row
+    cfg = ProtectConfig(eps=0.05, alpha=0.02, norm=norm, constraint=constraint)
+    want = _reference_step(z, grad, anchor, cfg, normalize)
+    got = sign_step_project(z.clone(), grad, anchor, cfg.alpha, cfg.eps, norm, constraint, normalize)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    if constraint == "ball" and not normalize:
+        dist = (got - anchor).abs().amax(1) if norm == "linf" else (got - anchor).norm(dim=1)
+        assert (dist <= cfg.eps * (1 + 1e-6)).all(), dist
+
+
+@pytest.mark.parametrize("norm,constraint,normalize", STEP_CASES)
+@pytest.mark.parametrize("batch,split_k", [(5, 1), (5, 3), (40, 1), (40, 4)])
+def test_linear_step_equals_matmul_then_step(norm, constraint, normalize, batch, split_k):
+    z, anchor, gen = _step_case(batch, 37, 3)
+    grad_h = torch.randn(batch, 201, generator=gen)
+    grad_h[1] = 0.0  # a zero row: g = 0, no step
+    weight = torch.randn(201, 37, generator=gen)
+    grad = (grad_h.double() @ weight.double()).float()
+    cfg = ProtectConfig(eps=0.05, alpha=0.02, norm=norm, constraint=constraint)
+    want = _reference_step(z, grad, anchor, cfg, normalize)
+    got = linear_sign_step(grad_h, weight, z.clone(), anchor, cfg.alpha, cfg.eps, norm, constraint, normalize,
+                           split_k=split_k)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_step_rejects_bad_input():
+    z = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="weight"):
+        linear_sign_step(torch.zeros(2, 4), torch.zeros(5, 8), z, z, 0.1, 0.1)
+    with pytest.raises(ValueError, match="float32"):
+        linear_sign_step(torch.zeros(2, 4), torch.zeros(4, 8), z.double(), z.double(), 0.1, 0.1)
