@@ -1,0 +1,52 @@
+"""``advface protect-gallery``: re-protect a stored gallery file (streamed, resumable, optionally on Ray)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..backends import BACKEND_NAMES
+from ..config_args import add_protect_args, config_from_args
+from .formats import FORMATS
+from .job import ENGINES, POLICIES
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "protect-gallery", help="re-protect a stored gallery (npy, safetensors, Parquet, FAISS), resumable",
+        description="Replace every embedding of a gallery file by its protected feature. The job is streamed, "
+                    "checkpointed per chunk in OUTPUT.job/ and resumed by rerunning the same command.")
+    p.add_argument("--input", required=True, help="gallery file (.npy, .safetensors, .parquet, .faiss/.index)")
+    p.add_argument("--output", required=True, help="protected gallery file (written when complete)")
+    p.add_argument("--shadow", required=True, help="shadow decoder checkpoint")
+    p.add_argument("--encoder", required=True, help="encoder checkpoint")
+    p.add_argument("--format", choices=FORMATS, help="output format (default: the output's suffix, else the input's)")
+    p.add_argument("--batch-size", type=int, default=1024, help="rows per engine call (default 1024)")
+    p.add_argument("--chunk-rows", type=int, help="rows per checkpointed chunk (default: ~32 MiB of rows)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    p.add_argument("--backend", choices=BACKEND_NAMES, default="auto")
+    p.add_argument("--on-bad-rows", choices=POLICIES, default="fail",
+                   help="rows with NaN/Inf: fail (error naming them), skip (drop), copy (keep unchanged); "
+                        "skip and copy list them in OUTPUT.bad-rows.json")
+    p.add_argument("--engine", choices=ENGINES, default="local", help="local process, or Ray Data actors")
+    p.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else per CPU)")
+    p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--embedding-key", help="embedding tensor / column (default: the only 2-D tensor / list column)")
+    p.add_argument("--id-key", help="ids tensor / column (default: 'ids' in safetensors, 'id' in Parquet)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output when the job completes")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_protect_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .job import protect_gallery
+
+    result = protect_gallery(
+        args.input, args.output, args.shadow, args.encoder, config_from_args(args), batch_size=args.batch_size,
+        chunk_rows=args.chunk_rows, device=args.device, backend=args.backend, format=args.format,
+        on_bad_rows=args.on_bad_rows, engine=args.engine, workers=args.workers, ray_address=args.ray_address,
+        embedding_key=args.embedding_key, id_key=args.id_key, overwrite=args.overwrite, progress=args.progress)
+    bad = f", {result.bad_rows} bad rows listed in {result.bad_rows_file}" if result.bad_rows else ""
+    print(f"wrote {result.output} ({result.format}): {result.rows_written} of {result.rows} rows, "
+          f"{result.chunks} chunks ({result.resumed_chunks} resumed){bad}")
+    return 0

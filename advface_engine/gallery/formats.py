@@ -1,0 +1,509 @@
+"""Gallery files: read rows [start, stop) without loading the whole file, and write a gallery as a stream.
+
+Formats: ``.npy``; ``.safetensors`` (an embeddings tensor and optionally an ids tensor); Parquet (an
+embedding list column, an optional id column, other columns carried along, via pyarrow) and FAISS
+flat indexes (IndexFlatIP / IndexFlatL2, optionally inside IndexIDMap / IndexIDMap2). npy,
+safetensors and FAISS files hold one raw C-order array at a known offset: their headers are parsed
+here and rows are read with plain ``pread`` calls, so memory stays flat (no mmap pages pile up in
+the resident set), any row range can be read by any worker, and nothing in a file can run code.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMATS = ("npy", "safetensors", "parquet", "faiss")
+SUFFIXES = {".npy": "npy", ".safetensors": "safetensors", ".parquet": "parquet", ".pq": "parquet",
+            ".faiss": "faiss", ".index": "faiss"}
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+ST_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+             "I32": np.int32, "I64": np.int64, "U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "U64": np.uint64}
+FAISS_FLAT = {b"IxFI": 0, b"IxF2": 1}  # fourcc -> metric (0 inner product, 1 L2)
+FAISS_IDMAP = (b"IxMp", b"IxM2")
+FAISS_HEADER = struct.Struct("<iqqq?i")  # d, ntotal, dummy, dummy, is_trained, metric_type
+FAISS_DUMMY = 1 << 20
+
+
+def format_of(path: str | os.PathLike) -> str | None:
+    """The format named by a file's suffix, or None."""
+    return SUFFIXES.get(Path(path).suffix.lower())
+
+
+def _need(module: str, extra: str):
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError as err:
+        raise ImportError(f"this gallery format needs {module}: pip install 'advface-engine[{extra}]'") from err
+
+
+def _check_dtype(dtype: np.dtype, path: Path) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype not in FLOAT_DTYPES or not dtype.isnative:
+        raise ValueError(f"{path}: unsupported dtype {dtype}; embeddings must be native float16, float32 or float64")
+    return dtype
+
+
+@dataclass
+class Chunk:
+    """Rows [start, stop) of a gallery: embeddings (n, D), ids (n,) or None, and for Parquet the whole table slice."""
+
+    rows: np.ndarray | None
+    ids: np.ndarray | None = None
+    table: object = None
+
+    def take(self, keep: np.ndarray) -> Chunk:
+        """Only the rows where ``keep`` is True."""
+        table = self.table.filter(_need("pyarrow", "gallery").array(keep)) if self.table is not None else None
+        return Chunk(self.rows[keep], self.ids[keep] if self.ids is not None else None, table)
+
+
+class Gallery:
+    """An open gallery file: ``num_rows`` x ``dim`` embeddings of ``dtype``, optional ids, random-access ``read``."""
+
+    format: str
+    path: Path
+    num_rows: int
+    dim: int
+    dtype: np.dtype
+    ids_dtype: np.dtype | None = None
+    extra_columns: tuple[str, ...] = ()
+    _fd: int | None = None
+
+    def read(self, start: int, stop: int, rows: bool = True) -> Chunk:
+        """Rows [start, stop); with ``rows=False`` only their ids (and Parquet table), rows None."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict:
+        """Size plus a sha256 of the first 64 KiB (the header) and 64 evenly spaced 4 KiB samples.
+
+        Cheap on any size; a change between samples is still caught, because every chunk's input
+        checksum is recorded and checked again when the output is assembled.
+        """
+        size = self.path.stat().st_size
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            digest.update(f.read(1 << 16))
+            for offset in np.linspace(0, max(size - 4096, 0), 64).astype(np.int64):
+                f.seek(int(offset))
+                digest.update(f.read(4096))
+        return {"format": self.format, "size": size, "sample_sha256": digest.hexdigest(), "rows": self.num_rows,
+                "dim": self.dim, "dtype": self.dtype.name}
+
+    def close(self) -> None:
+        pass
+
+
+def _pread(fd: int, out: np.ndarray, offset: int, path: Path) -> np.ndarray:
+    view, done = memoryview(out).cast("B"), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise ValueError(f"{path}: file is truncated (ends inside the data)")
+        done += n
+    return out
+
+
+class RawGallery(Gallery):
+    """A gallery stored as raw C-order rows at ``rows_offset`` (npy, safetensors, FAISS), ids at ``ids_offset``."""
+
+    def __init__(self, path: Path, fmt: str, num_rows: int, dim: int, dtype, rows_offset: int,
+                 ids_offset: int | None = None, ids_dtype=None, end: int | None = None, **info):
+        self.path, self.format, self.num_rows, self.dim = path, fmt, int(num_rows), int(dim)
+        self.dtype = _check_dtype(dtype, path)
+        self.rows_offset, self.ids_offset = rows_offset, ids_offset
+        self.ids_dtype = np.dtype(ids_dtype) if ids_dtype is not None else None
+        self.info = info
+        size = path.stat().st_size
+        end = end if end is not None else rows_offset + self.num_rows * self.dim * self.dtype.itemsize
+        if size < end:
+            raise ValueError(f"{path}: file is truncated ({size} bytes, the header describes {end})")
+        if size > end:
+            raise ValueError(f"{path}: file is corrupt ({size - end} bytes beyond what the header describes)")
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def read(self, start: int, stop: int, rows: bool = True) -> Chunk:
+        data = ids = None
+        if rows:
+            data = _pread(self._fd, np.empty((stop - start, self.dim), self.dtype),
+                          self.rows_offset + start * self.dim * self.dtype.itemsize, self.path)
+        if self.ids_offset is not None:
+            ids = _pread(self._fd, np.empty(stop - start, self.ids_dtype),
+                         self.ids_offset + start * self.ids_dtype.itemsize, self.path)
+        return Chunk(data, ids)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def open_npy(path: Path) -> RawGallery:
+    """Header checked by ``np.load(mmap_mode="r")`` (which also catches truncation); rows read at its offset."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable .npy file ({err})") from err
+    if not isinstance(array, np.memmap) or array.ndim != 2:
+        raise ValueError(f"{path}: a gallery .npy must hold one (N, D) array, got shape {getattr(array, 'shape', '?')}")
+    if not array.flags.c_contiguous and array.size:
+        raise ValueError(f"{path}: Fortran-ordered arrays are not supported; save np.ascontiguousarray(rows)")
+    shape, dtype, offset = array.shape, array.dtype, array.offset
+    del array  # unmap: rows are read with pread
+    return RawGallery(path, "npy", shape[0], shape[1], dtype, offset)
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(size - 8, 100 << 20):
+            raise ValueError(f"{path}: not a safetensors file, or truncated (header of {length} bytes, file {size})")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: corrupt safetensors header ({err})") from err
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
+    return header, 8 + length
+
+
+def open_safetensors(path: Path, embedding_key: str | None, id_key: str | None) -> RawGallery:
+    """An embeddings tensor (``embedding_key``, else the only 2-D tensor) and optionally an ids tensor."""
+    header, data_start = _safetensors_header(path)
+    metadata = header.pop("__metadata__", None) or {}
+    try:
+        if embedding_key is None:
+            matrices = [k for k, v in header.items() if len(v["shape"]) == 2]
+            if len(matrices) != 1:
+                raise ValueError(f"{path}: cannot tell which tensor holds the embeddings ({sorted(header)}); "
+                                 "name it with --embedding-key")
+            embedding_key = matrices[0]
+        id_key = id_key or "ids"
+        unknown = set(header) - {embedding_key, id_key}
+        if embedding_key not in header:
+            raise ValueError(f"{path}: no tensor {embedding_key!r} (tensors: {sorted(header)})")
+        if unknown:
+            raise ValueError(f"{path}: unsupported extra tensors {sorted(unknown)}; a gallery file holds the "
+                             f"embeddings and optionally ids ({id_key!r})")
+        entries = {}
+        for key in header:
+            entry = header[key]
+            if entry["dtype"] not in ST_DTYPES:
+                raise ValueError(f"{path}: unsupported dtype {entry['dtype']} of tensor {key!r}")
+            dtype = np.dtype(ST_DTYPES[entry["dtype"]])
+            begin, end = (int(x) for x in entry["data_offsets"])
+            if end - begin != int(np.prod(entry["shape"], dtype=np.int64)) * dtype.itemsize:
+                raise ValueError(f"{path}: corrupt safetensors header (tensor {key!r} size does not match its shape)")
+            entries[key] = (dtype, [int(s) for s in entry["shape"]], begin, end)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path}: corrupt safetensors header ({err!r})") from err
+    dtype, shape, begin, end = entries[embedding_key]
+    if len(shape) != 2:
+        raise ValueError(f"{path}: tensor {embedding_key!r} must be (N, D), got {shape}")
+    ids_offset = ids_dtype = None
+    if id_key in entries:
+        ids_dtype, ids_shape, ids_begin, _ = entries[id_key]
+        if ids_shape != [shape[0]] or ids_dtype.kind not in "iu":
+            raise ValueError(f"{path}: ids tensor {id_key!r} must be integer of shape [{shape[0]}], got {ids_shape}")
+        ids_offset = data_start + ids_begin
+    _check_dtype(dtype, path)
+    return RawGallery(path, "safetensors", shape[0], shape[1], dtype, data_start + begin, ids_offset, ids_dtype,
+                      end=data_start + max(e for *_, e in entries.values()), metadata=metadata,
+                      embedding_key=embedding_key, id_key=id_key)
+
+
+def open_faiss(path: Path) -> RawGallery:
+    """A FAISS IndexFlatIP / IndexFlatL2 file, optionally in IndexIDMap(2), as faiss/impl/index_write.cpp writes it."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        def header(fourccs) -> tuple[bytes, int, int, int]:
+            raw = f.read(4 + FAISS_HEADER.size)
+            if len(raw) < 4 + FAISS_HEADER.size:
+                raise ValueError(f"{path}: not a FAISS index, or truncated")
+            if raw[:4] not in fourccs:
+                raise ValueError(f"{path}: unsupported FAISS index type {raw[:4]!r}; supported: IndexFlatIP, "
+                                 "IndexFlatL2, optionally in IndexIDMap / IndexIDMap2")
+            d, ntotal, _, _, _, metric = FAISS_HEADER.unpack(raw[4:])
+            if d <= 0 or ntotal < 0:
+                raise ValueError(f"{path}: corrupt FAISS header (d={d}, ntotal={ntotal})")
+            return raw[:4], d, ntotal, metric
+
+        outer = header((*FAISS_FLAT, *FAISS_IDMAP))
+        flat = header(tuple(FAISS_FLAT)) if outer[0] in FAISS_IDMAP else outer
+        if flat[1:] != outer[1:] or FAISS_FLAT[flat[0]] != flat[3]:
+            raise ValueError(f"{path}: corrupt FAISS index (the ID map and its flat index disagree)")
+        _, d, ntotal, metric = flat
+        raw = f.read(8)
+        count = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if count != ntotal * d:
+            raise ValueError(f"{path}: corrupt or truncated FAISS index (code size {count}, expected {ntotal * d})")
+        rows_offset = f.tell()
+    ids_offset, end = None, rows_offset + ntotal * d * 4
+    if outer[0] in FAISS_IDMAP:
+        if size < end + 8:
+            raise ValueError(f"{path}: FAISS index is truncated")
+        with open(path, "rb") as f:
+            f.seek(end)
+            (n_ids,) = struct.unpack("<Q", f.read(8))
+        if n_ids != ntotal:
+            raise ValueError(f"{path}: corrupt FAISS ID map ({n_ids} ids for {ntotal} vectors)")
+        ids_offset, end = end + 8, end + 8 + 8 * ntotal
+    return RawGallery(path, "faiss", ntotal, d, np.float32, rows_offset, ids_offset,
+                      np.int64 if ids_offset else None, end=end, metric=metric, idmap=outer[0])
+
+
+class ParquetGallery(Gallery):
+    """A Parquet table with an embedding list column; the id and every other column are carried along.
+
+    Reads are streamed with ``iter_batches``; reading chunks in order continues one stream, a jump
+    restarts it at the row group that holds the first row (so keep row groups near the chunk size
+    when chunks are read out of order, as Ray workers do).
+    """
+
+    format = "parquet"
+
+    def __init__(self, path: Path, embedding_key: str | None, id_key: str | None):
+        pa = _need("pyarrow", "gallery")
+        pq = _need("pyarrow.parquet", "gallery")
+        self.path = path
+        try:
+            self._file = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as err:
+            raise ValueError(f"{path}: not a readable Parquet file ({err})") from err
+        schema = self._file.schema_arrow
+        lists = [f.name for f in schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)
+                 or pa.types.is_fixed_size_list(f.type)]
+        if embedding_key is None:
+            if len(lists) != 1:
+                raise ValueError(f"{path}: cannot tell which column holds the embeddings (list columns: {lists}); "
+                                 "name it with --embedding-key")
+            embedding_key = lists[0]
+        if embedding_key not in lists:
+            raise ValueError(f"{path}: no list column {embedding_key!r} (columns: {schema.names})")
+        value_type = schema.field(embedding_key).type.value_type
+        try:
+            self.dtype = _check_dtype(value_type.to_pandas_dtype(), path)
+        except NotImplementedError:
+            raise ValueError(f"{path}: unsupported embedding type {value_type}") from None
+        self.embedding_key, self.id_key = embedding_key, id_key or "id"
+        self.ids_dtype = None
+        if self.id_key in schema.names:
+            id_type = schema.field(self.id_key).type
+            self.ids_dtype = np.dtype(id_type.to_pandas_dtype()) if pa.types.is_integer(id_type) else np.dtype(object)
+        self.extra_columns = tuple(n for n in schema.names if n not in (self.embedding_key, self.id_key))
+        meta = self._file.metadata
+        self.num_rows = meta.num_rows
+        self._group_starts = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]).tolist()
+        self.dim = self._first_dim()
+        self._at, self._buffer, self._batches = None, [], None
+
+    def _first_dim(self) -> int:
+        field_type = self._file.schema_arrow.field(self.embedding_key).type
+        if hasattr(field_type, "list_size"):
+            return field_type.list_size
+        if self.num_rows == 0:
+            return 0
+        first = next(self._file.iter_batches(batch_size=1, columns=[self.embedding_key])).column(0)[0]
+        if not first.is_valid:
+            raise ValueError(f"{self.path}: row 0 has a null embedding")
+        return len(first)
+
+    def _table(self, start: int, stop: int):
+        import pyarrow as pa
+
+        if start != self._at:
+            group = bisect.bisect_right(self._group_starts, start) - 1
+            groups = list(range(group, len(self._group_starts) - 1))
+            self._batches = self._file.iter_batches(batch_size=16384, row_groups=groups, use_threads=False)
+            self._at, self._buffer = self._group_starts[group], []
+        have = sum(len(b) for b in self._buffer)
+        try:
+            while self._at + have < stop:
+                batch = next(self._batches, None)
+                if batch is None:
+                    raise ValueError(f"{self.path}: file ends at row {self._at + have}, expected {self.num_rows}")
+                self._buffer.append(batch)
+                have += len(batch)
+        except (pa.ArrowException, OSError) as err:
+            at, self._at = self._at + have, None
+            raise ValueError(f"{self.path}: corrupt Parquet data near row {at}: {err}") from err
+        table = pa.Table.from_batches(self._buffer, self._file.schema_arrow).slice(start - self._at)
+        rest = table.slice(stop - start)
+        self._buffer, self._at = rest.to_batches(), stop
+        return table.slice(0, stop - start)
+
+    def read(self, start: int, stop: int, rows: bool = True) -> Chunk:
+        import pyarrow.compute as pc
+
+        table = self._table(start, stop)
+        ids = table.column(self.id_key).to_numpy(zero_copy_only=False) if self.ids_dtype is not None else None
+        if not rows:
+            return Chunk(None, ids, table)
+        column = table.column(self.embedding_key).combine_chunks()
+        if column.null_count:
+            first = start + int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            raise ValueError(f"{self.path}: row {first} has a null embedding")
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        if len(lengths) and (lengths != self.dim).any():
+            first = start + int(np.flatnonzero(lengths != self.dim)[0])
+            raise ValueError(f"{self.path}: row {first} has {lengths[first - start]} values, expected {self.dim}")
+        values = column.flatten().to_numpy(zero_copy_only=False)  # null values become NaN: bad rows
+        rows = np.array(values.reshape(len(table), self.dim), dtype=self.dtype, order="C")  # a writable copy
+        return Chunk(rows, ids, table)
+
+
+def open_gallery(path: str | os.PathLike, embedding_key: str | None = None, id_key: str | None = None) -> Gallery:
+    """Open a gallery file by its suffix, check its header, dtype and size."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no gallery file at {path}")
+    fmt = format_of(path)
+    if fmt is None:
+        raise ValueError(f"{path}: unknown gallery format; suffixes: {sorted(SUFFIXES)}")
+    if fmt == "npy":
+        gallery = open_npy(path)
+    elif fmt == "safetensors":
+        gallery = open_safetensors(path, embedding_key, id_key)
+    elif fmt == "faiss":
+        gallery = open_faiss(path)
+    else:
+        gallery = ParquetGallery(path, embedding_key, id_key)
+    if gallery.num_rows == 0 or gallery.dim == 0:
+        gallery.close()
+        raise ValueError(f"{path}: the gallery is empty ({gallery.num_rows} rows of dim {gallery.dim})")
+    return gallery
+
+
+def check_convertible(gallery: Gallery, fmt: str) -> None:
+    """Refuse an output format that would lose something the input holds (ids, columns, dtype)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == gallery.format:
+        return
+    if gallery.extra_columns:
+        raise ValueError(f"{gallery.path}: columns {list(gallery.extra_columns)} would be lost in {fmt} output")
+    if gallery.ids_dtype is not None:
+        if fmt == "npy":
+            raise ValueError(f"{gallery.path}: the gallery has ids, which .npy output cannot keep; "
+                             "use safetensors, parquet or faiss output")
+        if gallery.ids_dtype.kind not in "iu" and fmt != "parquet":
+            raise ValueError(f"{gallery.path}: {fmt} output needs integer ids, the gallery has {gallery.ids_dtype}")
+    if fmt == "faiss" and gallery.dtype != np.float32:
+        raise ValueError(f"{gallery.path}: FAISS output holds float32, the gallery is {gallery.dtype}")
+
+
+class GalleryWriter:
+    """Writes a gallery of ``num_rows`` rows shaped like ``like`` to ``path``, one chunk at a time."""
+
+    def __init__(self, fmt: str, path: Path, like: Gallery, num_rows: int, scratch: Path):
+        self.fmt, self.path, self.like, self.num_rows = fmt, path, like, num_rows
+        self.has_ids = like.ids_dtype is not None
+        self.ids_dtype = np.dtype(np.int64) if fmt == "faiss" else like.ids_dtype
+        self._ids_path = scratch / "ids.tmp"
+        if fmt == "parquet":
+            self._open_parquet()
+            return
+        self._file = open(path, "wb")
+        self._ids_file = open(self._ids_path, "wb") if self.has_ids else None
+        row_bytes = num_rows * like.dim * like.dtype.itemsize
+        if fmt == "npy":
+            np.lib.format.write_array_header_1_0(self._file, {
+                "descr": np.lib.format.dtype_to_descr(like.dtype), "fortran_order": False,
+                "shape": (num_rows, like.dim)})
+        elif fmt == "safetensors":
+            self._file.write(self._safetensors_header(row_bytes))
+        else:
+            self._file.write(self._faiss_header())
+
+    def _safetensors_header(self, row_bytes: int) -> bytes:
+        names = {v: k for k, v in ST_DTYPES.items()}
+        info = getattr(self.like, "info", {}) if self.like.format == "safetensors" else {}
+        key, id_key = info.get("embedding_key", "embeddings"), info.get("id_key", "ids")
+        header: dict = {key: {"dtype": names[self.like.dtype.type], "shape": [self.num_rows, self.like.dim],
+                              "data_offsets": [0, row_bytes]}}
+        if self.has_ids:
+            ids_bytes = self.num_rows * self.ids_dtype.itemsize
+            header[id_key] = {"dtype": names[self.ids_dtype.type], "shape": [self.num_rows],
+                              "data_offsets": [row_bytes, row_bytes + ids_bytes]}
+        if info.get("metadata"):
+            header["__metadata__"] = info["metadata"]
+        raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+        raw += b" " * (-len(raw) % 8)
+        return struct.pack("<Q", len(raw)) + raw
+
+    def _faiss_header(self) -> bytes:
+        info = getattr(self.like, "info", {}) if self.like.format == "faiss" else {}
+        metric = info.get("metric", 0)
+        fourcc = {0: b"IxFI", 1: b"IxF2"}[metric]
+        header = FAISS_HEADER.pack(self.like.dim, self.num_rows, FAISS_DUMMY, FAISS_DUMMY, True, metric)
+        flat = fourcc + header + struct.pack("<Q", self.num_rows * self.like.dim)
+        if not self.has_ids:
+            return flat
+        return info.get("idmap", b"IxMp") + header + flat
+
+    def _open_parquet(self) -> None:
+        pa = _need("pyarrow", "gallery")
+        pq = _need("pyarrow.parquet", "gallery")
+        if self.like.format == "parquet":
+            schema = self.like._file.schema_arrow
+            self._key = self.like.embedding_key
+        else:
+            fields = [pa.field("id", pa.from_numpy_dtype(self.like.ids_dtype))] if self.has_ids else []
+            value = pa.from_numpy_dtype(self.like.dtype)
+            schema = pa.schema(fields + [pa.field("embedding", pa.list_(value, self.like.dim))])
+            self._key = "embedding"
+        self._schema = schema
+        self._writer = pq.ParquetWriter(self.path, schema)
+
+    def write(self, chunk: Chunk) -> None:
+        rows = np.ascontiguousarray(chunk.rows, dtype=self.like.dtype)
+        if self.fmt == "parquet":
+            self._write_parquet(chunk, rows)
+            return
+        self._file.write(memoryview(rows).cast("B"))
+        if self._ids_file is not None:
+            self._ids_file.write(np.ascontiguousarray(chunk.ids, dtype=self.ids_dtype).tobytes())
+
+    def _write_parquet(self, chunk: Chunk, rows: np.ndarray) -> None:
+        import pyarrow as pa
+
+        if not len(rows):
+            return
+        field = self._schema.field(self._key)
+        values = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), self.like.dim).cast(field.type)
+        if chunk.table is not None:
+            table = chunk.table.set_column(chunk.table.schema.get_field_index(self._key), field, values)
+        else:
+            columns = ([pa.array(chunk.ids)] if self.has_ids else []) + [values]
+            table = pa.Table.from_arrays(columns, schema=self._schema)
+        self._writer.write_table(table, row_group_size=max(len(table), 1))
+
+    def finish(self) -> None:
+        """Complete the file (ids after the rows where the format wants them) and fsync it."""
+        if self.fmt == "parquet":
+            self._writer.close()
+            with open(self.path, "rb") as f:
+                os.fsync(f.fileno())
+            return
+        if self._ids_file is not None:
+            self._ids_file.close()
+            if self.fmt == "faiss":
+                self._file.write(struct.pack("<Q", self.num_rows))
+            with open(self._ids_path, "rb") as ids:
+                shutil.copyfileobj(ids, self._file, 1 << 22)
+            self._ids_path.unlink()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()

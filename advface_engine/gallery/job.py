@@ -1,0 +1,608 @@
+"""Re-protect a stored gallery: streamed, resumable after ``kill -9``, byte-identical, refusing foreign manifests.
+
+The gallery is cut into chunks of ``chunk_rows`` rows, protected in batches of ``batch_size``. Each
+finished chunk is written to ``<output>.job/parts/<k>.bin`` (temporary file + fsync + rename) and
+recorded in ``<output>.job/manifest.json`` (rewritten atomically) with the sha256 of its input rows
+and of its output bytes. When every chunk is done the output is assembled from the parts in the
+target format, in a temporary file renamed onto ``output``; then the job folder is removed.
+
+A rerun of the same command checks the recorded parts against their checksums, skips them and
+computes the rest with the same chunk and batch layout, so its output is byte-identical to an
+uninterrupted run. The manifest holds a fingerprint of the input (size and a hash of its header
+and sampled blocks), the models (checksums of the checkpoint files), the config, the engine and
+the layout; a rerun whose fingerprint differs is refused. If the input's size or mtime changed
+since the job began, every chunk's input checksum is checked again before the output is written.
+
+Rows with NaN or Inf follow ``on_bad_rows``: "fail" stops with an error naming them, "skip" drops
+them and "copy" stores them unchanged; both record them in ``<output>.bad-rows.json``. Parts always
+hold bad rows unchanged, so the policy is applied at assembly and may change between reruns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import queue
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import ProtectConfig
+from ..models.io import load_model
+from ..protect import Protector
+from .formats import Chunk, Gallery, GalleryWriter, check_convertible, format_of, open_gallery
+
+POLICIES = ("fail", "skip", "copy")
+ENGINES = ("local", "ray")
+CHUNK_BYTES = 32 << 20  # default chunk: about 32 MiB of rows, a multiple of the batch size
+
+
+@dataclass
+class JobSpec:
+    """What a worker needs to protect chunks (picklable, for Ray actors)."""
+
+    input: str
+    shadow: str | nn.Module
+    encoder: str | nn.Module
+    config: ProtectConfig
+    parts: str
+    batch_size: int
+    chunk_rows: int
+    backend: str = "auto"
+    device: str = "cpu"
+    embedding_key: str | None = None
+    id_key: str | None = None
+
+
+@dataclass
+class GalleryResult:
+    """What a finished job did."""
+
+    output: Path
+    format: str
+    rows: int
+    rows_written: int
+    bad_rows: int
+    chunks: int
+    resumed_chunks: int
+    bad_rows_file: Path | None = None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r}") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available")
+    return resolved
+
+
+def sha256_of(array: np.ndarray) -> str:
+    return hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest()
+
+
+def model_checksum(model: str | os.PathLike | nn.Module) -> str:
+    """sha256 of a checkpoint file, or of a module's architecture name and state dict."""
+    digest = hashlib.sha256()
+    if isinstance(model, nn.Module):
+        digest.update(str(getattr(model, "arch", type(model).__name__)).encode())
+        for name, tensor in sorted(model.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return digest.hexdigest()
+    with open(model, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load(model: str | os.PathLike | nn.Module, device: torch.device) -> nn.Module:
+    return model.to(device) if isinstance(model, nn.Module) else load_model(model, device=device)
+
+
+class ChunkJob:
+    """Turns chunk numbers into part files: read rows, protect the finite ones, write and checksum."""
+
+    def __init__(self, spec: JobSpec, gallery: Gallery | None = None):
+        self.spec = spec
+        self.gallery = gallery or open_gallery(spec.input, spec.embedding_key, spec.id_key)
+        self.device = resolve_device(spec.device)
+        shadow, encoder = _load(spec.shadow, self.device), _load(spec.encoder, self.device)
+        self.protector = Protector(shadow=shadow, encoder=encoder, config=spec.config, backend=spec.backend)
+        self.parts = Path(spec.parts)
+        self.num_chunks = -(-self.gallery.num_rows // spec.chunk_rows)
+
+    def bounds(self, k: int) -> tuple[int, int]:
+        start = k * self.spec.chunk_rows
+        return start, min(start + self.spec.chunk_rows, self.gallery.num_rows)
+
+    def check_dim(self) -> None:
+        """One zero row through the Protector: a gallery/model dimension mismatch fails here, before any work."""
+        try:
+            self.protector(torch.zeros(1, self.gallery.dim, device=self.device))
+        except (ValueError, RuntimeError) as err:
+            raise ValueError(f"{self.gallery.path}: the gallery's rows are {self.gallery.dim}-d, which the "
+                             f"shadow decoder and encoder do not take ({err})") from err
+
+    def read(self, k: int) -> Loaded:
+        """Chunk k's rows and their checksum; a pinned CPU tensor on a CUDA device, so copies overlap compute."""
+        chunk = self.gallery.read(*self.bounds(k))
+        z = torch.from_numpy(chunk.rows)
+        return Loaded(chunk, z.pin_memory() if self.device.type == "cuda" else z, sha256_of(chunk.rows))
+
+    def protect(self, z: torch.Tensor, out: np.ndarray, progress=None) -> None:
+        """Protected rows of z into ``out``, batch by batch; ``progress(rows)`` after each batch."""
+        for i in range(0, len(z), self.spec.batch_size):
+            batch = z[i:i + self.spec.batch_size]
+            out[i:i + len(batch)] = self.protector(batch.to(self.device, non_blocking=True)).cpu().numpy()
+            if progress is not None:
+                progress(len(batch))
+
+    def compute(self, k: int, loaded: Loaded | None = None, fail: bool = False,
+                progress=None) -> tuple[dict, np.ndarray | None]:
+        """Chunk k's record (bad rows listed chunk-local) and its rows, protected where finite, else unchanged.
+
+        With ``fail`` a chunk with bad rows is not computed (rows None).
+        """
+        loaded = loaded or self.read(k)
+        rows = loaded.chunk.rows
+        start, stop = self.bounds(k)
+        good = np.isfinite(rows).all(axis=1)
+        bad = np.flatnonzero(~good)
+        record = {"start": start, "stop": stop, "input_sha256": loaded.input_sha256, "bad": bad.tolist()}
+        if bad.size and fail:
+            return record, None
+        if not bad.size:
+            out = np.empty_like(rows)
+            self.protect(loaded.z, out, progress)
+            return record, out
+        out, protected = rows.copy(), np.empty((len(rows) - bad.size, rows.shape[1]), rows.dtype)
+        self.protect(loaded.z[torch.from_numpy(good)], protected, progress)
+        out[good] = protected
+        if progress is not None:
+            progress(bad.size)  # bad rows are kept unchanged
+        return record, out
+
+    def save(self, k: int, record: dict, rows: np.ndarray) -> dict:
+        """Write chunk k's part file; the record gains its sha256."""
+        return {**record, "sha256": write_part(self.parts / f"{k:06d}.bin", rows)}
+
+    def run(self, k: int, fail: bool = False) -> dict:
+        """Compute and save chunk k; its record."""
+        record, rows = self.compute(k, fail=fail)
+        return record if rows is None else self.save(k, record, rows)
+
+
+@dataclass
+class Loaded:
+    """A chunk as read ahead of its computation."""
+
+    chunk: Chunk
+    z: torch.Tensor
+    input_sha256: str
+
+
+def write_part(path: Path, rows: np.ndarray) -> str:
+    """Write rows' bytes to ``path`` (temporary file, fsync, rename); return their sha256."""
+    data = memoryview(np.ascontiguousarray(rows)).cast("B")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_part(path: Path, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray | None:
+    """A part's rows, or None when it is missing or has the wrong size."""
+    rows = np.empty(shape, dtype)
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != rows.nbytes or f.readinto(memoryview(rows).cast("B")) != rows.nbytes:
+                return None
+    except FileNotFoundError:
+        return None
+    return rows
+
+
+def _plain(value):
+    """JSON round trip, so a fingerprint compares equal to the one read back from a manifest."""
+    return json.loads(json.dumps(value))
+
+
+def _differences(new: dict, old: dict) -> list[str]:
+    """Fingerprint entries that differ, as "key" or "key.subkey"."""
+    out = []
+    for key in sorted(new.keys() | old.keys()):
+        a, b = new.get(key), old.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{sub}" for sub in sorted(a.keys() | b.keys()) if a.get(sub) != b.get(sub)]
+        elif a != b:
+            out.append(key)
+    return out
+
+
+class Manifest:
+    """``manifest.json``: the job's fingerprint and its finished chunks, rewritten atomically on every change."""
+
+    def __init__(self, work: Path, fingerprint: dict, input_stat: dict, chunks: dict | None = None,
+                 final: dict | None = None):
+        self.work, self.path = work, work / "manifest.json"
+        self.fingerprint, self.input_stat, self.chunks, self.final = fingerprint, input_stat, chunks or {}, final
+
+    @classmethod
+    def open(cls, work: Path, fingerprint: dict, input_path: Path) -> Manifest:
+        """The job's manifest, created if new; one written for a different fingerprint is refused.
+
+        A new manifest also keeps the input's size and mtime, which tell at assembly whether the input
+        may have changed since the job began (then every chunk's input checksum is checked again).
+        """
+        fingerprint = _plain(fingerprint)
+        path = work / "manifest.json"
+        if not path.exists():
+            (work / "parts").mkdir(parents=True, exist_ok=True)
+            manifest = cls(work, fingerprint, _input_stat(input_path))
+            manifest.save()
+            return manifest
+        try:
+            data = json.loads(path.read_text())
+            chunks = {int(k): v for k, v in data["chunks"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path} is corrupt ({err!r}); delete {work} to start over") from err
+        differ = _differences(fingerprint, data.get("fingerprint") or {})
+        if differ:
+            raise ValueError(f"{path} belongs to a different job ({', '.join(differ)} differ); rerun with the same "
+                             f"input, models and settings to resume it, or delete {work} to start over")
+        (work / "parts").mkdir(exist_ok=True)
+        return cls(work, fingerprint, data.get("input_stat"), chunks, data.get("final"))
+
+    def save(self) -> None:
+        tmp = self.path.with_name("manifest.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"fingerprint": self.fingerprint, "input_stat": self.input_stat, "chunks": self.chunks,
+                       "final": self.final}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def add(self, k: int, record: dict) -> None:
+        self.chunks[k] = record
+        self.save()
+
+    def drop_broken_parts(self, dim: int, dtype: np.dtype) -> int:
+        """Forget finished chunks whose part file is missing or fails its checksum (they are recomputed)."""
+        broken = []
+        for k, rec in self.chunks.items():
+            rows = read_part(self.work / "parts" / f"{k:06d}.bin", (rec["stop"] - rec["start"], dim), dtype)
+            if rows is None or sha256_of(rows) != rec["sha256"]:
+                broken.append(k)
+        for k in broken:
+            del self.chunks[k]
+        if broken:
+            self.save()
+        return len(broken)
+
+
+class Prefetch:
+    """Runs an iterator in a background thread, up to ``depth`` items queued, so reading overlaps compute."""
+
+    def __init__(self, iterable, depth: int = 1):
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(iter(iterable),), daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _fill(self, items) -> None:
+        try:
+            for item in items:
+                if not self._put((True, item)):
+                    return
+        except BaseException as err:  # handed to the consumer
+            self._put((False, err))
+            return
+        self._put((False, None))
+
+    def __iter__(self):
+        while True:
+            ok, item = self._queue.get()
+            if ok:
+                yield item
+            elif item is None:
+                return
+            else:
+                raise item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_local(job: ChunkJob, pending: list[int], record, fail: bool, progress=None) -> None:
+    """Protect the pending chunks in this process. While one chunk is computed, the next is read and checksummed
+    (a reader thread) and the previous one is written and recorded (a writer thread)."""
+
+    def save(k: int, rec: dict, rows: np.ndarray) -> None:
+        record(k, job.save(k, rec, rows))
+
+    with Prefetch((k, job.read(k)) for k in pending) as chunks, ThreadPoolExecutor(1) as writer:
+        saving = None
+        for k, loaded in chunks:
+            rec, rows = job.compute(k, loaded, fail=fail, progress=progress)
+            if saving is not None:
+                saving.result()  # one part in flight; a write error stops the job here
+            if rows is None:
+                record(k, rec)  # bad rows under "fail": raises
+            saving = writer.submit(save, k, rec, rows)
+        if saving is not None:
+            saving.result()
+
+
+def _bad_rows_error(path: Path, rows: list[int]) -> ValueError:
+    more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+    return ValueError(f"{path}: rows {rows[:10]}{more} have NaN or Inf values (--on-bad-rows fail); rerun with "
+                      "--on-bad-rows skip to drop them or copy to keep them unchanged (both record them)")
+
+
+def _write_json(path: Path, data: dict, tmp: Path) -> None:
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def assemble(gallery: Gallery, manifest: Manifest, num_chunks: int, fmt: str, output: Path, policy: str,
+             progress: bool = True) -> GalleryResult:
+    """Write the output from the parts, rename it onto ``output``, remove the job folder.
+
+    Parts were checksummed when written or when the job resumed. The input is read again only for
+    what the output carries along (ids, Parquet columns), unless it may have changed since the job
+    began: then every chunk's rows are read and checked against their recorded checksum.
+    """
+    work, records = manifest.work, [manifest.chunks[k] for k in range(num_chunks)]
+    changed = _input_stat(gallery.path) != manifest.input_stat
+    carried = gallery.ids_dtype is not None or gallery.format == "parquet"
+    num_bad = sum(len(r["bad"]) for r in records)
+    tmp = work / f"output.{fmt}"
+    writer = GalleryWriter(fmt, tmp, gallery, gallery.num_rows - (num_bad if policy == "skip" else 0), work)
+    bad_rows, bad_ids = [], []
+    for k, rec in enumerate(tqdm(records, desc="assemble", unit="chunk", disable=not progress)):
+        rows = read_part(work / "parts" / f"{k:06d}.bin", (rec["stop"] - rec["start"], gallery.dim), gallery.dtype)
+        if rows is None:
+            manifest.chunks.pop(k)
+            manifest.save()
+            raise ValueError(f"{work}/parts/{k:06d}.bin is missing or truncated; rerun to recompute that chunk")
+        chunk = gallery.read(rec["start"], rec["stop"], rows=changed) if changed or carried else Chunk(None)
+        if changed and sha256_of(chunk.rows) != rec["input_sha256"]:
+            raise ValueError(f"{gallery.path}: rows {rec['start']}..{rec['stop'] - 1} changed after they were "
+                             f"protected (the input was modified during the job); delete {work} to start over")
+        chunk = Chunk(rows, chunk.ids, chunk.table)
+        if rec["bad"]:
+            bad = np.asarray(rec["bad"], dtype=np.int64)
+            bad_rows += (rec["start"] + bad).tolist()
+            if chunk.ids is not None:
+                bad_ids += chunk.ids[bad].tolist()
+            if policy == "skip":
+                keep = np.ones(len(rows), dtype=bool)
+                keep[bad] = False
+                chunk = chunk.take(keep)
+        writer.write(chunk)
+    writer.finish()
+    side = output.with_name(output.name + ".bad-rows.json")
+    if bad_rows:
+        report = {"policy": policy, "rows": bad_rows, **({"ids": bad_ids} if gallery.ids_dtype is not None else {})}
+        _write_json(side, report, work / "bad-rows.json.tmp")
+    elif side.exists():
+        side.unlink()
+    result = GalleryResult(output, fmt, gallery.num_rows, writer.num_rows, len(bad_rows), num_chunks, 0,
+                           side if bad_rows else None)
+    manifest.final = {**_stat(tmp), "result": {"format": fmt, "rows_written": writer.num_rows,
+                                               "bad_rows": len(bad_rows), "bad_rows_file": bad_rows and str(side)}}
+    manifest.save()
+    os.replace(tmp, output)
+    _remove_job(work)
+    return result
+
+
+def _input_stat(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _stat(path: Path) -> dict:
+    st = path.stat()  # a rename keeps all three: they identify the assembled file under its final name
+    return {"ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _remove_job(work: Path) -> None:
+    """Parts first, the manifest (which knows the output is final) last, so an interrupted cleanup can finish."""
+    shutil.rmtree(work / "parts", ignore_errors=True)
+    for path in sorted(work.iterdir(), key=lambda p: p.name == "manifest.json"):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    work.rmdir()
+
+
+@contextlib.contextmanager
+def _locked(work: Path):
+    """An exclusive lock on the job folder: a second process on the same output stops with a clear error."""
+    import fcntl
+
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / "lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another job is running on {work}") from None
+        yield
+
+
+def protect_gallery(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    shadow: str | os.PathLike | nn.Module,
+    encoder: str | os.PathLike | nn.Module,
+    config: ProtectConfig | None = None,
+    *,
+    batch_size: int = 1024,
+    chunk_rows: int | None = None,
+    device: str = "auto",
+    backend: str = "auto",
+    format: str | None = None,
+    on_bad_rows: str = "fail",
+    engine: str = "local",
+    workers: int | None = None,
+    ray_address: str | None = None,
+    embedding_key: str | None = None,
+    id_key: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> GalleryResult:
+    """Replace every embedding of a stored gallery by its protected feature (ALGORITHM.md), streamed and resumable.
+
+    shadow, encoder: checkpoint paths (``save_model``) or modules. ``format``: the output's format,
+    by default the output's suffix, else the input's. ``chunk_rows``: rows per checkpointed chunk
+    (default: about 32 MiB of rows, a multiple of ``batch_size``). ``engine="ray"``: Ray Data
+    actors, ``workers`` of them (default one per GPU, else per CPU), on ``ray_address`` or a local Ray.
+    """
+    if on_bad_rows not in POLICIES:
+        raise ValueError(f"on_bad_rows must be one of {POLICIES}, got {on_bad_rows!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    src, dst = Path(input), Path(output)
+    if not src.is_file():
+        raise FileNotFoundError(f"no gallery file at {src}")
+    if dst.resolve() == src.resolve() or (dst.exists() and os.path.samefile(src, dst)):
+        raise ValueError(f"the output path is the input path ({src}); write the protected gallery elsewhere")
+    work = dst.with_name(dst.name + ".job")
+    gallery = open_gallery(src, embedding_key, id_key)
+    try:
+        fmt = format or format_of(dst) or gallery.format
+        check_convertible(gallery, fmt)
+        row_bytes = gallery.dim * gallery.dtype.itemsize
+        chunk_rows = chunk_rows or batch_size * max(1, CHUNK_BYTES // (row_bytes * batch_size))
+        spec = JobSpec(str(src), shadow, encoder, config if config is not None else ProtectConfig(),
+                       str(work / "parts"), batch_size, chunk_rows, backend, device, embedding_key, id_key)
+        with contextlib.ExitStack() as stack:
+            ray = None
+            if engine == "ray":
+                from .distributed import ray_session
+
+                ray = stack.enter_context(ray_session(ray_address, workers))
+            job, fingerprint = _prepare(spec, gallery, ray)
+            if dst.exists():
+                finished = _finished(work, fingerprint, dst)
+                if finished is not None:
+                    return finished
+                if not overwrite:
+                    raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")
+            stack.enter_context(_locked(work))
+            manifest = Manifest.open(work, fingerprint, src)
+            manifest.drop_broken_parts(gallery.dim, gallery.dtype)
+            resumed = len(manifest.chunks)
+            _compute(job, spec, manifest, on_bad_rows, ray, workers, progress)
+            result = assemble(gallery, manifest, job.num_chunks, fmt, dst, on_bad_rows, progress)
+            return dataclasses.replace(result, resumed_chunks=resumed)
+    finally:
+        gallery.close()
+
+
+def _prepare(spec: JobSpec, gallery: Gallery, ray) -> tuple[ChunkJob, dict]:
+    """The job that computes chunks here (or, on Ray, checks the models on the driver) and its fingerprint."""
+    if ray is not None:
+        from .distributed import use_gpus
+
+        spec.device = "cuda" if use_gpus(ray, spec.device) else "cpu"  # what the Ray actors use
+        job = ChunkJob(dataclasses.replace(spec, device="cpu", backend="reference"), gallery)
+        engine = {"engine": "ray", "backend": spec.backend, "device": "gpu" if spec.device == "cuda" else "cpu"}
+    else:
+        job = ChunkJob(spec, gallery)
+        device = torch.cuda.get_device_name(job.device) if job.device.type == "cuda" else job.device.type
+        engine = {"engine": "local", "backend": job.protector.backend_name, "device": device}
+    job.check_dim()
+    fingerprint = {
+        "input": {**gallery.fingerprint(), "embedding_key": spec.embedding_key, "id_key": spec.id_key},
+        "shadow": model_checksum(spec.shadow), "encoder": model_checksum(spec.encoder),
+        "config": spec.config.to_dict(), "engine": {**engine, "torch": torch.__version__},
+        "layout": {"chunk_rows": spec.chunk_rows, "batch_size": spec.batch_size},
+    }
+    return job, fingerprint
+
+
+def _compute(job: ChunkJob, spec: JobSpec, manifest: Manifest, on_bad_rows: str, ray, workers: int | None,
+             progress: bool) -> None:
+    """Compute the chunks the manifest does not hold yet, here or by Ray actors (built from ``spec``)."""
+    path, fail = job.gallery.path, on_bad_rows == "fail"
+    seen = sorted(r["start"] + i for r in manifest.chunks.values() for i in r["bad"])
+    if fail and seen:
+        raise _bad_rows_error(path, seen)
+    pending = [k for k in range(job.num_chunks) if k not in manifest.chunks]
+    done = sum(r["stop"] - r["start"] for r in manifest.chunks.values())
+    with tqdm(total=job.gallery.num_rows, initial=done, unit="row", unit_scale=True, desc="protect-gallery",
+              disable=not progress) as bar:
+        def record(k: int, rec: dict) -> None:
+            if rec["bad"] and fail:
+                raise _bad_rows_error(path, [rec["start"] + i for i in rec["bad"]])
+            manifest.add(k, rec)
+            if ray is not None:  # locally the bar moves batch by batch
+                bar.update(rec["stop"] - rec["start"])
+
+        if pending and ray is not None:
+            from .distributed import run_ray
+
+            run_ray(ray, spec, pending, record, workers, spec.device == "cuda", fail)
+        elif pending:
+            run_local(job, pending, record, fail, progress=bar.update)
+
+
+def _finished(work: Path, fingerprint: dict, output: Path) -> GalleryResult | None:
+    """This very job's result when only its cleanup was interrupted (``output`` is its final file), else None."""
+    try:
+        data = json.loads((work / "manifest.json").read_text())
+        final = data["final"]
+        same_file = {k: final[k] for k in ("ino", "size", "mtime_ns")} == _stat(output)
+        if data["fingerprint"] != _plain(fingerprint) or not same_file:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    _remove_job(work)
+    r, chunks = final["result"], len(data["chunks"])
+    side = Path(r["bad_rows_file"]) if r["bad_rows_file"] else None
+    return GalleryResult(output, r["format"], fingerprint["input"]["rows"], r["rows_written"], r["bad_rows"], chunks,
+                         chunks, side)

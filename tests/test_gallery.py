@@ -1,0 +1,445 @@
+"""Gallery re-protection jobs: formats, resume after kill -9, bad input, Ray equals local."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_models
+
+import advface_engine as afe
+from advface_engine.cli import main
+from advface_engine.gallery import formats, open_gallery, protect_gallery
+from advface_engine.gallery import job as job_module
+from advface_engine.models import save_model
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+faiss = pytest.importorskip("faiss")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+DIM, ROWS, BATCH, CHUNK = 16, 150, 32, 64
+CONFIG = afe.ProtectConfig(steps=2, random_start=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a loaded shared CPU, two OpenMP threads make these tiny models ~20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """Checkpoint paths of a tiny (shadow, encoder) pair, and the modules themselves."""
+    folder = tmp_path_factory.mktemp("models")
+    shadow, encoder = tiny_models(feature_dim=DIM)
+    save_model(shadow, folder / "shadow.safetensors")
+    save_model(encoder, folder / "encoder.safetensors")
+    return {"shadow": str(folder / "shadow.safetensors"), "encoder": str(folder / "encoder.safetensors"),
+            "modules": (shadow, encoder)}
+
+
+def gallery_rows(n=ROWS, dim=DIM, seed=0, dtype=np.float32):
+    z = np.random.default_rng(seed).standard_normal((n, dim))
+    return (z / np.linalg.norm(z, axis=1, keepdims=True)).astype(dtype)
+
+
+def reference(rows, ckpt, batch=BATCH, chunk=CHUNK, config=CONFIG):
+    """The engine on in-memory batches laid out like the job's (chunks cut into batches)."""
+    protector = afe.Protector(*ckpt["modules"], config=config, backend="reference")
+    out = [protector(torch.from_numpy(rows[c:c + chunk][b:b + batch]))
+           for c in range(0, len(rows), chunk) for b in range(0, min(chunk, len(rows) - c), batch)]
+    return torch.cat(out).numpy()
+
+
+def write(fmt, path, rows, ids=None):
+    """Write a gallery with the format's own library (``fmt``: npy, safetensors, parquet, faiss_ip, faiss_idmap)."""
+    if fmt == "npy":
+        np.save(path, rows)
+    elif fmt == "safetensors":
+        safetensors_numpy.save_file({"embeddings": rows, **({"ids": ids} if ids is not None else {})}, str(path))
+    elif fmt == "parquet":
+        columns = {"id": pa.array(ids), "embedding": pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), DIM),
+                   "name": pa.array([f"person-{i}" for i in ids])}
+        pq.write_table(pa.table(columns), path, row_group_size=50)
+    elif fmt == "faiss_ip":
+        index = faiss.IndexFlatIP(rows.shape[1])
+        index.add(rows)
+        faiss.write_index(index, str(path))
+    else:
+        index = faiss.IndexIDMap2(faiss.IndexFlatL2(rows.shape[1]))
+        index.add_with_ids(rows, ids)
+        faiss.write_index(index, str(path))
+
+
+def read(fmt, path):
+    """(rows, ids, index or table) read back with the format's own library."""
+    if fmt == "npy":
+        return np.load(path), None, None
+    if fmt == "safetensors":
+        data = safetensors_numpy.load_file(str(path))
+        return data["embeddings"], data.get("ids"), None
+    if fmt == "parquet":
+        table = pq.read_table(path)
+        rows = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+        return rows, table.column("id").to_numpy() if "id" in table.column_names else None, table
+    index = faiss.read_index(str(path))
+    ids = faiss.vector_to_array(index.id_map) if hasattr(index, "id_map") else None
+    flat = faiss.downcast_index(index.index) if ids is not None else index
+    return flat.reconstruct_n(0, flat.ntotal), ids, index
+
+
+SUFFIX = {"npy": ".npy", "safetensors": ".safetensors", "parquet": ".parquet", "faiss_ip": ".faiss",
+          "faiss_idmap": ".index"}
+
+
+def run(src, dst, ckpt, **kw):
+    kw = {"batch_size": BATCH, "chunk_rows": CHUNK, "progress": False, **kw}
+    return protect_gallery(src, dst, ckpt["shadow"], ckpt["encoder"], kw.pop("config", CONFIG), **kw)
+
+
+@pytest.mark.parametrize("fmt", list(SUFFIX))
+def test_round_trip_keeps_format_ids_order_and_dtype(tmp_path, ckpt, fmt):
+    rows, ids = gallery_rows(), np.arange(ROWS, dtype=np.int64)[::-1] * 7 + 3
+    src, dst = tmp_path / f"in{SUFFIX[fmt]}", tmp_path / f"out{SUFFIX[fmt]}"
+    write(fmt, src, rows, ids)
+    result = run(src, dst, ckpt)
+    assert (result.rows, result.rows_written, result.chunks, result.bad_rows) == (ROWS, ROWS, 3, 0)
+    out, out_ids, native = read(fmt, dst)
+    assert out.dtype == rows.dtype and out.shape == rows.shape
+    np.testing.assert_array_equal(out, reference(rows, ckpt))
+    assert not np.allclose(out, rows)
+    if fmt in ("safetensors", "parquet", "faiss_idmap"):
+        np.testing.assert_array_equal(out_ids, ids)
+    if fmt == "parquet":
+        assert native.schema == pq.read_schema(src)
+        assert native.column("name").to_pylist() == [f"person-{i}" for i in ids]
+    if fmt.startswith("faiss"):  # the same index type, byte for byte as FAISS itself writes it
+        original = faiss.read_index(str(src))
+        assert type(native) is type(original) and native.metric_type == original.metric_type
+        assert faiss.serialize_index(native).tobytes() == dst.read_bytes()
+    if fmt == "npy":
+        np.save(tmp_path / "same.npy", out)
+        assert (tmp_path / "same.npy").read_bytes() == dst.read_bytes()
+    assert not (tmp_path / f"out{SUFFIX[fmt]}.job").exists()
+
+
+@pytest.mark.parametrize("fmt", list(SUFFIX))
+def test_readers_give_any_row_range(tmp_path, fmt):
+    rows, ids = gallery_rows(), np.arange(ROWS, dtype=np.int64) + 100
+    write(fmt, tmp_path / f"g{SUFFIX[fmt]}", rows, ids)
+    gallery = open_gallery(tmp_path / f"g{SUFFIX[fmt]}")
+    assert (gallery.num_rows, gallery.dim, gallery.dtype) == (ROWS, DIM, np.float32)
+    for start, stop in [(120, 150), (0, 10), (10, 70), (49, 51), (70, 120)]:
+        chunk = gallery.read(start, stop)
+        np.testing.assert_array_equal(chunk.rows, rows[start:stop])
+        if gallery.ids_dtype is not None:
+            np.testing.assert_array_equal(chunk.ids, ids[start:stop])
+    gallery.close()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_dtype_is_kept(tmp_path, ckpt, dtype):
+    rows = gallery_rows(dtype=dtype)
+    np.save(tmp_path / "in.npy", rows)
+    run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt)
+    out = np.load(tmp_path / "out.npy")
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, reference(rows, ckpt))
+
+
+def test_format_conversion_keeps_ids(tmp_path, ckpt):
+    rows, ids = gallery_rows(), np.arange(ROWS, dtype=np.int64) * 3
+    np.save(tmp_path / "in.npy", rows)
+    run(tmp_path / "in.npy", tmp_path / "out.parquet", ckpt)  # format from the output's suffix
+    out, out_ids, table = read("parquet", tmp_path / "out.parquet")
+    np.testing.assert_array_equal(out, reference(rows, ckpt))
+    assert out_ids is None and table.column_names == ["embedding"]
+    table = pa.table({"id": pa.array(ids), "embedding": pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), DIM)})
+    pq.write_table(table, tmp_path / "in.parquet")
+    run(tmp_path / "in.parquet", tmp_path / "out.st", ckpt, format="safetensors")
+    out, out_ids, _ = read("safetensors", tmp_path / "out.st")
+    np.testing.assert_array_equal(out_ids, ids)
+    np.testing.assert_array_equal(out, reference(rows, ckpt))
+    with pytest.raises(ValueError, match="ids, which .npy output cannot keep"):
+        run(tmp_path / "in.parquet", tmp_path / "out2.npy", ckpt)
+
+
+def test_rows_do_not_depend_on_batch_size_or_chunking(tmp_path, ckpt):
+    rows = gallery_rows()
+    np.save(tmp_path / "in.npy", rows)
+    outs = []
+    for i, (batch, chunk) in enumerate([(32, 64), (50, 100), (150, 150), (7, 21)]):
+        run(tmp_path / "in.npy", tmp_path / f"out{i}.npy", ckpt, batch_size=batch, chunk_rows=chunk)
+        outs.append(np.load(tmp_path / f"out{i}.npy"))
+    for out in outs[1:]:
+        np.testing.assert_allclose(out, outs[0], rtol=0, atol=1e-5)
+
+
+def with_bad_rows(tmp_path, bad=(3, 70, 149)):
+    rows, ids = gallery_rows(), np.arange(ROWS, dtype=np.int64) + 1000
+    rows[bad[0], 2], rows[bad[1], 0], rows[bad[2], 5] = np.nan, np.inf, -np.inf
+    write("safetensors", tmp_path / "in.safetensors", rows, ids)
+    return tmp_path / "in.safetensors", rows, ids, list(bad)
+
+
+def test_bad_rows_fail_names_them_and_writes_nothing(tmp_path, ckpt):
+    src, *_ = with_bad_rows(tmp_path)
+    dst = tmp_path / "out.safetensors"
+    with pytest.raises(ValueError, match=r"rows \[3\] have NaN or Inf"):
+        run(src, dst, ckpt)
+    assert not dst.exists()
+
+
+def test_bad_rows_skip_and_copy_are_recorded(tmp_path, ckpt):
+    src, rows, ids, bad = with_bad_rows(tmp_path)
+    good = np.setdiff1d(np.arange(ROWS), bad)
+    copied = run(src, tmp_path / "copy.safetensors", ckpt, on_bad_rows="copy")
+    out, out_ids, _ = read("safetensors", tmp_path / "copy.safetensors")
+    np.testing.assert_array_equal(out[bad], rows[bad])  # unchanged, NaN and Inf included
+    np.testing.assert_array_equal(out_ids, ids)
+    assert copied.bad_rows == 3 and json.loads(copied.bad_rows_file.read_text()) == {
+        "policy": "copy", "rows": bad, "ids": ids[bad].tolist()}
+    skipped = run(src, tmp_path / "skip.safetensors", ckpt, on_bad_rows="skip")
+    kept, kept_ids, _ = read("safetensors", tmp_path / "skip.safetensors")
+    assert skipped.rows_written == ROWS - 3
+    np.testing.assert_array_equal(kept_ids, ids[good])
+    np.testing.assert_array_equal(kept, out[good])
+    assert json.loads(skipped.bad_rows_file.read_text())["rows"] == bad
+    assert np.isfinite(kept).all() and not np.allclose(kept, rows[good])
+
+
+def test_failed_job_resumes_with_another_policy(tmp_path, ckpt):
+    src, *_ = with_bad_rows(tmp_path, bad=(140, 141, 149))  # all in the last chunk
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        run(src, tmp_path / "out.safetensors", ckpt)
+    assert len(json.loads((tmp_path / "out.safetensors.job" / "manifest.json").read_text())["chunks"]) == 2
+    resumed = run(src, tmp_path / "out.safetensors", ckpt, on_bad_rows="skip")
+    fresh = run(src, tmp_path / "fresh.safetensors", ckpt, on_bad_rows="skip")
+    assert (resumed.resumed_chunks, fresh.resumed_chunks) == (2, 0)
+    assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "fresh.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("change", ["config", "input", "model", "layout"])
+def test_manifest_of_another_job_is_refused(tmp_path, ckpt, change):
+    src, rows, ids, _ = with_bad_rows(tmp_path, bad=(140, 141, 149))
+    dst = tmp_path / "out.safetensors"
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        run(src, dst, ckpt)
+    kw, expected = {}, {"config": "config.eps", "input": "input.sample_sha256", "model": "shadow",
+                        "layout": "layout.batch_size"}[change]
+    if change == "config":
+        kw["config"] = CONFIG.replace(eps=0.03)
+    elif change == "input":
+        rows[5] = -rows[5]
+        write("safetensors", src, rows, ids)
+    elif change == "model":
+        other = dict(ckpt, shadow=str(tmp_path / "other.safetensors"))
+        save_model(tiny_models(feature_dim=DIM, seed=7)[0], other["shadow"])
+        ckpt = other
+    else:
+        kw["batch_size"] = 16
+    with pytest.raises(ValueError, match=rf"belongs to a different job \({expected}"):
+        run(src, dst, ckpt, on_bad_rows="copy", **kw)
+    assert not dst.exists()
+
+
+def test_input_changed_between_samples_is_caught_at_assembly(tmp_path, ckpt, monkeypatch):
+    # a fingerprint blind to the change below, as a sampled one is to a change between its samples
+    monkeypatch.setattr(formats.Gallery, "fingerprint", lambda self: {"rows": self.num_rows})
+    src, rows, ids, _ = with_bad_rows(tmp_path, bad=(140, 141, 149))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        run(src, tmp_path / "out.safetensors", ckpt)
+    rows[5] = -rows[5]
+    write("safetensors", src, rows, ids)
+    with pytest.raises(ValueError, match=r"rows 0..63 changed after they were protected"):
+        run(src, tmp_path / "out.safetensors", ckpt, on_bad_rows="copy")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_corrupt_part_is_recomputed(tmp_path, ckpt):
+    src, *_ = with_bad_rows(tmp_path, bad=(140, 141, 149))
+    with pytest.raises(ValueError):
+        run(src, tmp_path / "out.safetensors", ckpt)
+    part = tmp_path / "out.safetensors.job" / "parts" / "000001.bin"
+    part.write_bytes(b"\0" + part.read_bytes()[1:])
+    resumed = run(src, tmp_path / "out.safetensors", ckpt, on_bad_rows="copy")
+    run(src, tmp_path / "fresh.safetensors", ckpt, on_bad_rows="copy")
+    assert resumed.resumed_chunks == 1
+    assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "fresh.safetensors").read_bytes()
+
+
+def test_interrupted_assembly_and_cleanup_finish_on_rerun(tmp_path, ckpt, monkeypatch):
+    np.save(tmp_path / "in.npy", gallery_rows())
+    run(tmp_path / "in.npy", tmp_path / "fresh.npy", ckpt)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # killed while writing the output: nothing under the final name
+        m.setattr(job_module.GalleryWriter, "finish", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt)
+    assert not (tmp_path / "out.npy").exists()
+    with monkeypatch.context() as m:  # killed after the rename, before the job folder is removed
+        m.setattr(job_module, "_remove_job", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt)
+    assert (tmp_path / "out.npy.job").exists()
+    result = run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt)
+    assert result.resumed_chunks == 3 and not (tmp_path / "out.npy.job").exists()
+    assert (tmp_path / "out.npy").read_bytes() == (tmp_path / "fresh.npy").read_bytes()
+    with pytest.raises(FileExistsError, match="already exists"):
+        run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt)
+
+
+def test_resume_after_sigkill_is_byte_identical(tmp_path, ckpt):
+    rows = gallery_rows(n=960)
+    np.save(tmp_path / "in.npy", rows)
+    args = ["--input", str(tmp_path / "in.npy"), "--shadow", ckpt["shadow"], "--encoder", ckpt["encoder"],
+            "--batch-size", "16", "--chunk-rows", "32", "--steps", "4", "--random-start", "--no-progress"]
+    cmd = [sys.executable, "-m", "advface_engine.cli", "protect-gallery", *args, "--output", str(tmp_path / "out.npy")]
+    manifest = tmp_path / "out.npy.job" / "manifest.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        done, deadline = 0, time.monotonic() + 120
+        while done < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+            try:
+                done = len(json.loads(manifest.read_text())["chunks"])
+            except (OSError, ValueError):
+                pass
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert 3 <= done < 30, "the job was not killed mid-way"
+    assert not (tmp_path / "out.npy").exists()
+    assert main(["protect-gallery", *args, "--output", str(tmp_path / "out.npy")]) == 0
+    assert main(["protect-gallery", *args, "--output", str(tmp_path / "fresh.npy")]) == 0
+    assert (tmp_path / "out.npy").read_bytes() == (tmp_path / "fresh.npy").read_bytes()
+
+
+def _truncate(path, keep):
+    data = path.read_bytes()
+    path.write_bytes(data[:keep] if keep >= 0 else data[:len(data) + keep])
+
+
+@pytest.mark.parametrize("case, error", [
+    ("wrong_dim", "rows are 24-d"),
+    ("empty", "the gallery is empty"),
+    ("truncated_npy", "not a readable .npy|truncated"),
+    ("truncated_safetensors", "truncated"),
+    ("corrupt_safetensors", "not a safetensors file|corrupt"),
+    ("truncated_faiss", "truncated"),
+    ("corrupt_parquet", "not a readable Parquet"),
+    ("int_dtype", "unsupported dtype int32"),
+    ("same_path", "the output path is the input path"),
+    ("unknown_suffix", "unknown gallery format"),
+])
+def test_bad_input_is_a_clear_error_with_no_output(tmp_path, ckpt, case, error):
+    rows = gallery_rows()
+    fmt = case.split("_")[1] if case.split("_")[0] in ("truncated", "corrupt") else "npy"
+    src = tmp_path / f"in{SUFFIX.get(fmt, '.faiss')}"
+    dst = src if case == "same_path" else tmp_path / f"out{src.suffix}"
+    write("faiss_ip" if fmt == "faiss" else fmt, src, rows, np.arange(ROWS))
+    if case == "wrong_dim":
+        np.save(src, gallery_rows(dim=24))
+    elif case == "empty":
+        np.save(src, np.zeros((0, DIM), np.float32))
+    elif case == "int_dtype":
+        np.save(src, np.ones((ROWS, DIM), np.int32))
+    elif case.startswith("truncated"):
+        _truncate(src, -100)
+    elif case.startswith("corrupt"):
+        src.write_bytes(os.urandom(500))
+    elif case == "unknown_suffix":
+        src = src.rename(tmp_path / "in.bin")
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(ValueError, match=error):
+        run(src, dst, ckpt)
+    assert sorted(os.listdir(tmp_path)) == before  # no output, no job folder
+
+
+def test_ragged_parquet_rows_stop_the_job_with_no_output(tmp_path, ckpt):
+    values = [list(row) for row in gallery_rows()]
+    values[100] = values[100][:-1]
+    pq.write_table(pa.table({"id": np.arange(ROWS), "embedding": pa.array(values, pa.list_(pa.float32()))}),
+                   tmp_path / "in.parquet")
+    with pytest.raises(ValueError, match=f"row 100 has {DIM - 1} values, expected {DIM}"):
+        run(tmp_path / "in.parquet", tmp_path / "out.parquet", ckpt)
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_existing_output_needs_overwrite(tmp_path, ckpt):
+    np.save(tmp_path / "in.npy", gallery_rows())
+    (tmp_path / "out.npy").write_bytes(b"old")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt)
+    run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt, overwrite=True)
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), reference(gallery_rows(), ckpt))
+
+
+def test_second_process_on_the_same_output_is_refused(tmp_path, ckpt):
+    import fcntl
+
+    np.save(tmp_path / "in.npy", gallery_rows())
+    (tmp_path / "out.npy.job").mkdir()
+    with open(tmp_path / "out.npy.job" / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="another job is running"):
+            run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt)
+    run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt)
+    assert not (tmp_path / "out.npy.job").exists()
+
+
+def test_cli_reports_errors(tmp_path, ckpt, capsys):
+    np.save(tmp_path / "in.npy", gallery_rows())
+    args = ["protect-gallery", "--input", str(tmp_path / "in.npy"), "--shadow", ckpt["shadow"],
+            "--encoder", ckpt["encoder"], "--no-progress"]
+    assert main([*args, "--output", str(tmp_path / "in.npy")]) == 2
+    assert "the output path is the input path" in capsys.readouterr().err
+    assert main([*args, "--output", str(tmp_path / "out.npy"), "--steps", "1"]) == 0
+    assert "150 of 150 rows" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_ray_equals_local(tmp_path, ckpt, local_ray, monkeypatch):
+    rows, ids = gallery_rows(), np.arange(ROWS, dtype=np.int64) * 5
+    rows[77, 3] = np.nan
+    write("parquet", tmp_path / "in.parquet", rows, ids)
+    local = run(tmp_path / "in.parquet", tmp_path / "local.parquet", ckpt, on_bad_rows="skip")
+    monkeypatch.setattr(job_module, "run_local", None)  # the Ray run must not fall back to this process
+    remote = run(tmp_path / "in.parquet", tmp_path / "ray.parquet", ckpt, on_bad_rows="skip", engine="ray")
+    assert remote.rows_written == local.rows_written == ROWS - 1
+    assert (tmp_path / "ray.parquet").read_bytes() == (tmp_path / "local.parquet").read_bytes()
+
+
+@pytest.mark.gpu
+def test_cuda_job_equals_engine_on_cuda(tmp_path, ckpt):
+    rows = gallery_rows(n=1000)
+    np.save(tmp_path / "in.npy", rows)
+    run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt, device="cuda", backend="reference", batch_size=128,
+        chunk_rows=256)
+    shadow, encoder = (m.cuda() for m in tiny_models(feature_dim=DIM))
+    protector = afe.Protector(shadow, encoder, config=CONFIG, backend="reference")
+    expected = torch.cat([protector(torch.from_numpy(rows[i:i + 128]).cuda()).cpu() for i in range(0, 1000, 128)])
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected.numpy())
