@@ -10,7 +10,9 @@ import sys
 # Modules that add subcommands: each defines register(subparsers) and sets a ``func`` default.
 SUBCOMMAND_MODULES = [
     "advface_engine.commands",
+    "advface_engine.evaluation.cli",
     "advface_engine.gallery.command",
+    "advface_engine.bench_report",
 ]
 
 
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"advface {args.command}: error: {err}", file=sys.stderr)
         return 2
 

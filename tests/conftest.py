@@ -8,6 +8,7 @@ import torch
 
 if not torch.cuda.is_available():  # Triton kernels run under its CPU interpreter (set before triton is imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
+torch.set_num_threads(1)  # tiny models: threads cost more than they give, and shared machines thrash
 
 import pytest  # noqa: E402
 
