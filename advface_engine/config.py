@@ -56,7 +56,7 @@ class ProtectConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
-    def replace(self, **changes) -> "ProtectConfig":
+    def replace(self, **changes) -> ProtectConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -64,7 +64,7 @@ class ProtectConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ProtectConfig":
+    def from_dict(cls, data: dict) -> ProtectConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

@@ -59,6 +59,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def demo(s: DemoSettings, out: Path, progress: bool = True) -> dict:
     """Run the demo; returns every figure (also written to ``out/results.json``)."""
     import advface_engine as afe
+
     from .data import synthetic_faces
     from .evaluation.attack import identity_inference
     from .evaluation.datasets import pairs_from_labels

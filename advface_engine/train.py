@@ -36,8 +36,9 @@ def encode(encoder: nn.Module, images: Tensor, batch_size: int = 256, normalize:
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def _fit(modules: dict[str, nn.Module], loss_fn: Callable[[Tensor, torch.Generator], Tensor], n: int, epochs: int, batch_size: int,
-         lr: float, seed: int, checkpoint: str | os.PathLike | None, desc: str, progress: bool) -> list[float]:
+def _fit(modules: dict[str, nn.Module], loss_fn: Callable[[Tensor, torch.Generator], Tensor], n: int, epochs: int,
+         batch_size: int, lr: float, seed: int, checkpoint: str | os.PathLike | None, desc: str,
+         progress: bool) -> list[float]:
     """Adam over all ``modules``; ``loss_fn(indices, generator)`` gives a batch's loss.
 
     The generator of each epoch is seeded by (seed, epoch) and draws the permutation and any

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -105,7 +107,7 @@ def test_pth_loading_refuses_code(tmp_path):
             return (exec, ("open(r'%s', 'w').write('pwned')" % (tmp_path / "pwned"),))
 
     torch.save({"x": Payload()}, tmp_path / "evil.pth")
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError):
         load_encoder(tmp_path / "evil.pth", arch="iresnet18")
     assert not (tmp_path / "pwned").exists()
 

@@ -114,7 +114,8 @@ def test_steps_move_the_feature_and_raise_reconstruction_error(models, features)
 
 def test_random_start_is_seeded_in_ball_and_batch_independent(models, features):
     S, E = models
-    cfg = afe.ProtectConfig(eps=0.05, alpha=0.01, steps=0, anchor="original", normalize=False, random_start=True, seed=7)
+    cfg = afe.ProtectConfig(eps=0.05, alpha=0.01, steps=0, anchor="original", normalize=False, random_start=True,
+                            seed=7)
     a = afe.protect(features, S, E, cfg)
     assert ((a - features).abs() <= 0.05 + 1e-7).all() and not torch.allclose(a, features)
     torch.testing.assert_close(afe.protect(features, S, E, cfg), a)          # same seed, same start
@@ -193,3 +194,27 @@ def test_dimension_mismatch_says_which(models, features):
     E_big = afe.build_model("mobilefacenet", num_features=16, input_size=32, width=4).eval()
     with pytest.raises(ValueError, match="encoder"):
         afe.protect(features, S, E_big)
+
+
+def test_reference_sees_weight_changes_after_it_was_built(features):
+    S, E = tiny_models(dtype=torch.float64)
+    z, cfg = features.double(), afe.ProtectConfig(eps=0.05, alpha=0.01, steps=3)
+    p = afe.Protector(S, E, cfg, backend="reference")
+    before = p(z)
+    with torch.no_grad():
+        S[0].weight.mul_(1.5)
+    after = p(z)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, afe.protect(z, S, E, cfg))
+
+
+def test_folded_decoder_is_the_same_function():
+    from advface_engine.backends.decoder import channels_last, fold_batchnorm
+
+    for family in ("dcgan", "nbnet", "upconv"):
+        S, _ = tiny_models(family)
+        folded = channels_last(fold_batchnorm(S))
+        assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) < \
+            sum(isinstance(m, torch.nn.BatchNorm2d) for m in S.modules())
+        z = torch.randn(3, 16)
+        torch.testing.assert_close(folded(z), S(z), rtol=1e-5, atol=1e-5)

@@ -22,6 +22,7 @@ from ..kernels import interpreted
 from ..kernels.l1_sign import l1_sign_backward
 from ..kernels.linear_step import linear_sign_step
 from ..kernels.sign_step import sign_step_project
+from .decoder import weights_key
 from .plan import build_plan
 from .reference import random_start
 
@@ -31,11 +32,6 @@ MAX_GRAPHS = 8
 
 def _first_param(module: nn.Module) -> Tensor | None:
     return next((p for p in list(module.parameters()) + list(module.buffers()) if p.is_floating_point()), None)
-
-
-def _weights_key(*modules: nn.Module) -> tuple:
-    """Changes when a parameter or buffer is replaced, moved or modified in place."""
-    return tuple((t.data_ptr(), t._version) for m in modules for t in list(m.parameters()) + list(m.buffers()))
 
 
 @contextlib.contextmanager
@@ -96,7 +92,7 @@ class FusedBackend:
                 raise ValueError(f"dtype {self.dtype!r} needs a GPU; the Triton interpreter runs fp32 only")
         self.plan = build_plan(self.shadow, DTYPES[self.dtype], device)
         self._graphs.clear()
-        self._key = _weights_key(self.shadow, self.encoder)
+        self._key = weights_key(self.shadow, self.encoder)
 
     # -- the algorithm, written once for eager runs and graph capture --------------------------
 
@@ -155,7 +151,7 @@ class FusedBackend:
     # -- entry point --------------------------------------------------------------------------
 
     def run(self, z: Tensor) -> Tensor:
-        if _weights_key(self.shadow, self.encoder) != self._key:
+        if weights_key(self.shadow, self.encoder) != self._key:
             self._build()
         z32 = z.float().contiguous()
         noise = None

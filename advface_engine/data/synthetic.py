@@ -133,7 +133,8 @@ def render(identities, samples, size: int = 112, seed: int = 0) -> Tensor:
     # lighting: directional gradient, brightness, colour cast; then sensor noise
     lin = torch.linspace(-1, 1, size)
     light = (t[:, 10:12] - 0.5) * 0.7
-    shade = 1 + light[:, 0].view(n, 1, 1, 1) * lin.view(1, 1, 1, -1) + light[:, 1].view(n, 1, 1, 1) * lin.view(1, 1, -1, 1)
+    shade = (1 + light[:, 0].view(n, 1, 1, 1) * lin.view(1, 1, 1, -1)
+             + light[:, 1].view(n, 1, 1, 1) * lin.view(1, 1, -1, 1))
     gain = ((0.8 + 0.4 * t[:, 12:13]) * (0.92 + 0.16 * t[:, 13:16])).view(n, 3, 1, 1)
     gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, 2, int(identities[0]), int(samples[0])])
                                             .integers(2**62)))

@@ -103,7 +103,8 @@ class UpConvDecoder(nn.Sequential):
         layers = _stem(feature_dim, _channels(width, n_up, 0), side, act)
         for i in range(n_up):
             cin, cout = _channels(width, n_up, i), _channels(width, n_up, i + 1)
-            upsample = nn.Upsample(scale_factor=2, mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
-            layers += [upsample, nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), ACTIVATIONS[act](cout)]
+            corners = {"align_corners": False} if mode == "bilinear" else {}
+            layers += [nn.Upsample(scale_factor=2, mode=mode, **corners), nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
+                       nn.BatchNorm2d(cout), ACTIVATIONS[act](cout)]
         layers += [nn.Conv2d(_channels(width, n_up, n_up), 3, 3, 1, 1), HEADS[head]()]
         super().__init__(*layers)

@@ -18,7 +18,8 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = N
     arch = getattr(model, "arch", None)
     if arch is None:
         raise ValueError("model has no .arch: build it with advface_engine.models.build_model")
-    metadata = {"format": FORMAT, "arch": arch, "kwargs": json.dumps(model.arch_kwargs), "extra": json.dumps(extra or {})}
+    metadata = {"format": FORMAT, "arch": arch, "kwargs": json.dumps(model.arch_kwargs),
+                "extra": json.dumps(extra or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

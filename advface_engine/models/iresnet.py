@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-LAYERS = {"iresnet18": (2, 2, 2, 2), "iresnet34": (3, 4, 6, 3), "iresnet50": (3, 4, 14, 3), "iresnet100": (3, 13, 30, 3)}
+LAYERS = {"iresnet18": (2, 2, 2, 2), "iresnet34": (3, 4, 6, 3), "iresnet50": (3, 4, 14, 3),
+          "iresnet100": (3, 13, 30, 3)}
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -44,7 +45,8 @@ class IResNet(nn.Module):
         self.prelu = nn.PReLU(64)
         cin = 64
         for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
-            downsample = nn.Sequential(nn.Conv2d(cin, planes, 1, stride=2, bias=False), nn.BatchNorm2d(planes, eps=1e-5))
+            downsample = nn.Sequential(nn.Conv2d(cin, planes, 1, stride=2, bias=False),
+                                       nn.BatchNorm2d(planes, eps=1e-5))
             stage = [IBasicBlock(cin, planes, 2, downsample)] + [IBasicBlock(planes, planes) for _ in range(blocks - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
             cin = planes

@@ -1,0 +1,69 @@
+"""Faster but equal forms of a decoder: eval BatchNorm folded into the layer before it, and a
+channels_last layout; plus a key that changes when a module's weights change (to rebuild them)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+
+def fold_batchnorm(shadow: nn.Module) -> nn.Module:
+    """A frozen copy of S in which every eval-mode BatchNorm that follows a Linear or convolution in
+    an nn.Sequential is folded into that layer's weight and bias (Linear -> Unflatten -> BatchNorm too).
+
+    An eval BatchNorm is a per-channel affine map, so the copy is the same function (folded in
+    float64, rounded once) with one layer less to run forward and backward at every step.
+    """
+    folded = copy.deepcopy(shadow).requires_grad_(False)
+    for seq in [m for m in folded.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(1, len(seq)):
+            bn, layer, per_channel = seq[i], seq[i - 1], 1
+            if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training or bn.running_var is None:
+                continue
+            if isinstance(layer, nn.Unflatten) and i >= 2 and layer.dim in (1, -1):  # (B, C*H*W) -> (B, C, H, W)
+                layer, per_channel = seq[i - 2], int(np.prod(layer.unflattened_size[1:]))
+            transpose = isinstance(layer, nn.ConvTranspose2d)
+            if isinstance(layer, nn.Linear):
+                channels = layer.out_features // per_channel
+            elif isinstance(layer, nn.Conv2d) or (transpose and layer.groups == 1):
+                channels = layer.out_channels
+            else:
+                continue
+            if channels != bn.num_features:
+                continue
+            stats = [None if t is None else t.double().repeat_interleave(per_channel)
+                     for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias)]
+            layer.weight, layer.bias = fuse_conv_bn_weights(layer.weight, layer.bias, stats[0], stats[1], bn.eps,
+                                                            stats[2], stats[3], transpose)
+            seq[i] = nn.Identity()
+    return folded
+
+
+class ChannelsLast(nn.Module):
+    """Identity on values; lays a 4-D activation out channels_last."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def channels_last(shadow: nn.Module) -> nn.Module:
+    """``shadow`` with channels_last weights and activations, from the first 4-D one (after an
+    Unflatten) on, so that every convolution and activation sees one memory layout."""
+    for seq in [m for m in shadow.modules() if isinstance(m, nn.Sequential)]:
+        for i, layer in enumerate(seq):
+            if isinstance(layer, nn.Unflatten) and len(layer.unflattened_size) == 3:
+                seq[i] = nn.Sequential(layer, ChannelsLast())
+    return shadow.to(memory_format=torch.channels_last)
+
+
+def weights_key(*modules: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer of ``modules`` is replaced, moved or modified in place, or a
+    mode flips. (Edits through ``.data`` bypass the version counters: build a new backend after them.)"""
+    tensors = itertools.chain.from_iterable(itertools.chain(m.parameters(), m.buffers()) for m in modules)
+    modes = tuple(sub.training for m in modules for sub in m.modules())
+    return tuple((t.data_ptr(), t._version) for t in tensors), modes

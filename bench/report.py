@@ -1,0 +1,14 @@
+"""The benchmark report from a checkout: ``python bench/report.py bench.json --out bench_report``.
+
+The same as ``advface bench-report`` (advface_engine/bench_report.py): a Markdown table, a PNG plot of
+throughput vs batch size per backend with the ratio to the naive baseline, and the speedups, printed.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from advface_engine.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench-report", *sys.argv[1:]]))

@@ -1,0 +1,94 @@
+"""Telemetry: FLOP counts, the peak table, and NVML fields that are absent (never faked) without NVML."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+from conftest import tiny_models
+from torch import nn
+
+from advface_engine import telemetry as tm
+
+
+@pytest.mark.parametrize("batch,n_in,n_out", [(1, 16, 8), (7, 33, 130)])
+def test_flops_of_a_linear(batch, n_in, n_out):
+    linear = nn.Linear(n_in, n_out)
+    x = torch.randn(batch, n_in)
+    assert tm.count_flops(lambda: linear(x)) == 2 * batch * n_in * n_out
+
+
+def test_step_flops_forward_and_input_gradient_only():
+    """A Linear "decoder": forward 2*B*in*out and the gradient to z as much again; no weight gradient."""
+    linear = nn.Linear(16, 24)
+    assert tm.step_flops(linear, torch.randn(5, 16)) == 2 * (2 * 5 * 16 * 24)
+    assert all(p.requires_grad and p.grad is None for p in linear.parameters())  # flags restored, nothing kept
+    shadow, _ = tiny_models()
+    one, four = tm.step_flops(shadow, torch.randn(1, 16)), tm.step_flops(shadow, torch.randn(4, 16))
+    assert one > 0 and four == 4 * one
+
+
+def test_peak_table():
+    assert tm.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert tm.peak_tflops("NVIDIA H100 80GB HBM3", "tf32") == 495.0
+    assert tm.peak_tflops("NVIDIA H200", "fp32") == 67.0
+    assert tm.peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert tm.peak_tflops("cpu") is None and tm.peak_tflops("NVIDIA H100 80GB HBM3", "fp8") is None
+
+
+def test_nvml_fields_absent_without_nvml(monkeypatch):
+    assert tm.nvml_readings("cpu") == {}
+    with tm.EnergyMeter("cpu") as meter:
+        pass
+    assert meter.joules is None
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # nvidia-ml-py not installed
+    assert tm.nvml_handle("cuda:0") is None and tm.nvml_readings("cuda:0") == {}
+    assert "peak_rss_mb" in tm.peak_memory("cpu") and "peak_memory_mb" not in tm.peak_memory("cpu")
+
+
+def fake_nvml(energy_mj: list[int], power_error: bool = False) -> types.ModuleType:
+    """A stand-in for pynvml: fixed readings, an energy counter that advances per read."""
+    nvml = types.ModuleType("pynvml")
+
+    class NVMLError(Exception):
+        pass
+
+    def power(handle):
+        if power_error:
+            raise NVMLError("not supported")
+        return 250_000  # mW
+
+    def energy(handle):
+        if not energy_mj:
+            raise NVMLError("no energy counter on this GPU")
+        return energy_mj.pop(0)
+
+    nvml.NVMLError = NVMLError
+    nvml.nvmlInit = lambda: None
+    nvml.nvmlDeviceGetHandleByUUID = lambda uuid: "handle"
+    nvml.nvmlDeviceGetHandleByIndex = lambda index: "handle"
+    nvml.nvmlDeviceGetName = lambda handle: b"NVIDIA H100 80GB HBM3"
+    nvml.nvmlDeviceGetMemoryInfo = lambda handle: types.SimpleNamespace(used=3 * 2**30)
+    nvml.nvmlDeviceGetPowerUsage = power
+    nvml.nvmlDeviceGetTotalEnergyConsumption = energy
+    return nvml
+
+
+def test_nvml_readings_through_the_library(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(uuid="1234"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([1_000, 4_500]))
+    assert tm.nvml_readings("cuda") == {"gpu_name": "NVIDIA H100 80GB HBM3", "memory_used_mb": 3072.0,
+                                        "power_w": 250.0}
+    with tm.EnergyMeter("cuda") as meter:
+        pass
+    assert meter.joules == pytest.approx(3.5) and meter.seconds >= 0
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([], power_error=True))
+    readings = tm.nvml_readings("cuda")
+    assert "power_w" not in readings and readings["memory_used_mb"] == 3072.0  # unsupported field: absent
+    with tm.EnergyMeter("cuda") as meter:
+        pass
+    assert meter.joules is None
