@@ -31,8 +31,8 @@ class ProtectConfig:
     seed:         seed of the random start.
     """
 
-    eps: float = 0.02
-    alpha: float = 0.005
+    eps: float = 0.05
+    alpha: float = 0.0125
     steps: int = 10
     norm: str = "linf"
     constraint: str = "ball"
