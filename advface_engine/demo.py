@@ -26,9 +26,9 @@ class DemoSettings:
     shadow_arch: str = "dcgan"
     attacker_arch: str = "upconv"
     decoder_width: int = 16
-    identities: int = 300         # server's training identities (encoder and shadow)
+    identities: int = 400         # server's training identities (encoder and shadow)
     per_identity: int = 10
-    gallery_identities: int = 100  # enrolled people, disjoint from both training sets
+    gallery_identities: int = 200  # enrolled people, disjoint from both training sets
     epochs: int = 10
     seed: int = 0
 
