@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -81,32 +79,19 @@ def cmd_train_shadow(args: argparse.Namespace) -> int:
 
 
 def cmd_protect(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+    """A .npy gallery in, a .npy out: the gallery job (streamed, atomic, resumable) on one file."""
+    from .gallery import protect_gallery
+    from .models import load_encoder
 
-    from .models import load_encoder, load_model
-    from .protect import Protector
-
-    src, dst = Path(args.input), Path(args.output)
-    if src.resolve() == dst.resolve():
-        raise ValueError("--output must differ from --input (the gallery is never overwritten in place)")
-    gallery = np.load(src, mmap_mode="r", allow_pickle=False)
-    if gallery.ndim != 2 or gallery.dtype.kind != "f":
-        raise ValueError(f"{src}: expected a 2-D float array (N, D), got {gallery.dtype} {gallery.shape}")
-    protector = Protector(shadow=load_model(args.shadow, args.device),
-                          encoder=load_encoder(args.encoder, args.encoder_arch, args.device),
-                          config=config_from_args(args), backend=args.backend)
-    tmp = dst.with_name(dst.name + ".tmp.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=gallery.dtype, shape=gallery.shape)
+    if not str(args.input).endswith(".npy") or not str(args.output).endswith(".npy"):
+        raise ValueError("protect reads and writes .npy files; use protect-gallery for other formats")
+    encoder = load_encoder(args.encoder, args.encoder_arch, args.device)
     start = time.perf_counter()
-    for i in tqdm(range(0, len(gallery), args.batch_size), desc="protect", unit="batch"):
-        z = torch.from_numpy(np.array(gallery[i:i + args.batch_size]))
-        out[i:i + len(z)] = protector(z).numpy()
-    out.flush()
-    del out
-    os.replace(tmp, dst)
+    result = protect_gallery(args.input, args.output, args.shadow, encoder, config_from_args(args),
+                             batch_size=args.batch_size, device=args.device, backend=args.backend)
     elapsed = time.perf_counter() - start
-    print(f"protected {len(gallery)} features in {elapsed:.1f} s ({len(gallery) / max(elapsed, 1e-9):.0f}/s), "
-          f"backend {protector.backend_name} -> {dst}")
+    print(f"protected {result.rows_written} features in {elapsed:.1f} s "
+          f"({result.rows_written / max(elapsed, 1e-9):.0f}/s) -> {result.output}")
     return 0
 
 

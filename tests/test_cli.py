@@ -52,7 +52,9 @@ def test_protect_command_errors(trained, capsys):
     assert main(["protect", "--input", str(trained / "bad.npy"), "--output", str(trained / "o.npy"), *args]) == 2
     assert "dim 7" in capsys.readouterr().err
     assert main(["protect", "--input", str(trained / "bad.npy"), "--output", str(trained / "bad.npy"), *args]) == 2
-    assert "must differ" in capsys.readouterr().err
+    assert "output path is the input path" in capsys.readouterr().err
+    assert main(["protect", "--input", str(trained / "bad.npy"), "--output", str(trained / "o.parquet"), *args]) == 2
+    assert "protect-gallery" in capsys.readouterr().err
     assert not (trained / "o.npy").exists()
     with pytest.raises(SystemExit):
         main(["protect", "--input", "x.npy"])

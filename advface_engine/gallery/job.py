@@ -102,7 +102,7 @@ def model_checksum(model: str | os.PathLike | nn.Module) -> str:
         for name, tensor in sorted(model.state_dict().items()):
             t = tensor.detach().cpu().contiguous()
             digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return digest.hexdigest()
     with open(model, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
