@@ -56,7 +56,7 @@ def calibrate(model: nn.Module, inputs: torch.Tensor) -> nn.Module:
 def make_backend(name: str, shadow, encoder, cfg):
     if name == "reference":
         return ReferenceBackend(shadow, encoder, cfg)
-    dtype = "bf16" if "bf16" in name else "fp32"
+    dtype = name.removeprefix("fused-").removesuffix("+graph")  # fused-<dtype>[+graph]
     return FusedBackend(shadow, encoder, cfg, dtype=dtype, graphs=name.endswith("+graph"))
 
 
@@ -142,17 +142,19 @@ def main() -> None:
         report["flops_per_sample"] = flops_per_sample
         write_json(json_path, report)
 
-        # correctness on this model: fused vs reference (both IEEE fp32), and bf16 + graph vs reference
-        try:
-            z = F.normalize(torch.randn(64, dim, device=device), dim=1)
-            with _tf32(False):
-                want = ReferenceBackend(shadow, encoder, cfg).run(z)
-            for provider in ("fused-fp32", "fused-bf16+graph"):
+        # correctness on this model: each fused dtype (eager, and fp32/bf16 graphed) vs the IEEE fp32 reference
+        z = F.normalize(torch.randn(64, dim, device=device), dim=1)
+        with _tf32(False):
+            want = ReferenceBackend(shadow, encoder, cfg).run(z)
+        for provider in ("fused-fp32", "fused-fp32+graph", "fused-tf32", "fused-fp16", "fused-bf16",
+                         "fused-bf16+graph"):
+            try:
                 got = make_backend(provider, shadow, encoder, cfg).run(z)
                 report["checks"][provider] = {"within_2alpha_of_reference": agreement(got, want, cfg.alpha),
                                               "max_abs_diff": (got - want).abs().max().item()}
-        except Exception:  # keep going: the timings are still worth having
-            report["errors"].append(traceback.format_exc())
+            except Exception as err:  # keep going: the other checks and the timings are still worth having
+                report["checks"][provider] = {"error": f"{type(err).__name__}: {err}"}
+                report["errors"].append(traceback.format_exc())
         write_json(json_path, report)
 
         for batch in args.batches:

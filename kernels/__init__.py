@@ -17,13 +17,18 @@ def interpreted() -> bool:
 
 
 def check_device(*tensors: torch.Tensor) -> None:
-    """A clear error instead of a Triton crash when CPU tensors meet compiled kernels."""
+    """A clear error instead of a Triton crash (or a wrong result) when CPU tensors meet the kernels."""
     for t in tensors:
-        if t.device.type != "cuda" and not interpreted():
+        if t.device.type == "cuda":
+            continue
+        if not interpreted():
             raise RuntimeError(
                 f"Triton kernels need CUDA tensors (got {t.device}); on a CPU they run only under the "
                 "interpreter: set TRITON_INTERPRET=1 before triton is imported (testing only)"
             )
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: the interpreter runs but computes garbage
+            raise TypeError("Triton's interpreter does not compute bfloat16 correctly; on a CPU use float32 "
+                            "or float16 (bf16 kernels are checked by compiling them: kernels/aot.py)")
 
 
 def block_size(n: int, device: torch.device, gpu_block: int = 1024) -> int:

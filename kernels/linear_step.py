@@ -4,6 +4,9 @@ For h = z W^T + b, the feature gradient is g = g_h W (B, N) @ (N, D). The matmul
 rows of g per program, so its epilogue applies ``step_project`` (sign, alpha step, projection,
 last-step L2 normalisation) and writes only z: the gradient never goes to memory.
 
+Rows wider than MAX_FUSED_DIM would not fit the accumulator in registers (it spills: see
+aot.py), so those take a cuBLAS matmul and the standalone step kernel instead.
+
 Small batches leave most of the GPU idle, so the reduction over N is then split over
 ``split_k`` programs that add partial sums into a float32 buffer, and the standalone step
 kernel (sign_step.py) finishes: a (B, D) buffer, cheap next to the weight read.
@@ -17,6 +20,8 @@ import triton.language as tl
 
 from . import check_device
 from .sign_step import check_step_args, sign_step_project, step_project
+
+MAX_FUSED_DIM = 1024
 
 
 @triton.jit
@@ -47,6 +52,14 @@ def _linear_step_kernel(gh_ptr, w_ptr, z_ptr, anchor_ptr, partial_ptr, n_rows, k
         tl.store(z_ptr + offs, z, mask=mask)
 
 
+def blocks(batch: int, dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, BLOCK_D, num_warps): whole rows of z per program, the accumulator in registers."""
+    block_d = max(16, triton.next_power_of_2(dim))
+    block_m = 16 if (batch <= 16 or block_d > 256) else 32
+    block_k = 32 if block_d <= 512 else 16
+    return block_m, block_k, block_d, 8 if block_d >= 512 else 4
+
+
 def pick_split_k(batch: int, k_dim: int, block_m: int, block_k: int, device: torch.device) -> int:
     """Enough programs to fill the GPU's SMs, each with at least 8 K-blocks of work; 1 on CPU."""
     if device.type != "cuda":
@@ -70,11 +83,11 @@ def linear_sign_step(grad_h: torch.Tensor, weight: torch.Tensor, z: torch.Tensor
     check_device(grad_h, weight, z, anchor)
     if z.numel() == 0:
         return z
+    if dim > MAX_FUSED_DIM:
+        return sign_step_project(z, grad_h.float() @ weight.float(), anchor, alpha, eps, norm, constraint, normalize)
     grad_h, weight = grad_h.contiguous(), weight.contiguous()
     k_dim = grad_h.shape[1]
-    block_d = max(16, triton.next_power_of_2(dim))
-    block_m = 16 if (batch <= 16 or block_d > 256) else 32
-    block_k = 32 if block_d <= 512 else 16
+    block_m, block_k, block_d, num_warps = blocks(batch, dim)
     split = split_k or pick_split_k(batch, k_dim, block_m, block_k, z.device)
     k_chunk = triton.cdiv(triton.cdiv(k_dim, split), block_k) * block_k
     split = triton.cdiv(k_dim, k_chunk)
@@ -83,7 +96,7 @@ def linear_sign_step(grad_h: torch.Tensor, weight: torch.Tensor, z: torch.Tensor
     _linear_step_kernel[(triton.cdiv(batch, block_m), split)](
         grad_h, weight, z, anchor, partial, batch, k_dim, dim, k_chunk, float(alpha), float(eps),
         L2=norm == "l2", BALL=constraint == "ball", NORMALIZE=bool(normalize), SPLIT=split > 1, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8 if block_d >= 512 else 4,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps,
     )
     if split > 1:
         sign_step_project(z, partial, anchor, alpha, eps, norm, constraint, normalize)

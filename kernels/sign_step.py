@@ -66,6 +66,12 @@ def check_step_args(z: torch.Tensor, anchor: torch.Tensor, norm: str, constraint
         raise ValueError(f"z and anchor must be contiguous (B, D) tensors, got {tuple(z.shape)}, {tuple(anchor.shape)}")
 
 
+def blocks(dim: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_D): whole rows per program; about 4096 values per program on a GPU."""
+    block_d = max(16, triton.next_power_of_2(dim))
+    return (max(1, min(16, 4096 // block_d)) if device.type == "cuda" else 64), block_d
+
+
 def sign_step_project(z: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor, alpha: float, eps: float,
                       norm: str = "linf", constraint: str = "ball", normalize: bool = False) -> torch.Tensor:
     """z (B, D) fp32 <- Proj(z + alpha * dir(grad)) in place, then unit-norm rows if ``normalize``; returns z."""
@@ -75,8 +81,7 @@ def sign_step_project(z: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor,
     check_device(z, grad, anchor)
     if z.numel() == 0:
         return z
-    block_d = max(16, triton.next_power_of_2(z.shape[1]))
-    block_m = max(1, min(16, 4096 // block_d)) if z.device.type == "cuda" else 64
+    block_m, block_d = blocks(z.shape[1], z.device)
     _sign_step_kernel[(triton.cdiv(z.shape[0], block_m),)](
         z, grad.contiguous(), anchor, z.shape[0], z.shape[1], float(alpha), float(eps),
         L2=norm == "l2", BALL=constraint == "ball", NORMALIZE=bool(normalize), BLOCK_M=block_m, BLOCK_D=block_d,

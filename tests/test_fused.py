@@ -16,7 +16,7 @@ import advface_engine as afe
 import advface_engine.backends as backends
 import advface_engine.backends.fused as fused_module
 from advface_engine.backends import UnsupportedModelError
-from advface_engine.backends.fused import FusedBackend
+from advface_engine.backends.fused import EagerGraph, FusedBackend
 from advface_engine.backends.reference import ReferenceBackend, project, shadow_targets, step_direction
 from advface_engine.models import build_model
 from advface_engine.protect import frozen
@@ -96,6 +96,22 @@ def test_fused_equals_reference_on_every_family(variant):
     assert got.shape == z.shape and got.dtype == z.dtype
     assert agreement(got, want, CFG.alpha) >= 0.999, (got - want).abs().max()
     # the steps moved z: the comparison is not between two unchanged anchors
+    assert (want - afe.protect(z, shadow, encoder, CFG.replace(steps=0))).abs().max() > CFG.alpha
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_fp16_decoder_stays_close_to_the_fp32_reference(variant):
+    """Mixed precision (fp16 decoder and encoder, fp32 z, anchor and steps) under the interpreter.
+
+    Rounding moves a few decoder-gradient signs, and a moved sign moves that entry by 2 alpha
+    and may tip later steps; measured 99.1-99.8 % of entries within 2 alpha at B=64.
+    """
+    shadow, encoder = shadow_variant(variant[0], **variant[1]), tiny_models()[1]
+    z = features(32)
+    got = _run(FusedBackend(shadow, encoder, CFG, dtype="fp16", graphs=False), z)
+    want = afe.protect(z, shadow, encoder, CFG, backend="reference")
+    assert got.dtype == torch.float32
+    assert agreement(got, want, CFG.alpha) >= 0.98, agreement(got, want, CFG.alpha)
     assert (want - afe.protect(z, shadow, encoder, CFG.replace(steps=0))).abs().max() > CFG.alpha
 
 
@@ -186,6 +202,39 @@ def test_plan_follows_shadow_weights_changed_in_place(models):
     want = afe.protect(z, shadow, encoder, CFG)
     assert agreement(got, want, CFG.alpha) >= 0.999, (got - want).abs().max()
     assert agreement(before, want, CFG.alpha) < 0.999, "the change must matter for the check to mean something"
+
+
+def test_graph_sizes_padding_noise_and_eviction(monkeypatch, models):
+    """What surrounds the capture, on a CPU: EagerGraph keeps CudaGraph's contract (static buffers,
+    replay recomputes into them) so batch-size reuse, padding and eviction run for real here."""
+    shadow, encoder = shadow_variant("dcgan"), models[1]
+    cfg = afe.ProtectConfig(eps=0.05, alpha=0.01, steps=3, random_start=True)  # noise is padded too
+    graphed = FusedBackend(shadow, encoder, cfg, graphs=True, record_loss=True)
+    graphed.graph_type = EagerGraph
+    eager = FusedBackend(shadow, encoder, cfg, graphs=False, record_loss=True)
+    z = features(8)
+
+    def both(rows):
+        got, want = _run(graphed, rows), _run(eager, rows)
+        assert agreement(got, want, cfg.alpha) >= 0.999
+        torch.testing.assert_close(graphed.losses, eager.losses, rtol=1e-4, atol=1e-4)
+        assert graphed.losses.shape == (cfg.steps, rows.shape[0])
+        return got
+
+    full = both(z)
+    assert list(graphed._graphs) == [8]
+    short = both(z[3:8])  # 5 rows replay the 8-row capture, padded with copies of a real row
+    assert list(graphed._graphs) == [8]
+    assert agreement(short, full[3:8], cfg.alpha) >= 0.999
+    both(z[:3])  # 8 > 2 * 3: a capture of its own rather than most of the work on padding
+    assert list(graphed._graphs) == [8, 3]
+    monkeypatch.setattr(fused_module, "MAX_GRAPHS", 2)
+    both(z[:1])
+    assert list(graphed._graphs) == [3, 1], "the oldest capture goes first"
+    with torch.no_grad():
+        shadow[0].weight.mul_(-1.0)
+    both(z[:2])  # new weights: plan rebuilt, captures dropped
+    assert list(graphed._graphs) == [2]
 
 
 def test_clear_errors_on_cpu(monkeypatch, models):

@@ -18,8 +18,10 @@ from advface_engine.kernels.l1_sign import l1_sign_backward
 from advface_engine.kernels.linear_step import linear_sign_step
 from advface_engine.kernels.sign_step import sign_step_project
 
-TOL = {torch.float32: dict(rtol=1.3e-6, atol=1e-6)}  # one table, as the kernels are fp32 here
+TOL = {torch.float32: dict(rtol=1.3e-6, atol=1e-6),  # fp32 arithmetic inside every kernel, so a float16
+       torch.float16: dict(rtol=1e-3, atol=1e-3)}    # result is at most one rounding (1 ulp) away
 HEADS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda a: a}
+HEAD_SLOPES = {"tanh": lambda y: 1 - y * y, "sigmoid": lambda y: y * (1 - y), "identity": torch.ones_like}
 ACTS = {"relu": lambda c: nn.ReLU(), "leaky_relu": lambda c: nn.LeakyReLU(0.2), "prelu": lambda c: nn.PReLU(c)}
 SHAPES = [(3, 5, 7, 7), (4, 6), (2, 3, 77, 77)]  # the last one spans two blocks per sample
 
@@ -44,6 +46,29 @@ def test_l1_sign_equals_autograd_with_ties(shape, head):
     assert ties.any() and (got[ties] == 0).all(), "a tie y == x~ must give sign 0"
     torch.testing.assert_close(got, want, **TOL[torch.float32])
     torch.testing.assert_close(loss, (y - target).abs().flatten(1).sum(1), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_l1_sign_in_half_precision(head):
+    """The reduced-precision decoder's path: fp16 in and out, fp32 inside, against float64."""
+    gen = _gen(5)
+    y = HEADS[head](torch.randn(3, 4, 9, 9, generator=gen)).half()
+    target = HEADS[head](torch.randn(3, 4, 9, 9, generator=gen)).half()
+    ties = torch.rand(y.shape, generator=gen) < 0.2
+    target[ties] = y[ties]
+    y64, target64 = y.double(), target.double()
+    want = ((y64 - target64).sign() * HEAD_SLOPES[head](y64)).half()
+    loss = torch.zeros(3)
+    got = l1_sign_backward(y, target, head, loss)
+    assert got.dtype == torch.float16 and (got[ties] == 0).all()
+    torch.testing.assert_close(got, want, **TOL[torch.float16])
+    torch.testing.assert_close(loss, (y64 - target64).abs().flatten(1).sum(1).float(), rtol=1e-5, atol=1e-4)
+
+
+def test_bf16_is_refused_under_the_interpreter():
+    y = torch.zeros(2, 8, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="bfloat16"):
+        l1_sign_backward(y, y, "tanh")
 
 
 def test_l1_sign_rejects_bad_input():
@@ -79,6 +104,22 @@ def test_act_backward_equals_autograd(shape, act, with_scale):
         slope = module.weight.detach()
     got = act_backward(grad, pre.detach(), act, slope, scale)
     torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("act", sorted(ACTS))
+def test_act_backward_in_half_precision(act):
+    gen = _gen(6)
+    shape, view = (3, 5, 7, 7), (-1, 1, 1)
+    grad, pre = torch.randn(shape, generator=gen).half(), torch.randn(shape, generator=gen).half()
+    pre[torch.rand(shape, generator=gen) < 0.2] = 0.0
+    slope = None if act == "relu" else (torch.rand(5, generator=gen) - 0.3).half()
+    scale = (torch.rand(5, generator=gen) + 0.5).half()
+    g64 = grad.double()
+    negative = torch.zeros_like(g64) if slope is None else g64 * slope.double().view(view)
+    want = (torch.where(pre.double() > 0, g64, negative) * scale.double().view(view)).half()
+    got = act_backward(grad, pre, act, slope, scale)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got, want, **TOL[torch.float16])
 
 
 def test_act_backward_rejects_missing_slope():
@@ -129,6 +170,36 @@ def test_linear_step_equals_matmul_then_step(norm, constraint, normalize, batch,
     want = _reference_step(z, grad, anchor, cfg, normalize)
     got = linear_sign_step(grad_h, weight, z.clone(), anchor, cfg.alpha, cfg.eps, norm, constraint, normalize,
                            split_k=split_k)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_linear_step_in_half_precision(norm):
+    """fp16 g_h and W, fp32 accumulation and step: equals the float64 matmul's step but for
+    entries whose gradient is within fp32 rounding of zero (none expected at this size)."""
+    z, anchor, gen = _step_case(20, 37, 7)
+    grad_h = torch.randn(20, 201, generator=gen).half()
+    weight = torch.randn(201, 37, generator=gen).half()
+    cfg = ProtectConfig(eps=0.05, alpha=0.02, norm=norm)
+    want = _reference_step(z, (grad_h.double() @ weight.double()).float(), anchor, cfg, False)
+    got = linear_sign_step(grad_h, weight, z.clone(), anchor, cfg.alpha, cfg.eps, norm, "ball", False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_linear_step_wider_than_the_fused_tile_takes_matmul_then_step(norm, monkeypatch):
+    """Rows wider than MAX_FUSED_DIM (they would spill the accumulator) give the same step."""
+    import advface_engine.kernels.linear_step as linear_step
+
+    monkeypatch.setattr(linear_step, "MAX_FUSED_DIM", 32)  # a 37-wide row is "wide": small under the interpreter
+    z, anchor, gen = _step_case(3, 37, 4)
+    grad_h = torch.randn(3, 50, generator=gen)
+    weight = torch.randn(50, 37, generator=gen)
+    cfg = ProtectConfig(eps=0.05, alpha=0.02, norm=norm)
+    want = _reference_step(z, (grad_h.double() @ weight.double()).float(), anchor, cfg, True)
+    calls = []
+    monkeypatch.setattr(linear_step, "_linear_step_kernel", calls)  # must not be launched
+    got = linear_sign_step(grad_h, weight, z.clone(), anchor, cfg.alpha, cfg.eps, norm, "ball", True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

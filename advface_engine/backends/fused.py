@@ -45,21 +45,60 @@ def _tf32(enabled: bool):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-class _Graph:
-    """One captured protection for a fixed batch size: static input z, random-start noise and output."""
+class CudaGraph:
+    """The protection of one batch size captured once: static z and noise in, static out and losses.
+
+    Warm-up (Triton compilation, cuDNN algorithm choice) runs twice on a side stream, then the
+    whole loop is captured; ``replay`` reruns it on whatever the static inputs hold.
+    """
+
+    eager = False
 
     def __init__(self, z: Tensor, noise: Tensor | None):
         self.z, self.noise = z, noise
-        self.graph = torch.cuda.CUDAGraph()
         self.out: Tensor | None = None
         self.losses: Tensor | None = None
+
+    def capture(self, protect) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream(device=self.z.device)
+        side.wait_stream(torch.cuda.current_stream(self.z.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                protect(self.z, self.noise)
+        torch.cuda.current_stream(self.z.device).wait_stream(side)
+        with torch.cuda.graph(self.graph):
+            self.out, self.losses = protect(self.z, self.noise)
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class EagerGraph(CudaGraph):
+    """CudaGraph's contract run eagerly (any device): replay recomputes into the same output tensors.
+
+    For tests of what surrounds the capture (batch sizes, padding, noise, eviction) on a CPU.
+    """
+
+    eager = True
+
+    def capture(self, protect) -> None:
+        self._protect = protect
+        self.out, self.losses = protect(self.z, self.noise)
+
+    def replay(self) -> None:
+        out, losses = self._protect(self.z, self.noise)
+        self.out.copy_(out)
+        if losses is not None:
+            self.losses.copy_(losses)
 
 
 class FusedBackend:
     """Triton kernels + CUDA graphs; equals the reference backend up to rare sign flips.
 
-    dtype:   decoder precision, "fp32" (default), "tf32", "bf16" or "fp16" (CUDA only); the encoder
-             runs under autocast for bf16/fp16. z, anchor and steps stay float32.
+    dtype:   decoder precision, "fp32" (default), "tf32", "bf16" or "fp16"; the encoder runs under
+             autocast for bf16/fp16. z, anchor and steps stay float32. On a CPU (Triton's
+             interpreter, for tests) fp32 and fp16 only.
     graphs:  on a GPU, capture the whole protection per batch size once and replay it; a batch
              is padded up to a captured size at most twice its own instead of recaptured.
     split_k: split of the first Linear's gradient matmul (None: enough to fill the GPU).
@@ -77,7 +116,8 @@ class FusedBackend:
         self.shadow, self.encoder, self.config = shadow, encoder, config
         self.dtype, self.graphs, self.split_k, self.record_loss = dtype, graphs, split_k, record_loss
         self.losses: Tensor | None = None
-        self._graphs: dict[int, _Graph] = {}
+        self.graph_type: type[CudaGraph] = CudaGraph
+        self._graphs: dict[int, CudaGraph] = {}
         self._build()
 
     def _build(self) -> None:
@@ -88,8 +128,8 @@ class FusedBackend:
             if not interpreted():
                 raise RuntimeError("the fused backend runs on CUDA; on a CPU only under the Triton interpreter "
                                    "(TRITON_INTERPRET=1 before triton is imported, for tests): use backend='reference'")
-            if self.dtype != "fp32":
-                raise ValueError(f"dtype {self.dtype!r} needs a GPU; the Triton interpreter runs fp32 only")
+            if self.dtype in ("bf16", "tf32"):
+                raise ValueError(f"dtype {self.dtype!r} needs a GPU; the Triton interpreter runs fp32 and fp16 only")
         self.plan = build_plan(self.shadow, DTYPES[self.dtype], device)
         self._graphs.clear()
         self._key = weights_key(self.shadow, self.encoder)
@@ -101,7 +141,7 @@ class FusedBackend:
         x_shadow, _ = self.plan.forward(z, keep=False)
         if self.config.anchor == "shadow":
             if self.dtype in ("bf16", "fp16"):
-                with torch.autocast("cuda", dtype=self.plan.dtype):
+                with torch.autocast(z.device.type, dtype=self.plan.dtype):
                     anchor = self.encoder(x_shadow).float()
             else:
                 enc = _first_param(self.encoder)
@@ -158,7 +198,7 @@ class FusedBackend:
         if self.config.random_start:  # seeded from z's rows as the caller gave them, like the reference
             noise = random_start(torch.zeros_like(z32), z, self.config)
         with torch.no_grad(), _tf32(self.dtype == "tf32"):
-            if self.graphs and z32.is_cuda:
+            if self.graphs and (z32.is_cuda or self.graph_type.eager):
                 z_adv, losses = self._replay(z32, noise)
             else:
                 z_adv, losses = self.protect(z32, noise)
@@ -183,21 +223,14 @@ class FusedBackend:
         graph.z[batch:].copy_(z[:1].expand(size - batch, -1))  # padding rows: copies of a real row
         if noise is not None:
             graph.noise[:batch].copy_(noise)
-        graph.graph.replay()
+            graph.noise[batch:].copy_(noise[:1].expand(size - batch, -1))
+        graph.replay()
         losses = graph.losses[:, :batch].clone() if graph.losses is not None else None
         return graph.out[:batch].clone(), losses
 
     def _capture(self, z: Tensor, noise: Tensor | None) -> None:
-        """Warm up (Triton compilation, cuDNN algorithm choice) on a side stream, then capture."""
-        if len(self._graphs) >= MAX_GRAPHS:
+        if len(self._graphs) >= MAX_GRAPHS:  # the oldest capture goes
             self._graphs.pop(next(iter(self._graphs)))
-        graph = _Graph(z.clone(), None if noise is None else noise.clone())
-        side = torch.cuda.Stream(device=z.device)
-        side.wait_stream(torch.cuda.current_stream(z.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.protect(graph.z, graph.noise)
-        torch.cuda.current_stream(z.device).wait_stream(side)
-        with torch.cuda.graph(graph.graph):
-            graph.out, graph.losses = self.protect(graph.z, graph.noise)
+        graph = self.graph_type(z.clone(), None if noise is None else noise.clone())
+        graph.capture(self.protect)
         self._graphs[z.shape[0]] = graph

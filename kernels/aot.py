@@ -1,0 +1,223 @@
+"""Compile the fused backend's kernels for a CUDA GPU ahead of time, on a machine without one.
+
+Triton's wheel ships ptxas, so every kernel variant the fused backend launches (each dtype,
+each decoder family's head and activations, the gradient matmul's block shapes, the split-K
+and epilogue variants) can be compiled here to a cubin, through the same argument
+specialisation as a real launch, and inspected:
+
+- registers, shared memory, and spills (stack frame): at most MAX_SPILL bytes, the few that
+  ptxas may trade for occupancy; more means the tile does not fit the register file;
+- the gradient matmul's instructions: no tensor-core op in fp32 (IEEE, as the reference),
+  tf32 ops only with dtype "tf32", bf16 / fp16 ops with those dtypes.
+
+    python -m advface_engine.kernels.aot --arch 90 80
+
+Needs compiled Triton, not the interpreter: unset TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import block_size, interpreted
+
+GPU = torch.device("cuda")  # launch configurations are chosen as for this device type
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FAMILIES = ("dcgan", "nbnet", "upconv")
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes per block
+MAX_SPILL = 32  # bytes
+MMA_KINDS = {"tf32": "tf32", "bf16": "bf16", "f16": "fp16"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One kernel specialisation: stand-in arguments (dtype, shape) and launch keywords."""
+
+    name: str
+    module: str  # advface_engine.kernels.<module>
+    kernel: str
+    args: tuple  # ("tensor", dtype name, numel) or a Python scalar
+    kwargs: tuple  # sorted (key, value) pairs: constexprs and num_warps
+
+
+@dataclass
+class Report:
+    name: str
+    arch: int
+    ok: bool
+    error: str = ""
+    registers: int = 0
+    shared: int = 0
+    local: int = 0
+    stack: int = 0
+    num_warps: int = 0
+    mma: list[str] = field(default_factory=list)  # tensor-core input types found in the PTX
+
+
+def _t(dtype: torch.dtype, numel: int = 16) -> tuple:
+    return ("tensor", str(dtype).removeprefix("torch."), numel)
+
+
+def _variant(name: str, module: str, kernel: str, args: list, **kwargs) -> Variant:
+    return Variant(name, module, kernel, tuple(args), tuple(sorted(kwargs.items())))
+
+
+def plan_ops(family: str, feature_dim: int = 512, size: int = 112) -> tuple[str, set[tuple[str, bool]]]:
+    """The head and the (activation, BatchNorm-scale) pairs of a decoder family's plan."""
+    from ..backends.plan import Act, Dense, build_plan
+    from ..models import build_model
+
+    plan = build_plan(build_model(family, feature_dim=feature_dim, size=size).eval())
+    acts = [op for op in plan.ops if isinstance(op, Act)]
+    acts += [act for op in plan.ops if isinstance(op, Dense) for act, _ in op.layers]
+    return plan.head, {(act.kind, act.scale is not None) for act in acts}
+
+
+def variants(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3 * 112 * 112) -> list[Variant]:
+    """Every specialisation the fused backend launches for these decoder families and feature dims."""
+    from .linear_step import MAX_FUSED_DIM
+    from .linear_step import blocks as linear_blocks
+    from .sign_step import blocks as step_blocks
+
+    heads, acts = set(), set()
+    for family in families:
+        head, family_acts = plan_ops(family)
+        heads.add(head)
+        acts |= family_acts
+    out, f32 = [], torch.float32
+    elementwise_block = block_size(per_sample, GPU)
+    for dname, dtype in DTYPES.items():
+        if dname != "tf32":  # same elementwise kernels as fp32
+            for head in sorted(heads):
+                for has_loss in (False, True):
+                    loss = _t(f32) if has_loss else _t(dtype)
+                    out.append(_variant(f"l1_sign {dname} {head}{' +loss' if has_loss else ''}", "l1_sign",
+                                        "_l1_sign_kernel", [_t(dtype), _t(dtype), _t(dtype), loss, per_sample],
+                                        HEAD={"identity": 0, "tanh": 1, "sigmoid": 2}[head], HAS_LOSS=has_loss,
+                                        BLOCK=elementwise_block))
+            for kind, has_scale in sorted(acts):
+                n, channels, inner = 64 * 16 * 56 * 56, 64, 56 * 56
+                out.append(_variant(f"act_backward {dname} {kind}{' +bn' if has_scale else ''}", "act_backward",
+                                    "_act_backward_kernel", [_t(dtype)] * 5 + [n, channels, inner],
+                                    HAS_SLOPE=kind != "relu", HAS_SCALE=has_scale, BLOCK=block_size(n, GPU)))
+        epilogues = [("linf", "ball", True, False), ("linf", "ball", False, False), ("linf", "ball", True, True)]
+        if dname in ("fp32", "bf16"):
+            epilogues += [("l2", "ball", True, False), ("linf", "per_step", True, False)]
+        for dim in (d for d in dims if d <= MAX_FUSED_DIM):  # wider rows: matmul + sign_step
+            for batch in (1024,) if dim != 128 else (1, 1024):  # block_m depends on the batch only at 128
+                block_m, block_k, block_d, warps = linear_blocks(batch, dim)
+                for norm, constraint, normalize, split in epilogues if dim == 512 else epilogues[:1]:
+                    out.append(_variant(
+                        f"linear_step {dname} D={dim} B={batch} {norm} {constraint}"
+                        f"{' normalize' if normalize else ''}{' split-K' if split else ''}",
+                        "linear_step", "_linear_step_kernel",
+                        [_t(dtype), _t(dtype), _t(f32), _t(f32), _t(f32), batch, 8 * dim, dim, 8 * dim, 0.01, 0.03],
+                        L2=norm == "l2", BALL=constraint == "ball", NORMALIZE=normalize, SPLIT=split,
+                        PRECISION="tf32" if dname == "tf32" else "ieee", BLOCK_M=block_m, BLOCK_K=block_k,
+                        BLOCK_D=block_d, num_warps=warps))
+    for dim in dims:
+        block_m, block_d = step_blocks(dim, GPU)
+        for norm in ("linf", "l2"):
+            out.append(_variant(f"sign_step fp32 D={dim} {norm}", "sign_step", "_sign_step_kernel",
+                                [_t(f32)] * 3 + [1024, dim, 0.01, 0.03], L2=norm == "l2", BALL=True, NORMALIZE=True,
+                                BLOCK_M=block_m, BLOCK_D=block_d))
+    return out
+
+
+def _resources(cubin: bytes) -> dict[str, int]:
+    import triton
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    found = dict(re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", text))
+    return {"registers": int(found["REG"]), "shared": int(found["SHARED"]), "local": int(found["LOCAL"]),
+            "stack": int(found["STACK"])}
+
+
+def compile_variant(variant: Variant, arch: int = 90) -> Report:
+    """Compile one variant for sm_<arch> with the JIT's own argument specialisation; never raises."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kwargs = dict(variant.kwargs)
+    try:
+        kernel = getattr(importlib.import_module(f"{__package__}.{variant.module}"), variant.kernel)
+        args = [torch.empty(a[2], dtype=getattr(torch, a[1])) if isinstance(a, tuple) else a for a in variant.args]
+        target = GPUTarget("cuda", arch, 32)
+        backend = make_backend(target)
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
+        mma = sorted({MMA_KINDS[m] for m in re.findall(r"mma\S*\.(tf32|bf16|f16)\b", compiled.asm["ptx"])})
+        return Report(variant.name, arch, True, num_warps=options.num_warps, mma=mma,
+                      **_resources(compiled.asm["cubin"]))
+    except Exception as err:  # a report per variant: one failure must not hide the others
+        return Report(variant.name, arch, False, error=f"{type(err).__name__}: {err}"[:2000])
+
+
+def problems(report: Report) -> list[str]:
+    """What is wrong with a compiled variant (empty when all is well)."""
+    if not report.ok:
+        return [f"does not compile: {report.error}"]
+    found = []
+    if report.local + report.stack > MAX_SPILL:
+        found.append(f"spills {report.local + report.stack} B to local memory (at most {MAX_SPILL})")
+    if report.shared > SHARED_LIMIT.get(report.arch, 99 * 1024):
+        found.append(f"needs {report.shared} B of shared memory")
+    if report.registers * 32 * report.num_warps > 65536:
+        found.append(f"{report.registers} registers x {32 * report.num_warps} threads exceed the register file")
+    if report.name.startswith("linear_step"):
+        dtype = report.name.split()[1]
+        want = [] if dtype == "fp32" else [dtype]
+        if report.mma != want:
+            found.append(f"gradient matmul uses tensor-core inputs {report.mma}, expected {want}")
+    return found
+
+
+def compile_all(arches=(90,), selection: list[Variant] | None = None, workers: int = 2) -> list[Report]:
+    if interpreted():
+        raise RuntimeError("ahead-of-time compilation needs compiled Triton: unset TRITON_INTERPRET")
+    jobs = [(v, arch) for arch in arches for v in (selection or variants())]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(compile_variant, *zip(*jobs, strict=True)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Compile the fused kernels for CUDA archs (no GPU needed).")
+    parser.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities x10 (90: H100/H200)")
+    parser.add_argument("--filter", default="", help="only variants whose name contains this text")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    args = parser.parse_args(argv)
+    selection = [v for v in variants() if args.filter in v.name]
+    reports = compile_all(args.arch, selection, args.workers)
+    if args.json:
+        print(json.dumps([asdict(r) | {"problems": problems(r)} for r in reports]))
+    else:
+        print(f"{'variant':<62}{'sm':>4}{'regs':>6}{'smem':>7}{'spill':>7}  mma    problems")
+        for r in reports:
+            print(f"{r.name:<62}{r.arch:>4}{r.registers:>6}{r.shared:>7}{r.local + r.stack:>7}  "
+                  f"{','.join(r.mma) or '-':<6} {'; '.join(problems(r)) or 'ok'}")
+    return 1 if any(problems(r) for r in reports) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

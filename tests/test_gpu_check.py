@@ -1,0 +1,29 @@
+"""bench/gpu_check.py, the script a session with a lent GPU runs once: a CPU smoke run (interpreter,
+tiny sizes) so that it does not fail for a reason unrelated to the GPU when its time comes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_script_runs_on_cpu(tmp_path):
+    env = os.environ | {"TRITON_INTERPRET": "1"}
+    args = ["--device", "cpu", "--size", "16", "--feature-dim", "16", "--width", "4", "--batches", "2",
+            "--steps", "2", "--encoder", "mobilefacenet", "--reps", "1", "1", "--out", str(tmp_path)]
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = {r["provider"]: r for r in report["results"]}
+    assert rows["reference"]["ms_median"] > 0 and rows["fused-fp32+graph"]["ms_median"] > 0
+    assert "needs a GPU" in rows["fused-bf16"]["error"]  # refused with a reason, not a crash
+    checks = report["checks"]
+    assert checks["fused-fp32"]["within_2alpha_of_reference"] == 1.0
+    assert checks["fused-fp16"]["within_2alpha_of_reference"] >= 0.98
+    assert (tmp_path / "bench_table.txt").read_text().count("\n") >= 8  # header lines + 5 providers

@@ -1,0 +1,99 @@
+"""The fused kernels compiled for real GPUs (sm_90: H100/H200, sm_80: A100) without one.
+
+kernels/aot.py runs Triton's compiler and the ptxas it ships on every variant the fused backend
+launches; these tests run it in a subprocess (the suite itself runs Triton's interpreter) and
+check each cubin: compiles, no register spills, shared memory within the GPU's limit, and the
+gradient matmul's precision (no tensor cores in fp32, tf32 only when asked, bf16/fp16 ops).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from advface_engine.kernels.aot import Report, problems
+
+ARCHES = ("90", "80")
+
+
+def _toolchain_missing() -> str | None:
+    try:
+        import triton
+        from triton.backends.nvidia.compiler import get_ptxas
+    except Exception as err:  # a Triton without its CUDA backend
+        return f"Triton's CUDA backend is not installed ({err})"
+    tools = [get_ptxas(int(a)).path for a in ARCHES] + [triton.knobs.nvidia.cuobjdump.path]
+    missing = [t for t in tools if not t or not Path(t).exists()]
+    return f"missing {missing}" if missing else None
+
+
+pytestmark = pytest.mark.skipif(_toolchain_missing() is not None, reason=str(_toolchain_missing()))
+
+
+def _aot(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp)  # compile for real, never from an earlier cache
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return subprocess.run([sys.executable, "-m", "advface_engine.kernels.aot", "--json", *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory) -> list[dict]:
+    done = _aot(tmp_path_factory.mktemp("triton-cache"), "--arch", *ARCHES)
+    assert done.stdout, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_every_variant_compiles_cleanly_for_h100_and_a100(reports):
+    bad = [f"sm_{r['arch']} {r['name']}: {'; '.join(r['problems'])}" for r in reports if r["problems"]]
+    assert not bad, "\n".join(bad)
+
+
+def test_variants_cover_the_fused_backend(reports):
+    names = {(r["arch"], r["name"].split()[0], r["name"].split()[1]) for r in reports}
+    for arch in map(int, ARCHES):
+        for dtype in ("fp32", "bf16", "fp16"):
+            for kernel in ("l1_sign", "act_backward", "linear_step"):
+                assert (arch, kernel, dtype) in names
+        assert (arch, "linear_step", "tf32") in names and (arch, "sign_step", "fp32") in names
+    acts = {r["name"].split(maxsplit=2)[2] for r in reports if r["name"].startswith("act_backward")}
+    assert {"relu", "relu +bn"} <= acts  # dcgan/upconv ReLU, nbnet's dense layers (BN before ReLU)
+
+
+def test_matmul_precision_follows_the_dtype(reports):
+    """The precision contract, read from the PTX: fp32 is IEEE (no tensor cores), tf32 only when asked."""
+    mma = {r["name"].split()[1]: set(r["mma"]) for r in reports if r["name"].startswith("linear_step")}
+    assert mma == {"fp32": set(), "tf32": {"tf32"}, "bf16": {"bf16"}, "fp16": {"fp16"}}
+
+
+def test_the_check_sees_spills_in_a_real_compile(tmp_path):
+    """A feature row of 2048 does not fit the accumulator: compiled as such it spills, which is why
+    linear_sign_step sends rows wider than MAX_FUSED_DIM through a matmul and the step kernel."""
+    code = (
+        "import json, dataclasses; from advface_engine.kernels import aot\n"
+        "v = [v for v in aot.variants(dims=(1024,)) if v.name.startswith('linear_step bf16 D=1024')][0]\n"
+        "kw = dict(v.kwargs) | {'BLOCK_D': 2048}\n"
+        "r = aot.compile_variant(dataclasses.replace(v, name=v.name, kwargs=tuple(sorted(kw.items()))))\n"
+        "print(json.dumps(aot.problems(r)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    found = json.loads(done.stdout or "null")
+    assert found and "spills" in found[0], done.stderr[-2000:]
+
+
+def test_problems_flags_each_kind_of_fault():
+    ok = dict(name="linear_step bf16 D=512", arch=90, ok=True, registers=128, shared=1024, num_warps=8, mma=["bf16"])
+    assert problems(Report(**ok)) == []
+    assert "compile" in problems(Report(**ok | {"ok": False, "error": "boom"}))[0]
+    assert "spills" in problems(Report(**ok | {"stack": 200}))[0]
+    assert "shared" in problems(Report(**ok | {"shared": 300_000}))[0]
+    assert "register file" in problems(Report(**ok | {"registers": 255, "num_warps": 16}))[0]
+    assert "tensor-core" in problems(Report(**ok | {"mma": ["tf32"]}))[0]
+    assert "tensor-core" in problems(Report(**ok | {"name": "linear_step fp32 D=512", "mma": ["tf32"]}))[0]
