@@ -8,7 +8,8 @@ specialisation as a real launch, and inspected:
 - registers, shared memory, and spills (stack frame): at most MAX_SPILL bytes, the few that
   ptxas may trade for occupancy; more means the tile does not fit the register file;
 - the gradient matmul's instructions: no tensor-core op in fp32 (IEEE, as the reference),
-  tf32 ops only with dtype "tf32", bf16 / fp16 ops with those dtypes.
+  tf32 ops only with dtype "tf32", bf16 / fp16 ops with those dtypes;
+- no atomics in the step kernels, so that z is the same bit for bit on every run.
 
     python -m advface_engine.kernels.aot --arch 90 80
 
@@ -61,6 +62,7 @@ class Report:
     stack: int = 0
     num_warps: int = 0
     mma: list[str] = field(default_factory=list)  # tensor-core input types found in the PTX
+    atomics: bool = False  # atomic or reduction instructions in the PTX
 
 
 def _t(dtype: torch.dtype, numel: int = 16) -> tuple:
@@ -126,10 +128,10 @@ def variants(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3
                         BLOCK_D=block_d, num_warps=warps))
     for dim in dims:
         block_m, block_d = step_blocks(dim, GPU)
-        for norm in ("linf", "l2"):
-            out.append(_variant(f"sign_step fp32 D={dim} {norm}", "sign_step", "_sign_step_kernel",
-                                [_t(f32)] * 3 + [1024, dim, 0.01, 0.03], L2=norm == "l2", BALL=True, NORMALIZE=True,
-                                BLOCK_M=block_m, BLOCK_D=block_d))
+        for norm, parts in (("linf", 1), ("l2", 1), ("linf", 4)):  # 4: adding split-K partial sums
+            out.append(_variant(f"sign_step fp32 D={dim} {norm}{' split-K sum' if parts > 1 else ''}", "sign_step",
+                                "_sign_step_kernel", [_t(f32)] * 3 + [1024, dim, parts, 0.01, 0.03], L2=norm == "l2",
+                                BALL=True, NORMALIZE=True, BLOCK_M=block_m, BLOCK_D=block_d))
     return out
 
 
@@ -167,7 +169,8 @@ def compile_variant(variant: Variant, arch: int = 90) -> Report:
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                                   options=options.__dict__)
         mma = sorted({MMA_KINDS[m] for m in re.findall(r"mma\S*\.(tf32|bf16|f16)\b", compiled.asm["ptx"])})
-        return Report(variant.name, arch, True, num_warps=options.num_warps, mma=mma,
+        atomics = re.search(r"^\s*(@%p\d+\s+)?(atom|red)\.", compiled.asm["ptx"], re.MULTILINE) is not None
+        return Report(variant.name, arch, True, num_warps=options.num_warps, mma=mma, atomics=atomics,
                       **_resources(compiled.asm["cubin"]))
     except Exception as err:  # a report per variant: one failure must not hide the others
         return Report(variant.name, arch, False, error=f"{type(err).__name__}: {err}"[:2000])
@@ -184,6 +187,8 @@ def problems(report: Report) -> list[str]:
         found.append(f"needs {report.shared} B of shared memory")
     if report.registers * 32 * report.num_warps > 65536:
         found.append(f"{report.registers} registers x {32 * report.num_warps} threads exceed the register file")
+    if report.atomics and report.name.split()[0] in ("linear_step", "sign_step"):
+        found.append("atomics in a step kernel: z would depend on the order programs finish")
     if report.name.startswith("linear_step"):
         dtype = report.name.split()[1]
         want = [] if dtype == "fp32" else [dtype]
@@ -212,10 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps([asdict(r) | {"problems": problems(r)} for r in reports]))
     else:
-        print(f"{'variant':<62}{'sm':>4}{'regs':>6}{'smem':>7}{'spill':>7}  mma    problems")
+        print(f"{'variant':<62}{'sm':>4}{'regs':>6}{'smem':>7}{'spill':>7}  mma   atomic  problems")
         for r in reports:
             print(f"{r.name:<62}{r.arch:>4}{r.registers:>6}{r.shared:>7}{r.local + r.stack:>7}  "
-                  f"{','.join(r.mma) or '-':<6} {'; '.join(problems(r)) or 'ok'}")
+                  f"{','.join(r.mma) or '-':<6}{'yes' if r.atomics else '-':<8}{'; '.join(problems(r)) or 'ok'}")
     return 1 if any(problems(r) for r in reports) else 0
 
 

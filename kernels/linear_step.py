@@ -8,8 +8,10 @@ Rows wider than MAX_FUSED_DIM would not fit the accumulator in registers (it spi
 aot.py), so those take a cuBLAS matmul and the standalone step kernel instead.
 
 Small batches leave most of the GPU idle, so the reduction over N is then split over
-``split_k`` programs that add partial sums into a float32 buffer, and the standalone step
-kernel (sign_step.py) finishes: a (B, D) buffer, cheap next to the weight read.
+``split_k`` programs that write their partial sums to a float32 (split_k, B, D) buffer, and the
+standalone step kernel (sign_step.py) adds them in a fixed order and finishes: no atomics, so
+the result does not depend on which program finishes first (a resumed gallery job must
+reproduce an interrupted one bit for bit).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def _linear_step_kernel(gh_ptr, w_ptr, z_ptr, anchor_ptr, partial_ptr, n_rows, k
     mask = row_ok[:, None] & col_ok[None, :]
     offs = rows[:, None] * dim + cols[None, :]
     if SPLIT:
-        tl.atomic_add(partial_ptr + offs, acc, mask=mask)
+        tl.store(partial_ptr + tl.program_id(1).to(tl.int64) * n_rows * dim + offs, acc, mask=mask)
     else:
         z = tl.load(z_ptr + offs, mask=mask, other=0.0)
         anchor = tl.load(anchor_ptr + offs, mask=mask, other=0.0)
@@ -91,7 +93,7 @@ def linear_sign_step(grad_h: torch.Tensor, weight: torch.Tensor, z: torch.Tensor
     split = split_k or pick_split_k(batch, k_dim, block_m, block_k, z.device)
     k_chunk = triton.cdiv(triton.cdiv(k_dim, split), block_k) * block_k
     split = triton.cdiv(k_dim, k_chunk)
-    partial = torch.zeros_like(z) if split > 1 else z
+    partial = z.new_empty((split, batch, dim)) if split > 1 else z
     precision = "tf32" if (tf32 and weight.dtype == torch.float32) else "ieee"
     _linear_step_kernel[(triton.cdiv(batch, block_m), split)](
         grad_h, weight, z, anchor, partial, batch, k_dim, dim, k_chunk, float(alpha), float(eps),

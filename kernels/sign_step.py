@@ -44,14 +44,16 @@ def step_project(z, g, anchor, alpha, eps, L2: tl.constexpr, BALL: tl.constexpr,
 
 
 @triton.jit
-def _sign_step_kernel(z_ptr, g_ptr, anchor_ptr, n_rows, dim, alpha, eps, L2: tl.constexpr, BALL: tl.constexpr,
-                      NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _sign_step_kernel(z_ptr, g_ptr, anchor_ptr, n_rows, dim, n_parts, alpha, eps, L2: tl.constexpr,
+                      BALL: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < n_rows)[:, None] & (cols < dim)[None, :]
     offs = rows[:, None] * dim + cols[None, :]
     z = tl.load(z_ptr + offs, mask=mask, other=0.0)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    for part in range(1, n_parts):  # split-K partial sums, added in a fixed order
+        g += tl.load(g_ptr + part * n_rows * dim + offs, mask=mask, other=0.0).to(tl.float32)
     anchor = tl.load(anchor_ptr + offs, mask=mask, other=0.0)
     z = step_project(z, g, anchor, alpha, eps, L2, BALL, NORMALIZE)
     tl.store(z_ptr + offs, z, mask=mask)
@@ -74,16 +76,19 @@ def blocks(dim: int, device: torch.device) -> tuple[int, int]:
 
 def sign_step_project(z: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor, alpha: float, eps: float,
                       norm: str = "linf", constraint: str = "ball", normalize: bool = False) -> torch.Tensor:
-    """z (B, D) fp32 <- Proj(z + alpha * dir(grad)) in place, then unit-norm rows if ``normalize``; returns z."""
+    """z (B, D) fp32 <- Proj(z + alpha * dir(grad)) in place, then unit-norm rows if ``normalize``; returns z.
+
+    ``grad`` is (B, D), or (P, B, D) partial sums whose total is the gradient (added in order 0..P-1).
+    """
     check_step_args(z, anchor, norm, constraint)
-    if grad.shape != z.shape:
-        raise ValueError(f"grad must have z's shape {tuple(z.shape)}, got {tuple(grad.shape)}")
+    if grad.shape != z.shape and (grad.dim() != 3 or grad.shape[1:] != z.shape or grad.shape[0] < 1):
+        raise ValueError(f"grad must have z's shape {tuple(z.shape)} or (P, *that), got {tuple(grad.shape)}")
     check_device(z, grad, anchor)
     if z.numel() == 0:
         return z
     block_m, block_d = blocks(z.shape[1], z.device)
     _sign_step_kernel[(triton.cdiv(z.shape[0], block_m),)](
-        z, grad.contiguous(), anchor, z.shape[0], z.shape[1], float(alpha), float(eps),
+        z, grad.contiguous(), anchor, z.shape[0], z.shape[1], grad.numel() // z.numel(), float(alpha), float(eps),
         L2=norm == "l2", BALL=constraint == "ball", NORMALIZE=bool(normalize), BLOCK_M=block_m, BLOCK_D=block_d,
     )
     return z

@@ -311,3 +311,15 @@ def test_gpu_split_k_equals_single_pass():
     one = _run(FusedBackend(shadow, encoder, CFG, graphs=False, split_k=1), z)
     four = _run(FusedBackend(shadow, encoder, CFG, graphs=False, split_k=4), z)
     assert agreement(one, four, CFG.alpha) >= 0.999
+
+
+@pytest.mark.gpu
+def test_gpu_runs_are_bit_identical():
+    """No atomics in the step kernels and deterministic cuDNN: a recomputed batch equals the first run."""
+    from advface_engine.gallery.job import deterministic_cudnn
+
+    shadow, encoder = _gpu_models("nbnet")
+    z = features(4).cuda()
+    with deterministic_cudnn():
+        runs = [_run(FusedBackend(shadow, encoder, CFG, graphs=graphs, split_k=5), z) for graphs in (False, True, True)]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[1], runs[2])

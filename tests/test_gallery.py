@@ -186,6 +186,23 @@ def test_rows_do_not_depend_on_batch_size_or_chunking(tmp_path, ckpt):
         np.testing.assert_allclose(out, outs[0], rtol=0, atol=1e-5)
 
 
+def test_job_holds_cudnn_to_deterministic_algorithms_and_restores(tmp_path, ckpt, monkeypatch):
+    """A resumed chunk must reproduce its first run bit for bit, on a GPU too."""
+    np.save(tmp_path / "in.npy", gallery_rows())
+    seen, protect = [], job_module.ChunkJob.protect
+
+    def spy(self, *args, **kwargs):
+        seen.append((torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark))
+        return protect(self, *args, **kwargs)
+
+    monkeypatch.setattr(job_module.ChunkJob, "protect", spy)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt)
+    assert seen and set(seen) == {(True, False)}
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (False, True)
+
+
 def with_bad_rows(tmp_path, bad=(3, 70, 149)):
     rows, ids = gallery_rows(), np.arange(ROWS, dtype=np.int64) + 1000
     rows[bad[0], 2], rows[bad[1], 0], rows[bad[2], 5] = np.nan, np.inf, -np.inf

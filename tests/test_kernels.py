@@ -158,6 +158,18 @@ def test_sign_step_equals_reference_ops(norm, constraint, normalize):
         assert (dist <= cfg.eps * (1 + 1e-6)).all(), dist
 
 
+def test_sign_step_adds_partial_sums_in_order():
+    """(P, B, D) partials (split-K): the step of their total, summed 0..P-1 as the kernel does."""
+    z, anchor, gen = _step_case(6, 37, 8)
+    parts = torch.randn(3, 6, 37, generator=gen)
+    cfg = ProtectConfig(eps=0.05, alpha=0.02, norm="l2")
+    want = _reference_step(z, parts[0] + parts[1] + parts[2], anchor, cfg, True)
+    got = sign_step_project(z.clone(), parts, anchor, cfg.alpha, cfg.eps, "l2", "ball", True)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    with pytest.raises(ValueError, match="shape"):
+        sign_step_project(z.clone(), parts[:, :5], anchor, cfg.alpha, cfg.eps)
+
+
 @pytest.mark.parametrize("norm,constraint,normalize", STEP_CASES)
 @pytest.mark.parametrize("batch,split_k", [(5, 1), (5, 3), (40, 1), (40, 4)])
 def test_linear_step_equals_matmul_then_step(norm, constraint, normalize, batch, split_k):

@@ -66,6 +66,14 @@ def test_variants_cover_the_fused_backend(reports):
     assert {"relu", "relu +bn"} <= acts  # dcgan/upconv ReLU, nbnet's dense layers (BN before ReLU)
 
 
+def test_step_kernels_use_no_atomics(reports):
+    """Split-K partial sums are added in a fixed order, so z is the same bit for bit on every run;
+    the detector itself is live: the L1 loss monitor's atomic add is found."""
+    assert all(r["atomics"] for r in reports if r["name"].endswith("+loss"))
+    assert not [r["name"] for r in reports if r["atomics"] and not r["name"].endswith("+loss")]
+    assert any("split-K sum" in r["name"] for r in reports)
+
+
 def test_matmul_precision_follows_the_dtype(reports):
     """The precision contract, read from the PTX: fp32 is IEEE (no tensor cores), tf32 only when asked."""
     mma = {r["name"].split()[1]: set(r["mma"]) for r in reports if r["name"].startswith("linear_step")}
@@ -96,4 +104,5 @@ def test_problems_flags_each_kind_of_fault():
     assert "shared" in problems(Report(**ok | {"shared": 300_000}))[0]
     assert "register file" in problems(Report(**ok | {"registers": 255, "num_warps": 16}))[0]
     assert "tensor-core" in problems(Report(**ok | {"mma": ["tf32"]}))[0]
+    assert "atomics" in problems(Report(**ok | {"atomics": True}))[0]
     assert "tensor-core" in problems(Report(**ok | {"name": "linear_step fp32 D=512", "mma": ["tf32"]}))[0]

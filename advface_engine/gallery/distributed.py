@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable, Iterator
 
 import numpy as np
+import torch
 
 from .job import ChunkJob, JobSpec
 
@@ -57,6 +58,8 @@ class ChunkWorker:
     """A Ray Data actor: one Protector and the open gallery; turns chunk numbers into part files and records."""
 
     def __init__(self, spec: JobSpec, fail: bool):
+        # as deterministic_cudnn() does for a local job; the actor's process does only this job
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         self.job, self.fail = ChunkJob(spec), fail
 
     def __call__(self, batch: dict) -> dict:

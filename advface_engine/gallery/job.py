@@ -8,9 +8,12 @@ target format, in a temporary file renamed onto ``output``; then the job folder 
 
 A rerun of the same command checks the recorded parts against their checksums, skips them and
 computes the rest with the same chunk and batch layout, so its output is byte-identical to an
-uninterrupted run. The manifest holds a fingerprint of the input (size and a hash of its header
-and sampled blocks), the models (checksums of the checkpoint files), the config, the engine and
-the layout; a rerun whose fingerprint differs is refused. If the input's size or mtime changed
+uninterrupted run. On a GPU that needs deterministic kernels: cuDNN is held to its deterministic
+algorithms for the job (``deterministic_cudnn``; the fused kernels use no atomics).
+
+The manifest holds a fingerprint of the input (size and a hash of its header and sampled blocks),
+the models (checksums of the checkpoint files), the config, the engine and the layout; a rerun
+whose fingerprint differs is refused. If the input's size or mtime changed
 since the job began, every chunk's input checksum is checked again before the output is written.
 
 Rows with NaN or Inf follow ``on_bad_rows``: "fail" stops with an error naming them, "skip" drops
@@ -108,6 +111,21 @@ def model_checksum(model: str | os.PathLike | nn.Module) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def deterministic_cudnn():
+    """cuDNN restricted to deterministic algorithms, chosen by heuristics (not timed), restored after.
+
+    Some backward-data algorithms add with atomics, so a chunk recomputed after a crash could
+    differ from the first run in the last bits; the same shapes must always give the same bytes.
+    """
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
 def _load(model: str | os.PathLike | nn.Module, device: torch.device) -> nn.Module:
@@ -520,6 +538,7 @@ def protect_gallery(
         spec = JobSpec(str(src), shadow, encoder, config if config is not None else ProtectConfig(),
                        str(work / "parts"), batch_size, chunk_rows, backend, device, embedding_key, id_key)
         with contextlib.ExitStack() as stack:
+            stack.enter_context(deterministic_cudnn())
             ray = None
             if engine == "ray":
                 from .distributed import ray_session
