@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_models
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import advface_engine as afe
 import advface_engine.backends as backends
@@ -235,6 +236,45 @@ def test_graph_sizes_padding_noise_and_eviction(monkeypatch, models):
         shadow[0].weight.mul_(-1.0)
     both(z[:2])  # new weights: plan rebuilt, captures dropped
     assert list(graphed._graphs) == [2]
+
+
+# ops that wait for the GPU (a value or a data-dependent shape on the host): they break capture
+SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "allclose", "unique",
+               "_unique2", "unique_consecutive", "repeat_interleave"}
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records every op that would make the host wait for a CUDA device, whatever the device here."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in SYNCING_OPS:
+            self.found.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", ["dcgan", "nbnet", "upconv"])
+def test_captured_loop_never_waits_for_the_host(family, models):
+    """What a CUDA graph captures (targets, anchor, every step, loss record) has no host sync, on
+    either backend's loop; the detector is live: it sees an .item()."""
+    shadow, encoder = shadow_variant(family), models[1]
+    z = features(4)
+    fused = FusedBackend(shadow, encoder, CFG, record_loss=True)
+    with frozen(shadow, encoder), torch.no_grad():
+        fused.protect(z, None)  # first run outside: plan caches, as the warm-up before a capture
+        with HostSyncs() as syncs:
+            fused.protect(z, torch.zeros_like(z))
+            fused.protect(z, None)
+        assert syncs.found == []
+    with frozen(shadow, encoder), HostSyncs() as syncs:
+        ReferenceBackend(shadow, encoder, CFG).run(z)
+    assert syncs.found == []
+    with HostSyncs() as syncs:
+        z.sum().item()
+    assert syncs.found == ["_local_scalar_dense"]
 
 
 def test_clear_errors_on_cpu(monkeypatch, models):
