@@ -116,6 +116,45 @@ def test_fp16_decoder_stays_close_to_the_fp32_reference(variant):
     assert (want - afe.protect(z, shadow, encoder, CFG.replace(steps=0))).abs().max() > CFG.alpha
 
 
+def _formula_kernels(monkeypatch, dtypes=("fp32", "fp16", "bf16")) -> None:
+    """The fused backend with the kernels swapped for their PyTorch formulas (kernel_formulas.py)."""
+    import kernel_formulas
+
+    import advface_engine.backends.plan as plan_module
+
+    for name in ("l1_sign_backward", "sign_step_project", "linear_sign_step"):
+        monkeypatch.setattr(fused_module, name, getattr(kernel_formulas, name))
+    monkeypatch.setattr(plan_module, "act_backward", kernel_formulas.act_backward)
+    monkeypatch.setattr(fused_module, "CPU_DTYPES", dtypes)
+
+
+def test_formula_kernels_equal_the_triton_kernels(monkeypatch):
+    """The stand-ins are faithful: in fp16, where the interpreter is right, both give the same z."""
+    shadow, encoder = shadow_variant("nbnet", act="prelu"), tiny_models()[1]
+    z = features(32)
+    kernels = _run(FusedBackend(shadow, encoder, CFG, dtype="fp16"), z)
+    _formula_kernels(monkeypatch)
+    formulas = _run(FusedBackend(shadow, encoder, CFG, dtype="fp16"), z)
+    assert agreement(kernels, formulas, CFG.alpha) >= 0.999
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_bf16_decoder_stays_close_to_the_fp32_reference(variant, monkeypatch):
+    """Everything around the kernels in bfloat16 (plan, convolutions, autocast encoder, fp32 z and
+    steps), with the kernels' formulas; bf16's 8-bit mantissa flips more signs than fp16's 11:
+    measured 97.2-99.5 % of entries within 2 alpha at B=64. The bf16 kernels themselves are
+    compiled and checked by test_kernels_aot.py; their numbers need a GPU (test_gpu_*)."""
+    _formula_kernels(monkeypatch)
+    shadow, encoder = shadow_variant(variant[0], **variant[1]), tiny_models()[1]
+    z = features(32)
+    backend = FusedBackend(shadow, encoder, CFG, dtype="bf16")
+    assert backend.plan.dtype == torch.bfloat16
+    got = _run(backend, z)
+    want = afe.protect(z, shadow, encoder, CFG, backend="reference")
+    assert got.dtype == torch.float32
+    assert agreement(got, want, CFG.alpha) >= 0.95, agreement(got, want, CFG.alpha)
+
+
 CONFIGS = [
     dict(norm="l2", eps=0.2, alpha=0.08),
     dict(constraint="per_step"),
@@ -327,7 +366,8 @@ def test_gpu_reduced_precision_close_to_reference(dtype):
     z = features(64).cuda()
     got = _run(FusedBackend(shadow, encoder, CFG, dtype=dtype), z)
     assert got.dtype == torch.float32
-    assert agreement(got, _reference_fp32(shadow, encoder, z), CFG.alpha) >= 0.9
+    # calibrated on the CPU with the same tiny models (fp16 99.1-99.8 %, bf16 97.2-99.5 %)
+    assert agreement(got, _reference_fp32(shadow, encoder, z), CFG.alpha) >= (0.95 if dtype == "bf16" else 0.98)
 
 
 @pytest.mark.gpu

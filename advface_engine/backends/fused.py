@@ -28,6 +28,7 @@ from .reference import random_start
 
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_GRAPHS = 8
+CPU_DTYPES = ("fp32", "fp16")  # what Triton's interpreter computes correctly (it has no bfloat16)
 
 
 def _first_param(module: nn.Module) -> Tensor | None:
@@ -128,7 +129,7 @@ class FusedBackend:
             if not interpreted():
                 raise RuntimeError("the fused backend runs on CUDA; on a CPU only under the Triton interpreter "
                                    "(TRITON_INTERPRET=1 before triton is imported, for tests): use backend='reference'")
-            if self.dtype in ("bf16", "tf32"):
+            if self.dtype not in CPU_DTYPES:
                 raise ValueError(f"dtype {self.dtype!r} needs a GPU; the Triton interpreter runs fp32 and fp16 only")
         self.plan = build_plan(self.shadow, DTYPES[self.dtype], device)
         self._graphs.clear()
