@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_formulas import HEAD_SLOPES
 from torch import nn
 
 from advface_engine.backends.reference import project, step_direction
@@ -21,7 +22,6 @@ from advface_engine.kernels.sign_step import sign_step_project
 TOL = {torch.float32: dict(rtol=1.3e-6, atol=1e-6),  # fp32 arithmetic inside every kernel, so a float16
        torch.float16: dict(rtol=1e-3, atol=1e-3)}    # result is at most one rounding (1 ulp) away
 HEADS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda a: a}
-HEAD_SLOPES = {"tanh": lambda y: 1 - y * y, "sigmoid": lambda y: y * (1 - y), "identity": torch.ones_like}
 ACTS = {"relu": lambda c: nn.ReLU(), "leaky_relu": lambda c: nn.LeakyReLU(0.2), "prelu": lambda c: nn.PReLU(c)}
 SHAPES = [(3, 5, 7, 7), (4, 6), (2, 3, 77, 77)]  # the last one spans two blocks per sample
 
