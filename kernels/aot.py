@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -135,6 +136,25 @@ def variants(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3
     return out
 
 
+def unavailable() -> str | None:
+    """Why ahead-of-time compilation cannot run here (None when it can): it needs Triton's CUDA
+    backend with its ptxas and cuobjdump, and the launcher internals it reuses (Triton 3.4+)."""
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import get_ptxas
+        from triton.compiler import ASTSource, make_backend  # noqa: F401
+        from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: F401
+
+        tools = [get_ptxas(80).path, get_ptxas(90).path, triton.knobs.nvidia.cuobjdump.path]
+    except Exception as err:
+        return f"this Triton cannot compile for CUDA here ({type(err).__name__}: {err})"
+    if not hasattr(JITFunction, "_pack_args"):
+        return f"Triton {triton.__version__} lacks the launcher internals this check reuses"
+    missing = [t for t in tools if not t or not os.path.exists(t)]
+    return f"missing CUDA tools: {missing}" if missing else None
+
+
 def _resources(cubin: bytes) -> dict[str, int]:
     import triton
 
@@ -212,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     args = parser.parse_args(argv)
+    if (why := unavailable()) is not None:
+        print(f"cannot compile ahead of time: {why}", file=sys.stderr)
+        return 2
     selection = [v for v in variants() if args.filter in v.name]
     reports = compile_all(args.arch, selection, args.workers)
     if args.json:

@@ -16,23 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from advface_engine.kernels.aot import Report, problems
+from advface_engine.kernels.aot import Report, problems, unavailable
 
 ARCHES = ("90", "80")
 
 
-def _toolchain_missing() -> str | None:
-    try:
-        import triton
-        from triton.backends.nvidia.compiler import get_ptxas
-    except Exception as err:  # a Triton without its CUDA backend
-        return f"Triton's CUDA backend is not installed ({err})"
-    tools = [get_ptxas(int(a)).path for a in ARCHES] + [triton.knobs.nvidia.cuobjdump.path]
-    missing = [t for t in tools if not t or not Path(t).exists()]
-    return f"missing {missing}" if missing else None
-
-
-pytestmark = pytest.mark.skipif(_toolchain_missing() is not None, reason=str(_toolchain_missing()))
+pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
 
 
 def _aot(tmp: Path, *args: str) -> subprocess.CompletedProcess:
