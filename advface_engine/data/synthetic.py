@@ -52,13 +52,14 @@ def _templates(a: np.ndarray, expression: np.ndarray, size: int) -> Tensor:
         return torch.as_tensor(np.asarray(x, dtype=np.float32)).view(-1, 1, 1)
 
     lin = torch.linspace(-1, 1, size)
-    v, u = torch.meshgrid(lin, lin, indexing="ij")
+    u, v = lin.view(1, 1, -1), lin.view(1, -1, 1)  # x along columns, y along rows
     soft = 2.0 / size
 
     def ellipse(cx, cy, rx, ry):
         rx, ry = torch.as_tensor(rx).clamp_min(soft), torch.as_tensor(ry).clamp_min(soft)
-        d = (((u - cx) / rx) ** 2 + ((v - cy) / ry) ** 2).sqrt()
-        return torch.sigmoid((1 - d) * torch.minimum(rx, ry) / soft)
+        # separable: the x term per column and the y term per row, one (M, H, W) pass to add them
+        d = (((u - cx) / rx) ** 2 + ((v - cy) / ry) ** 2).sqrt_()
+        return d.neg_().add_(1).mul_(torch.minimum(rx, ry)).div_(soft).sigmoid_()
 
     def paint(img, mask, rgb):
         rgb = torch.as_tensor(np.asarray(rgb, dtype=np.float32)).view(-1, 3, 1, 1)
