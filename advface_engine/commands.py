@@ -73,8 +73,8 @@ def cmd_train_shadow(args: argparse.Namespace) -> int:
         dim = encoder(images[:1].to(args.device)).shape[1]
     decoder = build_model(args.arch, feature_dim=dim, size=size, width=args.width).to(args.device)
     history = train_decoder(decoder, encoder, images, args.epochs, args.batch_size, args.lr, not args.no_normalize,
-                            args.seed, args.checkpoint, args.output)
-    print(f"trained {args.arch} decoder on {len(images)} faces: final L1 {history[-1]:.4f} -> {args.output}")
+                            args.seed, args.checkpoint, args.output, identity_weight=args.identity_weight)
+    print(f"trained {args.arch} decoder on {len(images)} faces: final loss {history[-1]:.4f} -> {args.output}")
     return 0
 
 
@@ -116,6 +116,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--size", type=int, help="image size (default: the encoder's input size)")
     p.add_argument("--no-normalize", action="store_true", help="train on raw, not unit-norm, features")
+    p.add_argument("--identity-weight", type=float, default=0.0,
+                   help="add W * (1 - cos(E(S(z)), z)) to Eq. 1 so the anchor E(S(z)) stays near z "
+                        "(default 0: Eq. 1 alone; 1.0 kept 2 points more offline accuracy in the evaluation)")
     add_image_args(p)
     add_train_args(p, epochs=8, lr=2e-3, batch_size=64)
     p.set_defaults(func=cmd_train_shadow)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .models.io import save_model
+from .protect import frozen
 
 
 @torch.no_grad()
@@ -96,26 +97,37 @@ def _fit(modules: dict[str, nn.Module], loss_fn: Callable[[Tensor, torch.Generat
 
 def train_decoder(decoder: nn.Module, encoder: nn.Module, images: Tensor, epochs: int = 10, batch_size: int = 64,
                   lr: float = 2e-3, normalize: bool = True, seed: int = 0, checkpoint: str | os.PathLike | None = None,
-                  output: str | os.PathLike | None = None, progress: bool = True) -> list[float]:
+                  output: str | os.PathLike | None = None, progress: bool = True,
+                  identity_weight: float = 0.0) -> list[float]:
     """Train ``decoder`` to invert ``encoder``: min sum_i ||x_i - D(E(x_i))||_1 (Eq. 1; mean per pixel).
 
-    Used for the server's shadow model S and for attacker networks R. ``checkpoint`` makes the
-    run resumable; ``output`` receives the final weights as a safetensors model file.
-    Returns the per-epoch mean L1 loss.
+    Used for the server's shadow model S and for attacker networks R. ``identity_weight`` w > 0
+    adds w * (1 - cos(E(D(z)), z)) through the frozen encoder (the server owns E): a shadow whose
+    images E recognises as the same person, so that the anchor E(S(z)) of Eq. 5 stays close to z
+    (README, Evaluation); w = 0 is Eq. 1 as the poster writes it. ``checkpoint`` makes the run
+    resumable; ``output`` receives the final weights as a safetensors model file.
+    Returns the per-epoch mean loss (the L1 term, plus the identity term when weighted).
     """
+    if identity_weight < 0:
+        raise ValueError(f"identity_weight must be >= 0, got {identity_weight}")
     torch.manual_seed(seed)
     device = next(decoder.parameters()).device
     z = encode(encoder, images, normalize=normalize, device=next(encoder.parameters()).device).to(device)
     x = images.to(device)
 
     def loss_fn(idx: Tensor, gen: torch.Generator) -> Tensor:
-        return (decoder(z[idx]) - x[idx]).abs().mean()
+        y = decoder(z[idx])
+        loss = (y - x[idx]).abs().mean()
+        if identity_weight:
+            loss = loss + identity_weight * (1 - F.cosine_similarity(encoder(y), z[idx]).mean())
+        return loss
 
-    history = _fit({"decoder": decoder}, loss_fn, len(x), epochs, batch_size, lr, seed, checkpoint, "train decoder",
-                   progress)
+    with frozen(encoder):
+        history = _fit({"decoder": decoder}, loss_fn, len(x), epochs, batch_size, lr, seed, checkpoint,
+                       "train decoder", progress)
     if output is not None:
-        save_model(decoder, output, extra={"trained_for": "decoder", "epochs": epochs, "l1": history[-1],
-                                           "normalize": normalize})
+        save_model(decoder, output, extra={"trained_for": "decoder", "epochs": epochs, "loss": history[-1],
+                                           "normalize": normalize, "identity_weight": identity_weight})
     return history
 
 

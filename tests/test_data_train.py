@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import advface_engine as afe
 from advface_engine.data import images_from_array, load_image_folder, render, synthetic_faces
@@ -67,6 +68,27 @@ def test_training_lowers_losses():
     assert enc_hist[-1] < enc_hist[0]
     assert dec_hist[-1] < dec_hist[0]
     assert not dec.training and not enc.training
+
+
+def test_identity_term_brings_the_anchor_closer_and_leaves_the_encoder_alone():
+    """identity_weight > 0: E(S(z)) nearer z than with Eq. 1 alone; E neither trained nor left frozen."""
+    enc, dec, x, _ = _tiny()  # a random encoder: its features are spread (a tiny trained one collapses)
+    enc.train()  # the caller's mode and flags must come back as they were
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    plain = afe.build_model("dcgan", feature_dim=16, size=16, width=4)
+    plain.load_state_dict(dec.state_dict())
+    train_decoder(plain, enc, x, epochs=4, batch_size=16, progress=False)
+    hist = train_decoder(dec, enc, x, epochs=4, batch_size=16, progress=False, identity_weight=1.0)
+    assert enc.training and all(p.requires_grad for p in enc.parameters())
+    assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())
+    assert hist[-1] < hist[0]
+    with torch.no_grad():
+        z = F.normalize(enc.eval()(x), dim=1)
+        cos = {name: F.cosine_similarity(F.normalize(enc(d(z)), dim=1), z).mean().item()
+               for name, d in (("plain", plain), ("identity", dec))}
+    assert cos["identity"] > cos["plain"], cos
+    with pytest.raises(ValueError, match="identity_weight"):
+        train_decoder(dec, enc, x, epochs=1, identity_weight=-1.0, progress=False)
 
 
 def test_training_resume_equals_uninterrupted(tmp_path):

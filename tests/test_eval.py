@@ -246,6 +246,30 @@ def test_eval_settings_from_json_file_and_flags(tmp_path):
     assert default.scale == "small" and default.config() == ProtectConfig()
 
 
+def test_shadow_identity_weight_reaches_shadows_only(monkeypatch):
+    """--shadow-identity-weight trains the server's shadows with the identity term; attackers keep Eq. 1."""
+    from advface_engine.cli import build_parser
+    from advface_engine.evaluation import benchmark
+    from advface_engine.evaluation.cli import settings_from_args
+
+    settings = settings_from_args(build_parser().parse_args(["eval", "--scale", "tiny",
+                                                             "--shadow-identity-weight", "1.5"]))
+    assert settings.shadow_identity_weight == 1.5
+    weights = {}
+
+    def record(*args, identity_weight, seed, **kwargs):
+        weights[seed] = identity_weight
+        return [0.0]
+
+    monkeypatch.setattr(benchmark, "train_decoder", record)
+    run = benchmark.Run.__new__(benchmark.Run)
+    run.s, run.progress, run.device, run.encoder = settings, False, torch.device("cpu"), None
+    run.timings, run.training = {}, {}
+    run._decoder("dcgan", "shadow", torch.zeros(1, 3, 32, 32))
+    run._decoder("dcgan", "attacker", torch.zeros(1, 3, 32, 32))
+    assert weights == {settings.seed + 1: 1.5, settings.seed + 2: 0.0}
+
+
 def test_eval_rejects_bad_settings(tmp_path):
     from advface_engine.evaluation.benchmark import load_settings, settings_for
 

@@ -56,6 +56,7 @@ class EvalSettings:
     gallery_per_identity: int = 10
     pairs_per_fold: int = 300
     shadow: str = "dcgan"
+    shadow_identity_weight: float = 0.0  # train_decoder's identity term for the shadows (0: Eq. 1 alone)
     families: tuple[str, ...] = ("dcgan", "nbnet", "upconv")
     protect: dict = field(default_factory=dict)
     sweep_eps: tuple[float, ...] = (0.01, 0.02, 0.03, 0.05, 0.08, 0.1)
@@ -192,10 +193,11 @@ class Run:
         seed = s.seed + (1 if role == "shadow" else 2)
         torch.manual_seed(seed)
         decoder = build_model(family, feature_dim=s.feature_dim, size=s.size, width=s.decoder_width).to(self.device)
+        weight = s.shadow_identity_weight if role == "shadow" else 0.0  # attackers: Eq. 1, as the threat model
         history = self._timed(f"train {role} {family}", lambda: train_decoder(
             decoder, self.encoder, images, epochs=s.decoder_epochs, seed=seed, normalize=True,
-            progress=self.progress, **self._batch()))
-        self.training[f"{role} {family} l1"] = history[-1]
+            progress=self.progress, identity_weight=weight, **self._batch()))
+        self.training[f"{role} {family} loss"] = history[-1]
         return decoder.eval()
 
     def protect(self, config: ProtectConfig, shadow: str | None = None, batch_size: int = 1024) -> Tensor:

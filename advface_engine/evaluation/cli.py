@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", choices=("tiny", "small", "large"),
                    help="preset: tiny (seconds), small (default: 32x32, dim 128, minutes on a CPU), large (GPU)")
     p.add_argument("--shadow", help="shadow decoder family (default dcgan)")
+    p.add_argument("--shadow-identity-weight", type=float,
+                   help="identity term in the shadows' training (train-shadow --identity-weight; default 0)")
     p.add_argument("--families", type=_names, help="decoder families for attackers and the transfer matrix")
     p.add_argument("--sweep-eps", type=_floats, help="comma-separated eps values of the privacy/utility curve")
     p.add_argument("--sweep-steps", type=_ints, help="comma-separated step counts swept as well")
@@ -53,7 +55,8 @@ def settings_from_args(args: argparse.Namespace):
     from .benchmark import load_settings, settings_for
 
     overrides = {name: getattr(args, name) for name in (
-        "shadow", "families", "sweep_eps", "sweep_steps", "flip", "backend", "device", "bin", "folder", "pairs",
+        "shadow", "shadow_identity_weight", "families", "sweep_eps", "sweep_steps", "flip", "backend", "device",
+        "bin", "folder", "pairs",
         "encoder_checkpoint", "shadow_checkpoint")}
     overrides["seed"] = args.eval_seed
     protect = {f.name: getattr(args, f.name) for f in dataclasses.fields(ProtectConfig)
