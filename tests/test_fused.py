@@ -327,7 +327,7 @@ def test_clear_errors_on_cpu(monkeypatch, models):
     with pytest.raises(ValueError, match="dtype"):
         FusedBackend(shadow, encoder, CFG, dtype="int8")
     monkeypatch.setattr(fused_module, "interpreted", lambda: False)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+    with pytest.raises(ValueError, match="CUDA GPU and the shadow is on cpu"):
         FusedBackend(shadow, encoder, CFG)
 
 

@@ -127,8 +127,9 @@ class FusedBackend:
         device = like.device if like is not None else torch.device("cpu")
         if device.type != "cuda":
             if not interpreted():
-                raise RuntimeError("the fused backend runs on CUDA; on a CPU only under the Triton interpreter "
-                                   "(TRITON_INTERPRET=1 before triton is imported, for tests): use backend='reference'")
+                raise ValueError(f"the fused backend runs on a CUDA GPU and the shadow is on {device}: use a CUDA "
+                                 "device, or backend 'reference' ('auto' picks it off the GPU); on a CPU the kernels "
+                                 "run only under Triton's interpreter (TRITON_INTERPRET=1, for tests)")
             if self.dtype not in CPU_DTYPES:
                 raise ValueError(f"dtype {self.dtype!r} needs a GPU; the Triton interpreter runs fp32 and fp16 only")
         self.plan = build_plan(self.shadow, DTYPES[self.dtype], device)
