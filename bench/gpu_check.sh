@@ -15,9 +15,9 @@ export PYTHONUNBUFFERED=1
 # the kernels folder is installed as advface_engine.kernels: install the package if it is not
 python -c "import advface_engine.kernels.l1_sign" 2>/dev/null \
   || python -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/env.txt" 2>&1
-timeout 120 python -m pytest -m gpu -q -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1
+timeout 150 python -m pytest -m gpu -q -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1
 echo "pytest exit code $?" >> "$OUT/pytest_gpu.txt"
-timeout 230 python bench/gpu_check.py --out "$OUT" --budget 180 > "$OUT/bench_log.txt" 2>&1
+timeout 200 python bench/gpu_check.py --out "$OUT" --budget 150 > "$OUT/bench_log.txt" 2>&1
 echo "benchmark exit code $?" >> "$OUT/bench_log.txt"
 tail -n 15 "$OUT/pytest_gpu.txt"
 tail -n 20 "$OUT/bench_log.txt"

@@ -143,7 +143,7 @@ class FusedBackend:
         x_shadow, _ = self.plan.forward(z, keep=False)
         if self.config.anchor == "shadow":
             if self.dtype in ("bf16", "fp16"):
-                with torch.autocast(z.device.type, dtype=self.plan.dtype):
+                with torch.autocast(z.device.type, dtype=self.plan.dtype, cache_enabled=False):  # graph-safe
                     anchor = self.encoder(x_shadow).float()
             else:
                 enc = _first_param(self.encoder)
