@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     args = parser.parse_args(argv)
-    if (why := unavailable()) is not None:
+    why = unavailable() or ("TRITON_INTERPRET is set: this check needs compiled Triton" if interpreted() else None)
+    if why is not None:
         print(f"cannot compile ahead of time: {why}", file=sys.stderr)
         return 2
     selection = [v for v in variants() if args.filter in v.name]
