@@ -11,7 +11,7 @@ specialisation as a real launch, and inspected:
   tf32 ops only with dtype "tf32", bf16 / fp16 ops with those dtypes;
 - no atomics in the step kernels, so that z is the same bit for bit on every run.
 
-    python -m advface_engine.kernels.aot --arch 90 80
+    advface check-kernels --arch 90 80      (or python -m advface_engine.kernels.aot)
 
 Needs compiled Triton, not the interpreter: unset TRITON_INTERPRET.
 """
@@ -225,13 +225,15 @@ def compile_all(arches=(90,), selection: list[Variant] | None = None, workers: i
         return list(pool.map(compile_variant, *zip(*jobs, strict=True)))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Compile the fused kernels for CUDA archs (no GPU needed).")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities x10 (90: H100/H200)")
     parser.add_argument("--filter", default="", help="only variants whose name contains this text")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compile and check; exit status 1 when a variant has a problem, 2 when nothing can be compiled here."""
     why = unavailable() or ("TRITON_INTERPRET is set: this check needs compiled Triton" if interpreted() else None)
     if why is not None:
         print(f"cannot compile ahead of time: {why}", file=sys.stderr)
@@ -246,6 +248,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r.name:<62}{r.arch:>4}{r.registers:>6}{r.shared:>7}{r.local + r.stack:>7}  "
                   f"{','.join(r.mma) or '-':<6}{'yes' if r.atomics else '-':<8}{'; '.join(problems(r)) or 'ok'}")
     return 1 if any(problems(r) for r in reports) else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check-kernels", help="compile the fused kernels for CUDA GPUs and check them (no GPU needed)")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Compile the fused kernels for CUDA archs (no GPU needed).")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

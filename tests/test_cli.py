@@ -73,3 +73,10 @@ def test_demo_end_to_end(tmp_path, capsys):
 
     with Image.open(tmp_path / "grid.png") as im:
         assert im.width == 3 * 32 * 3 and im.height > 0
+
+
+def test_check_kernels_refuses_the_interpreter_clearly(monkeypatch, capsys):
+    """advface check-kernels compiles for real GPUs; under TRITON_INTERPRET it says so and exits 2."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert main(["check-kernels", "--arch", "90"]) == 2
+    assert "TRITON_INTERPRET" in capsys.readouterr().err
