@@ -86,12 +86,14 @@ def plan_ops(family: str, feature_dim: int = 512, size: int = 112) -> tuple[str,
 
 
 def variants(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3 * 112 * 112) -> list[Variant]:
-    """Every specialisation the fused backend launches for these decoder families and feature dims."""
+    """Every specialisation the fused backend launches for these decoder families and feature dims
+    (and every output head: tanh is the families' default, sigmoid and identity are options)."""
+    from .l1_sign import HEADS
     from .linear_step import MAX_FUSED_DIM
     from .linear_step import blocks as linear_blocks
     from .sign_step import blocks as step_blocks
 
-    heads, acts = set(), set()
+    heads, acts = set(HEADS), set()
     for family in families:
         head, family_acts = plan_ops(family)
         heads.add(head)
@@ -105,7 +107,7 @@ def variants(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3
                     loss = _t(f32) if has_loss else _t(dtype)
                     out.append(_variant(f"l1_sign {dname} {head}{' +loss' if has_loss else ''}", "l1_sign",
                                         "_l1_sign_kernel", [_t(dtype), _t(dtype), _t(dtype), loss, per_sample],
-                                        HEAD={"identity": 0, "tanh": 1, "sigmoid": 2}[head], HAS_LOSS=has_loss,
+                                        HEAD=HEADS[head], HAS_LOSS=has_loss,
                                         BLOCK=elementwise_block))
             for kind, has_scale in sorted(acts):
                 n, channels, inner = 64 * 16 * 56 * 56, 64, 56 * 56
