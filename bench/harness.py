@@ -45,8 +45,9 @@ def make_protector(name: str, shadow: nn.Module, encoder: nn.Module, config: Pro
             import advface_engine.backends.fused  # noqa: F401
         except ImportError as err:
             pytest.skip(f"the fused backend is not importable: {err}")
+        dtype = "bf16" if "-bf16" in name else "fp32"  # fused[-bf16][+graph]
         return Protector(shadow=shadow, encoder=encoder, config=config, backend="fused",
-                         backend_options={"graphs": name == "fused+graph"})
+                         backend_options={"graphs": name.endswith("+graph"), "dtype": dtype})
     if name not in ("reference", "compiled"):
         raise ValueError(f"unknown backend {name!r}")
     protector = Protector(shadow=shadow, encoder=encoder, config=config, backend="reference")
@@ -132,7 +133,7 @@ def measure(benchmark, name: str, models: tuple, batch: int, steps: int, mode: s
     }
     # the fused backend's default is IEEE fp32; PyTorch's convolutions run in TF32 on a GPU by default
     tf32 = device.type == "cuda" and not name.startswith("fused") and torch.backends.cudnn.allow_tf32
-    info["precision"] = "tf32" if tf32 else "fp32"
+    info["precision"] = "bf16" if "-bf16" in name else "tf32" if tf32 else "fp32"
     peak = tm.peak_tflops(info["device"], info["precision"])
     if peak:
         info.update(peak_tflops=peak, peak_fraction=tflops / peak)
