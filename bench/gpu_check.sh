@@ -2,10 +2,10 @@
 # GPU check of the fused backend (issue 3): the gpu-marked tests, then the benchmark
 # (bench/gpu_check.py), all results under OUTDIR. Each part has its own time limit and a
 # failure in one does not stop the next; about 6 minutes at most.
-# Usage: bench/gpu_check.sh OUTDIR
+# Usage: bench/gpu_check.sh OUTDIR   (GPU_CHECK_ARGS: extra arguments for gpu_check.py, e.g. a CPU smoke run)
 set -u
-OUT="${1:-gpu_check}"
-mkdir -p "$OUT"
+mkdir -p "${1:-gpu_check}"
+OUT="$(cd "${1:-gpu_check}" && pwd)"  # absolute: the script moves to the repository root next
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 {
@@ -17,7 +17,7 @@ python -c "import advface_engine.kernels.l1_sign" 2>/dev/null \
   || python -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/env.txt" 2>&1
 timeout 150 python -m pytest -m gpu -q -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1
 echo "pytest exit code $?" >> "$OUT/pytest_gpu.txt"
-timeout 200 python bench/gpu_check.py --out "$OUT" --budget 150 > "$OUT/bench_log.txt" 2>&1
+timeout 200 python bench/gpu_check.py --out "$OUT" --budget 150 ${GPU_CHECK_ARGS:-} > "$OUT/bench_log.txt" 2>&1
 echo "benchmark exit code $?" >> "$OUT/bench_log.txt"
 tail -n 15 "$OUT/pytest_gpu.txt"
 tail -n 20 "$OUT/bench_log.txt"
