@@ -234,9 +234,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
 
 
+def probe_error(arch: int = 90) -> str | None:
+    """Compile a trivial kernel (kernels/_probe.py): an error here is the toolchain's, not the kernels'."""
+    report = compile_variant(_variant("probe", "_probe", "_probe_kernel", [_t(torch.float32), 100], BLOCK=128), arch)
+    return None if report.ok else f"a trivial kernel does not compile for sm_{arch} either ({report.error})"
+
+
 def run(args: argparse.Namespace) -> int:
     """Compile and check; exit status 1 when a variant has a problem, 2 when nothing can be compiled here."""
     why = unavailable() or ("TRITON_INTERPRET is set: this check needs compiled Triton" if interpreted() else None)
+    why = why or probe_error(args.arch[0])
     if why is not None:
         print(f"cannot compile ahead of time: {why}", file=sys.stderr)
         return 2

@@ -80,3 +80,17 @@ def test_check_kernels_refuses_the_interpreter_clearly(monkeypatch, capsys):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert main(["check-kernels", "--arch", "90"]) == 2
     assert "TRITON_INTERPRET" in capsys.readouterr().err
+
+
+def test_check_kernels_tells_a_toolchain_failure_from_a_kernel_fault(monkeypatch, capsys):
+    """A trivial kernel that does not compile means the installed Triton cannot be driven here:
+    exit 2 (tests skip) rather than 1 (a kernel has a problem)."""
+    import advface_engine.kernels.aot as aot
+
+    monkeypatch.setattr(aot, "interpreted", lambda: False)
+    monkeypatch.setattr(aot, "unavailable", lambda: None)
+    failed = aot.Report("probe", 90, ok=False, error="TypeError: an API changed")
+    monkeypatch.setattr(aot, "compile_variant", lambda variant, arch=90: failed)
+    assert "API changed" in aot.probe_error()
+    assert main(["check-kernels"]) == 2
+    assert "trivial kernel does not compile" in capsys.readouterr().err

@@ -35,6 +35,8 @@ def _aot(tmp: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory) -> list[dict]:
     done = _aot(tmp_path_factory.mktemp("triton-cache"), "--arch", *ARCHES)
+    if done.returncode == 2:  # this Triton cannot be driven ahead of time here (not a fault of the kernels)
+        pytest.skip(done.stderr.strip().splitlines()[-1])
     assert done.stdout, done.stderr[-3000:]
     return json.loads(done.stdout)
 
