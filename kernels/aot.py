@@ -33,7 +33,6 @@ import torch
 from . import block_size, interpreted
 
 GPU = torch.device("cuda")  # launch configurations are chosen as for this device type
-DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FAMILIES = ("dcgan", "nbnet", "upconv")
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes per block
 MAX_SPILL = 32  # bytes
@@ -88,6 +87,7 @@ def plan_ops(family: str, feature_dim: int = 512, size: int = 112) -> tuple[str,
 def variants(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3 * 112 * 112) -> list[Variant]:
     """Every specialisation the fused backend launches for these decoder families and feature dims
     (and every output head: tanh is the families' default, sigmoid and identity are options)."""
+    from ..backends.fused import DTYPES  # the fused backend's dtype options, each compiled
     from .l1_sign import HEADS
     from .linear_step import MAX_FUSED_DIM
     from .linear_step import blocks as linear_blocks

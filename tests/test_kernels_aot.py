@@ -24,10 +24,14 @@ ARCHES = ("90", "80")
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
 
 
-def _aot(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+def _compiled_triton_env(cache: Path) -> dict:
+    """This environment without the interpreter, and a fresh cache so that kernels really compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp)  # compile for real, never from an earlier cache
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return env | {"TRITON_CACHE_DIR": str(cache)}
+
+
+def _aot(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    env = _compiled_triton_env(tmp)
     return subprocess.run([sys.executable, "-m", "advface_engine.kernels.aot", "--json", *args], env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -81,7 +85,7 @@ def test_the_check_sees_spills_in_a_real_compile(tmp_path):
         "r = aot.compile_variant(dataclasses.replace(v, name=v.name, kwargs=tuple(sorted(kw.items()))))\n"
         "print(json.dumps(aot.problems(r)))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    env = _compiled_triton_env(tmp_path)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     found = json.loads(done.stdout or "null")
     assert found and "spills" in found[0], done.stderr[-2000:]

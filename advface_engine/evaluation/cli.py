@@ -71,7 +71,7 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .benchmark import run_evaluation
+    from .benchmark import METHODS, run_evaluation
     from .report import write_report
 
     settings = settings_from_args(args)
@@ -79,7 +79,7 @@ def run_eval(args: argparse.Namespace) -> int:
     files = write_report(results, args.output)
     v, a = results["verification"], results["identity_inference"]
     print(f"{results['label']} faces, scale {settings.scale}, {results['timings']['total']:.0f} s")
-    for method in ("unprotected", "random", "dp", "advface"):
+    for method in METHODS:
         print(f"  {method:12s} offline {100 * v[method]['offline']['accuracy']:6.2f}%  "
               f"online {100 * v[method]['online']['accuracy']:6.2f}%  "
               f"attack success {100 * a[method]['cross_family_mean']['success']:6.2f}%")

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .benchmark import METHODS
+
 METHOD_NAMES = {"unprotected": "Unprotected", "random": "Random", "dp": "DP (Laplace)", "advface": "AdvFace"}
 
 
@@ -103,7 +105,7 @@ def markdown(results: dict, grid_files: dict[str, str], curve_file: str) -> str:
         "",
     ]
     rows = []
-    for method in ("unprotected", "random", "dp", "advface"):
+    for method in METHODS:
         v = results["verification"][method]
         rows.append([METHOD_NAMES[method]] + [f"{_pct(v[m]['accuracy'])} ± {_pct(v[m]['std'])}"
                                               for m in ("offline", "online")])
@@ -119,7 +121,7 @@ def markdown(results: dict, grid_files: dict[str, str], curve_file: str) -> str:
         "",
     ]
     rows = []
-    for method in ("unprotected", "random", "dp", "advface"):
+    for method in METHODS:
         a = results["identity_inference"][method]
         rows.append([METHOD_NAMES[method]] + [f"{_pct(a[f]['success'])} ({_pct(a[f]['success_self'])})"
                                               for f in families]
@@ -134,7 +136,7 @@ def markdown(results: dict, grid_files: dict[str, str], curve_file: str) -> str:
         "",
     ]
     rows = []
-    for method in ("unprotected", "random", "dp", "advface"):
+    for method in METHODS:
         a = results["identity_inference"][method]
         for f in families:
             rows.append([METHOD_NAMES[method], f, f"{a[f]['l1']:.3f}", f"{a[f]['psnr']:.2f}", f"{a[f]['ssim']:.3f}"])
