@@ -77,9 +77,9 @@ def check_models(dim: int, shadow: nn.Module, encoder: nn.Module, like: Tensor) 
 class Protector:
     """A configured protection: ``Protector(shadow=S, encoder=E, config=cfg)(z) -> z_adv``.
 
-    The output has z's shape, dtype and device; the work runs on the models' device
-    in the models' dtype. Model checks run once per feature dim. ``backend_options`` go to
-    the fused backend, e.g. ``{"dtype": "bf16"}``.
+    The output has z's shape, dtype and device; the work runs on the models' device in the
+    models' dtype (an enclosing ``torch.autocast`` is switched off for the call). Model checks
+    run once per feature dim. ``backend_options`` go to the fused backend, e.g. ``{"dtype": "bf16"}``.
     """
 
     def __init__(
@@ -112,7 +112,8 @@ class Protector:
         dtype = like.dtype if like is not None else torch.float32
         work = z.detach().to(device=device, dtype=dtype)
         key = (z.shape[1], dtype, device)
-        with frozen(self.shadow, self.encoder):
+        # a caller's autocast region must not change the precision the backend was asked for
+        with frozen(self.shadow, self.encoder), torch.autocast(device.type, enabled=False):
             if key not in self._checked:
                 check_models(z.shape[1], self.shadow, self.encoder, work)
                 self._checked.add(key)

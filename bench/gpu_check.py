@@ -80,6 +80,14 @@ def time_ms(fn, reps: int, device: torch.device) -> list[float]:
     return times
 
 
+def conv_precision() -> str:
+    """What cuDNN convolutions use for fp32 at PyTorch's current settings (TF32 by default)."""
+    conv = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    if conv in ("tf32", "ieee"):
+        return f"cuDNN fp32 convolutions: {conv}"
+    return f"cuDNN fp32 convolutions: {'tf32' if torch.backends.cudnn.allow_tf32 else 'ieee'}"
+
+
 def reference_flops(shadow: nn.Module, encoder: nn.Module, z: torch.Tensor, steps: int) -> int:
     """FLOPs of the reference loop for z: E(S(z)) once, then per step S forward and the gradient to z.
 
@@ -123,6 +131,7 @@ def main() -> None:
     import triton
 
     report["triton"] = triton.__version__
+    report["reference_precision"] = conv_precision()
     json_path = out / "bench.json"
 
     torch.manual_seed(0)
@@ -189,6 +198,7 @@ def main() -> None:
 
     lines = [f"{name}  torch {torch.__version__}  triton {triton.__version__}  encoder {args.encoder}  "
              f"T={args.steps}  size {args.size}  reference GFLOP/sample {flops_per_sample / 1e9:.2f}",
+             f"reference timed at PyTorch's settings ({report['reference_precision']}); fused-fp32 is IEEE fp32",
              f"checks: {json.dumps(report['checks'])}",
              f"{'provider':<18}{'B':>6}{'ms':>10}{'samples/s':>12}{'TFLOP/s':>9}{'%bf16pk':>9}{'speedup':>9}"]
     lines += [row_text(r) for r in report["results"]]

@@ -4,20 +4,23 @@
 # failure in one does not stop the next; about 6 minutes at most.
 # Usage: bench/gpu_check.sh OUTDIR   (GPU_CHECK_ARGS: extra arguments for gpu_check.py, e.g. a CPU smoke run)
 set -u
+PY="${PYTHON:-python3}"  # the interpreter that holds torch (python3 on the lent GPU machines)
 mkdir -p "${1:-gpu_check}"
 OUT="$(cd "${1:-gpu_check}" && pwd)"  # absolute: the script moves to the repository root next
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } > "$OUT/env.txt" 2>&1
 # the kernels folder is installed as advface_engine.kernels: install the package if it is not
-python -c "import advface_engine.kernels.l1_sign" 2>/dev/null \
-  || python -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/env.txt" 2>&1
-timeout 150 python -m pytest -m gpu -q -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1
+"$PY" -c "import advface_engine.kernels.l1_sign" 2>/dev/null \
+  || "$PY" -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/env.txt" 2>&1
+# SIGINT at the limit, so pytest still prints its summary; -rfE names what failed
+timeout -s INT -k 10 150 "$PY" -m pytest -m gpu -q -rfE -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" tests \
+  > "$OUT/pytest_gpu.txt" 2>&1
 echo "pytest exit code $?" >> "$OUT/pytest_gpu.txt"
-timeout 200 python bench/gpu_check.py --out "$OUT" --budget 150 ${GPU_CHECK_ARGS:-} > "$OUT/bench_log.txt" 2>&1
+timeout -k 10 200 "$PY" bench/gpu_check.py --out "$OUT" --budget 150 ${GPU_CHECK_ARGS:-} > "$OUT/bench_log.txt" 2>&1
 echo "benchmark exit code $?" >> "$OUT/bench_log.txt"
 tail -n 15 "$OUT/pytest_gpu.txt"
 tail -n 20 "$OUT/bench_log.txt"

@@ -17,7 +17,11 @@ def interpreted() -> bool:
 
 
 def check_device(*tensors: torch.Tensor) -> None:
-    """A clear error instead of a Triton crash (or a wrong result) when CPU tensors meet the kernels."""
+    """A clear error instead of a Triton crash (or a wrong result) when CPU tensors meet the kernels,
+    or tensors on different GPUs (a kernel runs on the current device and reads all its pointers there)."""
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"kernel arguments on different devices: {sorted(map(str, devices))}")
     for t in tensors:
         if t.device.type == "cuda":
             continue

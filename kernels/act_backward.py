@@ -18,12 +18,16 @@ import triton.language as tl
 from . import block_size, check_device
 
 ACTS = ("relu", "leaky_relu", "prelu")
+INT32_MAX = 2**31 - 1
 
 
 @triton.jit
 def _act_backward_kernel(g_ptr, pre_ptr, out_ptr, slope_ptr, scale_ptr, n, channels, inner,
-                         HAS_SLOPE: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+                         HAS_SLOPE: tl.constexpr, HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    if WIDE:  # 64-bit offsets only when needed: the channel's integer division is emulated in 64 bits
+        pid = pid.to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     pre = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -54,7 +58,7 @@ def act_backward(grad: torch.Tensor, pre: torch.Tensor, act: str = "relu", slope
         raise ValueError(f"{act} needs a slope per channel ({channels}), got {got}")
     if scale is not None and scale.numel() != channels:
         raise ValueError(f"scale must have one value per channel ({channels}), got {scale.numel()}")
-    check_device(grad, pre)
+    check_device(grad, pre, *(t for t in (slope, scale) if t is not None))
     grad, pre = grad.contiguous(), pre.contiguous()
     out = torch.empty_like(grad) if out is None else out
     n = grad.numel()
@@ -64,6 +68,7 @@ def act_backward(grad: torch.Tensor, pre: torch.Tensor, act: str = "relu", slope
     has_slope = act != "relu"
     _act_backward_kernel[(triton.cdiv(n, block),)](
         grad, pre, out, slope.contiguous() if has_slope else pre, scale.contiguous() if scale is not None else pre,
-        n, channels, n // (pre.shape[0] * channels), HAS_SLOPE=has_slope, HAS_SCALE=scale is not None, BLOCK=block,
+        n, channels, n // (pre.shape[0] * channels), HAS_SLOPE=has_slope, HAS_SCALE=scale is not None,
+        WIDE=n + block > INT32_MAX, BLOCK=block,
     )
     return out

@@ -9,7 +9,8 @@ specialisation as a real launch, and inspected:
   ptxas may trade for occupancy; more means the tile does not fit the register file;
 - the gradient matmul's instructions: no tensor-core op in fp32 (IEEE, as the reference),
   tf32 ops only with dtype "tf32", bf16 / fp16 ops with those dtypes;
-- no atomics in the step kernels, so that z is the same bit for bit on every run.
+- no atomics in the step kernels, so that z is the same bit for bit on every run;
+- no 64-bit integer division in the elementwise kernels (emulated, it would dominate them).
 
     advface check-kernels --arch 90 80      (or python -m advface_engine.kernels.aot)
 
@@ -63,6 +64,7 @@ class Report:
     num_warps: int = 0
     mma: list[str] = field(default_factory=list)  # tensor-core input types found in the PTX
     atomics: bool = False  # atomic or reduction instructions in the PTX
+    div64: int = 0  # 64-bit integer divisions / remainders in the PTX (emulated: dozens of instructions each)
 
 
 def _t(dtype: torch.dtype, numel: int = 16) -> tuple:
@@ -113,7 +115,8 @@ def variants(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3
                 n, channels, inner = 64 * 16 * 56 * 56, 64, 56 * 56
                 out.append(_variant(f"act_backward {dname} {kind}{' +bn' if has_scale else ''}", "act_backward",
                                     "_act_backward_kernel", [_t(dtype)] * 5 + [n, channels, inner],
-                                    HAS_SLOPE=kind != "relu", HAS_SCALE=has_scale, BLOCK=block_size(n, GPU)))
+                                    HAS_SLOPE=kind != "relu", HAS_SCALE=has_scale, WIDE=False,
+                                    BLOCK=block_size(n, GPU)))
         epilogues = [("linf", "ball", True, False), ("linf", "ball", False, False), ("linf", "ball", True, True)]
         if dname in ("fp32", "bf16"):
             epilogues += [("l2", "ball", True, False), ("linf", "per_step", True, False)]
@@ -192,8 +195,9 @@ def compile_variant(variant: Variant, arch: int = 90) -> Report:
                                   options=options.__dict__)
         mma = sorted({MMA_KINDS[m] for m in re.findall(r"mma\S*\.(tf32|bf16|f16)\b", compiled.asm["ptx"])})
         atomics = re.search(r"^\s*(@%p\d+\s+)?(atom|red)\.", compiled.asm["ptx"], re.MULTILINE) is not None
+        div64 = len(re.findall(r"\b(?:div|rem)\.[su]64\b", compiled.asm["ptx"]))
         return Report(variant.name, arch, True, num_warps=options.num_warps, mma=mma, atomics=atomics,
-                      **_resources(compiled.asm["cubin"]))
+                      div64=div64, **_resources(compiled.asm["cubin"]))
     except Exception as err:  # a report per variant: one failure must not hide the others
         return Report(variant.name, arch, False, error=f"{type(err).__name__}: {err}"[:2000])
 
@@ -211,6 +215,8 @@ def problems(report: Report) -> list[str]:
         found.append(f"{report.registers} registers x {32 * report.num_warps} threads exceed the register file")
     if report.atomics and report.name.split()[0] in ("linear_step", "sign_step"):
         found.append("atomics in a step kernel: z would depend on the order programs finish")
+    if report.div64 and report.name.split()[0] in ("l1_sign", "act_backward"):
+        found.append(f"{report.div64} 64-bit integer divisions per element in a memory-bound kernel")
     if report.name.startswith("linear_step"):
         dtype = report.name.split()[1]
         want = [] if dtype == "fp32" else [dtype]

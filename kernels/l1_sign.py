@@ -47,7 +47,7 @@ def l1_sign_backward(y: torch.Tensor, target: torch.Tensor, head: str = "tanh",
         raise ValueError(f"head must be one of {sorted(HEADS)}, got {head!r}")
     if y.shape != target.shape or y.dim() < 1:
         raise ValueError(f"y and target must have the same shape (B, ...), got {tuple(y.shape)}, {tuple(target.shape)}")
-    check_device(y, target)
+    check_device(y, target, *([] if loss is None else [loss]))
     y, target = y.contiguous(), target.contiguous()
     grad = torch.empty_like(y)
     batch = y.shape[0]

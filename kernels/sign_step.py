@@ -53,7 +53,8 @@ def _sign_step_kernel(z_ptr, g_ptr, anchor_ptr, n_rows, dim, n_parts, alpha, eps
     z = tl.load(z_ptr + offs, mask=mask, other=0.0)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     for part in range(1, n_parts):  # split-K partial sums, added in a fixed order
-        g += tl.load(g_ptr + part * n_rows * dim + offs, mask=mask, other=0.0).to(tl.float32)
+        part_offs = (part * n_rows + rows)[:, None] * dim + cols[None, :]  # rows is int64: no overflow
+        g += tl.load(g_ptr + part_offs, mask=mask, other=0.0).to(tl.float32)
     anchor = tl.load(anchor_ptr + offs, mask=mask, other=0.0)
     z = step_project(z, g, anchor, alpha, eps, L2, BALL, NORMALIZE)
     tl.store(z_ptr + offs, z, mask=mask)

@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import advface_engine as afe
 import advface_engine.backends as backends
 import advface_engine.backends.fused as fused_module
+import advface_engine.backends.plan as plan_module
 from advface_engine.backends import UnsupportedModelError
 from advface_engine.backends.fused import EagerGraph, FusedBackend
 from advface_engine.backends.reference import ReferenceBackend, project, shadow_targets, step_direction
@@ -188,6 +189,18 @@ def test_ball_constraint_holds(norm, eps, models):
     assert (dist > 0.99 * eps).any(), "the budget must be reached for the check to mean something"
 
 
+@pytest.mark.parametrize("kwargs", [dict(scale_factor=2), dict(scale_factor=(2, 3), align_corners=True),
+                                    dict(scale_factor=1.5), dict(size=(7, 10))], ids=str)
+def test_bilinear_backward_as_matmuls_equals_autograd(kwargs):
+    """The plan's bilinear backward (interpolation matrices, repeatable on a GPU) is PyTorch's, in float64."""
+    upsample = plan_module.Upsample(nn.Upsample(mode="bilinear", **kwargs))
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    y, in_shape = upsample.forward(x)
+    grad = torch.randn_like(y)
+    (want,) = torch.autograd.grad(y, x, grad)
+    torch.testing.assert_close(upsample.backward(grad, in_shape), want, rtol=1e-12, atol=1e-12)
+
+
 def test_decoder_without_first_linear_uses_standalone_step():
     torch.manual_seed(4)
     shadow = nn.Sequential(
@@ -231,6 +244,20 @@ def test_protector_fused_defaults_and_loss_record(models):
     assert (backend.losses[-1] > backend.losses[0]).all(), "the steps must raise the reconstruction error"
 
 
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_an_enclosing_autocast_changes_nothing(backend, models):
+    """A caller inside torch.autocast (say, its own bf16 inference) gets the precision the backend
+    was asked for: autocast would feed the fused kernels bf16 activations (refused) and silently
+    lower the reference's convolutions."""
+    shadow, encoder = models
+    z = features(6)
+    protector = afe.Protector(shadow, encoder, CFG, backend=backend)
+    want = protector(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = protector(z)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_plan_follows_shadow_weights_changed_in_place(models):
     shadow, encoder = shadow_variant("dcgan"), models[1]
     protector = afe.Protector(shadow, encoder, CFG, backend="fused")
@@ -246,7 +273,7 @@ def test_plan_follows_shadow_weights_changed_in_place(models):
 
 def test_graph_sizes_padding_noise_and_eviction(monkeypatch, models):
     """What surrounds the capture, on a CPU: EagerGraph keeps CudaGraph's contract (static buffers,
-    replay recomputes into them) so batch-size reuse, padding and eviction run for real here."""
+    replay recomputes into them) so batch sizes, padding and eviction run for real here."""
     shadow, encoder = shadow_variant("dcgan"), models[1]
     cfg = afe.ProtectConfig(eps=0.05, alpha=0.01, steps=3, random_start=True)  # noise is padded too
     graphed = FusedBackend(shadow, encoder, cfg, graphs=True, record_loss=True)
@@ -266,15 +293,24 @@ def test_graph_sizes_padding_noise_and_eviction(monkeypatch, models):
     short = both(z[3:8])  # 5 rows replay the 8-row capture, padded with copies of a real row
     assert list(graphed._graphs) == [8]
     assert agreement(short, full[3:8], cfg.alpha) >= 0.999
-    both(z[:3])  # 8 > 2 * 3: a capture of its own rather than most of the work on padding
-    assert list(graphed._graphs) == [8, 3]
+    both(z[:3])  # graph_size(3) == 4: a capture of its own
+    assert list(graphed._graphs) == [8, 4]
     monkeypatch.setattr(fused_module, "MAX_GRAPHS", 2)
     both(z[:1])
-    assert list(graphed._graphs) == [3, 1], "the oldest capture goes first"
+    assert list(graphed._graphs) == [4, 1], "the oldest capture goes first"
     with torch.no_grad():
         shadow[0].weight.mul_(-1.0)
     both(z[:2])  # new weights: plan rebuilt, captures dropped
     assert list(graphed._graphs) == [2]
+
+
+def test_graph_size_depends_on_the_batch_alone():
+    """A batch runs at one padded size whatever ran before (a resumed job recomputes its last, short
+    chunk at the size the first run used); small batches pad at most 2x, large ones < 64 rows."""
+    sizes = [fused_module.graph_size(b) for b in range(1, 5000)]
+    assert sizes[:9] == [1, 2, 4, 4, 8, 8, 8, 8, 16]
+    assert all(b <= s <= 2 * b and (b <= 64 or s - b < 64) for b, s in enumerate(sizes, 1))
+    assert sorted(set(sizes)) == sorted(set(sizes[:64])) + list(range(128, 5000 + 64, 64))
 
 
 # ops that wait for the GPU (a value or a data-dependent shape on the host): they break capture
@@ -354,7 +390,7 @@ def _reference_fp32(shadow, encoder, z, cfg=CFG):
 @pytest.mark.parametrize("graphs", [False, True])
 def test_gpu_fp32_equals_reference(family, graphs):
     shadow, encoder = _gpu_models(family)
-    z = features(32).cuda()
+    z = features(64).cuda()  # 1024 entries: 99.9% leaves room for one late sign flip (2 alpha / ||z||)
     got = _run(FusedBackend(shadow, encoder, CFG, graphs=graphs), z)
     assert agreement(got, _reference_fp32(shadow, encoder, z), CFG.alpha) >= 0.999
 

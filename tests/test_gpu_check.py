@@ -31,13 +31,14 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
 
 def test_gpu_check_shell_script_plumbing(tmp_path):
     """bench/gpu_check.sh from another folder with a relative OUTDIR: every part runs and reports."""
-    env = os.environ | {"TRITON_INTERPRET": "1", "GPU_CHECK_ARGS": "--device cpu --size 16 --feature-dim 16 --width 4 "
-                        "--batches 2 --steps 1 --encoder mobilefacenet --reps 1 1"}
+    args = "--device cpu --size 16 --feature-dim 16 --width 4 --batches 2 --steps 1 --encoder mobilefacenet --reps 1 1"
+    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHON": sys.executable, "GPU_CHECK_ARGS": args}
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "out"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     out = tmp_path / "out"
     assert done.returncode == 0, done.stderr[-2000:]
     assert "torch" in (out / "env.txt").read_text()
     assert "pytest exit code 0" in (out / "pytest_gpu.txt").read_text()  # every gpu test skips cleanly here
+    assert "<testsuite" in (out / "pytest_gpu.xml").read_text()
     assert "benchmark exit code 0" in (out / "bench_log.txt").read_text()
     assert json.loads((out / "bench.json").read_text())["results"]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from kernel_formulas import HEAD_SLOPES
 from torch import nn
 
+import advface_engine.kernels.act_backward as act_backward_module
 from advface_engine.backends.reference import project, step_direction
 from advface_engine.config import ProtectConfig
 from advface_engine.kernels.act_backward import act_backward
@@ -65,6 +66,12 @@ def test_l1_sign_in_half_precision(head):
     torch.testing.assert_close(loss, (y64 - target64).abs().flatten(1).sum(1).float(), rtol=1e-5, atol=1e-4)
 
 
+def test_arguments_on_different_devices_are_refused():
+    z = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="different devices"):
+        sign_step_project(z, torch.zeros(2, 8, device="meta"), z.clone(), 0.01, 0.03)
+
+
 def test_bf16_is_refused_under_the_interpreter():
     y = torch.zeros(2, 8, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="bfloat16"):
@@ -82,7 +89,10 @@ def test_l1_sign_rejects_bad_input():
 @pytest.mark.parametrize("shape", SHAPES[:2])
 @pytest.mark.parametrize("act", sorted(ACTS))
 @pytest.mark.parametrize("with_scale", [False, True])
-def test_act_backward_equals_autograd(shape, act, with_scale):
+@pytest.mark.parametrize("wide", [False, True])
+def test_act_backward_equals_autograd(shape, act, with_scale, wide, monkeypatch):
+    if wide:  # the 64-bit offsets of tensors past 2**31 elements, taken here on a small one
+        monkeypatch.setattr(act_backward_module, "INT32_MAX", 0)
     gen = _gen(1)
     channels = shape[1]
     module = ACTS[act](channels)

@@ -91,6 +91,23 @@ def test_the_check_sees_spills_in_a_real_compile(tmp_path):
     assert found and "spills" in found[0], done.stderr[-2000:]
 
 
+def test_the_check_sees_64_bit_division(tmp_path):
+    """The channel index of act_backward (offset // inner % channels) costs dozens of instructions
+    per element in 64-bit arithmetic; the kernel takes 64-bit offsets only past 2**31 elements
+    (WIDE), and the check finds the emulated division in that variant."""
+    code = (
+        "import json, dataclasses; from advface_engine.kernels import aot\n"
+        "v = [v for v in aot.variants() if v.name == 'act_backward fp32 relu +bn'][0]\n"
+        "kw = dict(v.kwargs) | {'WIDE': True}\n"
+        "r = aot.compile_variant(dataclasses.replace(v, kwargs=tuple(sorted(kw.items()))))\n"
+        "print(json.dumps(aot.problems(r)))\n"
+    )
+    env = _compiled_triton_env(tmp_path)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    found = json.loads(done.stdout or "null")
+    assert found and "64-bit integer divisions" in found[0], done.stderr[-2000:]
+
+
 def test_problems_flags_each_kind_of_fault():
     ok = dict(name="linear_step bf16 D=512", arch=90, ok=True, registers=128, shared=1024, num_warps=8, mma=["bf16"])
     assert problems(Report(**ok)) == []
@@ -100,4 +117,5 @@ def test_problems_flags_each_kind_of_fault():
     assert "register file" in problems(Report(**ok | {"registers": 255, "num_warps": 16}))[0]
     assert "tensor-core" in problems(Report(**ok | {"mma": ["tf32"]}))[0]
     assert "atomics" in problems(Report(**ok | {"atomics": True}))[0]
+    assert "64-bit" in problems(Report(**ok | {"name": "act_backward fp32 relu", "mma": [], "div64": 4}))[0]
     assert "tensor-core" in problems(Report(**ok | {"name": "linear_step fp32 D=512", "mma": ["tf32"]}))[0]

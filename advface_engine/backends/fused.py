@@ -37,13 +37,37 @@ def _first_param(module: nn.Module) -> Tensor | None:
 
 @contextlib.contextmanager
 def _tf32(enabled: bool):
-    """TF32 in cuBLAS and cuDNN on or off for the call (fp32 means IEEE fp32 here), restored after."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    """TF32 in cuBLAS and cuDNN convolutions on or off for the call (fp32 means IEEE fp32 here),
+    restored after; through the fp32_precision settings where torch has them (2.9+), whose legacy
+    allow_tf32 flags may refuse to be read once a caller has used the new ones."""
+    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(cudnn_conv, "fp32_precision"):
+        owners, name, value = (torch.backends.cuda.matmul, cudnn_conv), "fp32_precision", "tf32" if enabled else "ieee"
+    else:
+        owners, name, value = (torch.backends.cuda.matmul, torch.backends.cudnn), "allow_tf32", enabled
+    saved = [getattr(owner, name) for owner in owners]
+    for owner in owners:
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        for owner, old in zip(owners, saved, strict=True):
+            setattr(owner, name, old)
+
+
+def _on(device: torch.device):
+    """Make ``device`` current for the call: Triton launches on the current CUDA device and stream."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def graph_size(batch: int) -> int:
+    """The captured batch size that serves ``batch`` rows: a function of the batch alone, so a batch
+    runs at the same padded size whatever ran before (split-K and cuDNN choices depend on the size,
+    and a resumed gallery job must reproduce its chunks bit for bit). Powers of two up to 64, then
+    multiples of 64: at most twice the rows for small batches, fewer than 64 extra rows beyond."""
+    if batch <= 64:
+        return 1 << (batch - 1).bit_length()
+    return -(-batch // 64) * 64
 
 
 class CudaGraph:
@@ -61,15 +85,19 @@ class CudaGraph:
         self.losses: Tensor | None = None
 
     def capture(self, protect) -> None:
+        device = self.z.device
         self.graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream(device=self.z.device)
-        side.wait_stream(torch.cuda.current_stream(self.z.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                protect(self.z, self.noise)
-        torch.cuda.current_stream(self.z.device).wait_stream(side)
-        with torch.cuda.graph(self.graph):
-            self.out, self.losses = protect(self.z, self.noise)
+        # the outer stream context restores the caller's stream even if the capture fails midway
+        with torch.cuda.device(device), torch.cuda.stream(torch.cuda.current_stream(device)):
+            side = torch.cuda.Stream(device=device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    protect(self.z, self.noise)
+            torch.cuda.current_stream(device).wait_stream(side)
+            # thread_local: other threads (a gallery job's reader pinning memory) may call CUDA meanwhile
+            with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
+                self.out, self.losses = protect(self.z, self.noise)
 
     def replay(self) -> None:
         self.graph.replay()
@@ -100,8 +128,9 @@ class FusedBackend:
     dtype:   decoder precision, "fp32" (default), "tf32", "bf16" or "fp16"; the encoder runs under
              autocast for bf16/fp16. z, anchor and steps stay float32. On a CPU (Triton's
              interpreter, for tests) fp32 and fp16 only.
-    graphs:  on a GPU, capture the whole protection per batch size once and replay it; a batch
-             is padded up to a captured size at most twice its own instead of recaptured.
+    graphs:  on a GPU, capture the whole protection once per ``graph_size(B)`` and replay it; a
+             batch is padded up to that size (a short last batch reuses the full batches' capture
+             when graph_size maps both to it).
     split_k: split of the first Linear's gradient matmul (None: enough to fill the GPU).
     record_loss: keep the per-sample L1 loss of every step in ``self.losses`` (steps, B).
 
@@ -199,7 +228,7 @@ class FusedBackend:
         noise = None
         if self.config.random_start:  # seeded from z's rows as the caller gave them, like the reference
             noise = random_start(torch.zeros_like(z32), z, self.config)
-        with torch.no_grad(), _tf32(self.dtype == "tf32"):
+        with torch.no_grad(), _tf32(self.dtype == "tf32"), _on(z32.device):
             if self.graphs and (z32.is_cuda or self.graph_type.eager):
                 z_adv, losses = self._replay(z32, noise)
             else:
@@ -210,29 +239,32 @@ class FusedBackend:
     # -- CUDA graphs --------------------------------------------------------------------------
 
     def _replay(self, z: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        batch = z.shape[0]
-        size = min((s for s in self._graphs if batch <= s <= 2 * batch), default=None)
-        if size is None:
-            size = batch
+        batch, size = z.shape[0], graph_size(z.shape[0])
+        graph = self._graphs.get(size)
+        if graph is None:
+            if len(self._graphs) >= MAX_GRAPHS:  # the oldest capture goes
+                self._graphs.pop(next(iter(self._graphs)))
+            static = z.new_empty(size, z.shape[1])
+            graph = self.graph_type(static, None if noise is None else torch.empty_like(static))
+            _fill(graph, z, noise)
             try:
-                self._capture(z, noise)
+                graph.capture(self.protect)
             except RuntimeError as err:  # e.g. an encoder that synchronises with the host
                 warnings.warn(f"CUDA graph capture failed ({err}); running eagerly", stacklevel=3)
                 self.graphs = False
                 return self.protect(z, noise)
-        graph = self._graphs[size]
-        graph.z[:batch].copy_(z)
-        graph.z[batch:].copy_(z[:1].expand(size - batch, -1))  # padding rows: copies of a real row
-        if noise is not None:
-            graph.noise[:batch].copy_(noise)
-            graph.noise[batch:].copy_(noise[:1].expand(size - batch, -1))
+            self._graphs[size] = graph
+        _fill(graph, z, noise)
         graph.replay()
         losses = graph.losses[:, :batch].clone() if graph.losses is not None else None
         return graph.out[:batch].clone(), losses
 
-    def _capture(self, z: Tensor, noise: Tensor | None) -> None:
-        if len(self._graphs) >= MAX_GRAPHS:  # the oldest capture goes
-            self._graphs.pop(next(iter(self._graphs)))
-        graph = self.graph_type(z.clone(), None if noise is None else noise.clone())
-        graph.capture(self.protect)
-        self._graphs[z.shape[0]] = graph
+
+def _fill(graph: CudaGraph, z: Tensor, noise: Tensor | None) -> None:
+    """Copy a batch into a capture's static inputs; padding rows are copies of a real row."""
+    batch, size = z.shape[0], graph.z.shape[0]
+    graph.z[:batch].copy_(z)
+    graph.z[batch:].copy_(z[:1].expand(size - batch, -1))
+    if noise is not None:
+        graph.noise[:batch].copy_(noise)
+        graph.noise[batch:].copy_(noise[:1].expand(size - batch, -1))

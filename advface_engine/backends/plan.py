@@ -151,6 +151,10 @@ class Affine:
 
 
 class Upsample:
+    """Nearest or bilinear upsampling. The bilinear backward is written as two matmuls with the
+    1-D interpolation matrices (grad_x = M_h^T grad_y M_w): PyTorch's CUDA backward adds with atomics,
+    so its result would change from run to run, and gallery jobs must be repeatable bit for bit."""
+
     def __init__(self, module: nn.Upsample):
         if module.mode not in ("nearest", "bilinear"):
             raise _unsupported(module, " (Upsample modes: nearest, bilinear)")
@@ -161,6 +165,7 @@ class Upsample:
         self.scale_factor = factor
         if module.recompute_scale_factor:
             raise _unsupported(module, " (recompute_scale_factor)")
+        self.matrices: dict[tuple, Tensor] = {}
 
     def forward(self, x: Tensor) -> tuple[Tensor, torch.Size]:
         y = F.interpolate(x, size=self.size, scale_factor=self.scale_factor, mode=self.mode,
@@ -169,10 +174,20 @@ class Upsample:
 
     def backward(self, grad: Tensor, in_shape: torch.Size) -> Tensor:
         out_size, in_size = list(grad.shape[2:]), list(in_shape)
-        if self.mode == "nearest":
+        if self.mode == "nearest":  # a gather per input pixel on CUDA: deterministic
             return torch.ops.aten.upsample_nearest2d_backward(grad, out_size, in_size, *self.scales)
-        return torch.ops.aten.upsample_bilinear2d_backward(grad, out_size, in_size, bool(self.align_corners),
-                                                           *self.scales)
+        rows = self.matrix(in_size[2], out_size[0], self.scales[0], grad)
+        cols = self.matrix(in_size[3], out_size[1], self.scales[1], grad)
+        return torch.matmul(torch.matmul(rows.T, grad), cols)
+
+    def matrix(self, n_in: int, n_out: int, scale: float | None, like: Tensor) -> Tensor:
+        """(n_out, n_in): the 1-D linear interpolation PyTorch's bilinear mode applies along one axis."""
+        key = (n_in, n_out, scale, like.dtype, like.device)
+        if key not in self.matrices:
+            eye = torch.eye(n_in, dtype=torch.float64)[None]  # interpolating e_i gives column i
+            cols = torch.ops.aten.upsample_linear1d(eye, [n_out], bool(self.align_corners), scale)
+            self.matrices[key] = cols[0].T.to(device=like.device, dtype=like.dtype).contiguous()
+        return self.matrices[key]
 
 
 class Dense:
