@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
+    except (ValueError, OSError, ImportError) as err:  # the user's input or environment: one line, no traceback
         print(f"advface {args.command}: error: {err}", file=sys.stderr)
         return 2
 

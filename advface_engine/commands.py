@@ -1,14 +1,11 @@
-"""Core subcommands: train-encoder, train-shadow, protect and demo."""
+"""Core subcommands: train-encoder, train-shadow and demo (protect lives in gallery/command.py)."""
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
-
-from .config_args import add_protect_args, config_from_args
 
 
 def add_image_args(p: argparse.ArgumentParser, identities: int = 200, per_identity: int = 10) -> None:
@@ -78,23 +75,6 @@ def cmd_train_shadow(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_protect(args: argparse.Namespace) -> int:
-    """A .npy gallery in, a .npy out: the gallery job (streamed, atomic, resumable) on one file."""
-    from .gallery import protect_gallery
-    from .models import load_encoder
-
-    if not str(args.input).endswith(".npy") or not str(args.output).endswith(".npy"):
-        raise ValueError("protect reads and writes .npy files; use protect-gallery for other formats")
-    encoder = load_encoder(args.encoder, args.encoder_arch, args.device)
-    start = time.perf_counter()
-    result = protect_gallery(args.input, args.output, args.shadow, encoder, config_from_args(args),
-                             batch_size=args.batch_size, device=args.device, backend=args.backend)
-    elapsed = time.perf_counter() - start
-    print(f"protected {result.rows_written} features in {elapsed:.1f} s "
-          f"({result.rows_written / max(elapsed, 1e-9):.0f}/s) -> {result.output}")
-    return 0
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     from .demo import add_demo_parser
 
@@ -122,17 +102,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_image_args(p)
     add_train_args(p, epochs=8, lr=2e-3, batch_size=64)
     p.set_defaults(func=cmd_train_shadow)
-
-    p = sub.add_parser("protect", help="protect a .npy gallery of features (N, D) into a new .npy")
-    p.add_argument("--input", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--shadow", required=True, help="shadow decoder checkpoint")
-    p.add_argument("--encoder", required=True)
-    p.add_argument("--encoder-arch")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", default="auto", choices=["auto", "reference", "fused"])
-    add_protect_args(p)
-    p.set_defaults(func=cmd_protect)
 
     add_demo_parser(sub)

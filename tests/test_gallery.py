@@ -91,7 +91,8 @@ def read(fmt, path):
         return data["embeddings"], data.get("ids"), None
     if fmt == "parquet":
         table = pq.read_table(path)
-        rows = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+        embedding = table.column("embedding").to_numpy(zero_copy_only=False)
+        rows = np.stack(embedding) if len(embedding) else np.zeros((0, DIM), np.float32)
         return rows, table.column("id").to_numpy() if "id" in table.column_names else None, table
     index = faiss.read_index(str(path))
     ids = faiss.vector_to_array(index.id_map) if hasattr(index, "id_map") else None
@@ -296,6 +297,99 @@ def test_corrupt_part_is_recomputed(tmp_path, ckpt):
     assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "fresh.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("fmt", ["npy", "safetensors", "parquet", "faiss_idmap"])
+def test_a_chunk_of_bad_rows_only_is_skipped_whole(tmp_path, ckpt, fmt):
+    clean, ids = gallery_rows(), np.arange(ROWS, dtype=np.int64)
+    rows = clean.copy()
+    rows[CHUNK:2 * CHUNK, 1] = np.nan  # every row of the second chunk
+    src, dst = tmp_path / f"in{SUFFIX[fmt]}", tmp_path / f"out{SUFFIX[fmt]}"
+    write(fmt, src, rows, ids)
+    result = run(src, dst, ckpt, on_bad_rows="skip")
+    keep = np.r_[0:CHUNK, 2 * CHUNK:ROWS]
+    out, out_ids, _ = read(fmt, dst)
+    assert result.rows_written == len(keep) == len(out)
+    np.testing.assert_array_equal(out, reference(clean, ckpt)[keep])
+    if out_ids is not None:
+        np.testing.assert_array_equal(out_ids, ids[keep])
+
+
+@pytest.mark.parametrize("fmt", ["npy", "safetensors", "parquet", "faiss_idmap"])
+def test_an_empty_gallery_gives_an_empty_output(tmp_path, ckpt, fmt):
+    """Operators protecting shards meet empty ones: same format, zero rows, nothing else."""
+    src, dst = tmp_path / f"in{SUFFIX[fmt]}", tmp_path / f"out{SUFFIX[fmt]}"
+    write(fmt, src, np.zeros((0, DIM), np.float32), np.zeros(0, np.int64))
+    result = run(src, dst, ckpt)
+    out, out_ids, _ = read(fmt, dst)
+    assert result.rows_written == 0 and out.shape == (0, DIM)
+    assert out_ids is None or len(out_ids) == 0
+    assert not (tmp_path / f"out{SUFFIX[fmt]}.job").exists()
+
+
+@pytest.mark.parametrize("ids", [[b"a", b"b", b"c", b"d"], [None, 7, 8, 9]], ids=["bytes", "null"])
+def test_bad_rows_report_holds_any_id_as_json(tmp_path, ckpt, ids):
+    rows = gallery_rows(4)
+    rows[0, 0] = np.nan
+    pq.write_table(pa.table({"id": pa.array(ids), "embedding": pa.FixedSizeListArray.from_arrays(
+        pa.array(rows.ravel()), DIM)}), tmp_path / "in.parquet")
+    result = run(tmp_path / "in.parquet", tmp_path / "out.parquet", ckpt, on_bad_rows="copy")
+    report = json.loads(result.bad_rows_file.read_text(), parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert report["rows"] == [0] and report["ids"] == [b"a".hex() if ids[0] else None]
+    assert pq.read_table(tmp_path / "out.parquet").column("id").to_pylist() == ids  # ids kept as they were
+
+
+def test_conversions_that_would_change_ids_are_refused(tmp_path, ckpt):
+    rows = gallery_rows(4)
+    big = np.array([0, 1, 2, 2**63 + 5], dtype=np.uint64)
+    write("safetensors", tmp_path / "big.safetensors", rows, big)
+    with pytest.raises(ValueError, match=r"id 9223372036854775813 \(row 3\) does not fit FAISS's int64"):
+        run(tmp_path / "big.safetensors", tmp_path / "out.faiss", ckpt)
+    run(tmp_path / "big.safetensors", tmp_path / "out.parquet", ckpt)  # Parquet keeps uint64
+    assert pq.read_table(tmp_path / "out.parquet").column("id").to_pylist() == big.tolist()
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), DIM)
+    pq.write_table(pa.table({"id": pa.array([5, None, 7, 8], pa.int64()), "embedding": embedding}),
+                   tmp_path / "null.parquet")
+    for out in ("out.safetensors", "out2.faiss"):
+        with pytest.raises(ValueError, match="row 1 has no id"):
+            run(tmp_path / "null.parquet", tmp_path / out, ckpt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.safetensors", "null.parquet", "out.parquet"]
+
+
+def test_a_different_onnx_encoder_is_a_different_job(tmp_path, ckpt):
+    """An ONNX encoder has no parameters: its file identifies it (a resumed job must not mix two models)."""
+    pytest.importorskip("onnxruntime")
+    from advface_engine.models import load_encoder
+
+    encoders = [onnx_encoder(tmp_path / f"enc{seed}.onnx", seed) for seed in (0, 1)]
+    assert job_module.model_checksum(load_encoder(encoders[0])) != job_module.model_checksum(load_encoder(encoders[1]))
+    src, *_ = with_bad_rows(tmp_path, bad=(140, 141, 149))
+    dst = tmp_path / "out.safetensors"
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        protect_gallery(src, dst, ckpt["shadow"], encoders[0], CONFIG, batch_size=BATCH, chunk_rows=CHUNK,
+                        progress=False)
+    for encoder in (encoders[1], load_encoder(encoders[1])):  # a path or the loaded module
+        with pytest.raises(ValueError, match=r"belongs to a different job \(encoder"):
+            protect_gallery(src, dst, ckpt["shadow"], encoder, CONFIG, batch_size=BATCH, chunk_rows=CHUNK,
+                            on_bad_rows="copy", progress=False)
+    resumed = protect_gallery(src, dst, ckpt["shadow"], encoders[0], CONFIG, batch_size=BATCH, chunk_rows=CHUNK,
+                              on_bad_rows="copy", progress=False)
+    assert resumed.resumed_chunks == 2
+
+
+def onnx_encoder(path, seed):
+    """A small ONNX encoder for the tiny shadow's images: average pool, then a (3, DIM) projection."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(seed).standard_normal((3, DIM)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+         helper.make_node("MatMul", ["f", "w"], ["z"])],
+        "enc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3, "H", "W"])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["B", DIM])], [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
 def test_interrupted_assembly_and_cleanup_finish_on_rerun(tmp_path, ckpt, monkeypatch):
     np.save(tmp_path / "in.npy", gallery_rows())
     run(tmp_path / "in.npy", tmp_path / "fresh.npy", ckpt)
@@ -318,6 +412,20 @@ def test_interrupted_assembly_and_cleanup_finish_on_rerun(tmp_path, ckpt, monkey
     assert (tmp_path / "out.npy").read_bytes() == (tmp_path / "fresh.npy").read_bytes()
     with pytest.raises(FileExistsError, match="already exists"):
         run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt)
+
+
+def test_finished_output_is_not_taken_for_another_policy(tmp_path, ckpt, monkeypatch):
+    """An interrupted cleanup is finished by a rerun of the same command only: under another bad-rows
+    policy the output (made with the first) is not this job's, and replacing it needs --overwrite."""
+    src, *_ = with_bad_rows(tmp_path, bad=(3, 70, 149))
+    dst = tmp_path / "out.safetensors"
+    with monkeypatch.context() as m:
+        m.setattr(job_module, "_remove_job", lambda work: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            run(src, dst, ckpt, on_bad_rows="copy")
+    with pytest.raises(FileExistsError, match="already exists"):
+        run(src, dst, ckpt, on_bad_rows="skip")
+    assert run(src, dst, ckpt, on_bad_rows="skip", overwrite=True).rows_written == ROWS - 3
 
 
 def test_resume_after_sigkill_is_byte_identical(tmp_path, ckpt):
@@ -354,7 +462,6 @@ def _truncate(path, keep):
 
 @pytest.mark.parametrize("case, error", [
     ("wrong_dim", "rows are 24-d"),
-    ("empty", "the gallery is empty"),
     ("truncated_npy", "not a readable .npy|truncated"),
     ("truncated_safetensors", "truncated"),
     ("corrupt_safetensors", "not a safetensors file|corrupt"),
@@ -372,8 +479,6 @@ def test_bad_input_is_a_clear_error_with_no_output(tmp_path, ckpt, case, error):
     write("faiss_ip" if fmt == "faiss" else fmt, src, rows, np.arange(ROWS))
     if case == "wrong_dim":
         np.save(src, gallery_rows(dim=24))
-    elif case == "empty":
-        np.save(src, np.zeros((0, DIM), np.float32))
     elif case == "int_dtype":
         np.save(src, np.ones((ROWS, DIM), np.int32))
     elif case.startswith("truncated"):
@@ -426,6 +531,18 @@ def test_cli_reports_errors(tmp_path, ckpt, capsys):
             "--encoder", ckpt["encoder"], "--no-progress"]
     assert main([*args, "--output", str(tmp_path / "in.npy")]) == 2
     assert "the output path is the input path" in capsys.readouterr().err
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    for extra, error in [(["--output", str(tmp_path / "folder"), "--overwrite"], "is a directory"),
+                         (["--output", str(tmp_path / "o.npy"), "--format", "parquet"], "names npy, not parquet"),
+                         (["--output", str(tmp_path / "o.npy"), "--workers", "2"], "needs engine 'ray'"),
+                         (["--output", str(tmp_path / "in.npy" / "o.npy")], "error"),  # a file as a folder
+                         (["--output", str(tmp_path / "o.npy"), "--shadow", str(tmp_path / "junk.safetensors")],
+                          "not a readable safetensors checkpoint")]:
+        assert main([*args, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert error in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "in.npy", "junk.safetensors"]
     assert main([*args, "--output", str(tmp_path / "out.npy"), "--steps", "1"]) == 0
     assert "150 of 150 rows" in capsys.readouterr().out
 

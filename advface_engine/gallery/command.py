@@ -12,13 +12,15 @@ from .job import ENGINES, POLICIES
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "protect-gallery", help="re-protect a stored gallery (npy, safetensors, Parquet, FAISS), resumable",
+        "protect-gallery", aliases=["protect"],
+        help="protect a stored gallery (npy, safetensors, Parquet, FAISS) into a new file, resumable",
         description="Replace every embedding of a gallery file by its protected feature. The job is streamed, "
                     "checkpointed per chunk in OUTPUT.job/ and resumed by rerunning the same command.")
     p.add_argument("--input", required=True, help="gallery file (.npy, .safetensors, .parquet, .faiss/.index)")
     p.add_argument("--output", required=True, help="protected gallery file (written when complete)")
     p.add_argument("--shadow", required=True, help="shadow decoder checkpoint")
-    p.add_argument("--encoder", required=True, help="encoder checkpoint")
+    p.add_argument("--encoder", required=True, help="encoder: advface .safetensors, .onnx, or .pth with --encoder-arch")
+    p.add_argument("--encoder-arch", help="architecture of a plain state-dict encoder, e.g. iresnet50")
     p.add_argument("--format", choices=FORMATS, help="output format (default: the output's suffix, else the input's)")
     p.add_argument("--batch-size", type=int, default=1024, help="rows per engine call (default 1024)")
     p.add_argument("--chunk-rows", type=int, help="rows per checkpointed chunk (default: ~32 MiB of rows)")
@@ -39,14 +41,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import time
+
     from .job import protect_gallery
 
+    start = time.perf_counter()
     result = protect_gallery(
         args.input, args.output, args.shadow, args.encoder, config_from_args(args), batch_size=args.batch_size,
         chunk_rows=args.chunk_rows, device=args.device, backend=args.backend, format=args.format,
         on_bad_rows=args.on_bad_rows, engine=args.engine, workers=args.workers, ray_address=args.ray_address,
-        embedding_key=args.embedding_key, id_key=args.id_key, overwrite=args.overwrite, progress=args.progress)
+        embedding_key=args.embedding_key, id_key=args.id_key, encoder_arch=args.encoder_arch,
+        overwrite=args.overwrite, progress=args.progress)
+    elapsed = time.perf_counter() - start
     bad = f", {result.bad_rows} bad rows listed in {result.bad_rows_file}" if result.bad_rows else ""
     print(f"wrote {result.output} ({result.format}): {result.rows_written} of {result.rows} rows, "
-          f"{result.chunks} chunks ({result.resumed_chunks} resumed){bad}")
+          f"{result.chunks} chunks ({result.resumed_chunks} resumed){bad}, {elapsed:.1f} s "
+          f"({result.rows / max(elapsed, 1e-9):.0f} rows/s)")
     return 0

@@ -98,6 +98,11 @@ class Gallery:
         return {"format": self.format, "size": size, "sample_sha256": digest.hexdigest(), "rows": self.num_rows,
                 "dim": self.dim, "dtype": self.dtype.name}
 
+    def scan_ids(self, block: int = 1 << 20):
+        """The ids in blocks of ``block`` rows (numpy arrays; a missing id is None in an object array)."""
+        for start in range(0, self.num_rows, block):
+            yield self.read(start, min(start + block, self.num_rows), rows=False).ids
+
     def close(self) -> None:
         pass
 
@@ -216,7 +221,8 @@ def open_safetensors(path: Path, embedding_key: str | None, id_key: str | None) 
     if id_key in entries:
         ids_dtype, ids_shape, ids_begin, _ = entries[id_key]
         if ids_shape != [shape[0]] or ids_dtype.kind not in "iu":
-            raise ValueError(f"{path}: ids tensor {id_key!r} must be integer of shape [{shape[0]}], got {ids_shape}")
+            raise ValueError(f"{path}: ids tensor {id_key!r} must be integer of shape [{shape[0]}], "
+                             f"got {ids_dtype} of shape {ids_shape}")
         ids_offset = data_start + ids_begin
     _check_dtype(dtype, path)
     return RawGallery(path, "safetensors", shape[0], shape[1], dtype, data_start + begin, ids_offset, ids_dtype,
@@ -344,11 +350,15 @@ class ParquetGallery(Gallery):
         self._buffer, self._at = rest.to_batches(), stop
         return table.slice(0, stop - start)
 
+    def scan_ids(self, block: int = 1 << 20):
+        for batch in self._file.iter_batches(batch_size=block, columns=[self.id_key], use_threads=False):
+            yield _ids_array(batch.column(0))
+
     def read(self, start: int, stop: int, rows: bool = True) -> Chunk:
         import pyarrow.compute as pc
 
         table = self._table(start, stop)
-        ids = table.column(self.id_key).to_numpy(zero_copy_only=False) if self.ids_dtype is not None else None
+        ids = _ids_array(table.column(self.id_key)) if self.ids_dtype is not None else None
         if not rows:
             return Chunk(None, ids, table)
         column = table.column(self.embedding_key).combine_chunks()
@@ -362,6 +372,13 @@ class ParquetGallery(Gallery):
         values = column.flatten().to_numpy(zero_copy_only=False)  # null values become NaN: bad rows
         rows = np.array(values.reshape(len(table), self.dim), dtype=self.dtype, order="C")  # a writable copy
         return Chunk(rows, ids, table)
+
+
+def _ids_array(column) -> np.ndarray:
+    """An Arrow id column as numpy; with nulls an object array holding None (never NaN-filled floats)."""
+    if column.null_count:
+        return np.array(column.to_pylist(), dtype=object)
+    return column.to_numpy(zero_copy_only=False)
 
 
 def open_gallery(path: str | os.PathLike, embedding_key: str | None = None, id_key: str | None = None) -> Gallery:
@@ -380,9 +397,9 @@ def open_gallery(path: str | os.PathLike, embedding_key: str | None = None, id_k
         gallery = open_faiss(path)
     else:
         gallery = ParquetGallery(path, embedding_key, id_key)
-    if gallery.num_rows == 0 or gallery.dim == 0:
+    if gallery.dim == 0:
         gallery.close()
-        raise ValueError(f"{path}: the gallery is empty ({gallery.num_rows} rows of dim {gallery.dim})")
+        raise ValueError(f"{path}: the gallery's rows have no values ({gallery.num_rows} rows of dim 0)")
     return gallery
 
 
@@ -402,6 +419,24 @@ def check_convertible(gallery: Gallery, fmt: str) -> None:
             raise ValueError(f"{gallery.path}: {fmt} output needs integer ids, the gallery has {gallery.ids_dtype}")
     if fmt == "faiss" and gallery.dtype != np.float32:
         raise ValueError(f"{gallery.path}: FAISS output holds float32, the gallery is {gallery.dtype}")
+    if gallery.ids_dtype is not None and fmt != "parquet":
+        _check_ids_fit(gallery, fmt)
+
+
+def _check_ids_fit(gallery: Gallery, fmt: str) -> None:
+    """Refuse ids that safetensors or FAISS output would change: missing ones, and for FAISS (int64
+    ids) unsigned ids past 2**63 - 1. Reads the ids only (8 bytes a row), before any work."""
+    start = 0
+    for ids in gallery.scan_ids():
+        if ids.dtype == object:
+            missing = [i for i, v in enumerate(ids) if v is None]
+            if missing:
+                raise ValueError(f"{gallery.path}: row {start + missing[0]} has no id, which {fmt} output cannot "
+                                 "hold; keep Parquet output or fill the ids")
+        elif fmt == "faiss" and ids.dtype.kind == "u" and len(ids) and ids.max() > np.iinfo(np.int64).max:
+            row = start + int(np.argmax(ids > np.iinfo(np.int64).max))
+            raise ValueError(f"{gallery.path}: id {ids[row - start]} (row {row}) does not fit FAISS's int64 ids")
+        start += len(ids)
 
 
 class GalleryWriter:
@@ -469,6 +504,8 @@ class GalleryWriter:
 
     def write(self, chunk: Chunk) -> None:
         rows = np.ascontiguousarray(chunk.rows, dtype=self.like.dtype)
+        if not len(rows):  # every row of the chunk skipped
+            return
         if self.fmt == "parquet":
             self._write_parquet(chunk, rows)
             return
@@ -479,8 +516,6 @@ class GalleryWriter:
     def _write_parquet(self, chunk: Chunk, rows: np.ndarray) -> None:
         import pyarrow as pa
 
-        if not len(rows):
-            return
         field = self._schema.field(self._key)
         values = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), self.like.dim).cast(field.type)
         if chunk.table is not None:

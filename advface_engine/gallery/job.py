@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import ProtectConfig
+from ..models import load_encoder
 from ..models.io import load_model
 from ..protect import Protector
 from .formats import Chunk, Gallery, GalleryWriter, check_convertible, format_of, open_gallery
@@ -65,6 +66,7 @@ class JobSpec:
     device: str = "cpu"
     embedding_key: str | None = None
     id_key: str | None = None
+    encoder_arch: str | None = None  # for a plain state-dict encoder file (``load_encoder``)
 
 
 @dataclass
@@ -98,10 +100,12 @@ def sha256_of(array: np.ndarray) -> str:
 
 
 def model_checksum(model: str | os.PathLike | nn.Module) -> str:
-    """sha256 of a checkpoint file, or of a module's architecture name and state dict."""
+    """sha256 of a checkpoint file, or of a module's architecture name, state dict and, for a module
+    that wraps a file (an ONNX encoder: no parameters), that file's checksum."""
     digest = hashlib.sha256()
     if isinstance(model, nn.Module):
         digest.update(str(getattr(model, "arch", type(model).__name__)).encode())
+        digest.update(str(getattr(model, "source_sha256", "")).encode())
         for name, tensor in sorted(model.state_dict().items()):
             t = tensor.detach().cpu().contiguous()
             digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
@@ -128,8 +132,11 @@ def deterministic_cudnn():
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
-def _load(model: str | os.PathLike | nn.Module, device: torch.device) -> nn.Module:
-    return model.to(device) if isinstance(model, nn.Module) else load_model(model, device=device)
+def _load(model: str | os.PathLike | nn.Module, device: torch.device, encoder_arch: str | None = None,
+          encoder: bool = False) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return model.to(device)
+    return load_encoder(model, encoder_arch, device) if encoder else load_model(model, device=device)
 
 
 class ChunkJob:
@@ -139,7 +146,8 @@ class ChunkJob:
         self.spec = spec
         self.gallery = gallery or open_gallery(spec.input, spec.embedding_key, spec.id_key)
         self.device = resolve_device(spec.device)
-        shadow, encoder = _load(spec.shadow, self.device), _load(spec.encoder, self.device)
+        shadow = _load(spec.shadow, self.device)
+        encoder = _load(spec.encoder, self.device, spec.encoder_arch, encoder=True)
         self.protector = Protector(shadow=shadow, encoder=encoder, config=spec.config, backend=spec.backend)
         self.parts = Path(spec.parts)
         self.num_chunks = -(-self.gallery.num_rows // spec.chunk_rows)
@@ -391,6 +399,17 @@ def _bad_rows_error(path: Path, rows: list[int]) -> ValueError:
                       "--on-bad-rows skip to drop them or copy to keep them unchanged (both record them)")
 
 
+def _json_id(value):
+    """An id as JSON can hold it: numbers and strings as they are, null for a missing id, text otherwise."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return None if value != value else value
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
 def _write_json(path: Path, data: dict, tmp: Path) -> None:
     with open(tmp, "w") as f:
         json.dump(data, f)
@@ -429,7 +448,7 @@ def assemble(gallery: Gallery, manifest: Manifest, num_chunks: int, fmt: str, ou
             bad = np.asarray(rec["bad"], dtype=np.int64)
             bad_rows += (rec["start"] + bad).tolist()
             if chunk.ids is not None:
-                bad_ids += chunk.ids[bad].tolist()
+                bad_ids += [_json_id(i) for i in chunk.ids[bad].tolist()]
             if policy == "skip":
                 keep = np.ones(len(rows), dtype=bool)
                 keep[bad] = False
@@ -444,7 +463,7 @@ def assemble(gallery: Gallery, manifest: Manifest, num_chunks: int, fmt: str, ou
         side.unlink()
     result = GalleryResult(output, fmt, gallery.num_rows, writer.num_rows, len(bad_rows), num_chunks, 0,
                            side if bad_rows else None)
-    manifest.final = {**_stat(tmp), "result": {"format": fmt, "rows_written": writer.num_rows,
+    manifest.final = {**_stat(tmp), "result": {"format": fmt, "policy": policy, "rows_written": writer.num_rows,
                                                "bad_rows": len(bad_rows), "bad_rows_file": bad_rows and str(side)}}
     manifest.save()
     os.replace(tmp, output)
@@ -505,12 +524,14 @@ def protect_gallery(
     ray_address: str | None = None,
     embedding_key: str | None = None,
     id_key: str | None = None,
+    encoder_arch: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> GalleryResult:
     """Replace every embedding of a stored gallery by its protected feature (ALGORITHM.md), streamed and resumable.
 
-    shadow, encoder: checkpoint paths (``save_model``) or modules. ``format``: the output's format,
+    shadow, encoder: checkpoint paths (``save_model``) or modules; the encoder may also be any file
+    ``load_encoder`` takes (ONNX; a state dict with ``encoder_arch``). ``format``: the output's format,
     by default the output's suffix, else the input's. ``chunk_rows``: rows per checkpointed chunk
     (default: about 32 MiB of rows, a multiple of ``batch_size``). ``engine="ray"``: Ray Data
     actors, ``workers`` of them (default one per GPU, else per CPU), on ``ray_address`` or a local Ray.
@@ -523,11 +544,18 @@ def protect_gallery(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    if workers is not None and engine != "ray":
+        raise ValueError("workers sets the number of Ray actors: it needs engine 'ray' (--engine ray)")
     src, dst = Path(input), Path(output)
     if not src.is_file():
         raise FileNotFoundError(f"no gallery file at {src}")
     if dst.resolve() == src.resolve() or (dst.exists() and os.path.samefile(src, dst)):
         raise ValueError(f"the output path is the input path ({src}); write the protected gallery elsewhere")
+    if dst.is_dir():
+        raise ValueError(f"the output {dst} is a directory; name the protected gallery file")
+    if format is not None and format_of(dst) not in (None, format):
+        raise ValueError(f"the output's suffix {dst.suffix!r} names {format_of(dst)}, not {format}: "
+                         "give the output a matching suffix")
     work = dst.with_name(dst.name + ".job")
     gallery = open_gallery(src, embedding_key, id_key)
     try:
@@ -536,7 +564,8 @@ def protect_gallery(
         row_bytes = gallery.dim * gallery.dtype.itemsize
         chunk_rows = chunk_rows or batch_size * max(1, CHUNK_BYTES // (row_bytes * batch_size))
         spec = JobSpec(str(src), shadow, encoder, config if config is not None else ProtectConfig(),
-                       str(work / "parts"), batch_size, chunk_rows, backend, device, embedding_key, id_key)
+                       str(work / "parts"), batch_size, chunk_rows, backend, device, embedding_key, id_key,
+                       encoder_arch)
         with contextlib.ExitStack() as stack:
             stack.enter_context(deterministic_cudnn())
             ray = None
@@ -546,7 +575,7 @@ def protect_gallery(
                 ray = stack.enter_context(ray_session(ray_address, workers))
             job, fingerprint = _prepare(spec, gallery, ray)
             if dst.exists():
-                finished = _finished(work, fingerprint, dst)
+                finished = _finished(work, fingerprint, dst, fmt, on_bad_rows)
                 if finished is not None:
                     return finished
                 if not overwrite:
@@ -578,6 +607,7 @@ def _prepare(spec: JobSpec, gallery: Gallery, ray) -> tuple[ChunkJob, dict]:
     fingerprint = {
         "input": {**gallery.fingerprint(), "embedding_key": spec.embedding_key, "id_key": spec.id_key},
         "shadow": model_checksum(spec.shadow), "encoder": model_checksum(spec.encoder),
+        "encoder_arch": spec.encoder_arch,
         "config": spec.config.to_dict(), "engine": {**engine, "torch": torch.__version__},
         "layout": {"chunk_rows": spec.chunk_rows, "batch_size": spec.batch_size},
     }
@@ -610,13 +640,15 @@ def _compute(job: ChunkJob, spec: JobSpec, manifest: Manifest, on_bad_rows: str,
             run_local(job, pending, record, fail, progress=bar.update)
 
 
-def _finished(work: Path, fingerprint: dict, output: Path) -> GalleryResult | None:
-    """This very job's result when only its cleanup was interrupted (``output`` is its final file), else None."""
+def _finished(work: Path, fingerprint: dict, output: Path, fmt: str, policy: str) -> GalleryResult | None:
+    """This very job's result when only its cleanup was interrupted (``output`` is its final file, written
+    in this format under this bad-rows policy), else None."""
     try:
         data = json.loads((work / "manifest.json").read_text())
         final = data["final"]
         same_file = {k: final[k] for k in ("ino", "size", "mtime_ns")} == _stat(output)
-        if data["fingerprint"] != _plain(fingerprint) or not same_file:
+        same_output = final["result"]["format"] == fmt and final["result"].get("policy") == policy
+        if data["fingerprint"] != _plain(fingerprint) or not same_file or not same_output:
             return None
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -32,8 +32,13 @@ def read_metadata(path: str | os.PathLike) -> dict:
     """The checkpoint's header: {"arch", "kwargs", "extra"}."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except OSError:
+        raise
+    except Exception as err:  # safetensors raises its own error type for a file that is not one
+        raise ValueError(f"{path}: not a readable safetensors checkpoint ({err})") from err
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not an advface-engine checkpoint (no '{FORMAT}' header)")
     return {"arch": meta["arch"], "kwargs": json.loads(meta["kwargs"]), "extra": json.loads(meta.get("extra", "{}"))}

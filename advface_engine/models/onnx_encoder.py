@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
@@ -22,6 +23,11 @@ class OnnxEncoder(nn.Module):
         except ImportError as err:
             raise ImportError("ONNX encoders need onnxruntime: pip install 'advface-engine[onnx]'") from err
         self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+        digest = hashlib.sha256()  # the module has no parameters: this identifies the model (job manifests)
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        self.source_sha256 = digest.hexdigest()
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         shape = inp.shape
