@@ -493,6 +493,18 @@ def test_bad_input_is_a_clear_error_with_no_output(tmp_path, ckpt, case, error):
     assert sorted(os.listdir(tmp_path)) == before  # no output, no job folder
 
 
+@pytest.mark.parametrize("header", [
+    {"embeddings": {"dtype": "F32", "shape": [-2, -8], "data_offsets": [0, 64]}},
+    {"embeddings": {"dtype": "F32", "shape": [2, 8], "data_offsets": ["0", "64"]}},
+    {"embeddings": {"dtype": "F32", "shape": [2, 8], "data_offsets": [0, 64]}, "__metadata__": {"n": 1}},
+], ids=["negative-shape", "text-offsets", "metadata-not-text"])
+def test_malformed_safetensors_headers_are_named(tmp_path, ckpt, header):
+    raw = json.dumps(header).encode()
+    (tmp_path / "in.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(64))
+    with pytest.raises(ValueError, match=r"in.safetensors: corrupt safetensors header"):
+        run(tmp_path / "in.safetensors", tmp_path / "out.safetensors", ckpt)
+
+
 def test_ragged_parquet_rows_stop_the_job_with_no_output(tmp_path, ckpt):
     values = [list(row) for row in gallery_rows()]
     values[100] = values[100][:-1]

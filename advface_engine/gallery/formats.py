@@ -188,6 +188,8 @@ def open_safetensors(path: Path, embedding_key: str | None, id_key: str | None) 
     """An embeddings tensor (``embedding_key``, else the only 2-D tensor) and optionally an ids tensor."""
     header, data_start = _safetensors_header(path)
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     try:
         if embedding_key is None:
             matrices = [k for k, v in header.items() if len(v["shape"]) == 2]
@@ -208,10 +210,14 @@ def open_safetensors(path: Path, embedding_key: str | None, id_key: str | None) 
             if entry["dtype"] not in ST_DTYPES:
                 raise ValueError(f"{path}: unsupported dtype {entry['dtype']} of tensor {key!r}")
             dtype = np.dtype(ST_DTYPES[entry["dtype"]])
-            begin, end = (int(x) for x in entry["data_offsets"])
-            if end - begin != int(np.prod(entry["shape"], dtype=np.int64)) * dtype.itemsize:
+            shape, offsets = entry["shape"], entry["data_offsets"]
+            if not all(type(x) is int and x >= 0 for x in [*shape, *offsets]) or len(offsets) != 2:
+                raise ValueError(f"{path}: corrupt safetensors header (tensor {key!r}: shape {shape}, "
+                                 f"data_offsets {offsets})")
+            begin, end = offsets
+            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
                 raise ValueError(f"{path}: corrupt safetensors header (tensor {key!r} size does not match its shape)")
-            entries[key] = (dtype, [int(s) for s in entry["shape"]], begin, end)
+            entries[key] = (dtype, list(shape), begin, end)
     except (KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{path}: corrupt safetensors header ({err!r})") from err
     dtype, shape, begin, end = entries[embedding_key]
