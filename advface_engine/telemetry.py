@@ -162,3 +162,11 @@ class EnergyMeter:
         end = self._read()
         if self._start is not None and end is not None:
             self.joules = (end - self._start) / 1e3
+
+
+def conv_tf32() -> bool:
+    """Whether cuDNN runs fp32 convolutions in TF32 at PyTorch's current settings (its default)."""
+    conv = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    if conv in ("tf32", "ieee"):
+        return conv == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32)  # "none" (inherited) or an older torch

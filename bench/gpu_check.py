@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import advface_engine as afe
+from advface_engine import telemetry as tm
 from advface_engine.backends.fused import FusedBackend, _tf32
 from advface_engine.backends.reference import ReferenceBackend
 from advface_engine.models import build_model
@@ -80,14 +81,6 @@ def time_ms(fn, reps: int, device: torch.device) -> list[float]:
     return times
 
 
-def conv_precision() -> str:
-    """What cuDNN convolutions use for fp32 at PyTorch's current settings (TF32 by default)."""
-    conv = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
-    if conv in ("tf32", "ieee"):
-        return f"cuDNN fp32 convolutions: {conv}"
-    return f"cuDNN fp32 convolutions: {'tf32' if torch.backends.cudnn.allow_tf32 else 'ieee'}"
-
-
 def reference_flops(shadow: nn.Module, encoder: nn.Module, z: torch.Tensor, steps: int) -> int:
     """FLOPs of the reference loop for z: E(S(z)) once, then per step S forward and the gradient to z.
 
@@ -131,7 +124,7 @@ def main() -> None:
     import triton
 
     report["triton"] = triton.__version__
-    report["reference_precision"] = conv_precision()
+    report["reference_precision"] = f"cuDNN fp32 convolutions: {'tf32' if tm.conv_tf32() else 'ieee'}"
     json_path = out / "bench.json"
 
     torch.manual_seed(0)

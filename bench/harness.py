@@ -132,7 +132,7 @@ def measure(benchmark, name: str, models: tuple, batch: int, steps: int, mode: s
         "step_flops": one_step, "protect_flops": flops, "tflops": tflops, "threads": torch.get_num_threads(),
     }
     # the fused backend's default is IEEE fp32; PyTorch's convolutions run in TF32 on a GPU by default
-    tf32 = device.type == "cuda" and not name.startswith("fused") and torch.backends.cudnn.allow_tf32
+    tf32 = device.type == "cuda" and not name.startswith("fused") and tm.conv_tf32()
     info["precision"] = "bf16" if "-bf16" in name else "tf32" if tf32 else "fp32"
     peak = tm.peak_tflops(info["device"], info["precision"])
     if peak:

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models and features, and the ``gpu`` marker that skips without CUDA."""
+"""Shared fixtures: tiny models and features; the ``gpu`` and ``interpreter`` markers skip where they cannot run."""
 
 from __future__ import annotations
 
@@ -15,13 +15,51 @@ import pytest  # noqa: E402
 from advface_engine.models import build_model  # noqa: E402
 
 
+def _interpreter_problem() -> str | None:
+    """Why Triton kernels cannot run on the CPU in this process (None when they can)."""
+    from advface_engine.kernels import interpreted
+
+    if not interpreted():
+        return ("Triton kernels run compiled in this process (a CUDA GPU is present): "
+                "TRITON_INTERPRET=1 pytest runs the CPU interpreter tests")
+    import numpy as np
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def loop(x_ptr, n):  # a loop with a runtime bound, as the step kernels have
+        acc = 0.0
+        for i in range(1, n):
+            acc += tl.load(x_ptr + i)
+        tl.store(x_ptr, acc)
+
+    x = torch.arange(4.0)
+    try:
+        loop[(1,)](x, 4)
+    except Exception as err:
+        return (f"Triton {triton.__version__}'s interpreter fails with NumPy {np.__version__} ({err}): "
+                "use Triton >= 3.7 or NumPy < 2.3")
+    return None if x[0].item() == 6.0 else f"Triton {triton.__version__}'s interpreter computes a loop wrongly"
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    """``gpu`` tests need CUDA and compiled Triton; ``interpreter`` tests need Triton's CPU interpreter
+    working (the two cannot share a process: the interpreter is chosen when triton is imported)."""
+    from advface_engine.kernels import interpreted
+
+    gpu_problem = None if torch.cuda.is_available() else "needs a CUDA GPU"
+    if gpu_problem is None and interpreted():
+        gpu_problem = "gpu tests need compiled Triton: unset TRITON_INTERPRET"
+    cpu_problem = -1  # probed once, and only if an interpreter test was collected
     for item in items:
         if "gpu" in item.keywords:
-            item.add_marker(skip)
+            if gpu_problem:
+                item.add_marker(pytest.mark.skip(reason=gpu_problem))
+        elif "interpreter" in item.keywords:
+            if cpu_problem == -1:
+                cpu_problem = _interpreter_problem()
+            if cpu_problem:
+                item.add_marker(pytest.mark.skip(reason=cpu_problem))
 
 
 def tiny_models(family: str = "dcgan", feature_dim: int = 16, size: int = 16, seed: int = 0, dtype=torch.float32):

@@ -37,7 +37,7 @@ def test_protect_command_matches_api(trained, capsys):
     out = trained / "protected.npy"
     rc = main(["protect", "--input", str(trained / "gallery.npy"), "--output", str(out),
                "--shadow", str(trained / "shadow.safetensors"), "--encoder", str(trained / "enc.safetensors"),
-               "--batch-size", "4", "--steps", "3", "--eps", "0.02", "--alpha", "0.01"])
+               "--batch-size", "4", "--steps", "3", "--eps", "0.02", "--alpha", "0.01", "--device", "cpu"])
     assert rc == 0 and "10 of 10 rows" in capsys.readouterr().out  # protect is protect-gallery
     want = afe.protect(torch.from_numpy(z), afe.load_model(trained / "shadow.safetensors"),
                        afe.load_model(trained / "enc.safetensors"), afe.ProtectConfig(eps=0.02, alpha=0.01, steps=3))

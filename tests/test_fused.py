@@ -23,6 +23,8 @@ from advface_engine.backends.reference import ReferenceBackend, project, shadow_
 from advface_engine.models import build_model
 from advface_engine.protect import frozen
 
+pytestmark = pytest.mark.interpreter  # gpu-marked tests excepted (conftest)
+
 VARIANTS = [
     ("dcgan", {}),
     ("dcgan", {"act": "leaky_relu", "head": "sigmoid"}),
@@ -313,6 +315,33 @@ def test_graph_size_depends_on_the_batch_alone():
     assert sorted(set(sizes)) == sorted(set(sizes[:64])) + list(range(128, 5000 + 64, 64))
 
 
+def test_tf32_switch_keeps_settings_readable_and_restores_them_exactly():
+    """Per-operation precision set by a caller (torch >= 2.9) comes back exactly; inside, the legacy
+    getters (which torch.compile reads) answer instead of refusing an inconsistent state."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    if not hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        pytest.skip("this torch has no per-operation fp32_precision settings")
+    knobs = [matmul, cudnn, cudnn.conv, cudnn.rnn]
+    before = [k.fp32_precision for k in knobs]
+    try:
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = "ieee", "tf32"  # conv and rnn differ
+        state = [k.fp32_precision for k in knobs]
+        for enabled in (False, True):
+            with fused_module._tf32(enabled):
+                assert cudnn.allow_tf32 is enabled and matmul.allow_tf32 is enabled
+            assert [k.fp32_precision for k in knobs] == state
+    finally:
+        for knob, value in zip(knobs, before, strict=True):
+            knob.fp32_precision = value
+
+
+def test_empty_batch_on_the_graphed_path(models):
+    backend = FusedBackend(*models, CFG, graphs=True)
+    backend.graph_type = EagerGraph
+    out = _run(backend, features(1)[:0])
+    assert out.shape == (0, 16) and not backend._graphs
+
+
 # ops that wait for the GPU (a value or a data-dependent shape on the host): they break capture
 SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "allclose", "unique",
                "_unique2", "unique_consecutive", "repeat_interleave"}
@@ -370,9 +399,12 @@ def test_clear_errors_on_cpu(monkeypatch, models):
 # -- GPU only: mixed precision, CUDA graphs, padding ---------------------------------------------
 
 
-def _gpu_models(family: str = "dcgan"):
-    shadow, encoder = shadow_variant(family), tiny_models()[1]
+def _gpu_models(family: str = "dcgan", **kwargs):
+    shadow, encoder = shadow_variant(family, **kwargs), tiny_models()[1]
     return shadow.cuda(), encoder.cuda()
+
+
+GPU_VARIANTS = [("dcgan", {}), ("nbnet", {}), ("upconv", {}), ("upconv", {"mode": "bilinear"})]
 
 
 def _run(backend, z):
@@ -386,10 +418,10 @@ def _reference_fp32(shadow, encoder, z, cfg=CFG):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["dcgan", "nbnet", "upconv"])
+@pytest.mark.parametrize("variant", GPU_VARIANTS, ids=_ids)
 @pytest.mark.parametrize("graphs", [False, True])
-def test_gpu_fp32_equals_reference(family, graphs):
-    shadow, encoder = _gpu_models(family)
+def test_gpu_fp32_equals_reference(variant, graphs):
+    shadow, encoder = _gpu_models(variant[0], **variant[1])
     z = features(64).cuda()  # 1024 entries: 99.9% leaves room for one late sign flip (2 alpha / ||z||)
     got = _run(FusedBackend(shadow, encoder, CFG, graphs=graphs), z)
     assert agreement(got, _reference_fp32(shadow, encoder, z), CFG.alpha) >= 0.999
@@ -418,6 +450,38 @@ def test_gpu_graph_replay_equals_eager_and_pads_last_batch():
     assert list(graphed._graphs) == [8]
     assert agreement(short, full[:5], CFG.alpha) >= 0.999
     assert agreement(short, _run(eager, z[:5]), CFG.alpha) >= 0.999
+    # a second size shares the first's memory pool: alternating replays must not disturb each other
+    for rows in (z[:3], z, z[:3], z):
+        assert agreement(_run(graphed, rows), _run(eager, rows), CFG.alpha) >= 0.999
+    assert list(graphed._graphs) == [8, 4]
+
+
+class HostSyncingEncoder(nn.Module):
+    """An encoder that waits for the GPU in its forward (as an ONNX session does): it cannot be captured."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        out = self.inner(x)
+        self.last_max = float(out.abs().max())
+        return out
+
+
+@pytest.mark.gpu
+def test_gpu_uncapturable_encoder_runs_eagerly_and_leaves_cuda_usable():
+    shadow, encoder = _gpu_models()
+    z = features(8).cuda()
+    graphed = FusedBackend(shadow, HostSyncingEncoder(encoder), CFG, graphs=True)
+    with pytest.warns(UserWarning, match="capture failed"):
+        got = _run(graphed, z)
+    assert not graphed.graphs and not graphed._graphs
+    assert agreement(got, _run(FusedBackend(shadow, encoder, CFG, graphs=False), z), CFG.alpha) >= 0.999
+    torch.cuda.empty_cache()  # the allocator is not left mid-capture
+    other = FusedBackend(shadow, encoder, CFG, graphs=True)
+    _run(other, z)
+    assert list(other._graphs) == [8]
 
 
 @pytest.mark.gpu
@@ -434,8 +498,10 @@ def test_gpu_runs_are_bit_identical():
     """No atomics in the step kernels and deterministic cuDNN: a recomputed batch equals the first run."""
     from advface_engine.gallery.job import deterministic_cudnn
 
-    shadow, encoder = _gpu_models("nbnet")
     z = features(4).cuda()
-    with deterministic_cudnn():
-        runs = [_run(FusedBackend(shadow, encoder, CFG, graphs=graphs, split_k=5), z) for graphs in (False, True, True)]
-    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[1], runs[2])
+    # nbnet: dense blocks; bilinear upconv: PyTorch's own CUDA backward of it adds with atomics
+    for shadow, encoder in (_gpu_models("nbnet"), _gpu_models("upconv", mode="bilinear")):
+        with deterministic_cudnn():
+            runs = [_run(FusedBackend(shadow, encoder, CFG, graphs=graphs, split_k=5), z)
+                    for graphs in (False, True, True)]
+        assert torch.equal(runs[0], runs[1]) and torch.equal(runs[1], runs[2])

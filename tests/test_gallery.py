@@ -105,7 +105,8 @@ SUFFIX = {"npy": ".npy", "safetensors": ".safetensors", "parquet": ".parquet", "
 
 
 def run(src, dst, ckpt, **kw):
-    kw = {"batch_size": BATCH, "chunk_rows": CHUNK, "progress": False, **kw}
+    """The job on the CPU (what these tests compare with is the CPU reference; the GPU has its own test)."""
+    kw = {"batch_size": BATCH, "chunk_rows": CHUNK, "progress": False, "device": "cpu", **kw}
     return protect_gallery(src, dst, ckpt["shadow"], ckpt["encoder"], kw.pop("config", CONFIG), **kw)
 
 

@@ -20,6 +20,8 @@ from advface_engine.kernels.l1_sign import l1_sign_backward
 from advface_engine.kernels.linear_step import linear_sign_step
 from advface_engine.kernels.sign_step import sign_step_project
 
+pytestmark = pytest.mark.interpreter  # gpu-marked tests excepted (conftest)
+
 TOL = {torch.float32: dict(rtol=1.3e-6, atol=1e-6),  # fp32 arithmetic inside every kernel, so a float16
        torch.float16: dict(rtol=1e-3, atol=1e-3)}    # result is at most one rounding (1 ulp) away
 HEADS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda a: a}

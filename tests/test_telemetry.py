@@ -92,3 +92,17 @@ def test_nvml_readings_through_the_library(monkeypatch):
     with tm.EnergyMeter("cuda") as meter:
         pass
     assert meter.joules is None
+
+
+def test_conv_tf32_reads_the_per_operation_setting():
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if not hasattr(conv, "fp32_precision"):
+        pytest.skip("this torch has no per-operation fp32_precision settings")
+    before = conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision
+    try:
+        for value, want in (("tf32", True), ("ieee", False)):
+            conv.fp32_precision = value
+            torch.backends.cudnn.rnn.fp32_precision = "tf32"  # conv and rnn differ: the legacy getter refuses
+            assert tm.conv_tf32() is want
+    finally:
+        conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision = before

@@ -37,22 +37,35 @@ def _first_param(module: nn.Module) -> Tensor | None:
 
 @contextlib.contextmanager
 def _tf32(enabled: bool):
-    """TF32 in cuBLAS and cuDNN convolutions on or off for the call (fp32 means IEEE fp32 here),
-    restored after; through the fp32_precision settings where torch has them (2.9+), whose legacy
-    allow_tf32 flags may refuse to be read once a caller has used the new ones."""
-    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(cudnn_conv, "fp32_precision"):
-        owners, name, value = (torch.backends.cuda.matmul, cudnn_conv), "fp32_precision", "tf32" if enabled else "ieee"
+    """TF32 in cuBLAS and cuDNN on or off for the call (fp32 means IEEE fp32 here), restored after.
+
+    Set through the allow_tf32 flags, which keep every per-operation setting consistent (so their
+    getters, which torch.compile reads, keep working inside); saved and restored exactly through
+    the fp32_precision settings where torch has them (2.9+), whose getters never refuse as the
+    legacy ones do once a caller has set conv and rnn differently."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    knobs = [matmul, cudnn, getattr(cudnn, "conv", None), getattr(cudnn, "rnn", None)]
+    if all(hasattr(knob, "fp32_precision") for knob in knobs):
+        saved = [(knob, "fp32_precision", knob.fp32_precision) for knob in knobs]  # parent before children
     else:
-        owners, name, value = (torch.backends.cuda.matmul, torch.backends.cudnn), "allow_tf32", enabled
-    saved = [getattr(owner, name) for owner in owners]
-    for owner in owners:
-        setattr(owner, name, value)
+        saved = [(matmul, "allow_tf32", matmul.allow_tf32), (cudnn, "allow_tf32", cudnn.allow_tf32)]
+    matmul.allow_tf32 = cudnn.allow_tf32 = enabled
     try:
         yield
     finally:
-        for owner, old in zip(owners, saved, strict=True):
-            setattr(owner, name, old)
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+@contextlib.contextmanager
+def _host_syncs_refused():
+    """Ops that make the host wait for the GPU raise instead (torch's sync debug mode), for the call."""
+    saved = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(saved)
 
 
 def _on(device: torch.device):
@@ -73,8 +86,11 @@ def graph_size(batch: int) -> int:
 class CudaGraph:
     """The protection of one batch size captured once: static z and noise in, static out and losses.
 
-    Warm-up (Triton compilation, cuDNN algorithm choice) runs twice on a side stream, then the
-    whole loop is captured; ``replay`` reruns it on whatever the static inputs hold.
+    Warm-up (Triton compilation, cuDNN algorithm choice) runs twice on the backend's capture stream,
+    the second time with host syncs refused: an encoder that waits for the host (an ONNX session)
+    fails there, before the capture, rather than invalidating it (which on torch 2.11 leaves the
+    caching allocator unable to release memory). Then the whole loop is captured into the memory
+    pool the backend's captures share; ``replay`` reruns it on whatever the static inputs hold.
     """
 
     eager = False
@@ -84,19 +100,19 @@ class CudaGraph:
         self.out: Tensor | None = None
         self.losses: Tensor | None = None
 
-    def capture(self, protect) -> None:
+    def capture(self, protect, stream, pool) -> None:
         device = self.z.device
         self.graph = torch.cuda.CUDAGraph()
         # the outer stream context restores the caller's stream even if the capture fails midway
         with torch.cuda.device(device), torch.cuda.stream(torch.cuda.current_stream(device)):
-            side = torch.cuda.Stream(device=device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                protect(self.z, self.noise)
+                with _host_syncs_refused():
                     protect(self.z, self.noise)
-            torch.cuda.current_stream(device).wait_stream(side)
+            torch.cuda.current_stream(device).wait_stream(stream)
             # thread_local: other threads (a gallery job's reader pinning memory) may call CUDA meanwhile
-            with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
+            with torch.cuda.graph(self.graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                 self.out, self.losses = protect(self.z, self.noise)
 
     def replay(self) -> None:
@@ -111,7 +127,7 @@ class EagerGraph(CudaGraph):
 
     eager = True
 
-    def capture(self, protect) -> None:
+    def capture(self, protect, stream=None, pool=None) -> None:
         self._protect = protect
         self.out, self.losses = protect(self.z, self.noise)
 
@@ -163,6 +179,7 @@ class FusedBackend:
                 raise ValueError(f"dtype {self.dtype!r} needs a GPU; the Triton interpreter runs fp32 and fp16 only")
         self.plan = build_plan(self.shadow, DTYPES[self.dtype], device)
         self._graphs.clear()
+        self._capture_stream = self._pool = None  # made at the first capture, on the models' device
         self._key = weights_key(self.shadow, self.encoder)
 
     # -- the algorithm, written once for eager runs and graph capture --------------------------
@@ -224,6 +241,9 @@ class FusedBackend:
     def run(self, z: Tensor) -> Tensor:
         if weights_key(self.shadow, self.encoder) != self._key:
             self._build()
+        if z.shape[0] == 0:
+            self.losses = None
+            return z.clone()
         z32 = z.float().contiguous()
         noise = None
         if self.config.random_start:  # seeded from z's rows as the caller gave them, like the reference
@@ -247,11 +267,15 @@ class FusedBackend:
             static = z.new_empty(size, z.shape[1])
             graph = self.graph_type(static, None if noise is None else torch.empty_like(static))
             _fill(graph, z, noise)
+            if self._capture_stream is None and not graph.eager:  # one stream and memory pool for all sizes
+                self._capture_stream, self._pool = torch.cuda.Stream(device=z.device), torch.cuda.graph_pool_handle()
             try:
-                graph.capture(self.protect)
+                graph.capture(self.protect, self._capture_stream, self._pool)
             except RuntimeError as err:  # e.g. an encoder that synchronises with the host
-                warnings.warn(f"CUDA graph capture failed ({err}); running eagerly", stacklevel=3)
+                cause = f"{err}" + (f" (after: {err.__context__})" if err.__context__ else "")
+                warnings.warn(f"CUDA graph capture failed ({cause}); running eagerly", stacklevel=3)
                 self.graphs = False
+                self._graphs.clear()
                 return self.protect(z, noise)
             self._graphs[size] = graph
         _fill(graph, z, noise)
