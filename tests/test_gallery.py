@@ -326,16 +326,25 @@ def test_an_empty_gallery_gives_an_empty_output(tmp_path, ckpt, fmt):
     assert not (tmp_path / f"out{SUFFIX[fmt]}.job").exists()
 
 
-@pytest.mark.parametrize("ids", [[b"a", b"b", b"c", b"d"], [None, 7, 8, 9]], ids=["bytes", "null"])
-def test_bad_rows_report_holds_any_id_as_json(tmp_path, ckpt, ids):
+NS = pa.timestamp("ns", tz="UTC")
+
+
+@pytest.mark.parametrize("ids, want", [
+    (pa.array([b"a", b"b", b"c", b"d"]), "61"),
+    (pa.array([None, 7, 8, 9], pa.int64()), None),
+    (pa.array([float("inf"), 1.5, 2.5, 3.5]), "inf"),
+    (pa.array([1577836801000000000, None, 3, 4], NS), "2020-01-01 00:00:01+00:00"),  # pandas' default unit
+    (pa.array([1577836801000000000, 2, 3, 4], NS), "2020-01-01 00:00:01+00:00"),  # the same with no null
+], ids=["bytes", "null", "inf", "timestamp-ns-null", "timestamp-ns"])
+def test_bad_rows_report_holds_any_id_as_json(tmp_path, ckpt, ids, want):
     rows = gallery_rows(4)
     rows[0, 0] = np.nan
-    pq.write_table(pa.table({"id": pa.array(ids), "embedding": pa.FixedSizeListArray.from_arrays(
+    pq.write_table(pa.table({"id": ids, "embedding": pa.FixedSizeListArray.from_arrays(
         pa.array(rows.ravel()), DIM)}), tmp_path / "in.parquet")
     result = run(tmp_path / "in.parquet", tmp_path / "out.parquet", ckpt, on_bad_rows="copy")
     report = json.loads(result.bad_rows_file.read_text(), parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
-    assert report["rows"] == [0] and report["ids"] == [b"a".hex() if ids[0] else None]
-    assert pq.read_table(tmp_path / "out.parquet").column("id").to_pylist() == ids  # ids kept as they were
+    assert report["rows"] == [0] and report["ids"] == [want]
+    assert pq.read_table(tmp_path / "out.parquet").column("id").equals(pa.chunked_array([ids]))  # ids kept
 
 
 def test_conversions_that_would_change_ids_are_refused(tmp_path, ckpt):
@@ -362,6 +371,7 @@ def test_a_different_onnx_encoder_is_a_different_job(tmp_path, ckpt):
 
     encoders = [onnx_encoder(tmp_path / f"enc{seed}.onnx", seed) for seed in (0, 1)]
     assert job_module.model_checksum(load_encoder(encoders[0])) != job_module.model_checksum(load_encoder(encoders[1]))
+    assert job_module.model_checksum(load_encoder(encoders[0])) == job_module.model_checksum(encoders[0])
     src, *_ = with_bad_rows(tmp_path, bad=(140, 141, 149))
     dst = tmp_path / "out.safetensors"
     with pytest.raises(ValueError, match="NaN or Inf"):
@@ -546,16 +556,26 @@ def test_cli_reports_errors(tmp_path, ckpt, capsys):
     assert "the output path is the input path" in capsys.readouterr().err
     (tmp_path / "folder").mkdir()
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    (tmp_path / "junk.onnx").write_bytes(b"\xff" * 64)
     for extra, error in [(["--output", str(tmp_path / "folder"), "--overwrite"], "is a directory"),
                          (["--output", str(tmp_path / "o.npy"), "--format", "parquet"], "names npy, not parquet"),
-                         (["--output", str(tmp_path / "o.npy"), "--workers", "2"], "needs engine 'ray'"),
+                         (["--output", str(tmp_path / "o.npy"), "--workers", "2"], "need engine 'ray'"),
+                         (["--output", str(tmp_path / "o.npy"), "--ray-address", "auto"], "need engine 'ray'"),
+                         (["--output", str(tmp_path / "o.npy"), "--engine", "ray", "--workers", "0"],
+                          "workers must be a positive integer"),
+                         (["--output", str(tmp_path / "o.npy"), "--encoder", str(tmp_path / "in.npy"),
+                           "--encoder-arch", "mobilefacenet"], "not a readable weights file"),
+                         (["--output", str(tmp_path / "o.npy"), "--encoder", str(tmp_path / "junk.onnx")],
+                          "not an ONNX model"),
+                         (["--output", str(tmp_path / "o.npy"), "--encoder", ckpt["shadow"],
+                           "--encoder-arch", "mobilefacenet"], "does not hold mobilefacenet weights"),
                          (["--output", str(tmp_path / "in.npy" / "o.npy")], "error"),  # a file as a folder
                          (["--output", str(tmp_path / "o.npy"), "--shadow", str(tmp_path / "junk.safetensors")],
                           "not a readable safetensors checkpoint")]:
         assert main([*args, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert error in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "in.npy", "junk.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "in.npy", "junk.onnx", "junk.safetensors"]
     assert main([*args, "--output", str(tmp_path / "out.npy"), "--steps", "1"]) == 0
     assert "150 of 150 rows" in capsys.readouterr().out
 

@@ -107,8 +107,9 @@ def test_pth_loading_refuses_code(tmp_path):
             return (exec, ("open(r'%s', 'w').write('pwned')" % (tmp_path / "pwned"),))
 
     torch.save({"x": Payload()}, tmp_path / "evil.pth")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match="objects other than tensors, refused") as refused:
         load_encoder(tmp_path / "evil.pth", arch="iresnet18")
+    assert isinstance(refused.value.__cause__, pickle.UnpicklingError)  # torch's weights-only unpickler said no
     assert not (tmp_path / "pwned").exists()
 
 

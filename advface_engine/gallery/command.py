@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, progress=args.progress)
     elapsed = time.perf_counter() - start
     bad = f", {result.bad_rows} bad rows listed in {result.bad_rows_file}" if result.bad_rows else ""
+    rate = "" if result.resumed_chunks else f", {result.rows / max(elapsed, 1e-9):.0f} rows/s"
     print(f"wrote {result.output} ({result.format}): {result.rows_written} of {result.rows} rows, "
-          f"{result.chunks} chunks ({result.resumed_chunks} resumed){bad}, {elapsed:.1f} s "
-          f"({result.rows / max(elapsed, 1e-9):.0f} rows/s)")
+          f"{result.chunks} chunks ({result.resumed_chunks} resumed){bad}, {elapsed:.1f} s{rate}")
     return 0

@@ -381,10 +381,15 @@ class ParquetGallery(Gallery):
 
 
 def _ids_array(column) -> np.ndarray:
-    """An Arrow id column as numpy; with nulls an object array holding None (never NaN-filled floats)."""
-    if column.null_count:
-        return np.array(column.to_pylist(), dtype=object)
-    return column.to_numpy(zero_copy_only=False)
+    """An Arrow id column as numpy: integers as such; anything else, or with nulls, an object array of
+    Python values (None for a missing id; never NaN-filled floats or timestamps turned into integers)."""
+    import pyarrow as pa
+
+    if pa.types.is_integer(column.type) and not column.null_count:
+        return column.to_numpy(zero_copy_only=False)
+    ids = np.empty(len(column), dtype=object)
+    ids[:] = column.to_pylist()
+    return ids
 
 
 def open_gallery(path: str | os.PathLike, embedding_key: str | None = None, id_key: str | None = None) -> Gallery:

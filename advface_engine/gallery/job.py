@@ -100,12 +100,13 @@ def sha256_of(array: np.ndarray) -> str:
 
 
 def model_checksum(model: str | os.PathLike | nn.Module) -> str:
-    """sha256 of a checkpoint file, or of a module's architecture name, state dict and, for a module
-    that wraps a file (an ONNX encoder: no parameters), that file's checksum."""
+    """sha256 of a checkpoint file, or of a module's architecture name and state dict; a module with
+    no weights that wraps a file (an ONNX encoder) is that file's checksum."""
     digest = hashlib.sha256()
+    if isinstance(model, nn.Module) and getattr(model, "source_sha256", None) and not list(model.state_dict()):
+        return model.source_sha256  # the file's checksum: the same whether the job got the path or the module
     if isinstance(model, nn.Module):
         digest.update(str(getattr(model, "arch", type(model).__name__)).encode())
-        digest.update(str(getattr(model, "source_sha256", "")).encode())
         for name, tensor in sorted(model.state_dict().items()):
             t = tensor.detach().cpu().contiguous()
             digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
@@ -404,7 +405,7 @@ def _json_id(value):
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
-        return None if value != value else value
+        return None if value != value else value if abs(value) != float("inf") else str(value)
     if isinstance(value, bytes):
         return value.hex()
     return str(value)
@@ -544,8 +545,10 @@ def protect_gallery(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
-    if workers is not None and engine != "ray":
-        raise ValueError("workers sets the number of Ray actors: it needs engine 'ray' (--engine ray)")
+    if (workers is not None or ray_address is not None) and engine != "ray":
+        raise ValueError("workers and ray_address are for Ray: they need engine 'ray' (--engine ray)")
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
     src, dst = Path(input), Path(output)
     if not src.is_file():
         raise FileNotFoundError(f"no gallery file at {src}")

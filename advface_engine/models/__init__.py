@@ -49,7 +49,12 @@ def load_encoder(path, arch: str | None = None, device="cpu", **kwargs) -> nn.Mo
         read_metadata(path)  # a clear error when it is not an advface checkpoint
         return load_model(path, device)
     model = build_model(arch, **kwargs)
-    model.load_state_dict(load_state_dict_file(path))
+    state = load_state_dict_file(path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # missing, unexpected or misshapen weights
+        first = str(err).strip().splitlines()
+        raise ValueError(f"{path} does not hold {arch} weights: {' '.join(first[:3])[:500]}") from err
     return model.to(device).eval()
 
 

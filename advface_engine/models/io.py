@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -61,7 +62,17 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
 def load_state_dict_file(path: str | os.PathLike) -> dict:
     """A user's state dict from .safetensors, or .pth/.pt through ``torch.load(weights_only=True)``."""
     path = str(path)
-    if path.endswith(".safetensors"):
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        if path.endswith(".safetensors"):
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except pickle.UnpicklingError as err:  # torch's weights-only unpickler met something else
+        raise ValueError(f"{path}: not a readable weights file: it holds objects other than tensors, "
+                         "refused because loading them could run code") from err
+    except Exception as err:  # not a checkpoint at all
+        raise ValueError(f"{path}: not a readable weights file ({type(err).__name__}: {str(err)[:200]})") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    return state.get("state_dict", state)

@@ -22,7 +22,10 @@ class OnnxEncoder(nn.Module):
             import onnxruntime as ort
         except ImportError as err:
             raise ImportError("ONNX encoders need onnxruntime: pip install 'advface-engine[onnx]'") from err
-        self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime's own error types: a file that is not a model it can run
+            raise ValueError(f"{path}: not an ONNX model onnxruntime can load ({str(err)[:300]})") from err
         digest = hashlib.sha256()  # the module has no parameters: this identifies the model (job manifests)
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
