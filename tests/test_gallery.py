@@ -472,7 +472,7 @@ def _truncate(path, keep):
 
 
 @pytest.mark.parametrize("case, error", [
-    ("wrong_dim", "rows are 24-d"),
+    ("wrong_dim", "cannot protect the gallery's 24-d rows"),
     ("truncated_npy", "not a readable .npy|truncated"),
     ("truncated_safetensors", "truncated"),
     ("corrupt_safetensors", "not a safetensors file|corrupt"),

@@ -158,12 +158,13 @@ class ChunkJob:
         return start, min(start + self.spec.chunk_rows, self.gallery.num_rows)
 
     def check_dim(self) -> None:
-        """One zero row through the Protector: a gallery/model dimension mismatch fails here, before any work."""
+        """One zero row through the Protector: models that do not fit the gallery (or each other: a
+        decoder given as the encoder) fail here, before any work."""
         try:
             self.protector(torch.zeros(1, self.gallery.dim, device=self.device))
         except (ValueError, RuntimeError) as err:
-            raise ValueError(f"{self.gallery.path}: the gallery's rows are {self.gallery.dim}-d, which the "
-                             f"shadow decoder and encoder do not take ({err})") from err
+            raise ValueError(f"{self.gallery.path}: the shadow decoder and encoder cannot protect the gallery's "
+                             f"{self.gallery.dim}-d rows: {err}") from err
 
     def read(self, k: int) -> Loaded:
         """Chunk k's rows and their checksum; a pinned CPU tensor on a CUDA device, so copies overlap compute."""
