@@ -474,6 +474,7 @@ def _truncate(path, keep):
 @pytest.mark.parametrize("case, error", [
     ("wrong_dim", "cannot protect the gallery's 24-d rows"),
     ("truncated_npy", "not a readable .npy|truncated"),
+    ("corrupt_npy", "not a .npy file"),
     ("truncated_safetensors", "truncated"),
     ("corrupt_safetensors", "not a safetensors file|corrupt"),
     ("truncated_faiss", "truncated"),

@@ -153,6 +153,9 @@ class RawGallery(Gallery):
 
 def open_npy(path: Path) -> RawGallery:
     """Header checked by ``np.load(mmap_mode="r")`` (which also catches truncation); rows read at its offset."""
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":  # else np.load takes it for a pickle and says so
+            raise ValueError(f"{path}: not a .npy file (no NumPy header)")
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
