@@ -75,37 +75,35 @@ def test_matmul_precision_follows_the_dtype(reports):
     assert mma == {"fp32": set(), "tf32": {"tf32"}, "bf16": {"bf16"}, "fp16": {"fp16"}}
 
 
+def _problems_of_changed_variant(tmp: Path, name: str, **changes) -> tuple[list | None, str]:
+    """Compile the variant called ``name`` with some of its constants changed (in a subprocess
+    with compiled Triton); its problems and the subprocess's stderr."""
+    code = (
+        "import json, dataclasses, sys; from advface_engine.kernels import aot\n"
+        "name, changes = sys.argv[1], json.loads(sys.argv[2])\n"
+        "v = [v for v in aot.variants() if v.name == name][0]\n"
+        "r = aot.compile_variant(dataclasses.replace(v, kwargs=tuple(sorted((dict(v.kwargs) | changes).items()))))\n"
+        "print(json.dumps(aot.problems(r)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, name, json.dumps(changes)], env=_compiled_triton_env(tmp),
+                          capture_output=True, text=True, timeout=300)
+    return json.loads(done.stdout or "null"), done.stderr[-2000:]
+
+
 def test_the_check_sees_spills_in_a_real_compile(tmp_path):
     """A feature row of 2048 does not fit the accumulator: compiled as such it spills, which is why
     linear_sign_step sends rows wider than MAX_FUSED_DIM through a matmul and the step kernel."""
-    code = (
-        "import json, dataclasses; from advface_engine.kernels import aot\n"
-        "v = [v for v in aot.variants(dims=(1024,)) if v.name.startswith('linear_step bf16 D=1024')][0]\n"
-        "kw = dict(v.kwargs) | {'BLOCK_D': 2048}\n"
-        "r = aot.compile_variant(dataclasses.replace(v, name=v.name, kwargs=tuple(sorted(kw.items()))))\n"
-        "print(json.dumps(aot.problems(r)))\n"
-    )
-    env = _compiled_triton_env(tmp_path)
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    found = json.loads(done.stdout or "null")
-    assert found and "spills" in found[0], done.stderr[-2000:]
+    found, stderr = _problems_of_changed_variant(tmp_path, "linear_step bf16 D=1024 B=1024 linf ball normalize",
+                                                 BLOCK_D=2048)
+    assert found and "spills" in found[0], stderr
 
 
 def test_the_check_sees_64_bit_division(tmp_path):
     """The channel index of act_backward (offset // inner % channels) costs dozens of instructions
     per element in 64-bit arithmetic; the kernel takes 64-bit offsets only past 2**31 elements
     (WIDE), and the check finds the emulated division in that variant."""
-    code = (
-        "import json, dataclasses; from advface_engine.kernels import aot\n"
-        "v = [v for v in aot.variants() if v.name == 'act_backward fp32 relu +bn'][0]\n"
-        "kw = dict(v.kwargs) | {'WIDE': True}\n"
-        "r = aot.compile_variant(dataclasses.replace(v, kwargs=tuple(sorted(kw.items()))))\n"
-        "print(json.dumps(aot.problems(r)))\n"
-    )
-    env = _compiled_triton_env(tmp_path)
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    found = json.loads(done.stdout or "null")
-    assert found and "64-bit integer divisions" in found[0], done.stderr[-2000:]
+    found, stderr = _problems_of_changed_variant(tmp_path, "act_backward fp32 relu +bn", WIDE=True)
+    assert found and "64-bit integer divisions" in found[0], stderr
 
 
 def test_problems_flags_each_kind_of_fault():
