@@ -536,6 +536,26 @@ def test_existing_output_needs_overwrite(tmp_path, ckpt):
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), reference(gallery_rows(), ckpt))
 
 
+def test_a_full_disk_names_where_and_the_rerun_resumes(tmp_path, ckpt, monkeypatch):
+    import errno
+
+    np.save(tmp_path / "in.npy", gallery_rows())
+    real, calls = job_module.write_part, []
+
+    def full_after_two(path, rows):
+        calls.append(path)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, rows)
+
+    with monkeypatch.context() as m:
+        m.setattr(job_module, "write_part", full_after_two)
+        with pytest.raises(OSError, match=r"No space left on device \(writing .*out.npy.job or .*out.npy; finished"):
+            run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt)
+    assert run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt).resumed_chunks == 2
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), reference(gallery_rows(), ckpt))
+
+
 def test_second_process_on_the_same_output_is_refused(tmp_path, ckpt):
     import fcntl
 

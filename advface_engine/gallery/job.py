@@ -588,8 +588,14 @@ def protect_gallery(
             manifest = Manifest.open(work, fingerprint, src)
             manifest.drop_broken_parts(gallery.dim, gallery.dtype)
             resumed = len(manifest.chunks)
-            _compute(job, spec, manifest, on_bad_rows, ray, workers, progress)
-            result = assemble(gallery, manifest, job.num_chunks, fmt, dst, on_bad_rows, progress)
+            try:
+                _compute(job, spec, manifest, on_bad_rows, ray, workers, progress)
+                result = assemble(gallery, manifest, job.num_chunks, fmt, dst, on_bad_rows, progress)
+            except OSError as err:
+                if err.filename is None:  # e.g. a full disk while writing: say where
+                    raise OSError(err.errno, f"{err.strerror} (writing {work} or {dst}; finished chunks are "
+                                             "kept: rerun the same command to resume)") from err
+                raise
             return dataclasses.replace(result, resumed_chunks=resumed)
     finally:
         gallery.close()
