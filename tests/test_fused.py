@@ -306,6 +306,31 @@ def test_graph_sizes_padding_noise_and_eviction(monkeypatch, models):
     assert list(graphed._graphs) == [2]
 
 
+def test_a_failed_capture_falls_back_to_eager_runs(models):
+    """A capture that raises (say, an encoder waiting for the host) warns with its cause, drops every
+    capture and runs eagerly from then on, with the same result."""
+
+    class Failing(EagerGraph):
+        def capture(self, protect, stream=None, pool=None):
+            try:
+                raise ValueError("the encoder synchronised")
+            except ValueError:
+                raise RuntimeError("operation failed during capture") from None
+
+    shadow, encoder = models
+    graphed = FusedBackend(shadow, encoder, CFG, graphs=True)
+    graphed.graph_type = EagerGraph
+    z = features(8)
+    _run(graphed, z[:2])
+    graphed.graph_type = Failing
+    with pytest.warns(UserWarning, match="capture failed .*operation failed during capture"):
+        got = _run(graphed, z)
+    assert not graphed.graphs and not graphed._graphs
+    assert agreement(got, _run(FusedBackend(shadow, encoder, CFG, graphs=False), z), CFG.alpha) == 1.0
+    _run(graphed, z)  # eager now: no capture attempted
+    assert not graphed._graphs
+
+
 def test_graph_size_depends_on_the_batch_alone():
     """A batch runs at one padded size whatever ran before (a resumed job recomputes its last, short
     chunk at the size the first run used); small batches pad at most 2x, large ones < 64 rows."""
