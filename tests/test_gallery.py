@@ -401,6 +401,23 @@ def onnx_encoder(path, seed):
     return path
 
 
+def test_summary_cosine_covers_the_protected_rows_and_survives_a_resume(tmp_path, ckpt):
+    """cos(z, protected z) over the protected rows (bad rows, kept unchanged, left out): an operator's
+    check that the job did what it should (with these untrained models it is near 0, as it would be
+    for an encoder that is not the gallery's); a resumed job reports it from its manifest."""
+    src, rows, _, bad = with_bad_rows(tmp_path, bad=(140, 141, 149))  # all in the last chunk
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        run(src, tmp_path / "out.safetensors", ckpt)  # two chunks done, then stopped
+    resumed = run(src, tmp_path / "out.safetensors", ckpt, on_bad_rows="copy")
+    assert resumed.resumed_chunks == 2
+    out, _, _ = read("safetensors", tmp_path / "out.safetensors")
+    good = np.setdiff1d(np.arange(ROWS), bad)
+    a, b = rows[good].astype(np.float64), out[good].astype(np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert resumed.cosine["mean"] == pytest.approx(cos.mean(), rel=1e-9)
+    assert resumed.cosine["min"] == pytest.approx(cos.min(), rel=1e-9)
+
+
 def test_interrupted_assembly_and_cleanup_finish_on_rerun(tmp_path, ckpt, monkeypatch):
     np.save(tmp_path / "in.npy", gallery_rows())
     run(tmp_path / "in.npy", tmp_path / "fresh.npy", ckpt)

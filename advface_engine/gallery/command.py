@@ -57,4 +57,6 @@ def run(args: argparse.Namespace) -> int:
     rate = "" if result.resumed_chunks else f", {result.rows / max(elapsed, 1e-9):.0f} rows/s"
     print(f"wrote {result.output} ({result.format}): {result.rows_written} of {result.rows} rows, "
           f"{result.chunks} chunks ({result.resumed_chunks} resumed){bad}, {elapsed:.1f} s{rate}")
+    if result.cosine:  # a gross misconfiguration (another encoder's features) shows as cosines near 0
+        print(f"cos(feature, protected feature): mean {result.cosine['mean']:.3f}, min {result.cosine['min']:.3f}")
     return 0

@@ -81,6 +81,7 @@ class GalleryResult:
     chunks: int
     resumed_chunks: int
     bad_rows_file: Path | None = None
+    cosine: dict | None = None  # {"mean", "min"} of cos(z, protected z) over the protected rows: a sanity check
 
 
 def resolve_device(device: str) -> torch.device:
@@ -197,13 +198,13 @@ class ChunkJob:
         if not bad.size:
             out = np.empty_like(rows)
             self.protect(loaded.z, out, progress)
-            return record, out
+            return {**record, "cosine": cosine_stats(rows, out)}, out
         out, protected = rows.copy(), np.empty((len(rows) - bad.size, rows.shape[1]), rows.dtype)
         self.protect(loaded.z[torch.from_numpy(good)], protected, progress)
         out[good] = protected
         if progress is not None:
             progress(bad.size)  # bad rows are kept unchanged
-        return record, out
+        return {**record, "cosine": cosine_stats(rows[good], protected)}, out
 
     def save(self, k: int, record: dict, rows: np.ndarray) -> dict:
         """Write chunk k's part file; the record gains its sha256."""
@@ -222,6 +223,22 @@ class Loaded:
     chunk: Chunk
     z: torch.Tensor
     input_sha256: str
+
+
+def cosine_stats(z: np.ndarray, protected: np.ndarray) -> list:
+    """[sum, min, count] of cos(z_i, protected_i) over the rows, for the job's summary."""
+    if not len(z):
+        return [0.0, None, 0]
+    a, b = z.astype(np.float64), protected.astype(np.float64)
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    return [float(cos.sum()), float(cos.min()), len(cos)]
+
+
+def _cosine_summary(records: list[dict]) -> dict | None:
+    stats = [r["cosine"] for r in records if r.get("cosine") and r["cosine"][2]]
+    if not stats:
+        return None
+    return {"mean": sum(s[0] for s in stats) / sum(s[2] for s in stats), "min": min(s[1] for s in stats)}
 
 
 def write_part(path: Path, rows: np.ndarray) -> str:
@@ -463,10 +480,12 @@ def assemble(gallery: Gallery, manifest: Manifest, num_chunks: int, fmt: str, ou
         _write_json(side, report, work / "bad-rows.json.tmp")
     elif side.exists():
         side.unlink()
+    cosine = _cosine_summary(records)
     result = GalleryResult(output, fmt, gallery.num_rows, writer.num_rows, len(bad_rows), num_chunks, 0,
-                           side if bad_rows else None)
+                           side if bad_rows else None, cosine)
     manifest.final = {**_stat(tmp), "result": {"format": fmt, "policy": policy, "rows_written": writer.num_rows,
-                                               "bad_rows": len(bad_rows), "bad_rows_file": bad_rows and str(side)}}
+                                               "bad_rows": len(bad_rows), "bad_rows_file": bad_rows and str(side),
+                                               "cosine": cosine}}
     manifest.save()
     os.replace(tmp, output)
     _remove_job(work)
@@ -666,4 +685,4 @@ def _finished(work: Path, fingerprint: dict, output: Path, fmt: str, policy: str
     r, chunks = final["result"], len(data["chunks"])
     side = Path(r["bad_rows_file"]) if r["bad_rows_file"] else None
     return GalleryResult(output, r["format"], fingerprint["input"]["rows"], r["rows_written"], r["bad_rows"], chunks,
-                         chunks, side)
+                         chunks, side, r.get("cosine"))
