@@ -347,6 +347,18 @@ def test_bad_rows_report_holds_any_id_as_json(tmp_path, ckpt, ids, want):
     assert pq.read_table(tmp_path / "out.parquet").column("id").equals(pa.chunked_array([ids]))  # ids kept
 
 
+def test_copy_keeps_a_parquet_row_exactly_as_read(tmp_path, ckpt):
+    """A null inside an embedding makes the row bad; under "copy" it is written as it was (null, not NaN)."""
+    values = [list(map(float, row)) for row in gallery_rows(4)]
+    values[2][5] = None
+    column = pa.array(values, pa.list_(pa.float32()))
+    pq.write_table(pa.table({"id": np.arange(4), "embedding": column}), tmp_path / "in.parquet")
+    result = run(tmp_path / "in.parquet", tmp_path / "out.parquet", ckpt, on_bad_rows="copy")
+    out = pq.read_table(tmp_path / "out.parquet").column("embedding")
+    assert result.bad_rows == 1 and out[2].as_py() == values[2] and out[2].values.null_count == 1
+    assert out[0].as_py() != values[0]  # the others are protected
+
+
 def test_conversions_that_would_change_ids_are_refused(tmp_path, ckpt):
     rows = gallery_rows(4)
     big = np.array([0, 1, 2, 2**63 + 5], dtype=np.uint64)

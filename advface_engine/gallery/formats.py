@@ -59,11 +59,13 @@ class Chunk:
     rows: np.ndarray | None
     ids: np.ndarray | None = None
     table: object = None
+    unchanged: np.ndarray | None = None  # rows to write exactly as read (bad rows under "copy")
 
     def take(self, keep: np.ndarray) -> Chunk:
         """Only the rows where ``keep`` is True."""
         table = self.table.filter(_need("pyarrow", "gallery").array(keep)) if self.table is not None else None
-        return Chunk(self.rows[keep], self.ids[keep] if self.ids is not None else None, table)
+        unchanged = self.unchanged[keep] if self.unchanged is not None else None
+        return Chunk(self.rows[keep], self.ids[keep] if self.ids is not None else None, table, unchanged)
 
 
 class Gallery:
@@ -529,10 +531,14 @@ class GalleryWriter:
 
     def _write_parquet(self, chunk: Chunk, rows: np.ndarray) -> None:
         import pyarrow as pa
+        import pyarrow.compute as pc
 
         field = self._schema.field(self._key)
         values = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), self.like.dim).cast(field.type)
         if chunk.table is not None:
+            if chunk.unchanged is not None and chunk.unchanged.any():  # as read: a null inside a row stays null
+                original = chunk.table.column(self._key).combine_chunks()
+                values = pc.if_else(pa.array(chunk.unchanged), original, values)
             table = chunk.table.set_column(chunk.table.schema.get_field_index(self._key), field, values)
         else:
             columns = ([pa.array(chunk.ids)] if self.has_ids else []) + [values]

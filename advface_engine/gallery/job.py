@@ -472,6 +472,9 @@ def assemble(gallery: Gallery, manifest: Manifest, num_chunks: int, fmt: str, ou
                 keep = np.ones(len(rows), dtype=bool)
                 keep[bad] = False
                 chunk = chunk.take(keep)
+            else:
+                chunk.unchanged = np.zeros(len(rows), dtype=bool)
+                chunk.unchanged[bad] = True
         writer.write(chunk)
     writer.finish()
     side = output.with_name(output.name + ".bad-rows.json")
