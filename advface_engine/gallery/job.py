@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import queue
 import shutil
@@ -134,11 +135,9 @@ def deterministic_cudnn():
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
-def _load(model: str | os.PathLike | nn.Module, device: torch.device, encoder_arch: str | None = None,
-          encoder: bool = False) -> nn.Module:
-    if isinstance(model, nn.Module):
-        return model.to(device)
-    return load_encoder(model, encoder_arch, device) if encoder else load_model(model, device=device)
+def _load(model: str | os.PathLike | nn.Module, device: torch.device, loader) -> nn.Module:
+    """A module moved to ``device``, or ``loader(path, device)``."""
+    return model.to(device) if isinstance(model, nn.Module) else loader(model, device)
 
 
 class ChunkJob:
@@ -148,8 +147,8 @@ class ChunkJob:
         self.spec = spec
         self.gallery = gallery or open_gallery(spec.input, spec.embedding_key, spec.id_key)
         self.device = resolve_device(spec.device)
-        shadow = _load(spec.shadow, self.device)
-        encoder = _load(spec.encoder, self.device, spec.encoder_arch, encoder=True)
+        shadow = _load(spec.shadow, self.device, load_model)
+        encoder = _load(spec.encoder, self.device, lambda path, device: load_encoder(path, spec.encoder_arch, device))
         self.protector = Protector(shadow=shadow, encoder=encoder, config=spec.config, backend=spec.backend)
         self.parts = Path(spec.parts)
         self.num_chunks = -(-self.gallery.num_rows // spec.chunk_rows)
@@ -423,7 +422,7 @@ def _json_id(value):
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
-        return None if value != value else value if abs(value) != float("inf") else str(value)
+        return value if math.isfinite(value) else None if math.isnan(value) else str(value)
     if isinstance(value, bytes):
         return value.hex()
     return str(value)
