@@ -6,7 +6,8 @@ with BatchNorm statistics taken from one pass over random inputs so activations 
 
 Achieved TFLOP/s counts the reference computation's FLOPs (torch.utils.flop_counter: the
 encoder once and T decoder forward + input-gradient passes) over each provider's time; the
-fraction is of the bf16 dense peak (989 TFLOP/s on H100/H200 SXM). Results go to
+fraction is of the bf16 dense peak (989 TFLOP/s on H100/H200 SXM). Each timing also records the
+peak GPU memory and, through NVML, the energy per sample and mean power. Results go to
 OUTDIR/bench.json after every measurement, so a failure keeps what was measured, and a table
 to OUTDIR/bench_table.txt.
 """
@@ -62,8 +63,7 @@ def make_backend(name: str, shadow, encoder, cfg):
 
 
 def time_ms(fn, reps: int, device: torch.device) -> list[float]:
-    """Milliseconds per call: CUDA events on a GPU (after a warm-up call), the host clock on a CPU."""
-    fn()  # warm-up: compilation, cuDNN choices, graph capture
+    """Milliseconds per call: CUDA events on a GPU, the host clock on a CPU (warm up first)."""
     times = []
     for _ in range(reps):
         if device.type != "cuda":
@@ -124,6 +124,7 @@ def main() -> None:
     import triton
 
     report["triton"] = triton.__version__
+    report["nvml"] = tm.nvml_readings(device)  # name, memory used, power at the start; {} without NVML
     report["reference_precision"] = f"cuDNN fp32 convolutions: {'tf32' if tm.conv_tf32() else 'ieee'}"
     json_path = out / "bench.json"
 
@@ -171,11 +172,17 @@ def main() -> None:
                 try:
                     backend = make_backend(provider, shadow, encoder, cfg)
                     reps = args.reps[0] if batch <= 64 else args.reps[1]
-                    times = time_ms(lambda b=backend, z=z: b.run(z), reps, device)
+                    backend.run(z)  # warm-up: compilation, cuDNN choices, graph capture
+                    tm.reset_peak_memory(device)
+                    with tm.EnergyMeter(device) as energy:
+                        times = time_ms(lambda b=backend, z=z: b.run(z), reps, device)
                     ms = statistics.median(times)
                     tflops = flops_per_sample * batch / (ms * 1e-3) / 1e12
                     row.update(ms_median=ms, ms_all=times, samples_per_s=batch / (ms * 1e-3), tflops=tflops,
-                               frac_bf16_peak=tflops / peak if peak else None)
+                               frac_bf16_peak=tflops / peak if peak else None, **tm.peak_memory(device))
+                    if energy.joules is not None:  # NVML's energy counter over the timed calls
+                        row.update(energy_per_sample_j=energy.joules / (reps * batch),
+                                   power_w=energy.joules / energy.seconds)
                     if provider == "reference":
                         reference_ms = ms
                     if reference_ms:
@@ -193,7 +200,8 @@ def main() -> None:
              f"T={args.steps}  size {args.size}  reference GFLOP/sample {flops_per_sample / 1e9:.2f}",
              f"reference timed at PyTorch's settings ({report['reference_precision']}); fused-fp32 is IEEE fp32",
              f"checks: {json.dumps(report['checks'])}",
-             f"{'provider':<18}{'B':>6}{'ms':>10}{'samples/s':>12}{'TFLOP/s':>9}{'%bf16pk':>9}{'speedup':>9}"]
+             f"{'provider':<18}{'B':>6}{'ms':>10}{'samples/s':>12}{'TFLOP/s':>9}{'%bf16pk':>9}{'speedup':>9}"
+             f"{'mJ/sample':>11}{'peak MiB':>10}"]
     lines += [row_text(r) for r in report["results"]]
     (out / "bench_table.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -204,8 +212,11 @@ def row_text(r: dict) -> str:
     if "ms_median" not in r:
         return f"{r['provider']:<18}{r['batch']:>6}  {r.get('error') or r.get('skipped')}"
     frac = f"{100 * r['frac_bf16_peak']:.2f}" if r.get("frac_bf16_peak") is not None else "-"
+    energy = f"{1e3 * r['energy_per_sample_j']:.3f}" if "energy_per_sample_j" in r else "-"
+    memory = r.get("peak_memory_mb", r.get("peak_rss_mb"))
     return (f"{r['provider']:<18}{r['batch']:>6}{r['ms_median']:>10.2f}{r['samples_per_s']:>12.1f}"
-            f"{r['tflops']:>9.2f}{frac:>9}{r.get('speedup_vs_reference', float('nan')):>9.2f}")
+            f"{r['tflops']:>9.2f}{frac:>9}{r.get('speedup_vs_reference', float('nan')):>9.2f}"
+            f"{energy:>11}{memory:>10.0f}")
 
 
 if __name__ == "__main__":

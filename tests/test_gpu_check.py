@@ -26,6 +26,7 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = {r["provider"]: r for r in report["results"]}
     assert rows["reference"]["ms_median"] > 0 and rows["fused-fp32+graph"]["ms_median"] > 0
+    assert rows["reference"]["peak_rss_mb"] > 0 and "energy_per_sample_j" not in rows["reference"]  # no NVML here
     assert "needs a GPU" in rows["fused-bf16"]["error"]  # refused with a reason, not a crash
     checks = report["checks"]
     assert checks["fused-fp32"]["within_2alpha_of_reference"] == 1.0
