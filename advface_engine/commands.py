@@ -46,6 +46,7 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
     from .models import build_model
     from .train import train_encoder
 
+    torch.manual_seed(args.seed)  # the initial weights: same seed, same encoder
     encoder = build_model(args.arch, num_features=args.dim, input_size=args.size,
                           **({"width": args.width} if args.arch == "mobilefacenet" else {})).to(args.device)
     images, labels = load_images(args, args.size)
@@ -68,6 +69,7 @@ def cmd_train_shadow(args: argparse.Namespace) -> int:
     images, _ = load_images(args, size)
     with torch.no_grad():
         dim = encoder(images[:1].to(args.device)).shape[1]
+    torch.manual_seed(args.seed)  # the initial weights: same seed, same decoder
     decoder = build_model(args.arch, feature_dim=dim, size=size, width=args.width).to(args.device)
     history = train_decoder(decoder, encoder, images, args.epochs, args.batch_size, args.lr, not args.no_normalize,
                             args.seed, args.checkpoint, args.output, identity_weight=args.identity_weight)

@@ -1,15 +1,19 @@
 """Training of shadow / attacker decoders (Eq. 1) and of small encoders, resumable and seeded.
 
 Every epoch visits the data in a permutation drawn from (seed, epoch), and a training
-checkpoint (weights, optimiser, epoch) is written atomically after each epoch, so an
-interrupted run resumed from its checkpoint ends with the same weights as an
-uninterrupted one.
+checkpoint (weights, optimiser, epoch and the run's settings) is written atomically after each
+epoch, so an interrupted run resumed from its checkpoint ends with the same weights as an
+uninterrupted one; a checkpoint written for other settings (data, models, hyper-parameters) is
+refused, naming what differs.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .models.io import save_model
+from .models.io import model_checksum, save_model
 from .protect import frozen
 
 
@@ -37,13 +41,23 @@ def encode(encoder: nn.Module, images: Tensor, batch_size: int = 256, normalize:
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
+def data_checksum(*tensors: Tensor) -> str:
+    """sha256 of the tensors' values (the training data a checkpoint was written for)."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _fit(modules: dict[str, nn.Module], loss_fn: Callable[[Tensor, torch.Generator], Tensor], n: int, epochs: int,
          batch_size: int, lr: float, seed: int, checkpoint: str | os.PathLike | None, desc: str,
-         progress: bool) -> list[float]:
+         progress: bool, settings: dict | None = None) -> list[float]:
     """Adam over all ``modules``; ``loss_fn(indices, generator)`` gives a batch's loss.
 
     The generator of each epoch is seeded by (seed, epoch) and draws the permutation and any
-    augmentation, so resuming at an epoch boundary replays exactly. Returns each epoch's mean loss.
+    augmentation, so resuming at an epoch boundary replays exactly. ``settings`` (the caller's
+    data and models) join the hyper-parameters in the checkpoint; resuming under others is refused.
+    Returns each epoch's mean loss.
     """
     if n == 0:
         raise ValueError("no training data")
@@ -55,8 +69,20 @@ def _fit(modules: dict[str, nn.Module], loss_fn: Callable[[Tensor, torch.Generat
     history: list[float] = []
     start = 0
     path = Path(checkpoint) if checkpoint else None
+    settings = json.loads(json.dumps({
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "samples": n,
+        "modules": {k: [getattr(m, "arch", type(m).__name__), getattr(m, "arch_kwargs", None)]
+                    for k, m in modules.items()}, **(settings or {})}, sort_keys=True))
     if path is not None and path.is_file():
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if "settings" in state:
+            old = json.loads(state["settings"])
+            differ = sorted(k for k in settings.keys() | old.keys() if settings.get(k) != old.get(k))
+            if differ:
+                raise ValueError(f"{path} was written for another training run ({', '.join(differ)} differ); "
+                                 "rerun with the same settings to resume it, or delete it to start over")
+        if progress:
+            print(f"{desc}: resuming from {path} at epoch {state['epoch']} of {epochs}", file=sys.stderr)
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])
         optimizer.load_state_dict(state["optimizer"])
@@ -84,7 +110,8 @@ def _fit(modules: dict[str, nn.Module], loss_fn: Callable[[Tensor, torch.Generat
         history.append(total / n)
         if path is not None:
             state = {"modules": {k: m.state_dict() for k, m in modules.items()}, "optimizer": optimizer.state_dict(),
-                     "schedule": schedule.state_dict(), "epoch": epoch + 1, "history": history}
+                     "schedule": schedule.state_dict(), "epoch": epoch + 1, "history": history,
+                     "settings": json.dumps(settings, sort_keys=True)}
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             torch.save(state, tmp)
@@ -122,9 +149,11 @@ def train_decoder(decoder: nn.Module, encoder: nn.Module, images: Tensor, epochs
             loss = loss + identity_weight * (1 - F.cosine_similarity(encoder(y), z[idx]).mean())
         return loss
 
+    settings = {"data": data_checksum(images), "encoder": model_checksum(encoder), "normalize": normalize,
+                "identity_weight": identity_weight}
     with frozen(encoder):
         history = _fit({"decoder": decoder}, loss_fn, len(x), epochs, batch_size, lr, seed, checkpoint,
-                       "train decoder", progress)
+                       "train decoder", progress, settings)
     if output is not None:
         save_model(decoder, output, extra={"trained_for": "decoder", "epochs": epochs, "loss": history[-1],
                                            "normalize": normalize, "identity_weight": identity_weight})
@@ -165,7 +194,7 @@ def train_encoder(encoder: nn.Module, images: Tensor, labels: Tensor, epochs: in
         return head(encoder(batch), y[idx])
 
     history = _fit({"encoder": encoder, "head": head}, loss_fn, len(x), epochs, batch_size, lr, seed, checkpoint,
-                   "train encoder", progress)
+                   "train encoder", progress, {"data": data_checksum(images, labels)})
     if output is not None:
         save_model(encoder, output, extra={"trained_for": "encoder", "epochs": epochs, "loss": history[-1]})
     return history

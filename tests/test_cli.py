@@ -31,6 +31,29 @@ def test_train_commands_write_loadable_models(trained):
     assert (trained / "shadow.ckpt").exists()
 
 
+def test_training_commands_are_deterministic_for_a_seed(trained, tmp_path):
+    """Same flags and seed, same weights, in separate processes (each starts torch's generator from a
+    random seed: the initial weights must come from --seed too)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    def advface(*args):
+        done = subprocess.run([sys.executable, "-m", "advface_engine.cli", *args], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    for name in ("a", "b"):
+        advface("train-encoder", "--output", str(tmp_path / f"enc-{name}.safetensors"), "--dim", "16", "--size", "16",
+                "--width", "4", *TINY)
+        advface("train-shadow", "--encoder", str(trained / "enc.safetensors"), "--output",
+                str(tmp_path / f"shadow-{name}.safetensors"), "--width", "4", *TINY)
+    for kind in ("enc", "shadow"):
+        a, b = (load_file(tmp_path / f"{kind}-{n}.safetensors") for n in ("a", "b"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kind
+
+
 def test_protect_command_matches_api(trained, capsys):
     z = torch.nn.functional.normalize(torch.randn(10, 16), dim=1).numpy()
     np.save(trained / "gallery.npy", z)

@@ -122,6 +122,24 @@ def test_training_resume_equals_uninterrupted(tmp_path):
     assert afe.load_model(tmp_path / "dec.safetensors").checkpoint_extra["epochs"] == 3
 
 
+def test_a_checkpoint_of_another_run_is_refused(tmp_path):
+    """Resuming under other settings would mix two runs: refused, naming what differs."""
+    enc, dec, x, _ = _tiny()
+    enc.eval()
+    ck = tmp_path / "ck.pt"
+    train_decoder(dec, enc, x, epochs=1, batch_size=8, seed=3, checkpoint=ck, progress=False)
+    other_encoder = _tiny()[0].eval()
+    with torch.no_grad():
+        next(other_encoder.parameters()).add_(0.1)
+    for kwargs, name in [({"lr": 1e-2}, "lr"), ({"seed": 4}, "seed"), ({"epochs": 2}, "epochs"),
+                         ({"images": x.flip(-1)}, "data"), ({"encoder": other_encoder}, "encoder")]:
+        args = {"encoder": enc, "images": x, "epochs": 1, "batch_size": 8, "seed": 3} | kwargs
+        decoder = afe.build_model("dcgan", feature_dim=16, size=16, width=4)
+        with pytest.raises(ValueError, match=rf"another training run \({name} differ"):
+            train_decoder(decoder, args.pop("encoder"), args.pop("images"), checkpoint=ck, progress=False, **args)
+    assert train_decoder(dec, enc, x, epochs=1, batch_size=8, seed=3, checkpoint=ck, progress=False)  # same: fine
+
+
 def test_training_rejects_bad_arguments():
     enc, dec, x, y = _tiny()
     with pytest.raises(ValueError):

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from ..config import ProtectConfig
 from ..models import load_encoder
-from ..models.io import load_model
+from ..models.io import load_model, model_checksum
 from ..protect import Protector
 from .formats import Chunk, Gallery, GalleryWriter, check_convertible, format_of, open_gallery
 
@@ -99,25 +99,6 @@ def resolve_device(device: str) -> torch.device:
 
 def sha256_of(array: np.ndarray) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest()
-
-
-def model_checksum(model: str | os.PathLike | nn.Module) -> str:
-    """sha256 of a checkpoint file, or of a module's architecture name and state dict; a module with
-    no weights that wraps a file (an ONNX encoder) is that file's checksum."""
-    digest = hashlib.sha256()
-    if isinstance(model, nn.Module) and getattr(model, "source_sha256", None) and not list(model.state_dict()):
-        return model.source_sha256  # the file's checksum: the same whether the job got the path or the module
-    if isinstance(model, nn.Module):
-        digest.update(str(getattr(model, "arch", type(model).__name__)).encode())
-        for name, tensor in sorted(model.state_dict().items()):
-            t = tensor.detach().cpu().contiguous()
-            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return digest.hexdigest()
-    with open(model, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
