@@ -5,8 +5,9 @@
 """
 
 from .config import ProtectConfig
-from .models import build_model, load_model, save_model
+from .models import build_model, load_encoder, load_model, save_model
 from .protect import Protector, protect
 
 __version__ = "0.1.0"
-__all__ = ["ProtectConfig", "Protector", "__version__", "build_model", "load_model", "protect", "save_model"]
+__all__ = ["ProtectConfig", "Protector", "__version__", "build_model", "load_encoder", "load_model", "protect",
+           "save_model"]

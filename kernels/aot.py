@@ -254,6 +254,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"cannot compile ahead of time: {why}", file=sys.stderr)
         return 2
     selection = [v for v in variants() if args.filter in v.name]
+    if not selection:
+        print(f"no kernel variant matches {args.filter!r}", file=sys.stderr)
+        return 2
     reports = compile_all(args.arch, selection, args.workers)
     if args.json:
         print(json.dumps([asdict(r) | {"problems": problems(r)} for r in reports]))

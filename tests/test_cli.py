@@ -99,6 +99,16 @@ def test_demo_end_to_end(tmp_path, capsys):
         assert im.width == 3 * 32 * 3 and im.height > 0
 
 
+def test_check_kernels_says_when_no_variant_matches(monkeypatch, capsys):
+    import advface_engine.kernels.aot as aot
+
+    monkeypatch.setattr(aot, "interpreted", lambda: False)
+    monkeypatch.setattr(aot, "unavailable", lambda: None)
+    monkeypatch.setattr(aot, "probe_error", lambda arch=90: None)
+    assert main(["check-kernels", "--filter", "no such kernel"]) == 2
+    assert "no kernel variant matches 'no such kernel'" in capsys.readouterr().err
+
+
 def test_check_kernels_refuses_the_interpreter_clearly(monkeypatch, capsys):
     """advface check-kernels compiles for real GPUs; under TRITON_INTERPRET it says so and exits 2."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
