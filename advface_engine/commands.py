@@ -13,10 +13,12 @@ def add_image_args(p: argparse.ArgumentParser, identities: int = 200, per_identi
     g.add_argument("--images", help="image folder, one sub-folder per identity")
     g.add_argument("--images-npy", help=".npy array of images, (N, H, W, 3) uint8 or (N, 3, H, W) in [-1, 1]")
     g.add_argument("--labels-npy", help=".npy identity labels for --images-npy (encoder training)")
-    g.add_argument("--synthetic-identities", type=int, default=identities)
-    g.add_argument("--per-identity", type=int, default=per_identity)
+    g.add_argument("--synthetic-identities", type=int, default=identities,
+                   help=f"synthetic identities to render (default {identities})")
+    g.add_argument("--per-identity", type=int, default=per_identity,
+                   help=f"synthetic faces per identity (default {per_identity})")
     g.add_argument("--first-identity", type=int, default=0, help="synthetic identity offset (disjoint sets)")
-    g.add_argument("--data-seed", type=int, default=0)
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic faces (default 0)")
 
 
 def load_images(args: argparse.Namespace, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -34,12 +36,12 @@ def load_images(args: argparse.Namespace, size: int) -> tuple[torch.Tensor, torc
 
 
 def add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float, batch_size: int) -> None:
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--batch-size", type=int, default=batch_size)
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=epochs, help=f"default {epochs}")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"default {batch_size}")
+    p.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate, cosine schedule (default {lr})")
+    p.add_argument("--seed", type=int, default=0, help="initial weights and data order (default 0)")
     p.add_argument("--checkpoint", help="training state file: written every epoch, resumed from if present")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
 
 
 def cmd_train_encoder(args: argparse.Namespace) -> int:
@@ -95,7 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder-arch", help="architecture of a plain state-dict encoder, e.g. iresnet50")
     p.add_argument("--output", required=True, help="decoder checkpoint (.safetensors)")
     p.add_argument("--arch", default="dcgan", help="decoder family: dcgan, nbnet or upconv")
-    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--width", type=int, default=16, help="decoder channel width (default 16)")
     p.add_argument("--size", type=int, help="image size (default: the encoder's input size)")
     p.add_argument("--no-normalize", action="store_true", help="train on raw, not unit-norm, features")
     p.add_argument("--identity-weight", type=float, default=0.0,

@@ -91,8 +91,8 @@ def _fit(modules: dict[str, nn.Module], loss_fn: Callable[[Tensor, torch.Generat
     for m in modules.values():
         m.train()
     steps_per_epoch = math.ceil(n / batch_size)
-    bar = tqdm(total=epochs * steps_per_epoch, initial=start * steps_per_epoch, desc=desc, disable=not progress,
-               leave=False)
+    bar = tqdm(total=epochs * steps_per_epoch, initial=start * steps_per_epoch, desc=desc, leave=False,
+               disable=None if progress else True)  # None: off when stderr is not a terminal (logs)
     for epoch in range(start, epochs):
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(n, generator=gen)

@@ -261,7 +261,7 @@ def run_evaluation(s: EvalSettings, progress: bool = True) -> dict:
     }
     grids = {}
     stored_by_method = {}
-    for method in tqdm(METHODS, desc="methods", disable=not progress, leave=False):
+    for method in tqdm(METHODS, desc="methods", disable=None if progress else True, leave=False):
         stored = run._timed(f"protect {method}", lambda m=method: run.baseline(m, config))
         stored_by_method[method] = stored
         results["verification"][method] = run.verification(stored)
@@ -276,7 +276,7 @@ def run_evaluation(s: EvalSettings, progress: bool = True) -> dict:
     results["throughput"] = {"advface features per second": n / max(run.timings["protect advface"], 1e-9),
                              "backend": Protector(run.shadows[s.shadow], run.encoder, config, s.backend).backend_name}
     transfer = {}
-    for shadow in tqdm(s.families, desc="transfer", disable=not progress, leave=False):
+    for shadow in tqdm(s.families, desc="transfer", disable=None if progress else True, leave=False):
         stored = stored_by_method["advface"] if shadow == s.shadow else run.protect(config, shadow)
         transfer[shadow] = {f: run.attack(stored, f)[0]["success"] for f in s.families}
     results["transfer"] = transfer
@@ -308,7 +308,7 @@ def sweep(run: Run, config: ProtectConfig, cross: list[str], progress: bool = Tr
     grid = [("advface", eps, steps) for steps in (s.sweep_steps or (config.steps,)) for eps in s.sweep_eps]
     grid += [(method, eps, None) for method in ("random", "dp") for eps in s.sweep_eps]
     points = []
-    for method, eps, steps in tqdm(grid, desc="sweep", disable=not progress, leave=False):
+    for method, eps, steps in tqdm(grid, desc="sweep", disable=None if progress else True, leave=False):
         cfg = config.replace(eps=eps, alpha=eps * ratio, steps=config.steps if steps is None else steps)
         points.append({"method": method, "eps": eps, "alpha": cfg.alpha if steps else None, "steps": steps,
                        **point(run, run.baseline(method, cfg), cross)})

@@ -432,7 +432,7 @@ def assemble(gallery: Gallery, manifest: Manifest, num_chunks: int, fmt: str, ou
     tmp = work / f"output.{fmt}"
     writer = GalleryWriter(fmt, tmp, gallery, gallery.num_rows - (num_bad if policy == "skip" else 0), work)
     bad_rows, bad_ids = [], []
-    for k, rec in enumerate(tqdm(records, desc="assemble", unit="chunk", disable=not progress)):
+    for k, rec in enumerate(tqdm(records, desc="assemble", unit="chunk", disable=None if progress else True)):
         rows = read_part(work / "parts" / f"{k:06d}.bin", (rec["stop"] - rec["start"], gallery.dim), gallery.dtype)
         if rows is None:
             manifest.chunks.pop(k)
@@ -636,7 +636,7 @@ def _compute(job: ChunkJob, spec: JobSpec, manifest: Manifest, on_bad_rows: str,
     pending = [k for k in range(job.num_chunks) if k not in manifest.chunks]
     done = sum(r["stop"] - r["start"] for r in manifest.chunks.values())
     with tqdm(total=job.gallery.num_rows, initial=done, unit="row", unit_scale=True, desc="protect-gallery",
-              disable=not progress) as bar:
+              disable=None if progress else True) as bar:
         def record(k: int, rec: dict) -> None:
             if rec["bad"] and fail:
                 raise _bad_rows_error(path, [rec["start"] + i for i in rec["bad"]])
