@@ -273,6 +273,27 @@ def test_manifest_of_another_job_is_refused(tmp_path, ckpt, change):
     assert not dst.exists()
 
 
+def test_the_same_weights_saved_again_resume_the_job(tmp_path, ckpt):
+    """Models are identified by architecture and weights, not file bytes (re-saving reorders the header)."""
+    src, *_ = with_bad_rows(tmp_path, bad=(140, 141, 149))
+    dst = tmp_path / "out.safetensors"
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        run(src, dst, ckpt)
+    copy = dict(ckpt, shadow=str(tmp_path / "moved" / "shadow.safetensors"))
+    save_model(afe.load_model(ckpt["shadow"]), copy["shadow"])
+    assert run(src, dst, copy, on_bad_rows="copy").resumed_chunks == 2
+
+
+def test_model_checksum_covers_architecture_arguments():
+    shadow = tiny_models(feature_dim=DIM)[0]
+    other = afe.build_model(shadow.arch, **{**shadow.arch_kwargs, "head": "sigmoid"})
+    other.load_state_dict(shadow.state_dict())  # same weights, another output activation
+    assert job_module.model_checksum(other) != job_module.model_checksum(shadow)
+    twin = afe.build_model(shadow.arch, **shadow.arch_kwargs)
+    twin.load_state_dict(shadow.state_dict())
+    assert job_module.model_checksum(twin) == job_module.model_checksum(shadow)
+
+
 def test_input_changed_between_samples_is_caught_at_assembly(tmp_path, ckpt, monkeypatch):
     # a fingerprint blind to the change below, as a sampled one is to a change between its samples
     monkeypatch.setattr(formats.Gallery, "fingerprint", lambda self: {"rows": self.num_rows})

@@ -12,7 +12,7 @@ uninterrupted run. On a GPU that needs deterministic kernels: cuDNN is held to i
 algorithms for the job (``deterministic_cudnn``; the fused kernels use no atomics).
 
 The manifest holds a fingerprint of the input (size and a hash of its header and sampled blocks),
-the models (checksums of the checkpoint files), the config, the engine and the layout; a rerun
+the models (checksums of their architecture and weights), the config, the engine and the layout; a rerun
 whose fingerprint differs is refused. If the input's size or mtime changed
 since the job began, every chunk's input checksum is checked again before the output is written.
 
@@ -128,9 +128,10 @@ class ChunkJob:
         self.spec = spec
         self.gallery = gallery or open_gallery(spec.input, spec.embedding_key, spec.id_key)
         self.device = resolve_device(spec.device)
-        shadow = _load(spec.shadow, self.device, load_model)
-        encoder = _load(spec.encoder, self.device, lambda path, device: load_encoder(path, spec.encoder_arch, device))
-        self.protector = Protector(shadow=shadow, encoder=encoder, config=spec.config, backend=spec.backend)
+        self.shadow = _load(spec.shadow, self.device, load_model)
+        self.encoder = _load(spec.encoder, self.device,
+                             lambda path, device: load_encoder(path, spec.encoder_arch, device))
+        self.protector = Protector(shadow=self.shadow, encoder=self.encoder, config=spec.config, backend=spec.backend)
         self.parts = Path(spec.parts)
         self.num_chunks = -(-self.gallery.num_rows // spec.chunk_rows)
 
@@ -618,7 +619,7 @@ def _prepare(spec: JobSpec, gallery: Gallery, ray) -> tuple[ChunkJob, dict]:
     job.check_dim()
     fingerprint = {
         "input": {**gallery.fingerprint(), "embedding_key": spec.embedding_key, "id_key": spec.id_key},
-        "shadow": model_checksum(spec.shadow), "encoder": model_checksum(spec.encoder),
+        "shadow": model_checksum(job.shadow), "encoder": model_checksum(job.encoder),  # weights, not file bytes
         "encoder_arch": spec.encoder_arch,
         "config": spec.config.to_dict(), "engine": {**engine, "torch": torch.__version__},
         "layout": {"chunk_rows": spec.chunk_rows, "batch_size": spec.batch_size},

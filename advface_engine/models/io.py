@@ -80,13 +80,16 @@ def load_state_dict_file(path: str | os.PathLike) -> dict:
 
 
 def model_checksum(model: str | os.PathLike | nn.Module) -> str:
-    """sha256 of a checkpoint file, or of a module's architecture name and state dict; a module with
-    no weights that wraps a file (an ONNX encoder) is that file's checksum."""
+    """sha256 of a module's architecture (name and arguments) and state dict, or of a file's bytes; a
+    module with no weights that wraps a file (an ONNX encoder) is that file's checksum. Give the loaded
+    module where the identity of the *weights* matters: the same model saved twice gives different
+    safetensors bytes (the header's key order varies) but the same module checksum."""
     digest = hashlib.sha256()
     if isinstance(model, nn.Module) and getattr(model, "source_sha256", None) and not list(model.state_dict()):
         return model.source_sha256  # the file's checksum: the same whether the job got the path or the module
     if isinstance(model, nn.Module):
         digest.update(str(getattr(model, "arch", type(model).__name__)).encode())
+        digest.update(json.dumps(getattr(model, "arch_kwargs", None), sort_keys=True, default=str).encode())
         for name, tensor in sorted(model.state_dict().items()):
             t = tensor.detach().cpu().contiguous()
             digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
