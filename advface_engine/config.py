@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 NORMS = ("linf", "l2")
 CONSTRAINTS = ("ball", "per_step")
 ANCHORS = ("shadow", "original")
+MAX_BUDGET = 1e30  # eps and alpha beyond this overflow the float32 step arithmetic
 
 
 @dataclass(frozen=True)
@@ -17,7 +20,8 @@ class ProtectConfig:
 
     eps:          radius of the perturbation budget (L-inf or L2, see ``norm``).
     alpha:        step size of each sign (or L2-normalised) gradient step.
-    steps:        number of steps T; 0 returns the (normalised) anchor.
+    steps:        number of steps T; 0 returns the (normalised) start point: the anchor, or
+                  with ``random_start`` the random point in the ball.
     norm:         "linf" (sign steps, L-inf ball) or "l2" (L2-normalised steps, L2 ball).
     constraint:   "ball": project onto the eps-ball around the anchor after every
                   step (PGD form); "per_step": clip each single step to eps (the
@@ -28,7 +32,7 @@ class ProtectConfig:
                   normalised before the loop and z_T after it.
     random_start: start from a uniform point in the ball, drawn from ``seed`` and
                   the row's content, so a row's result never depends on batching.
-    seed:         seed of the random start.
+    seed:         seed of the random start (a non-negative integer).
     """
 
     eps: float = 0.05
@@ -44,17 +48,22 @@ class ProtectConfig:
     def __post_init__(self) -> None:
         for name in ("eps", "alpha"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {value}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"steps must be a non-negative integer, got {self.steps!r}")
+            if not math.isfinite(value) or not 0 < value <= MAX_BUDGET:
+                raise ValueError(f"{name} must be a finite number in (0, {MAX_BUDGET:g}], got {value}")
+            object.__setattr__(self, name, float(value))  # NumPy scalars become plain floats (JSON, repr)
+        for name in ("steps", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
         for name, allowed in (("norm", NORMS), ("constraint", CONSTRAINTS), ("anchor", ANCHORS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        for name in ("normalize", "random_start"):
+            if not isinstance(getattr(self, name), bool):  # "false" would read as true
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def replace(self, **changes) -> ProtectConfig:
         """A copy with some fields changed (validated again)."""
@@ -65,6 +74,8 @@ class ProtectConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ProtectConfig:
+        if not isinstance(data, Mapping):
+            raise TypeError(f"a ProtectConfig is read from a mapping of field names, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

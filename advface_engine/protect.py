@@ -3,38 +3,49 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from .backends import make_backend
+from .backends.decoder import first_float
 from .config import ProtectConfig
+
+
+_FROZEN_LOCK = threading.Lock()
+_FROZEN: dict[int, list] = {}  # id(module) -> [entries, training, [(parameter, requires_grad)]]
 
 
 @contextlib.contextmanager
 def frozen(*modules: nn.Module) -> Iterator[None]:
-    """Eval mode and no parameter gradients for the call; both restored after."""
-    saved = []
-    for module in modules:
-        saved.append((module, module.training, [(p, p.requires_grad) for p in module.parameters()]))
-        module.eval()
-        for p in module.parameters():
-            p.requires_grad_(False)
+    """Eval mode and no parameter gradients for the call; both restored after.
+
+    Safe when calls overlap on the same modules (threads, or Protectors sharing models): the
+    first to enter saves the modules' state, the last to leave restores it."""
+    with _FROZEN_LOCK:
+        for module in modules:
+            entry = _FROZEN.get(id(module))
+            if entry is None:
+                _FROZEN[id(module)] = [1, module.training, [(p, p.requires_grad) for p in module.parameters()]]
+                module.eval()
+                for p in module.parameters():
+                    p.requires_grad_(False)
+            else:
+                entry[0] += 1
     try:
         yield
     finally:
-        for module, training, flags in saved:
-            module.train(training)
-            for p, flag in flags:
-                p.requires_grad_(flag)
-
-
-def _param_like(module: nn.Module) -> Tensor | None:
-    for t in list(module.parameters()) + list(module.buffers()):
-        if t.is_floating_point():
-            return t
-    return None
+        with _FROZEN_LOCK:
+            for module in modules:
+                entry = _FROZEN[id(module)]
+                entry[0] -= 1
+                if entry[0] == 0:
+                    del _FROZEN[id(module)]
+                    module.train(entry[1])
+                    for p, flag in entry[2]:
+                        p.requires_grad_(flag)
 
 
 def check_features(z: Tensor) -> None:
@@ -54,6 +65,10 @@ def check_features(z: Tensor) -> None:
 
 def check_models(dim: int, shadow: nn.Module, encoder: nn.Module, like: Tensor) -> None:
     """Run one row through S and E to check that their dimensions agree with z's."""
+    enc = first_float(encoder)
+    if enc is not None and enc.device != like.device:
+        raise ValueError(f"the shadow decoder is on {like.device} and the encoder on {enc.device}: "
+                         "put both on one device")
     probe = torch.zeros(1, dim, dtype=like.dtype, device=like.device)
     with torch.no_grad():
         try:
@@ -63,7 +78,7 @@ def check_models(dim: int, shadow: nn.Module, encoder: nn.Module, like: Tensor) 
         if image.dim() != 4 or image.shape[1] != 3:
             raise ValueError(f"the shadow decoder must output (B, 3, H, W) images, got {tuple(image.shape)}")
         try:
-            feature = encoder(image)
+            feature = encoder(image.to(enc.dtype) if enc is not None else image)
         except RuntimeError as err:
             raise ValueError(
                 f"the encoder does not take the shadow decoder's {tuple(image.shape[1:])} images: {err}"
@@ -77,9 +92,12 @@ def check_models(dim: int, shadow: nn.Module, encoder: nn.Module, like: Tensor) 
 class Protector:
     """A configured protection: ``Protector(shadow=S, encoder=E, config=cfg)(z) -> z_adv``.
 
-    The output has z's shape, dtype and device; the work runs on the models' device in the
-    models' dtype (an enclosing ``torch.autocast`` is switched off for the call). Model checks
-    run once per feature dim. ``backend_options`` go to the fused backend, e.g. ``{"dtype": "bf16"}``.
+    The output has z's shape, dtype and device; the work runs on the models' device in the shadow's
+    dtype (the encoder may have another; an enclosing ``torch.autocast``, ``no_grad`` or
+    ``inference_mode`` does not change the computation). Model checks run once per feature dim.
+    ``backend_options`` go to the fused backend, e.g. ``{"dtype": "bf16"}``. Calls from several
+    threads are safe and run one at a time (a backend holds per-batch buffers and CUDA graphs).
+    The config is fixed for a Protector's life: build another for other settings.
     """
 
     def __init__(
@@ -92,12 +110,17 @@ class Protector:
     ):
         if not isinstance(shadow, nn.Module) or not isinstance(encoder, nn.Module):
             raise TypeError("shadow and encoder must be torch.nn.Module instances")
-        self.shadow, self.encoder = shadow, encoder
-        self.config = config if config is not None else ProtectConfig()
-        if not isinstance(self.config, ProtectConfig):
-            raise TypeError(f"config must be a ProtectConfig, got {type(self.config).__name__}")
-        self.backend = make_backend(backend, shadow, encoder, self.config, **(backend_options or {}))
+        config = config if config is not None else ProtectConfig()
+        if not isinstance(config, ProtectConfig):
+            raise TypeError(f"config must be a ProtectConfig, got {type(config).__name__}")
+        self.shadow, self.encoder, self._config = shadow, encoder, config
+        self.backend = make_backend(backend, shadow, encoder, config, **(backend_options or {}))
         self._checked: set[tuple] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def config(self) -> ProtectConfig:
+        return self._config
 
     @property
     def backend_name(self) -> str:
@@ -105,19 +128,21 @@ class Protector:
 
     def __call__(self, z: Tensor) -> Tensor:
         check_features(z)
-        if z.shape[0] == 0:
-            return z.clone()
-        like = _param_like(self.shadow)
+        like = first_float(self.shadow)
         device = like.device if like is not None else z.device
         dtype = like.dtype if like is not None else torch.float32
-        work = z.detach().to(device=device, dtype=dtype)
-        key = (z.shape[1], dtype, device)
-        # a caller's autocast region must not change the precision the backend was asked for
-        with frozen(self.shadow, self.encoder), torch.autocast(device.type, enabled=False):
+        # the caller's autocast must not change the precision asked for, nor its no_grad or
+        # inference_mode switch off the gradient with respect to z that the steps need
+        with self._lock, frozen(self.shadow, self.encoder), torch.inference_mode(False), torch.enable_grad(), \
+                torch.autocast(device.type, enabled=False):
+            work = z.detach().to(device=device, dtype=dtype)
+            if work.is_inference():  # made under inference_mode: autograd refuses to record it
+                work = work.clone()
+            key = (z.shape[1], dtype, device)
             if key not in self._checked:
                 check_models(z.shape[1], self.shadow, self.encoder, work)
                 self._checked.add(key)
-            z_adv = self.backend.run(work)
+            z_adv = work.clone() if z.shape[0] == 0 else self.backend.run(work)
         return z_adv.to(device=z.device, dtype=z.dtype)
 
 

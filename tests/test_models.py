@@ -134,3 +134,32 @@ def test_onnx_encoder(tmp_path):
     z = torch.nn.functional.normalize(torch.randn(3, 5), dim=1)
     out = afe.protect(z, shadow, enc, afe.ProtectConfig(steps=2))
     assert out.shape == z.shape and torch.isfinite(out).all()
+
+
+def test_loading_errors_are_one_clear_line(tmp_path):
+    from safetensors.torch import save_file
+
+    encoder = afe.build_model("mobilefacenet", num_features=8, input_size=16, width=4).eval()
+    shadow = afe.build_model("dcgan", feature_dim=8, size=16, width=4).eval()
+    afe.save_model(encoder, tmp_path / "encoder.weights")  # no .safetensors suffix: the header tells
+    assert isinstance(load_encoder(tmp_path / "encoder.weights"), type(encoder))
+    with pytest.raises(ValueError, match="own architecture arguments"):
+        load_encoder(tmp_path / "encoder.weights", num_features=999)
+    afe.save_model(shadow, tmp_path / "shadow.safetensors")
+    with pytest.raises(ValueError, match="'dcgan' model, not an encoder"):
+        load_encoder(tmp_path / "shadow.safetensors")
+    torch.save(encoder.state_dict(), tmp_path / "plain.pth")
+    with pytest.raises(ValueError, match="pass arch="):
+        load_encoder(tmp_path / "plain.pth")
+    tensors = {k: v.contiguous() for k, v in shadow.state_dict().items()}
+    save_file(tensors, str(tmp_path / "lying.safetensors"),
+              metadata={"format": "advface-engine/1", "arch": "dcgan", "kwargs": '{"feature_dim": 9}'})
+    with pytest.raises(ValueError, match="do not fit its header"):
+        afe.load_model(tmp_path / "lying.safetensors")
+    save_file(tensors, str(tmp_path / "no-arch.safetensors"), metadata={"format": "advface-engine/1"})
+    with pytest.raises(ValueError, match="damaged"):
+        afe.load_model(tmp_path / "no-arch.safetensors")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(OSError):
+        afe.save_model(shadow, tmp_path / "folder")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []

@@ -163,10 +163,103 @@ def test_default_config_works_and_auto_is_reference_on_cpu(models, features):
 
 @pytest.mark.parametrize("kwargs", [dict(eps=0), dict(eps=-1), dict(alpha=0), dict(eps=float("nan")),
                                     dict(steps=-1), dict(steps=2.5), dict(norm="l1"), dict(constraint="box"),
-                                    dict(anchor="probe"), dict(seed=1.5)])
+                                    dict(anchor="probe"), dict(seed=1.5), dict(seed=-1), dict(eps=1e300),
+                                    dict(random_start="no"), dict(normalize="false"), dict(normalize=1)])
 def test_bad_config(kwargs):
     with pytest.raises(ValueError):
         afe.ProtectConfig(**kwargs)
+
+
+def test_config_takes_numpy_scalars_as_plain_numbers():
+    np = pytest.importorskip("numpy")
+    cfg = afe.ProtectConfig(eps=np.float32(0.25), alpha=np.float64(0.125), steps=np.int64(3), seed=np.int32(2))
+    assert cfg.to_dict() == afe.ProtectConfig(eps=0.25, alpha=0.125, steps=3, seed=2).to_dict()
+    assert all(type(v) in (float, int, str, bool) for v in cfg.to_dict().values())
+    with pytest.raises(TypeError, match="mapping"):
+        afe.ProtectConfig.from_dict(None)
+
+
+def test_grad_modes_of_the_caller_do_not_matter(models, features):
+    """A backend is usually called under no_grad or inference_mode; the steps need d/dz all the same."""
+    S, E = models
+    protector = afe.Protector(S, E, afe.ProtectConfig(steps=3))
+    expected = protector(features)
+    with torch.no_grad():
+        assert torch.equal(protector(features), expected)
+    with torch.inference_mode():
+        z = features.clone()  # an inference tensor
+        assert torch.equal(protector(z), expected)
+
+
+def test_concurrent_calls_equal_serial_and_leave_models_as_they_were(features):
+    """Threads calling one Protector, and a second Protector on the same models: results as serial,
+    models in train mode with trainable weights afterwards, BatchNorm statistics untouched."""
+    import threading
+
+    S, E = tiny_models()
+    S.train(), E.train()
+    before = {k: v.clone() for k, v in list(S.state_dict().items()) + list(E.state_dict().items())}
+    cfg = afe.ProtectConfig(steps=3)
+    first, second = afe.Protector(S, E, cfg), afe.Protector(S, E, cfg)
+    expected = first(features)
+    results, errors = [], []
+
+    def work(protector):
+        try:
+            for _ in range(4):
+                results.append(protector(features))
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in (first, first, second, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 16
+    assert all(torch.equal(r, expected) for r in results)
+    assert S.training and E.training and all(p.requires_grad for p in list(S.parameters()) + list(E.parameters()))
+    after = dict(list(S.state_dict().items()) + list(E.state_dict().items()))
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_bfloat16_models_with_random_start(models, features):
+    S, E = (m.to(torch.bfloat16) for m in models)
+    cfg = afe.ProtectConfig(steps=2, random_start=True)
+    out = afe.protect(features, S, E, cfg)
+    assert out.dtype == features.dtype and torch.isfinite(out).all()
+    assert torch.equal(out, afe.protect(features, S, E, cfg))  # seeded from the rows' bfloat16 bytes
+
+
+def test_encoder_in_another_dtype_than_the_shadow(models, features):
+    S, E = models
+    cfg = afe.ProtectConfig(steps=3)
+    mixed = afe.protect(features, S, E.to(torch.float64), cfg)
+    torch.testing.assert_close(mixed, afe.protect(features, S, E.to(torch.float32), cfg), atol=2 * cfg.alpha, rtol=0)
+    with pytest.raises(ValueError, match="one device"):
+        afe.protect(features, S, E.to("meta"))
+
+
+def test_protector_options_and_config_are_checked(models, features):
+    S, E = models
+    with pytest.raises(ValueError, match="unknown fused backend options"):
+        afe.Protector(S, E, backend="auto", backend_options={"dtpye": "bf16"})
+    protector = afe.Protector(S, E, afe.ProtectConfig(steps=3))
+    with pytest.raises(AttributeError):
+        protector.config = afe.ProtectConfig(steps=0)  # the backend was built for the first config
+    with pytest.raises(ValueError, match="shadow decoder"):
+        protector(torch.zeros(0, 7))  # an empty batch of the wrong dim is still the wrong dim
+
+
+def test_fused_options_list_matches_the_backend():
+    import inspect
+
+    pytest.importorskip("triton")
+    from advface_engine.backends import FUSED_OPTIONS
+    from advface_engine.backends.fused import FusedBackend
+
+    names = list(inspect.signature(FusedBackend.__init__).parameters)[4:]  # after self, shadow, encoder, config
+    assert names == list(FUSED_OPTIONS)
 
 
 def test_bad_features_name_rows(models, features):

@@ -14,6 +14,7 @@ from ..config import ProtectConfig
 from .reference import ReferenceBackend
 
 BACKEND_NAMES = ("auto", "reference", "fused")
+FUSED_OPTIONS = ("dtype", "graphs", "split_k", "record_loss")  # FusedBackend's keyword arguments
 
 
 class UnsupportedModelError(ValueError):
@@ -41,6 +42,9 @@ def make_backend(name: str, shadow: nn.Module, encoder: nn.Module, config: Prote
         from .fused import FusedBackend
 
         return FusedBackend(shadow, encoder, config, **options)
+    unknown = sorted(set(options) - set(FUSED_OPTIONS))
+    if unknown:  # checked here too, or a typo would surface only on the first GPU machine
+        raise ValueError(f"unknown fused backend options {unknown}; known: {list(FUSED_OPTIONS)}")
     if _device_of(shadow).type != "cuda":
         return ReferenceBackend(shadow, encoder, config)
     try:

@@ -12,6 +12,11 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 
+def first_float(module: nn.Module) -> Tensor | None:
+    """The module's first floating parameter or buffer: its device and dtype (None if it has none)."""
+    return next((t for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point()), None)
+
+
 def fold_batchnorm(shadow: nn.Module) -> nn.Module:
     """A frozen copy of S in which every eval-mode BatchNorm that follows a Linear or convolution in
     an nn.Sequential is folded into that layer's weight and bias (Linear -> Unflatten -> BatchNorm too).

@@ -22,17 +22,13 @@ from ..kernels import interpreted
 from ..kernels.l1_sign import l1_sign_backward
 from ..kernels.linear_step import linear_sign_step
 from ..kernels.sign_step import sign_step_project
-from .decoder import weights_key
+from .decoder import first_float, weights_key
 from .plan import build_plan
 from .reference import random_start
 
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_GRAPHS = 8
 CPU_DTYPES = ("fp32", "fp16")  # what Triton's interpreter computes correctly (it has no bfloat16)
-
-
-def _first_param(module: nn.Module) -> Tensor | None:
-    return next((p for p in list(module.parameters()) + list(module.buffers()) if p.is_floating_point()), None)
 
 
 @contextlib.contextmanager
@@ -168,7 +164,7 @@ class FusedBackend:
 
     def _build(self) -> None:
         """Plan the shadow decoder as it is now (device, dtype and weights); drop captured graphs."""
-        like = _first_param(self.shadow)
+        like = first_float(self.shadow)
         device = like.device if like is not None else torch.device("cpu")
         if device.type != "cuda":
             if not interpreted():
@@ -192,7 +188,7 @@ class FusedBackend:
                 with torch.autocast(z.device.type, dtype=self.plan.dtype, cache_enabled=False):  # graph-safe
                     anchor = self.encoder(x_shadow).float()
             else:
-                enc = _first_param(self.encoder)
+                enc = first_float(self.encoder)
                 anchor = self.encoder(x_shadow.to(enc.dtype if enc is not None else torch.float32)).float()
         else:
             anchor = z.float().clone()

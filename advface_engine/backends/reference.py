@@ -15,14 +15,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ProtectConfig
-from .decoder import channels_last, fold_batchnorm, weights_key
+from .decoder import channels_last, first_float, fold_batchnorm, weights_key
 
 
 def shadow_targets(z: Tensor, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig) -> tuple[Tensor, Tensor]:
     """Shadow image x~ = S(z) and anchor z_0 (z~ = E(x~), or z itself), Eq. 3."""
     with torch.no_grad():
         x_shadow = shadow(z)
-        anchor = encoder(x_shadow) if config.anchor == "shadow" else z.clone()
+        enc = first_float(encoder)  # the encoder may run in another dtype than the shadow
+        anchor = encoder(x_shadow.to(enc.dtype) if enc is not None else x_shadow).to(z.dtype) \
+            if config.anchor == "shadow" else z.clone()
         if config.normalize:
             anchor = F.normalize(anchor, dim=1)
     return x_shadow, anchor
@@ -33,17 +35,18 @@ def random_start(anchor: Tensor, z: Tensor, config: ProtectConfig) -> Tensor:
 
     Seeding by content keeps a row's result independent of batch size and chunking.
     """
-    rows = z.detach().cpu().contiguous().numpy()
+    rows = z.detach().cpu().contiguous()
+    raw = rows.view(torch.uint8).numpy()  # each row's bytes in its own dtype (NumPy has no bfloat16)
     noise = np.empty(rows.shape, dtype=np.float64)
-    for i, row in enumerate(rows):
+    for i, row in enumerate(raw):
         key = int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little")
         rng = np.random.default_rng([config.seed, key])
         if config.norm == "linf":
-            noise[i] = rng.uniform(-config.eps, config.eps, size=row.shape)
+            noise[i] = rng.uniform(-config.eps, config.eps, size=rows.shape[1])
         else:  # uniform in the L2 ball: direction on the sphere, radius ~ U^(1/D)
-            direction = rng.standard_normal(row.shape)
+            direction = rng.standard_normal(rows.shape[1])
             direction /= np.linalg.norm(direction) + 1e-12
-            noise[i] = direction * config.eps * rng.uniform() ** (1.0 / row.shape[0])
+            noise[i] = direction * config.eps * rng.uniform() ** (1.0 / rows.shape[1])
     return anchor + torch.from_numpy(noise).to(anchor)
 
 

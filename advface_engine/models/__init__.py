@@ -44,9 +44,15 @@ def load_encoder(path, arch: str | None = None, device="cpu", **kwargs) -> nn.Mo
 
         return OnnxEncoder(path)
     if arch is None:
-        if path.suffix != ".safetensors":
-            raise ValueError(f"{path} has no architecture header: pass arch= (e.g. 'iresnet50')")
-        read_metadata(path)  # a clear error when it is not an advface checkpoint
+        try:
+            meta = read_metadata(path)
+        except ValueError as err:
+            raise ValueError(f"{path} is not an advface checkpoint, so it has no architecture header: pass arch= "
+                             f"(e.g. 'iresnet50') for a plain state dict ({err})") from err
+        if meta["arch"] not in ENCODERS:
+            raise ValueError(f"{path} holds a {meta['arch']!r} model, not an encoder ({sorted(ENCODERS)})")
+        if kwargs:
+            raise ValueError(f"{path} records its own architecture arguments; got {sorted(kwargs)} as well")
         return load_model(path, device)
     model = build_model(arch, **kwargs)
     state = load_state_dict_file(path)

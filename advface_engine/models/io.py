@@ -26,8 +26,11 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = N
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # nothing left behind when the write or the rename failed
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
@@ -43,7 +46,11 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: not a readable safetensors checkpoint ({err})") from err
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not an advface-engine checkpoint (no '{FORMAT}' header)")
-    return {"arch": meta["arch"], "kwargs": json.loads(meta["kwargs"]), "extra": json.loads(meta.get("extra", "{}"))}
+    try:
+        return {"arch": meta["arch"], "kwargs": json.loads(meta["kwargs"]),
+                "extra": json.loads(meta.get("extra", "{}"))}
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"{path}: damaged advface-engine checkpoint header ({type(err).__name__}: {err})") from err
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
@@ -54,8 +61,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     meta = read_metadata(path)
-    model = build_model(meta["arch"], **meta["kwargs"])
-    model.load_state_dict(load_file(str(path)))
+    try:
+        model = build_model(meta["arch"], **meta["kwargs"])
+        model.load_state_dict(load_file(str(path)))
+    except (TypeError, RuntimeError) as err:  # arguments the arch does not take, weights that do not fit
+        first = " ".join(str(err).strip().splitlines()[:3])[:500]
+        raise ValueError(f"{path}: its weights do not fit its header ({meta['arch']} {meta['kwargs']}): {first}") \
+            from err
     model.checkpoint_extra = meta["extra"]
     return model.to(device).eval()
 
