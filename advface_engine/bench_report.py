@@ -39,14 +39,8 @@ class Result:
         return self.batch / (self.ms * 1e-3)
 
 
-def load_results(path: str | os.PathLike, stat: str = "median") -> tuple[list[Result], dict]:
-    """The protection cases of a pytest-benchmark JSON file, and its machine_info.
-
-    ``stat``: "median" (ms per batch as the benchmark recorded it: CUDA events on a GPU) or
-    "min" (the best round by the benchmark's timer: steadier on a shared machine).
-    """
-    if stat not in ("median", "min"):
-        raise ValueError(f"stat must be 'median' or 'min', got {stat!r}")
+def _read(path: str | os.PathLike) -> dict:
+    """A pytest-benchmark JSON file's content, or a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no benchmark JSON at {path}")
@@ -56,11 +50,35 @@ def load_results(path: str | os.PathLike, stat: str = "median") -> tuple[list[Re
         raise ValueError(f"{path} is not JSON: {err}") from err
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
         raise ValueError(f"{path} is not pytest-benchmark output (no 'benchmarks' list)")
+    return data
+
+
+def _is_protection(bench: dict) -> bool:
+    return {"backend", "mode", "batch", "steps"} <= (bench.get("extra_info") or {}).keys()
+
+
+def other_cases(path: str | os.PathLike) -> list[tuple[str, dict]]:
+    """The other suites' cases (e.g. the gallery job's) with the numbers they recorded in extra_info."""
+    return [(str(bench.get("name", "?")), {k: v for k, v in (bench.get("extra_info") or {}).items()
+                                           if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            for bench in _read(path)["benchmarks"] if not _is_protection(bench)]
+
+
+def load_results(path: str | os.PathLike, stat: str = "median", required: bool = True) -> tuple[list[Result], dict]:
+    """The protection cases of a pytest-benchmark JSON file, and its machine_info.
+
+    ``stat``: "median" (ms per batch as the benchmark recorded it: CUDA events on a GPU) or
+    "min" (the best round by the benchmark's timer: steadier on a shared machine). With
+    ``required``, a file without protection cases is a ValueError.
+    """
+    if stat not in ("median", "min"):
+        raise ValueError(f"stat must be 'median' or 'min', got {stat!r}")
+    data = _read(path)
     results = []
     for bench in data["benchmarks"]:
         extra = bench.get("extra_info") or {}
-        if not {"backend", "mode", "batch", "steps"} <= extra.keys():
-            continue  # another suite's case (e.g. the gallery job)
+        if not _is_protection(bench):
+            continue  # another suite's case (e.g. the gallery job): see other_cases
         stats = bench.get("stats") or {}
         if stat == "median" and "ms_per_batch" in extra:
             ms = float(extra["ms_per_batch"])
@@ -73,7 +91,7 @@ def load_results(path: str | os.PathLike, stat: str = "median") -> tuple[list[Re
         extra = {**extra, "timer": "CUDA events" if events else timer}
         results.append(Result(extra["mode"], int(extra["batch"]), int(extra["steps"]), extra["backend"], ms,
                               int(stats.get("rounds", 0)), extra))
-    if not results:
+    if not results and required:
         raise ValueError(f"{path} holds no protection benchmarks (run `pytest bench --benchmark-only "
                          f"--benchmark-json={path}`)")
     order = {name: i for i, name in enumerate(BACKEND_ORDER)}
@@ -96,6 +114,16 @@ def _fmt(value: float) -> str:
 def _tflops(r: Result) -> float | None:
     """Achieved TFLOP/s: the protection's FLOPs (flop_counter) over the time per batch."""
     return r.extra["protect_flops"] / (r.ms * 1e-3) / 1e12 if "protect_flops" in r.extra else None
+
+
+def _peak_mib(r: Result) -> float | None:
+    """Peak memory of the case: PyTorch's allocator on a GPU; on a CPU the process's resident set,
+    shown only when it was reset for the case (a whole-process peak would carry over from others)."""
+    if "peak_memory_mb" in r.extra:
+        return r.extra["peak_memory_mb"]
+    if r.extra.get("peak_rss_scope") == "since reset":
+        return r.extra.get("peak_rss_mb")
+    return None
 
 
 def machine_line(results: list[Result], machine: dict) -> str:
@@ -122,7 +150,7 @@ def markdown_table(results: list[Result], stat: str = "median") -> str:
         ("TFLOP/s", lambda r: f"{_tflops(r):.3g}" if _tflops(r) is not None else None),
         ("% of peak", lambda r: f"{100 * _tflops(r) / r.extra['peak_tflops']:.2g} ({r.extra.get('precision', '?')})"
          if _tflops(r) is not None and r.extra.get("peak_tflops") else None),
-        ("peak memory (MB)", lambda r: _fmt(r.extra["peak_memory_mb"]) if "peak_memory_mb" in r.extra else None),
+        ("peak memory (MiB)", lambda r: _fmt(_peak_mib(r)) if _peak_mib(r) is not None else None),
         ("power (W)", lambda r: _fmt(r.extra["power_w"]) if "power_w" in r.extra else None),
         ("J / embedding", lambda r: f"{r.extra['energy_per_embedding_j']:.3g}"
          if "energy_per_embedding_j" in r.extra else None),
@@ -156,7 +184,9 @@ def plot(results: list[Result], path: str | os.PathLike, steps: int | None = Non
     if not chosen:
         raise ValueError(f"no results at T={steps}; measured: {sorted({r.steps for r in results})}")
     ratio = speedups(chosen)
-    fig, (ax_rate, ax_ratio) = plt.subplots(1, 2, figsize=(11, 4.2))
+    compared = any(backend != BASELINE for *_, backend in ratio)  # else no ratio panel (nothing to draw)
+    fig, axes = plt.subplots(1, 2 if compared else 1, figsize=(11 if compared else 5.8, 4.2), squeeze=False)
+    ax_rate, ax_ratio = axes[0][0], axes[0][1] if compared else None
     backends = [b for b in BACKEND_ORDER if any(r.backend == b for r in chosen)]
     backends += sorted({r.backend for r in chosen} - set(backends))
     for i, backend in enumerate(backends):
@@ -164,11 +194,11 @@ def plot(results: list[Result], path: str | os.PathLike, steps: int | None = Non
         rows = sorted((r for r in chosen if r.backend == backend), key=lambda r: r.batch)
         ax_rate.plot([r.batch for r in rows], [r.embeddings_per_s for r in rows], **style)
         pts = [r for r in rows if (*r.case, backend) in ratio]
-        if pts and backend != BASELINE:
+        if compared and pts and backend != BASELINE:
             ax_ratio.plot([r.batch for r in pts], [ratio[(*r.case, backend)] for r in pts], **style)
     device = chosen[0].extra.get("device", "")
     batches = sorted({r.batch for r in chosen})
-    for ax in (ax_rate, ax_ratio):
+    for ax in axes[0]:
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])
         ax.set_xlabel("batch size B")
@@ -177,9 +207,10 @@ def plot(results: list[Result], path: str | os.PathLike, steps: int | None = Non
     ax_rate.set_yscale("log")
     ax_rate.set_ylabel("embeddings / s")
     ax_rate.set_title(f"throughput, T={steps} ({device})")
-    ax_ratio.set_ylabel(f"time of {BASELINE} / time of backend")
-    ax_ratio.set_title(f"speedup over the {BASELINE} baseline, T={steps}")
-    ax_ratio.axhline(1.0, color="gray", lw=0.8)
+    if compared:
+        ax_ratio.set_ylabel(f"time of {BASELINE} / time of backend")
+        ax_ratio.set_title(f"speedup over the {BASELINE} baseline, T={steps}")
+        ax_ratio.axhline(1.0, color="gray", lw=0.8)
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -191,18 +222,26 @@ def plot(results: list[Result], path: str | os.PathLike, steps: int | None = Non
 
 def write_report(json_path: str | os.PathLike, out: str | os.PathLike, stat: str = "median",
                  steps: int | None = None) -> str:
-    """Write OUT/bench_report.md and OUT/bench_throughput.png; return the report's text."""
-    results, machine = load_results(json_path, stat)
+    """Write OUT/bench_report.md (and OUT/bench_throughput.png when there are protection cases);
+    return the report's text. Other suites' cases are listed with their recorded figures."""
+    others = other_cases(json_path)
+    results, machine = load_results(json_path, stat, required=not others)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    text = [f"Protection benchmarks ({machine_line(results, machine)}); time per batch: {stat} over rounds.", "",
-            markdown_table(results, stat), "", "Speedups:", ""]
-    text += [f"- {line}" for line in speedup_lines(results)]
-    try:
-        shown = plot(results, out / "bench_throughput.png", steps)
-        text += ["", f"![throughput at T={shown}](bench_throughput.png)"]
-    except ImportError:
-        text += ["", "(no plot: matplotlib is not installed; pip install 'advface-engine[eval]')"]
+    text = []
+    if results:
+        text += [f"Protection benchmarks ({machine_line(results, machine)}); time per batch: {stat} over rounds.", "",
+                 markdown_table(results, stat), "", "Speedups:", ""]
+        text += [f"- {line}" for line in speedup_lines(results)]
+        try:
+            shown = plot(results, out / "bench_throughput.png", steps)
+            text += ["", f"![throughput at T={shown}](bench_throughput.png)"]
+        except ImportError:
+            text += ["", "(no plot: matplotlib is not installed; pip install 'advface-engine[eval]')"]
+    if others:
+        text += (["", ""] if text else []) + ["Other cases (figures from their extra_info):", ""]
+        text += [f"- {name}: " + (", ".join(f"{k} {_fmt(v)}" for k, v in figures.items()) or "no figures")
+                 for name, figures in others]
     report = "\n".join(text) + "\n"
     tmp = out / "bench_report.md.tmp"
     tmp.write_text(report)

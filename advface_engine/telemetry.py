@@ -15,10 +15,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-# Dense peak TFLOP/s by precision, from the vendor datasheets (no sparsity). The first name
-# fragment found in the device name wins, so the PCIe entry comes before the SXM one.
+# Dense peak TFLOP/s by precision, from the vendor datasheets (no sparsity: half the sparse
+# figures). The first name fragment found in the device name wins, so the PCIe and NVL entries
+# come before the SXM ones.
 PEAK_TFLOPS = {
     "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0},
+    "H100 NVL": {},  # lower clocks than SXM; peaks not recorded here, so no fraction is reported
+    "H200 NVL": {},
     "H100": {"bf16": 989.0, "fp16": 989.0, "tf32": 495.0, "fp32": 67.0},  # SXM
     "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 495.0, "fp32": 67.0},  # same compute as H100 SXM
     "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
@@ -26,7 +29,8 @@ PEAK_TFLOPS = {
 
 
 def peak_tflops(device_name: str, precision: str = "fp32") -> float | None:
-    """The dense peak of a known GPU at ``precision`` ("bf16", "fp16", "tf32", "fp32"); None if unknown."""
+    """The dense peak of a known GPU at ``precision`` ("bf16", "fp16", "tf32", "fp32"); None if unknown
+    (better no fraction of peak than one against another variant's peak)."""
     for fragment, peaks in PEAK_TFLOPS.items():
         if fragment.lower() in device_name.lower():
             return peaks.get(precision)
@@ -62,20 +66,42 @@ def step_flops(shadow: nn.Module, z: Tensor) -> int:
         return count_flops(lambda: (shadow(z_t) - x_shadow).abs().sum().backward())
 
 
-def reset_peak_memory(device: torch.device | str) -> None:
+def _vm_hwm_kib() -> int | None:
+    """The process's peak resident set (VmHWM, KiB) from /proc on Linux; None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def reset_peak_memory(device: torch.device | str) -> bool:
+    """Start a new peak: PyTorch's allocator peak on a GPU; on Linux the process's peak resident
+    set (writing 5 to /proc/self/clear_refs). False where the peak cannot be reset."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def peak_memory(device: torch.device | str) -> dict:
-    """{"peak_memory_mb": ...} allocated by PyTorch on a GPU since the last reset; on a CPU
-    {"peak_rss_mb": ...}, the whole process's peak resident set (it never resets)."""
+    """{"peak_memory_mb": ...}: MiB allocated by PyTorch on a GPU since ``reset_peak_memory``; on a
+    CPU {"peak_rss_mb": ...}: the process's peak resident set, since ``reset_peak_memory`` on Linux,
+    else since the process began ("peak_rss_scope" says which)."""
     device = torch.device(device)
     if device.type == "cuda":
         return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    kib = _vm_hwm_kib()
+    if kib is not None:
+        return {"peak_rss_mb": kib / 2**10, "peak_rss_scope": "since reset"}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return {"peak_rss_mb": rss / (2**20 if sys.platform == "darwin" else 2**10)}
+    return {"peak_rss_mb": rss / (2**20 if sys.platform == "darwin" else 2**10), "peak_rss_scope": "process"}
 
 
 def nvml_handle(device: torch.device | str):
@@ -166,7 +192,13 @@ class EnergyMeter:
 
 def conv_tf32() -> bool:
     """Whether cuDNN runs fp32 convolutions in TF32 at PyTorch's current settings (its default)."""
-    conv = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
-    if conv in ("tf32", "ieee"):
-        return conv == "tf32"
-    return bool(torch.backends.cudnn.allow_tf32)  # "none" (inherited) or an older torch
+    cudnn = torch.backends.cudnn
+    # torch 2.9+: "none" inherits from the parent setting (conv -> cudnn -> torch.backends)
+    for owner in (getattr(cudnn, "conv", None), cudnn, torch.backends):
+        value = getattr(owner, "fp32_precision", None)
+        if value in ("tf32", "ieee"):
+            return value == "tf32"
+    try:
+        return bool(cudnn.allow_tf32)  # an older torch
+    except RuntimeError:  # conv and rnn set differently: the legacy getter refuses
+        return True  # PyTorch's default for cuDNN convolutions

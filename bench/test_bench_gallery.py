@@ -99,12 +99,13 @@ def test_gallery_peak_rss(benchmark, tmp_path, rows):
     peak = {}
 
     def run():
+        start = time.perf_counter()
         out = subprocess.run([sys.executable, "-c", RSS_JOB, str(tmp_path / "gallery.npy"), str(tmp_path / "out.npy"),
                               shadow, encoder], check=True, capture_output=True, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
-        peak["kib"] = int(out.stdout.split()[-1])
+        peak["kib"], peak["s"] = int(out.stdout.split()[-1]), time.perf_counter() - start
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     benchmark.extra_info["peak_rss_mib"] = peak["kib"] / 1024
-    benchmark.extra_info["rows_per_s"] = rows / benchmark.stats.stats.median
+    benchmark.extra_info["rows_per_s"] = rows / peak["s"]  # the whole process, start-up included
     assert np.load(tmp_path / "out.npy", mmap_mode="r").shape == (rows, 512)

@@ -81,6 +81,31 @@ def test_report_files_and_cli(bench_json, tmp_path, capsys):
     assert not list(out.glob("*.tmp"))
     report = write_report(bench_json, out, stat="min", steps=10)
     assert "reference vs naive: online B=1 T=10: 1.50x" in report
+    assert "- test_gallery_throughput[job-demo]: rows_per_s 1" in report  # other suites' cases are listed
+
+
+def test_report_of_other_suites_alone_and_without_a_baseline(tmp_path, recwarn):
+    gallery = tmp_path / "gallery.json"
+    gallery.write_text(json.dumps({"benchmarks": [
+        {"name": "test_gallery_peak_rss[100000]", "extra_info": {"peak_rss_mib": 612.5, "rows_per_s": 15000.0},
+         "stats": {"median": 6.0}}]}))
+    report = write_report(gallery, tmp_path / "g")
+    assert "test_gallery_peak_rss[100000]: peak_rss_mib 612, rows_per_s 15,000" in report
+    assert not (tmp_path / "g" / "bench_throughput.png").exists()
+    alone = tmp_path / "alone.json"
+    alone.write_text(json.dumps({"benchmarks": [case("reference", 1, 10, 0.01, 0.01),
+                                                case("reference", 8, 10, 0.02, 0.02)]}))
+    write_report(alone, tmp_path / "a")  # no naive case: one panel, and no empty-legend warning
+    assert (tmp_path / "a" / "bench_throughput.png").stat().st_size > 5_000
+    assert not [w for w in recwarn if "artists" in str(w.message)]
+
+
+def test_cpu_peak_memory_is_shown_only_when_it_is_per_case(bench_json):
+    results, _ = load_results(bench_json)
+    results[0].extra.update(peak_rss_mb=300.0, peak_rss_scope="process")
+    assert "peak memory" not in markdown_table(results)
+    results[0].extra.update(peak_rss_scope="since reset")
+    assert "peak memory (MiB)" in markdown_table(results) and "| 300 |" in markdown_table(results)
 
 
 def test_bad_inputs_say_what_is_wrong(tmp_path, bench_json):
@@ -100,6 +125,7 @@ def test_bad_inputs_say_what_is_wrong(tmp_path, bench_json):
         load_results(bench_json, stat="mean")
     with pytest.raises(ValueError, match="T=20"):
         write_report(bench_json, tmp_path / "r", steps=20)
+    bad.write_text(json.dumps({"benchmarks": []}))
     assert main(["bench-report", str(bad)]) == 2
 
 

@@ -36,6 +36,38 @@ def test_peak_table():
     assert tm.peak_tflops("NVIDIA H200", "fp32") == 67.0
     assert tm.peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
     assert tm.peak_tflops("cpu") is None and tm.peak_tflops("NVIDIA H100 80GB HBM3", "fp8") is None
+    assert tm.peak_tflops("NVIDIA H100 NVL", "bf16") is None  # not the SXM peak: unknown
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-case peak RSS reads /proc")
+def test_cpu_peak_memory_is_per_case_after_a_reset():
+    import numpy as np
+
+    big = np.ones(200 * 2**20 // 8)  # 200 MiB touched
+    del big
+    assert tm.reset_peak_memory("cpu")
+    after = tm.peak_memory("cpu")
+    assert after["peak_rss_scope"] == "since reset"
+    big = np.ones(100 * 2**20 // 8)
+    grown = tm.peak_memory("cpu")["peak_rss_mb"]
+    del big
+    assert grown - after["peak_rss_mb"] > 90  # the new peak, not the earlier 200 MiB one
+
+
+def test_conv_tf32_reads_inherited_and_mixed_settings(monkeypatch):
+    cudnn = torch.backends.cudnn
+    if not hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        pytest.skip("torch < 2.9 has no fp32_precision settings")
+    saved = [(k, k.fp32_precision) for k in (torch.backends, cudnn, cudnn.conv, cudnn.rnn)]
+    try:
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = "none", "ieee"  # legacy getter would raise
+        cudnn.fp32_precision = "ieee"
+        assert tm.conv_tf32() is False  # inherited from cudnn
+        cudnn.fp32_precision = "none"
+        assert tm.conv_tf32() is True  # PyTorch's default for convolutions
+    finally:
+        for knob, value in saved:
+            knob.fp32_precision = value
 
 
 def test_nvml_fields_absent_without_nvml(monkeypatch):
