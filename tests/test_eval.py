@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -182,18 +183,49 @@ def test_random_baseline_stays_in_budget(models, features):
     _, anchor = shadow_targets(features, shadow, encoder, config)
     out = random_baseline(features, shadow, encoder, config, seed=3)
     np.testing.assert_allclose((out - anchor).abs().numpy(), 0.03, rtol=1e-5)
+    signs = torch.randint(0, 2, anchor.shape, generator=torch.Generator().manual_seed(3)).to(anchor) * 2 - 1
+    assert torch.equal(out, anchor + 0.03 * signs)  # L-inf: the same bytes as before the L2 variant
     assert not torch.equal(out, random_baseline(features, shadow, encoder, config, seed=4))
     normalised = random_baseline(features, shadow, encoder, config.replace(normalize=True), seed=3)
     np.testing.assert_allclose(normalised.norm(dim=1).numpy(), 1.0, rtol=1e-5)
 
 
-def test_dp_baseline_noise_matches_its_budget():
+def test_random_baseline_l2_step_has_l2_norm_eps(models, features):
+    """With norm "l2" Random's step lies on AdvFace's L2 sphere of radius eps, not at an L-inf corner."""
+    shadow, encoder = models
+    config = ProtectConfig(eps=0.03, alpha=0.01, steps=3, norm="l2", normalize=False)
+    from advface_engine.backends.reference import shadow_targets
+
+    _, anchor = shadow_targets(features, shadow, encoder, config)
+    step = random_baseline(features, shadow, encoder, config, seed=3) - anchor
+    np.testing.assert_allclose(step.norm(dim=1).numpy(), 0.03, rtol=1e-5)
+    assert step.abs().max() < 0.03  # not a sign step
+    assert not torch.equal(step, random_baseline(features, shadow, encoder, config, seed=4) - anchor)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_dp_baseline_noise_matches_its_budget(norm):
+    """Laplace noise with RMS eps per coordinate (L-inf) or RMS L2 norm eps (L2)."""
     z = torch.zeros(400, 128)
-    noise = dp_baseline(z, eps=0.03, normalize=False, seed=0)
-    b = dp_scale(0.03)
+    noise = dp_baseline(z, eps=0.03, normalize=False, seed=0, norm=norm)
+    b = dp_scale(0.03, 128, norm)
+    assert b == pytest.approx(0.03 / math.sqrt(2 * 128 if norm == "l2" else 2))
     assert noise.abs().mean().item() == pytest.approx(b, rel=0.03)  # E|Laplace(0, b)| = b
-    assert noise.pow(2).mean().sqrt().item() == pytest.approx(0.03, rel=0.03)  # RMS sqrt(2) b = eps
-    assert dp_epsilon(0.03, 128) == pytest.approx(2 * math.sqrt(128) / b)
+    rms = noise.pow(2).sum(1).mean().sqrt() if norm == "l2" else noise.pow(2).mean().sqrt()
+    assert rms.item() == pytest.approx(0.03, rel=0.03)
+    assert dp_epsilon(0.03, 128, norm) == pytest.approx(2 * math.sqrt(128) / b)
+    if norm == "linf":  # the default, as before
+        assert torch.equal(noise, dp_baseline(z, eps=0.03, normalize=False, seed=0))
+
+
+def test_run_passes_the_norm_to_the_dp_baseline():
+    from advface_engine.evaluation import benchmark
+
+    run = benchmark.Run.__new__(benchmark.Run)
+    run.s, run.z = benchmark.settings_for("tiny"), torch.randn(50, 64)
+    config = ProtectConfig(norm="l2", normalize=False)
+    expected = dp_baseline(run.z, config.eps, normalize=False, seed=run.s.seed, norm="l2")
+    assert torch.equal(run.baseline("dp", config), expected)
 
 
 # ---------------------------------------------------------------- end to end
@@ -281,3 +313,195 @@ def test_eval_rejects_bad_settings(tmp_path):
     path.write_text(json.dumps({"scale": "tiny", "protect": {"eps": -1}}))
     with pytest.raises(ValueError, match="eps"):
         load_settings(path)
+
+
+# ---------------------------------------------------------------- checks before any training
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(bin="{missing}"), "--bin: no file at"),
+    (dict(folder="{missing}"), "--folder: no folder at"),
+    (dict(folder="{folder}", pairs="{missing}"), "--pairs: no file at"),
+    (dict(encoder_checkpoint="{missing}"), "--encoder-checkpoint: no file at"),
+    (dict(shadow_checkpoint="{missing}"), "--shadow-checkpoint: no file at"),
+    (dict(pairs="{file}"), "--pairs .* give --folder"),
+    (dict(bin="{file}", folder="{folder}"), "--bin or --folder, not both"),
+    (dict(device="tpu"), "--device: unknown device 'tpu'"),
+])
+def test_eval_checks_inputs_before_training(tmp_path, overrides, message):
+    from advface_engine.evaluation.benchmark import settings_for
+
+    (tmp_path / "faces").mkdir()
+    (tmp_path / "pairs.txt").write_text("")
+    paths = dict(missing=tmp_path / "missing", folder=tmp_path / "faces", file=tmp_path / "pairs.txt")
+    with pytest.raises(ValueError, match=message):
+        settings_for("tiny", **{k: v.format(**paths) for k, v in overrides.items()})
+
+
+def test_eval_refuses_cuda_without_cuda_in_one_line(tmp_path, monkeypatch, capsys):
+    from advface_engine.cli import main
+    from advface_engine.evaluation import benchmark
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(benchmark, "Run", lambda *a, **k: pytest.fail("trained before checking the device"))
+    assert main(["eval", "--scale", "tiny", "--device", "cuda", "-o", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not available" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_output_must_be_a_folder_before_the_run(tmp_path, monkeypatch, capsys):
+    from advface_engine.cli import main
+    from advface_engine.evaluation import benchmark
+
+    output = tmp_path / "results"
+    output.write_text("not a folder")
+    monkeypatch.setattr(benchmark, "Run", lambda *a, **k: pytest.fail("ran before checking the output folder"))
+    assert main(["eval", "--scale", "tiny", "-o", str(output), "--no-progress"]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert output.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"protect": "x"}, "'protect' must be an object, got 'x'"),
+    ({"sweep_eps": 0.05}, "'sweep_eps' must be a list of numbers, got 0.05"),
+    ({"families": "dcgan,nbnet"}, "'families' must be a list of strings, got 'dcgan,nbnet'"),
+    ({"size": "big"}, "'size' must be an integer, got 'big'"),
+    ({"flip": "yes"}, "'flip' must be true or false, got 'yes'"),
+    ({"batch_size": 1.5}, "'batch_size' must be an integer or null, got 1.5"),
+    ({"sweep_steps": [1, True]}, "'sweep_steps' must be a list of integers"),
+    ({"bin": 3}, "'bin' must be a string or null, got 3"),
+    ({"scale": ["tiny"]}, "scale must be one of"),
+    ({"protect": {"eps": "x"}}, "protect: eps must be a number"),
+])
+def test_eval_settings_file_is_type_checked(tmp_path, data, message):
+    from advface_engine.evaluation.benchmark import load_settings
+
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({"scale": "tiny", **data}))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_settings(path)
+
+
+def test_eval_settings_file_accepts_json_types(tmp_path):
+    from advface_engine.evaluation.benchmark import load_settings
+
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({"scale": "tiny", "sweep_eps": [1, 0.5], "shadow_identity_weight": 1,
+                                "families": ["dcgan", "nbnet"], "batch_size": None}))
+    settings = load_settings(path)
+    assert settings.sweep_eps == (1.0, 0.5) and isinstance(settings.sweep_eps[0], float)
+    assert settings.shadow_identity_weight == 1.0 and settings.families == ("dcgan", "nbnet")
+    assert settings.batch_size == 32  # null keeps the preset's value
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--sweep-eps", "abc", "expected comma-separated numbers, got 'abc'"),
+    ("--sweep-steps", "1.5", "expected comma-separated integers, got '1.5'"),
+    ("--families", ",", "expected comma-separated names, got ','"),
+])
+def test_eval_list_flags_say_what_they_expect(capsys, flag, value, message):
+    from advface_engine.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", flag, value])
+    assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _checkpoint(path, arch, **kwargs):
+    from advface_engine.models import build_model, save_model
+
+    save_model(build_model(arch, **kwargs), path)
+    return str(path)
+
+
+def test_encoder_checkpoint_sets_feature_dim_and_size(tmp_path):
+    from safetensors.torch import save_file
+
+    from advface_engine.evaluation.benchmark import settings_for
+    from advface_engine.models.io import FORMAT
+
+    encoder = _checkpoint(tmp_path / "e.safetensors", "mobilefacenet", num_features=32, input_size=16, width=4)
+    s = settings_for("tiny", encoder_checkpoint=encoder)
+    assert (s.feature_dim, s.size, s.encoder_arch, s.encoder_width) == (32, 16, "mobilefacenet", 4)
+    header_only = tmp_path / "iresnet.safetensors"  # no kwargs recorded: the architecture's defaults
+    save_file({"x": torch.zeros(1)}, str(header_only), metadata={"format": FORMAT, "arch": "iresnet50",
+                                                                 "kwargs": "{}", "extra": "{}"})
+    s = settings_for("tiny", encoder_checkpoint=str(header_only))
+    assert (s.feature_dim, s.size, s.encoder_arch) == (512, 112, "iresnet50")
+    decoder = _checkpoint(tmp_path / "d.safetensors", "dcgan", feature_dim=32, size=16, width=4)
+    with pytest.raises(ValueError, match="'dcgan' model, not an encoder"):
+        settings_for("tiny", encoder_checkpoint=decoder)
+
+
+def test_shadow_checkpoint_must_fit_the_shadow_family_and_encoder(tmp_path):
+    from advface_engine.evaluation.benchmark import settings_for
+
+    encoder = _checkpoint(tmp_path / "e.safetensors", "mobilefacenet", num_features=32, input_size=16, width=4)
+    fits = _checkpoint(tmp_path / "fits.safetensors", "dcgan", feature_dim=32, size=16, width=4)
+    assert settings_for("tiny", encoder_checkpoint=encoder, shadow_checkpoint=fits).shadow_checkpoint == fits
+    upconv = _checkpoint(tmp_path / "upconv.safetensors", "upconv", feature_dim=32, size=16, width=4)
+    with pytest.raises(ValueError, match="'upconv' decoder, but the shadow family is 'dcgan': pass --shadow upconv"):
+        settings_for("tiny", encoder_checkpoint=encoder, shadow_checkpoint=upconv)
+    assert settings_for("tiny", encoder_checkpoint=encoder, shadow_checkpoint=upconv, shadow="upconv")
+    wide = _checkpoint(tmp_path / "wide.safetensors", "dcgan", feature_dim=64, size=16, width=4)
+    with pytest.raises(ValueError, match="feature_dim 64, size 16, but the encoder has feature_dim 32, size 16"):
+        settings_for("tiny", encoder_checkpoint=encoder, shadow_checkpoint=wide)
+    with pytest.raises(ValueError, match="'mobilefacenet' model, not a decoder"):
+        settings_for("tiny", encoder_checkpoint=encoder, shadow_checkpoint=encoder)
+
+
+# ---------------------------------------------------------------- report
+
+
+def test_report_says_flip_and_states_the_l2_baselines(tiny_eval):
+    import copy
+
+    from advface_engine.evaluation.report import markdown
+
+    out, results = tiny_eval
+    assert "embeddings without flip augmentation" in (out / "report.md").read_text()
+    assert results["dp"]["norm"] == "linf" and results["dp"]["laplace_scale"] == pytest.approx(dp_scale(0.1, 64))
+    l2 = copy.deepcopy(results)
+    l2["settings"]["flip"], l2["config"]["norm"] = True, "l2"
+    text = markdown(l2, {}, "curve.png")
+    assert "flip-augmented embeddings (--flip)" in text
+    assert "b = eps/sqrt(2D)" in text and "noise RMS L2 norm = eps" in text and "random unit direction" in text
+
+
+def test_report_removes_stale_grids_only(tiny_eval, tmp_path):
+    from advface_engine.evaluation.report import write_report
+
+    _, results = tiny_eval
+    for name in ("grid_nbnet.png", "grid_dcgan.png", "grid_notes.txt", "mygrid_x.png"):
+        (tmp_path / name).write_bytes(b"old")
+    images = torch.zeros(2, 3, 8, 8)
+    artifacts = {"originals": images, "grids": {"dcgan": {m: images for m in ("unprotected", "advface", "random",
+                                                                              "dp")}}}
+    write_report({**results, "artifacts": artifacts}, tmp_path)
+    assert not (tmp_path / "grid_nbnet.png").exists()
+    assert (tmp_path / "grid_dcgan.png").read_bytes() != b"old"
+    assert (tmp_path / "grid_notes.txt").exists() and (tmp_path / "mygrid_x.png").exists()
+
+
+def test_curve_draws_one_advface_curve_per_swept_steps(tiny_eval, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from advface_engine.evaluation.report import save_curve
+
+    _, results = tiny_eval
+    advface = [p for p in results["sweep"] if p["method"] == "advface"]
+    sweep = [{**p, "steps": t} for t in (2, 5) for p in advface]  # the configured steps (10) not swept
+    drawn = {}
+
+    def savefig(fig, path, **kwargs):
+        ax = fig.axes[0]
+        drawn.update(lines=[line.get_label() for line in ax.get_lines()], notes=len(ax.texts))
+        open(path, "wb").close()
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    save_curve(tmp_path / "curve.png", {**results, "sweep": sweep + [p for p in results["sweep"] if p not in advface]})
+    assert [n for n in drawn["lines"] if n.startswith("AdvFace,")] == ["AdvFace, T=2", "AdvFace, T=5"]
+    assert drawn["notes"] == len(sweep)  # every AdvFace point annotated with its eps

@@ -9,10 +9,14 @@ their own identities from ATTACKER_FIRST, and the evaluated gallery starts at GA
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import time
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +25,9 @@ from tqdm.auto import tqdm
 
 from ..config import ProtectConfig
 from ..data import synthetic_faces
-from ..models import DECODERS, build_model, load_model
+from ..gallery.job import resolve_device
+from ..models import ARCHITECTURES, DECODERS, ENCODERS, IResNet, build_model, load_model
+from ..models.io import read_metadata
 from ..protect import Protector
 from ..train import train_decoder, train_encoder
 from .attack import identity_inference
@@ -96,25 +102,118 @@ SCALES = {
 
 
 def settings_for(scale: str = "small", **overrides) -> EvalSettings:
-    """The preset ``scale`` with some fields replaced (unknown names are a ValueError)."""
-    if scale not in SCALES:
+    """The preset ``scale`` with some fields replaced, type-checked, and checked against the files and
+    device they name before any training (unknown names, wrong types, missing files are ValueErrors).
+    An encoder checkpoint sets feature_dim, size and the encoder fields from its header."""
+    if not isinstance(scale, str) or scale not in SCALES:
         raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale!r}")
-    known = {f.name for f in dataclasses.fields(EvalSettings)}
-    unknown = set(overrides) - known
+    hints = typing.get_type_hints(EvalSettings)
+    unknown = set(overrides) - set(hints)
     if unknown:
         raise ValueError(f"unknown evaluation settings: {sorted(unknown)}")
     values = {**SCALES[scale], **{k: v for k, v in overrides.items() if v is not None}}
-    for name in ("families", "sweep_eps", "sweep_steps"):
-        if name in values:
-            values[name] = tuple(values[name])
+    values = {name: _typed(name, value, hints[name]) for name, value in values.items()}
+    if values.get("encoder_checkpoint"):
+        values.update(_encoder_fields(values["encoder_checkpoint"]))
     settings = EvalSettings(scale=scale, **values)
-    settings.config()  # validates the protection fields
+    try:
+        settings.config()  # validates the protection fields
+    except TypeError as err:
+        raise ValueError(f"protect: {err}") from err
     for arch in (settings.shadow, *settings.families):
         if arch not in DECODERS:
             raise ValueError(f"unknown decoder family {arch!r}; known: {sorted(DECODERS)}")
     if settings.shadow not in settings.families:
         raise ValueError(f"the shadow family {settings.shadow!r} must be one of families {settings.families}")
+    _check_inputs(settings)
     return settings
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object"}
+_LIST_NAMES = {int: "integers", float: "numbers", str: "strings"}
+
+
+def _typed(name: str, value, hint):
+    """``value`` as field ``name`` of type ``hint`` (a list becomes a tuple, an int a float), else a ValueError."""
+    try:
+        return _as_type(value, hint)
+    except TypeError:
+        raise ValueError(f"setting {name!r} must be {_type_name(hint)}, got {value!r}") from None
+
+
+def _as_type(value, hint):
+    """``value`` converted to ``hint``, or a TypeError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):  # X | None
+        return None if value is None else _as_type(value, next(a for a in args if a is not type(None)))
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        return tuple(_as_type(v, args[0]) for v in value)
+    if isinstance(value, bool) and hint is not bool:  # JSON true is no number
+        raise TypeError
+    if hint is float and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, hint):
+        raise TypeError
+    return value
+
+
+def _type_name(hint) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_LIST_NAMES[args[0]]}"
+    if type(None) in args:
+        return f"{_type_name(next(a for a in args if a is not type(None)))} or null"
+    return _TYPE_NAMES[hint]
+
+
+def _header(flag: str, path: str) -> tuple[str, dict]:
+    """(arch, arguments with the architecture's defaults filled in) of the advface checkpoint given as ``flag``."""
+    if not Path(path).is_file():
+        raise ValueError(f"{flag}: no file at {path}")
+    meta = read_metadata(path)
+    arch = meta["arch"]
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{flag} {path} holds an unknown architecture {arch!r}")
+    factory = IResNet if arch.startswith("iresnet") else ARCHITECTURES[arch]
+    defaults = {k: p.default for k, p in inspect.signature(factory).parameters.items() if p.default is not p.empty}
+    return arch, {**defaults, **meta["kwargs"]}
+
+
+def _encoder_fields(path: str) -> dict:
+    """The settings an encoder checkpoint fixes: its feature size, image size and architecture."""
+    arch, kwargs = _header("--encoder-checkpoint", path)
+    if arch not in ENCODERS:
+        raise ValueError(f"--encoder-checkpoint {path} holds a {arch!r} model, not an encoder ({sorted(ENCODERS)})")
+    fields = dict(feature_dim=kwargs["num_features"], size=kwargs["input_size"], encoder_arch=arch)
+    return {**fields, "encoder_width": kwargs["width"]} if "width" in kwargs else fields
+
+
+def _check_inputs(s: EvalSettings) -> None:
+    """One-line errors, before any training, for the files, folders and device the settings name."""
+    if s.bin and s.folder:
+        raise ValueError("give --bin or --folder, not both")
+    if s.pairs and not s.folder:
+        raise ValueError("--pairs is a pair file for --folder: give --folder as well")
+    for flag, path, exists in (("--bin", s.bin, os.path.isfile), ("--folder", s.folder, os.path.isdir),
+                               ("--pairs", s.pairs, os.path.isfile)):
+        if path and not exists(path):
+            raise ValueError(f"{flag}: no {'folder' if flag == '--folder' else 'file'} at {path}")
+    if s.shadow_checkpoint:
+        arch, kwargs = _header("--shadow-checkpoint", s.shadow_checkpoint)
+        if arch not in DECODERS:
+            raise ValueError(f"--shadow-checkpoint {s.shadow_checkpoint} holds a {arch!r} model, not a decoder")
+        if arch != s.shadow:
+            raise ValueError(f"--shadow-checkpoint {s.shadow_checkpoint} holds a {arch!r} decoder, but the shadow "
+                             f"family is {s.shadow!r}: pass --shadow {arch}")
+        if (kwargs["feature_dim"], kwargs["size"]) != (s.feature_dim, s.size):
+            raise ValueError(f"--shadow-checkpoint {s.shadow_checkpoint} has feature_dim {kwargs['feature_dim']}, "
+                             f"size {kwargs['size']}, but the encoder has feature_dim {s.feature_dim}, size {s.size}")
+    try:
+        resolve_device(s.device)
+    except ValueError as err:
+        raise ValueError(f"--device: {err} (use auto, cpu or cuda)") from None
 
 
 def load_settings(path: str | os.PathLike, **overrides) -> EvalSettings:
@@ -125,12 +224,6 @@ def load_settings(path: str | os.PathLike, **overrides) -> EvalSettings:
         raise ValueError(f"{path} must hold a JSON object of evaluation settings")
     data.update({k: v for k, v in overrides.items() if v is not None})
     return settings_for(data.pop("scale", "small"), **data)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _verification_set(s: EvalSettings) -> VerificationSet:
@@ -146,7 +239,7 @@ class Run:
     """The trained models and the clean features of one evaluation."""
 
     def __init__(self, s: EvalSettings, progress: bool = True):
-        self.s, self.progress, self.device = s, progress, _device(s.device)
+        self.s, self.progress, self.device = s, progress, resolve_device(s.device)
         self.timings: dict[str, float] = {}
         self.training: dict[str, float] = {}
         self.encoder = self._encoder()
@@ -216,7 +309,7 @@ class Run:
             z = self.z.to(self.device)
             return random_baseline(z, self.shadows[self.s.shadow], self.encoder, config, seed=self.s.seed).cpu()
         if method == "dp":
-            return dp_baseline(self.z, config.eps, normalize=config.normalize, seed=self.s.seed)
+            return dp_baseline(self.z, config.eps, normalize=config.normalize, seed=self.s.seed, norm=config.norm)
         raise ValueError(f"unknown method {method!r}")
 
     def verification(self, stored: Tensor) -> dict:
@@ -253,8 +346,9 @@ def run_evaluation(s: EvalSettings, progress: bool = True) -> dict:
                  "stored features attacked": len(run.stored)},
         "threshold": run.threshold,
         "threshold_rule": "the mean of the ten per-fold thresholds of the clean 10-fold verification",
-        "dp": {"laplace_scale": dp_scale(config.eps), "sensitivity_l1": 2 * s.feature_dim ** 0.5,
-               "epsilon": dp_epsilon(config.eps, s.feature_dim)},
+        "dp": {"norm": config.norm, "laplace_scale": dp_scale(config.eps, s.feature_dim, config.norm),
+               "sensitivity_l1": 2 * s.feature_dim ** 0.5,
+               "epsilon": dp_epsilon(config.eps, s.feature_dim, config.norm)},
         "verification": {"clean": run.clean},
         "identity_inference": {},
         "cross_family_attackers": cross,

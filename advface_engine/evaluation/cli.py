@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 from ..config import ProtectConfig
 from ..config_args import add_protect_args
 
 
+def _parse(text: str, convert, kind: str) -> tuple:
+    """Comma-separated values, each through ``convert``; anything else is a usage error naming ``kind``."""
+    try:
+        values = tuple(convert(v.strip()) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {kind}, got {text!r}")
+    return values
+
+
 def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(",") if v.strip())
+    return _parse(text, float, "numbers")
 
 
 def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v.strip())
+    return _parse(text, int, "integers")
 
 
 def _names(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
+    return _parse(text, str, "names")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -75,6 +87,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from .report import write_report
 
     settings = settings_from_args(args)
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} exists and is not a folder")
+    output.mkdir(parents=True, exist_ok=True)  # before the run, so a bad path fails in seconds, not after it
     results = run_evaluation(settings, progress=not args.no_progress)
     files = write_report(results, args.output)
     v, a = results["verification"], results["identity_inference"]

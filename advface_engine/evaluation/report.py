@@ -41,7 +41,8 @@ def save_grid(path: Path, columns: list[Tensor]) -> None:
 
 
 def save_curve(path: Path, results: dict) -> None:
-    """Offline verification accuracy against cross-family attack success, one curve per method over eps."""
+    """Offline verification accuracy against cross-family attack success over eps: one curve per baseline
+    and one AdvFace curve per swept step count T."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,15 +50,19 @@ def save_curve(path: Path, results: dict) -> None:
 
     label = results["label"]
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    steps = results["config"]["steps"]
-    for method, marker in (("advface", "o"), ("random", "s"), ("dp", "^")):
-        points = [p for p in results["sweep"] if p["method"] == method and (method != "advface" or p["steps"] == steps)]
+    sweep = results["sweep"]
+    swept_steps = dict.fromkeys(p["steps"] for p in sweep if p["method"] == "advface")  # in sweep order
+    curves = [(f"AdvFace, T={t}", "o", [p for p in sweep if p["method"] == "advface" and p["steps"] == t])
+              for t in swept_steps]
+    curves += [(METHOD_NAMES[m], marker, [p for p in sweep if p["method"] == m])
+               for m, marker in (("random", "s"), ("dp", "^"))]
+    for name, marker, points in curves:
         if not points:
             continue
         x = [100 * p["attack_success"] for p in points]
         y = [100 * p["offline"] for p in points]
-        ax.plot(x, y, marker=marker, label=METHOD_NAMES[method])
-        if method == "advface":
+        ax.plot(x, y, marker=marker, label=name)
+        if name.startswith("AdvFace"):
             for p, xi, yi in zip(points, x, y, strict=True):
                 ax.annotate(f"eps {p['eps']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
     clean = results["verification"]["clean"]["accuracy"]
@@ -93,7 +98,9 @@ def markdown(results: dict, grid_files: dict[str, str], curve_file: str) -> str:
         f"# AdvFace evaluation ({label} faces)",
         "",
         f"All figures are measured on **{label}** faces (scale `{s['scale']}`: {s['size']}x{s['size']} images, "
-        f"feature dim {s['feature_dim']}, encoder {s['encoder_arch']}, shadow decoder `{s['shadow']}`) on "
+        f"feature dim {s['feature_dim']}, encoder {s['encoder_arch']}, "
+        f"{'flip-augmented embeddings (--flip)' if s['flip'] else 'embeddings without flip augmentation'}, "
+        f"shadow decoder `{s['shadow']}`) on "
         f"`{results['device']}`. Protection: eps {cfg['eps']:g}, alpha {cfg['alpha']:g}, steps {cfg['steps']}, "
         f"norm {cfg['norm']}, constraint {cfg['constraint']}, anchor {cfg['anchor']}.",
         f"Gallery: {results['data']['gallery images']} images, {results['data']['pairs']} verification pairs in 10 "
@@ -172,11 +179,14 @@ def markdown(results: dict, grid_files: dict[str, str], curve_file: str) -> str:
     for family, name in grid_files.items():
         lines += [f"Attacker `{family}` ({label} faces):", "", f"![{family}]({name})", ""]
     dp = results["dp"]
+    l2 = cfg["norm"] == "l2"
     lines += ["## Notes", "",
-              f"- DP baseline: z + Laplace(0, b) per coordinate with b = eps/sqrt(2) = {dp['laplace_scale']:.4g} "
-              f"(noise RMS per coordinate = eps); L1 sensitivity of a unit feature 2*sqrt(D) = "
-              f"{dp['sensitivity_l1']:.3g}, hence epsilon = {dp['epsilon']:.4g}.",
-              "- Random baseline: AdvFace's anchor + eps * random sign, normalised like AdvFace.",
+              f"- DP baseline: z + Laplace(0, b) per coordinate with b = {'eps/sqrt(2D)' if l2 else 'eps/sqrt(2)'} = "
+              f"{dp['laplace_scale']:.4g} (noise RMS {'L2 norm' if l2 else 'per coordinate'} = eps, AdvFace's "
+              f"{cfg['norm']} budget); L1 sensitivity of a unit feature 2*sqrt(D) = {dp['sensitivity_l1']:.3g}, "
+              f"hence epsilon = {dp['epsilon']:.4g}.",
+              f"- Random baseline: AdvFace's anchor + eps * {'random unit direction' if l2 else 'random sign'}, "
+              "normalised like AdvFace.",
               f"- AdvFace throughput: {results['throughput']['advface features per second']:.0f} features/s "
               f"({results['throughput']['backend']} backend, including the shadow and encoder passes).",
               "- Timings (s): " + ", ".join(f"{k} {v:g}" for k, v in results["timings"].items()),
@@ -185,7 +195,8 @@ def markdown(results: dict, grid_files: dict[str, str], curve_file: str) -> str:
 
 
 def write_report(results: dict, output: str | os.PathLike) -> dict[str, Path]:
-    """Write results.json, report.md, grid_<attacker>.png and privacy_utility.png under ``output``."""
+    """Write results.json, report.md, grid_<attacker>.png and privacy_utility.png under ``output``; grid_*.png
+    files this run does not write (an earlier run's other families) are removed."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     artifacts = results.get("artifacts", {})
@@ -198,6 +209,9 @@ def write_report(results: dict, output: str | os.PathLike) -> dict[str, Path]:
         save_grid(out / name, [originals] + [by_method[m] for m in ("unprotected", "advface", "random", "dp")])
         grid_files[family] = name
         files[name] = out / name
+    for stale in set(out.glob("grid_*.png")) - set(files.values()):  # from an earlier run with other families
+        if stale.is_file():
+            stale.unlink()
     _atomic_write(out / "results.json", json.dumps(figures, indent=2, default=_json_default).encode())
     files["results.json"] = out / "results.json"
     save_curve(out / "privacy_utility.png", figures)
