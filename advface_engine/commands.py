@@ -21,16 +21,19 @@ def add_image_args(p: argparse.ArgumentParser, identities: int = 200, per_identi
     g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic faces (default 0)")
 
 
-def load_images(args: argparse.Namespace, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The training images named by the flags, at ``size`` x ``size``, and labels when known."""
-    from .data import images_from_array, load_image_folder, synthetic_faces
+def load_images(args: argparse.Namespace, size: int):
+    """The training images named by the flags, at ``size`` x ``size``, and labels when known. An image
+    folder or ``.npy`` file is read batch by batch during training (it may be larger than memory)."""
+    from .data import ImageFolder, NpyImages, synthetic_faces
 
     if args.images:
-        images, labels, _ = load_image_folder(args.images, size)
-        return images, labels
+        folder = ImageFolder(args.images, size)
+        return folder, folder.labels
     if args.images_npy:
-        images = images_from_array(np.load(args.images_npy, allow_pickle=False), size)
+        images = NpyImages(args.images_npy, size)
         labels = torch.from_numpy(np.load(args.labels_npy, allow_pickle=False)) if args.labels_npy else None
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"{args.labels_npy} holds {len(labels)} labels for {len(images)} images")
         return images, labels
     return synthetic_faces(args.synthetic_identities, args.per_identity, size, args.data_seed, args.first_identity)
 
@@ -61,6 +64,7 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
 
 
 def cmd_train_shadow(args: argparse.Namespace) -> int:
+    from .data import take
     from .models import build_model, load_encoder
     from .train import train_decoder
 
@@ -69,8 +73,10 @@ def cmd_train_shadow(args: argparse.Namespace) -> int:
     if size is None:
         raise ValueError("the encoder does not record its input size: pass --size")
     images, _ = load_images(args, size)
+    if len(images) == 0:
+        raise ValueError("no training images")
     with torch.no_grad():
-        dim = encoder(images[:1].to(args.device)).shape[1]
+        dim = encoder(take(images, [0]).to(args.device)).shape[1]
     torch.manual_seed(args.seed)  # the initial weights: same seed, same decoder
     decoder = build_model(args.arch, feature_dim=dim, size=size, width=args.width).to(args.device)
     history = train_decoder(decoder, encoder, images, args.epochs, args.batch_size, args.lr, not args.no_normalize,

@@ -22,12 +22,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .data.folders import ImageFolder, NpyImages, take
 from .models.io import model_checksum, save_model
 from .protect import frozen
 
 
+Images = Tensor | ImageFolder | NpyImages  # in memory, or read from disk batch by batch
+
+
 @torch.no_grad()
-def encode(encoder: nn.Module, images: Tensor, batch_size: int = 256, normalize: bool = True,
+def encode(encoder: nn.Module, images: Images, batch_size: int = 256, normalize: bool = True,
            device: str | torch.device | None = None) -> Tensor:
     """Features E(x) of ``images`` in eval mode, batched; unit-norm when ``normalize``. Returned on CPU."""
     training = encoder.training
@@ -35,18 +39,30 @@ def encode(encoder: nn.Module, images: Tensor, batch_size: int = 256, normalize:
     device = device or next(encoder.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):
-        z = encoder(images[i:i + batch_size].to(device))
+        z = encoder(take(images, range(i, min(i + batch_size, len(images)))).to(device))
         out.append((F.normalize(z, dim=1) if normalize else z).cpu())
     encoder.train(training)
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def data_checksum(*tensors: Tensor) -> str:
-    """sha256 of the tensors' values (the training data a checkpoint was written for)."""
+def data_checksum(*data: Tensor | ImageFolder | NpyImages) -> str:
+    """sha256 of the tensors' values, or of an image set's fingerprint (the training data a
+    checkpoint was written for)."""
     digest = hashlib.sha256()
-    for t in tensors:
-        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for t in data:
+        if isinstance(t, Tensor):
+            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(f"{type(t).__name__}:{t.fingerprint()}".encode())
     return digest.hexdigest()
+
+
+def _batches(images: Images, device: torch.device) -> Callable[[Tensor], Tensor]:
+    """``indices -> images on device``: a tensor moves to the device once; a set on disk is read per batch."""
+    if isinstance(images, Tensor):
+        on_device = images.to(device)
+        return lambda idx: on_device[idx.to(device)]
+    return lambda idx: take(images, idx.tolist()).to(device)
 
 
 def _fit(modules: dict[str, nn.Module], loss_fn: Callable[[Tensor, torch.Generator], Tensor], n: int, epochs: int,
@@ -122,7 +138,7 @@ def _fit(modules: dict[str, nn.Module], loss_fn: Callable[[Tensor, torch.Generat
     return history
 
 
-def train_decoder(decoder: nn.Module, encoder: nn.Module, images: Tensor, epochs: int = 10, batch_size: int = 64,
+def train_decoder(decoder: nn.Module, encoder: nn.Module, images: Images, epochs: int = 10, batch_size: int = 64,
                   lr: float = 2e-3, normalize: bool = True, seed: int = 0, checkpoint: str | os.PathLike | None = None,
                   output: str | os.PathLike | None = None, progress: bool = True,
                   identity_weight: float = 0.0) -> list[float]:
@@ -140,11 +156,11 @@ def train_decoder(decoder: nn.Module, encoder: nn.Module, images: Tensor, epochs
     torch.manual_seed(seed)
     device = next(decoder.parameters()).device
     z = encode(encoder, images, normalize=normalize, device=next(encoder.parameters()).device).to(device)
-    x = images.to(device)
+    x = _batches(images, device)
 
     def loss_fn(idx: Tensor, gen: torch.Generator) -> Tensor:
         y = decoder(z[idx])
-        loss = (y - x[idx]).abs().mean()
+        loss = (y - x(idx)).abs().mean()
         if identity_weight:
             loss = loss + identity_weight * (1 - F.cosine_similarity(encoder(y), z[idx]).mean())
         return loss
@@ -152,7 +168,7 @@ def train_decoder(decoder: nn.Module, encoder: nn.Module, images: Tensor, epochs
     settings = {"data": data_checksum(images), "encoder": model_checksum(encoder), "normalize": normalize,
                 "identity_weight": identity_weight}
     with frozen(encoder):
-        history = _fit({"decoder": decoder}, loss_fn, len(x), epochs, batch_size, lr, seed, checkpoint,
+        history = _fit({"decoder": decoder}, loss_fn, len(images), epochs, batch_size, lr, seed, checkpoint,
                        "train decoder", progress, settings)
     if output is not None:
         save_model(decoder, output, extra={"trained_for": "decoder", "epochs": epochs, "loss": history[-1],
@@ -174,26 +190,28 @@ class CosFaceHead(nn.Module):
         return F.cross_entropy(logits, labels)
 
 
-def train_encoder(encoder: nn.Module, images: Tensor, labels: Tensor, epochs: int = 10, batch_size: int = 128,
+def train_encoder(encoder: nn.Module, images: Images, labels: Tensor, epochs: int = 10, batch_size: int = 128,
                   lr: float = 2e-3, seed: int = 0, checkpoint: str | os.PathLike | None = None,
                   output: str | os.PathLike | None = None, progress: bool = True) -> list[float]:
     """Train a recognition encoder with a CosFace head on identity-labelled faces (random flips)."""
+    if len(images) == 0:
+        raise ValueError("no training data")
     torch.manual_seed(seed)
     device = next(encoder.parameters()).device
     labels = torch.as_tensor(labels)
     classes, y = torch.unique(labels, return_inverse=True)
     with torch.no_grad():
-        dim = encoder.eval()(images[:2].to(device)).shape[1]
+        dim = encoder.eval()(take(images, [0, min(1, len(images) - 1)]).to(device)).shape[1]
     head = CosFaceHead(dim, len(classes)).to(device)
-    x, y = images.to(device), y.to(device)
+    x, y = _batches(images, device), y.to(device)
 
     def loss_fn(idx: Tensor, gen: torch.Generator) -> Tensor:
-        batch = x[idx]
+        batch = x(idx)
         flip = (torch.rand(len(idx), generator=gen) < 0.5).to(device)
         batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
         return head(encoder(batch), y[idx])
 
-    history = _fit({"encoder": encoder, "head": head}, loss_fn, len(x), epochs, batch_size, lr, seed, checkpoint,
+    history = _fit({"encoder": encoder, "head": head}, loss_fn, len(images), epochs, batch_size, lr, seed, checkpoint,
                    "train encoder", progress, {"data": data_checksum(images, labels)})
     if output is not None:
         save_model(encoder, output, extra={"trained_for": "encoder", "epochs": epochs, "loss": history[-1]})

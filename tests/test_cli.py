@@ -48,6 +48,27 @@ def test_training_commands_are_deterministic_for_a_seed(trained, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kind
 
 
+def test_train_commands_read_images_from_disk(trained, tmp_path, capsys):
+    from PIL import Image
+
+    u8 = (np.random.default_rng(0).random((6, 16, 16, 3)) * 255).astype(np.uint8)
+    for i, image in enumerate(u8):
+        (tmp_path / "faces" / f"id{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "faces" / f"id{i % 2}" / f"{i}.png")
+    np.save(tmp_path / "faces.npy", u8)
+    np.save(tmp_path / "labels.npy", np.arange(5) % 2)
+    out = str(tmp_path / "enc.safetensors")
+    common = ["--dim", "16", "--size", "16", "--width", "4", "--epochs", "1"]
+    assert main(["train-encoder", "--output", out, "--images", str(tmp_path / "faces"), *common]) == 0
+    assert "on 6 faces" in capsys.readouterr().out
+    assert main(["train-shadow", "--encoder", out, "--output", str(tmp_path / "shadow.safetensors"), "--width", "4",
+                 "--epochs", "1", "--images-npy", str(tmp_path / "faces.npy")]) == 0
+    assert "decoder on 6 faces" in capsys.readouterr().out
+    assert main(["train-encoder", "--output", out, "--images-npy", str(tmp_path / "faces.npy"), "--labels-npy",
+                 str(tmp_path / "labels.npy"), *common]) == 2
+    assert "5 labels for 6 images" in capsys.readouterr().err
+
+
 def test_protect_command_matches_api(trained, capsys):
     z = torch.nn.functional.normalize(torch.randn(10, 16), dim=1).numpy()
     np.save(trained / "gallery.npy", z)

@@ -146,3 +146,53 @@ def test_training_rejects_bad_arguments():
         train_decoder(dec, enc, x[:0], epochs=1, progress=False)
     with pytest.raises(ValueError):
         train_decoder(dec, enc, x, epochs=0, progress=False)
+
+
+def _faces_on_disk(tmp_path, identities=3, per_identity=4, size=20):
+    """A folder of PNG faces (one sub-folder per identity) and the same faces as an (N, H, W, 3) .npy."""
+    from PIL import Image
+
+    x, labels = synthetic_faces(identities, per_identity, size, seed=2)
+    u8 = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i, (image, label) in enumerate(zip(u8, labels.tolist(), strict=True)):
+        (tmp_path / "faces" / f"id{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "faces" / f"id{label}" / f"{i:03d}.png")
+    np.save(tmp_path / "faces.npy", u8)
+    return tmp_path / "faces", tmp_path / "faces.npy", labels
+
+
+def test_training_from_disk_equals_training_in_memory(tmp_path):
+    """An image folder or .npy read batch by batch trains exactly as the same images held in memory."""
+    from advface_engine.data import ImageFolder, NpyImages
+
+    folder, npy, labels = _faces_on_disk(tmp_path)
+    lazy_sets = {"folder": ImageFolder(folder, 16), "npy": NpyImages(npy, 16)}
+    in_memory = {"folder": load_image_folder(folder, 16)[0], "npy": images_from_array(np.load(npy), 16)}
+    assert torch.equal(lazy_sets["folder"].labels, labels)
+    for kind, lazy in lazy_sets.items():
+        weights = []
+        for images in (lazy, in_memory[kind]):
+            torch.manual_seed(0)
+            enc = afe.build_model("mobilefacenet", num_features=16, input_size=16, width=4)
+            dec = afe.build_model("dcgan", feature_dim=16, size=16, width=4)
+            train_encoder(enc, images, labels, epochs=1, batch_size=5, progress=False)
+            train_decoder(dec, enc, images, epochs=1, batch_size=5, progress=False)
+            weights.append([t.clone() for t in list(enc.state_dict().values()) + list(dec.state_dict().values())])
+        assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True)), kind
+
+
+def test_image_sets_on_disk_say_what_is_wrong_and_fingerprint_their_files(tmp_path):
+    from advface_engine.data import ImageFolder, NpyImages
+
+    folder, npy, _ = _faces_on_disk(tmp_path)
+    faces = ImageFolder(folder, 16)
+    before = faces.fingerprint()
+    (folder / "id0" / "broken.png").write_bytes(b"not a png")
+    grown = ImageFolder(folder, 16)
+    assert grown.fingerprint() != before and len(grown) == len(faces) + 1
+    with pytest.raises(ValueError, match="broken.png: not a readable image"):
+        grown.batch(range(len(grown)))
+    np.save(tmp_path / "flat.npy", np.zeros((4, 16, 16), np.uint8))
+    with pytest.raises(ValueError, match="4-D"):
+        NpyImages(tmp_path / "flat.npy")
+    assert NpyImages(npy, 16).fingerprint() != NpyImages(npy, 8).fingerprint()

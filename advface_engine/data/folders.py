@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,21 +36,88 @@ def images_from_array(array: np.ndarray, size: int | None = None) -> Tensor:
     return x.contiguous()
 
 
-def load_image_folder(root: str | os.PathLike, size: int = 112) -> tuple[Tensor, Tensor, list[str]]:
-    """Images of ``root/<identity>/*.png|jpg`` -> (images, labels, identity names), sorted by name."""
-    from PIL import Image
+class ImageFolder:
+    """Faces of ``root/<identity>/*.png|jpg`` read when a batch needs them, so a training set can be
+    larger than memory. Identities and files are sorted by name; ``labels[i]`` is image i's identity."""
 
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"no image folder at {root}")
-    names = sorted(p.name for p in root.iterdir() if p.is_dir())
-    images, labels = [], []
-    for label, name in enumerate(names):
-        for path in sorted((root / name).iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                with Image.open(path) as im:
-                    images.append(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)))
-                labels.append(label)
-    if not images:
-        raise ValueError(f"no images found under {root} (expected one sub-folder per identity)")
-    return images_from_array(np.stack(images)), torch.tensor(labels), names
+    def __init__(self, root: str | os.PathLike, size: int = 112, threads: int = 8):
+        self.root, self.size, self.threads = Path(root), size, threads
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"no image folder at {self.root}")
+        self.names = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        self.paths: list[Path] = []
+        labels = []
+        for label, name in enumerate(self.names):
+            files = sorted(p for p in (self.root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            self.paths += files
+            labels += [label] * len(files)
+        if not self.paths:
+            raise ValueError(f"no images found under {self.root} (expected one sub-folder per identity)")
+        self.labels = torch.tensor(labels)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _read(self, path: Path) -> np.ndarray:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB").resize((self.size, self.size), Image.BILINEAR))
+        except OSError as err:  # PIL's UnidentifiedImageError is one: a damaged or foreign file
+            raise ValueError(f"{path}: not a readable image ({err})") from err
+
+    def batch(self, indices) -> Tensor:
+        """Images ``indices`` as (B, 3, size, size) float32 in [-1, 1], decoded in threads."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="advface-images")
+        arrays = list(self._pool.map(self._read, [self.paths[int(i)] for i in indices]))
+        if not arrays:
+            return torch.zeros(0, 3, self.size, self.size)
+        return images_from_array(np.stack(arrays))
+
+    def fingerprint(self) -> str:
+        """sha256 of the file list (relative path, byte size, identity) and the image size: what a
+        training checkpoint was written for, without reading every image again."""
+        digest = hashlib.sha256(f"size {self.size}\n".encode())
+        for path, label in zip(self.paths, self.labels.tolist(), strict=True):
+            digest.update(f"{path.relative_to(self.root)}\t{path.stat().st_size}\t{label}\n".encode())
+        return digest.hexdigest()
+
+
+class NpyImages:
+    """An ``.npy`` image array (as ``images_from_array`` takes) memory-mapped: batches are
+    converted when needed, so the array can be larger than memory."""
+
+    def __init__(self, path: str | os.PathLike, size: int | None = None):
+        self.path, self.size = Path(path), size
+        self.array = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        if self.array.ndim != 4:
+            raise ValueError(f"{self.path}: images must be 4-D (N, H, W, 3) or (N, 3, H, W), got {self.array.shape}")
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def batch(self, indices) -> Tensor:
+        return images_from_array(self.array[np.asarray(indices, dtype=np.int64)], self.size)
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(f"size {self.size}\n".encode())
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+
+def take(images, indices) -> Tensor:
+    """Images ``indices`` of a tensor, an ``ImageFolder`` or ``NpyImages``, as a float tensor."""
+    if isinstance(images, Tensor):
+        return images[torch.as_tensor(indices, dtype=torch.long)]
+    return images.batch(indices)
+
+
+def load_image_folder(root: str | os.PathLike, size: int = 112) -> tuple[Tensor, Tensor, list[str]]:
+    """Images of ``root/<identity>/*.png|jpg`` -> (images, labels, identity names), all in memory."""
+    folder = ImageFolder(root, size)
+    return folder.batch(range(len(folder))), folder.labels, folder.names
