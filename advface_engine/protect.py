@@ -13,7 +13,6 @@ from .backends import make_backend
 from .backends.decoder import first_float
 from .config import ProtectConfig
 
-
 _FROZEN_LOCK = threading.Lock()
 _FROZEN: dict[int, list] = {}  # id(module) -> [entries, training, [(parameter, requires_grad)]]
 

@@ -26,7 +26,6 @@ from .data.folders import ImageFolder, NpyImages, take
 from .models.io import model_checksum, save_model
 from .protect import frozen
 
-
 Images = Tensor | ImageFolder | NpyImages  # in memory, or read from disk batch by batch
 
 
