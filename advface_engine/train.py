@@ -9,12 +9,14 @@ refused, naming what differs.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
 import os
 import sys
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -56,22 +58,39 @@ def data_checksum(*data: Tensor | ImageFolder | NpyImages) -> str:
     return digest.hexdigest()
 
 
-def _batches(images: Images, device: torch.device) -> Callable[[Tensor], Tensor]:
-    """``indices -> images on device``: a tensor moves to the device once; a set on disk is read per batch."""
-    if isinstance(images, Tensor):
-        on_device = images.to(device)
-        return lambda idx: on_device[idx.to(device)]
-    return lambda idx: take(images, idx.tolist()).to(device)
+class _Batches:
+    """``indices -> images on device``. A tensor moves to the device once; a set on disk is read per
+    batch, the next one in a background thread while the current one trains (``prefetch``)."""
+
+    def __init__(self, images: Images, device: torch.device):
+        self.images, self.device = images, device
+        self.on_device = images.to(device) if isinstance(images, Tensor) else None
+        self._reader: ThreadPoolExecutor | None = None
+        self._ahead: collections.deque[tuple[Tensor, Future]] = collections.deque(maxlen=2)
+
+    def prefetch(self, idx: Tensor) -> None:
+        if self.on_device is None:
+            self._reader = self._reader or ThreadPoolExecutor(1, thread_name_prefix="advface-prefetch")
+            self._ahead.append((idx, self._reader.submit(take, self.images, idx.tolist())))
+
+    def __call__(self, idx: Tensor) -> Tensor:
+        if self.on_device is not None:
+            return self.on_device[idx.to(self.device)]
+        if self._ahead and torch.equal(self._ahead[0][0], idx):
+            return self._ahead.popleft()[1].result().to(self.device)
+        return take(self.images, idx.tolist()).to(self.device)  # not read ahead (an epoch's first batch)
 
 
 def _fit(modules: dict[str, nn.Module], loss_fn: Callable[[Tensor, torch.Generator], Tensor], n: int, epochs: int,
          batch_size: int, lr: float, seed: int, checkpoint: str | os.PathLike | None, desc: str,
-         progress: bool, settings: dict | None = None) -> list[float]:
+         progress: bool, settings: dict | None = None,
+         prefetch: Callable[[Tensor], None] | None = None) -> list[float]:
     """Adam over all ``modules``; ``loss_fn(indices, generator)`` gives a batch's loss.
 
     The generator of each epoch is seeded by (seed, epoch) and draws the permutation and any
     augmentation, so resuming at an epoch boundary replays exactly. ``settings`` (the caller's
     data and models) join the hyper-parameters in the checkpoint; resuming under others is refused.
+    ``prefetch(indices)`` is told the next batch before the current one is computed.
     Returns each epoch's mean loss.
     """
     if n == 0:
@@ -112,8 +131,10 @@ def _fit(modules: dict[str, nn.Module], loss_fn: Callable[[Tensor, torch.Generat
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(n, generator=gen)
         total = 0.0
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
+        batches = list(order.split(batch_size))
+        for k, idx in enumerate(batches):
+            if prefetch is not None and k + 1 < len(batches):
+                prefetch(batches[k + 1])
             loss = loss_fn(idx, gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -155,7 +176,7 @@ def train_decoder(decoder: nn.Module, encoder: nn.Module, images: Images, epochs
     torch.manual_seed(seed)
     device = next(decoder.parameters()).device
     z = encode(encoder, images, normalize=normalize, device=next(encoder.parameters()).device).to(device)
-    x = _batches(images, device)
+    x = _Batches(images, device)
 
     def loss_fn(idx: Tensor, gen: torch.Generator) -> Tensor:
         y = decoder(z[idx])
@@ -168,7 +189,7 @@ def train_decoder(decoder: nn.Module, encoder: nn.Module, images: Images, epochs
                 "identity_weight": identity_weight}
     with frozen(encoder):
         history = _fit({"decoder": decoder}, loss_fn, len(images), epochs, batch_size, lr, seed, checkpoint,
-                       "train decoder", progress, settings)
+                       "train decoder", progress, settings, x.prefetch)
     if output is not None:
         save_model(decoder, output, extra={"trained_for": "decoder", "epochs": epochs, "loss": history[-1],
                                            "normalize": normalize, "identity_weight": identity_weight})
@@ -202,7 +223,7 @@ def train_encoder(encoder: nn.Module, images: Images, labels: Tensor, epochs: in
     with torch.no_grad():
         dim = encoder.eval()(take(images, [0, min(1, len(images) - 1)]).to(device)).shape[1]
     head = CosFaceHead(dim, len(classes)).to(device)
-    x, y = _batches(images, device), y.to(device)
+    x, y = _Batches(images, device), y.to(device)
 
     def loss_fn(idx: Tensor, gen: torch.Generator) -> Tensor:
         batch = x(idx)
@@ -211,7 +232,7 @@ def train_encoder(encoder: nn.Module, images: Images, labels: Tensor, epochs: in
         return head(encoder(batch), y[idx])
 
     history = _fit({"encoder": encoder, "head": head}, loss_fn, len(images), epochs, batch_size, lr, seed, checkpoint,
-                   "train encoder", progress, {"data": data_checksum(images, labels)})
+                   "train encoder", progress, {"data": data_checksum(images, labels)}, x.prefetch)
     if output is not None:
         save_model(encoder, output, extra={"trained_for": "encoder", "epochs": epochs, "loss": history[-1]})
     return history

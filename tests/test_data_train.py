@@ -196,3 +196,22 @@ def test_image_sets_on_disk_say_what_is_wrong_and_fingerprint_their_files(tmp_pa
     with pytest.raises(ValueError, match="4-D"):
         NpyImages(tmp_path / "flat.npy")
     assert NpyImages(npy, 16).fingerprint() != NpyImages(npy, 8).fingerprint()
+
+
+def test_batches_on_disk_are_read_ahead_in_the_background(tmp_path, monkeypatch):
+    import threading
+
+    from advface_engine.data import ImageFolder
+
+    folder, _, labels = _faces_on_disk(tmp_path)
+    readers = []
+    read = ImageFolder.batch
+    monkeypatch.setattr(ImageFolder, "batch", lambda self, idx: readers.append(threading.current_thread().name)
+                        or read(self, idx))
+    torch.manual_seed(0)
+    dec = afe.build_model("dcgan", feature_dim=16, size=16, width=4)
+    enc = afe.build_model("mobilefacenet", num_features=16, input_size=16, width=4).eval()
+    train_decoder(dec, enc, ImageFolder(folder, 16), epochs=2, batch_size=3, progress=False)
+    training = readers[1:]  # after the one batch of the encode pass
+    assert len(training) == 2 * 4  # 12 faces in batches of 3, two epochs
+    assert sum(name.startswith("advface-prefetch") for name in training) == 2 * 3  # all but each epoch's first
