@@ -35,6 +35,11 @@ def check_device(*tensors: torch.Tensor) -> None:
                             "or float16 (bf16 kernels are checked by compiling them: kernels/aot.py)")
 
 
+# Compile options given at every launch: FMA contraction on (Triton's default up to 3.9), stated so
+# that a Triton whose default differs (3.10 turns it off) computes the same results, bit for bit.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+
 def block_size(n: int, device: torch.device, gpu_block: int = 1024) -> int:
     """Elementwise block: fixed on a GPU; large under the interpreter (fewer, slower programs)."""
     import triton

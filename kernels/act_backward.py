@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import block_size, check_device
+from . import COMPILE_OPTIONS, block_size, check_device
 
 ACTS = ("relu", "leaky_relu", "prelu")
 INT32_MAX = 2**31 - 1
@@ -69,6 +69,6 @@ def act_backward(grad: torch.Tensor, pre: torch.Tensor, act: str = "relu", slope
     _act_backward_kernel[(triton.cdiv(n, block),)](
         grad, pre, out, slope.contiguous() if has_slope else pre, scale.contiguous() if scale is not None else pre,
         n, channels, n // (pre.shape[0] * channels), HAS_SLOPE=has_slope, HAS_SCALE=scale is not None,
-        WIDE=n + block > INT32_MAX, BLOCK=block,
+        WIDE=n + block > INT32_MAX, BLOCK=block, **COMPILE_OPTIONS,
     )
     return out

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import block_size, interpreted
+from . import COMPILE_OPTIONS, block_size, interpreted
 
 GPU = torch.device("cuda")  # launch configurations are chosen as for this device type
 FAMILIES = ("dcgan", "nbnet", "upconv")
@@ -182,7 +182,7 @@ def compile_variant(variant: Variant, arch: int = 90) -> Report:
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    kwargs = dict(variant.kwargs)
+    kwargs = {**dict(variant.kwargs), **COMPILE_OPTIONS}  # compiled as launched
     try:
         kernel = getattr(importlib.import_module(f"{__package__}.{variant.module}"), variant.kernel)
         args = [torch.empty(a[2], dtype=getattr(torch, a[1])) if isinstance(a, tuple) else a for a in variant.args]

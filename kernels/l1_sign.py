@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import block_size, check_device
+from . import COMPILE_OPTIONS, block_size, check_device
 
 HEADS = {"identity": 0, "tanh": 1, "sigmoid": 2}
 
@@ -59,5 +59,5 @@ def l1_sign_backward(y: torch.Tensor, target: torch.Tensor, head: str = "tanh",
     block = block_size(per_sample, y.device)
     grid = (batch, triton.cdiv(per_sample, block))
     _l1_sign_kernel[grid](y, target, grad, loss if loss is not None else grad, per_sample,
-                          HEAD=HEADS[head], HAS_LOSS=loss is not None, BLOCK=block)
+                          HEAD=HEADS[head], HAS_LOSS=loss is not None, BLOCK=block, **COMPILE_OPTIONS)
     return grad

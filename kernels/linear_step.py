@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import check_device
+from . import COMPILE_OPTIONS, check_device
 from .sign_step import check_step_args, sign_step_project, step_project
 
 MAX_FUSED_DIM = 1024
@@ -98,7 +98,7 @@ def linear_sign_step(grad_h: torch.Tensor, weight: torch.Tensor, z: torch.Tensor
     _linear_step_kernel[(triton.cdiv(batch, block_m), split)](
         grad_h, weight, z, anchor, partial, batch, k_dim, dim, k_chunk, float(alpha), float(eps),
         L2=norm == "l2", BALL=constraint == "ball", NORMALIZE=bool(normalize), SPLIT=split > 1, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps, **COMPILE_OPTIONS,
     )
     if split > 1:
         sign_step_project(z, partial, anchor, alpha, eps, norm, constraint, normalize)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import check_device
+from . import COMPILE_OPTIONS, check_device
 
 
 @triton.jit
@@ -91,5 +91,6 @@ def sign_step_project(z: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor,
     _sign_step_kernel[(triton.cdiv(z.shape[0], block_m),)](
         z, grad.contiguous(), anchor, z.shape[0], z.shape[1], grad.numel() // z.numel(), float(alpha), float(eps),
         L2=norm == "l2", BALL=constraint == "ball", NORMALIZE=bool(normalize), BLOCK_M=block_m, BLOCK_D=block_d,
+        **COMPILE_OPTIONS,
     )
     return z

@@ -681,3 +681,12 @@ def test_cuda_job_equals_engine_on_cuda(tmp_path, ckpt):
     protector = afe.Protector(shadow, encoder, config=CONFIG, backend="reference")
     expected = torch.cat([protector(torch.from_numpy(rows[i:i + 128]).cuda()).cpu() for i in range(0, 1000, 128)])
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected.numpy())
+
+
+def test_triton_version_joins_the_fingerprint_where_fused_kernels_may_run():
+    triton = pytest.importorskip("triton")
+    assert job_module._kernel_versions({"backend": "fused", "device": "NVIDIA H100 80GB HBM3"}) == \
+        {"triton": triton.__version__}
+    assert job_module._kernel_versions({"backend": "auto", "device": "gpu"}) == {"triton": triton.__version__}
+    assert job_module._kernel_versions({"backend": "reference", "device": "NVIDIA H100 80GB HBM3"}) == {}
+    assert job_module._kernel_versions({"backend": "auto", "device": "cpu"}) == {}

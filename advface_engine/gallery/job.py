@@ -621,10 +621,22 @@ def _prepare(spec: JobSpec, gallery: Gallery, ray) -> tuple[ChunkJob, dict]:
         "input": {**gallery.fingerprint(), "embedding_key": spec.embedding_key, "id_key": spec.id_key},
         "shadow": model_checksum(job.shadow), "encoder": model_checksum(job.encoder),  # weights, not file bytes
         "encoder_arch": spec.encoder_arch,
-        "config": spec.config.to_dict(), "engine": {**engine, "torch": torch.__version__},
+        "config": spec.config.to_dict(), "engine": {**engine, "torch": torch.__version__, **_kernel_versions(engine)},
         "layout": {"chunk_rows": spec.chunk_rows, "batch_size": spec.batch_size},
     }
     return job, fingerprint
+
+
+def _kernel_versions(engine: dict) -> dict:
+    """Triton's version where the fused kernels may compute the rows (another version may compile them
+    to other instructions, so a resumed job could differ in the last bits)."""
+    if engine["backend"] == "reference" or engine["device"] == "cpu":
+        return {}
+    try:
+        import triton
+    except ImportError:
+        return {}
+    return {"triton": triton.__version__}
 
 
 def _compute(job: ChunkJob, spec: JobSpec, manifest: Manifest, on_bad_rows: str, ray, workers: int | None,
