@@ -251,6 +251,8 @@ def test_eval_writes_json_report_grids_and_curve(tiny_eval):
     assert results["cross_family_attackers"] == ["upconv"]
     assert set(results["transfer"]) == {"dcgan", "upconv"} and set(results["transfer"]["upconv"]) == {"dcgan", "upconv"}
     assert {p["method"] for p in results["sweep"]} == {"advface", "random", "dp"}
+    cosine = results["anchor_only"]["cosine"]  # how near E(S(z)) is to z: the README's shadow table
+    assert 0 < cosine < 1 and f"mean cos(z_0, z) {cosine:.3f}" in report
 
 
 def test_protection_lowers_attack_success_with_real_training(tiny_eval):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -374,7 +375,9 @@ def run_evaluation(s: EvalSettings, progress: bool = True) -> dict:
         stored = stored_by_method["advface"] if shadow == s.shadow else run.protect(config, shadow)
         transfer[shadow] = {f: run.attack(stored, f)[0]["success"] for f in s.families}
     results["transfer"] = transfer
-    results["anchor_only"] = point(run, run.protect(config.replace(steps=0)), cross)
+    anchors = run.protect(config.replace(steps=0))
+    results["anchor_only"] = {**point(run, anchors, cross),  # how near the shadow's anchor E(S(z)) is to z
+                              "cosine": float(F.cosine_similarity(anchors, run.z, dim=1).mean())}
     results["sweep"] = sweep(run, config, cross, progress)
     results["recommended"] = recommend(results["sweep"], run.clean["accuracy"], results["anchor_only"]["offline"],
                                        s.max_verification_loss)

@@ -160,7 +160,8 @@ def markdown(results: dict, grid_files: dict[str, str], curve_file: str) -> str:
     lines += _table(["method", "eps", "alpha", "steps", "offline acc", "online acc", "attack success"], rows)
     anchor = results["anchor_only"]
     start = "z_0 = E(S(z)), Eq. 5" if cfg["anchor"] == "shadow" else "z_0 = z"
-    lines += ["", f"The anchor alone (steps 0, {start}): offline {_pct(anchor['offline'])}, online "
+    near = f"mean cos(z_0, z) {anchor['cosine']:.3f}, " if "cosine" in anchor else ""
+    lines += ["", f"The anchor alone (steps 0, {start}): {near}offline {_pct(anchor['offline'])}, online "
               f"{_pct(anchor['online'])}, attack success {_pct(anchor['attack_success'])}.", ""]
     loss = s["max_verification_loss"]
     for key, reference in (("within_clean", "clean features"), ("within_anchor", "the anchor alone")):
