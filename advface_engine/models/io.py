@@ -96,10 +96,10 @@ def model_checksum(model: str | os.PathLike | nn.Module) -> str:
     module with no weights that wraps a file (an ONNX encoder) is that file's checksum. Give the loaded
     module where the identity of the *weights* matters: the same model saved twice gives different
     safetensors bytes (the header's key order varies) but the same module checksum."""
-    digest = hashlib.sha256()
     if isinstance(model, nn.Module) and getattr(model, "source_sha256", None) and not list(model.state_dict()):
         return model.source_sha256  # the file's checksum: the same whether the job got the path or the module
     if isinstance(model, nn.Module):
+        digest = hashlib.sha256()
         digest.update(str(getattr(model, "arch", type(model).__name__)).encode())
         digest.update(json.dumps(getattr(model, "arch_kwargs", None), sort_keys=True, default=str).encode())
         for name, tensor in sorted(model.state_dict().items()):
@@ -107,7 +107,13 @@ def model_checksum(model: str | os.PathLike | nn.Module) -> str:
             digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
             digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return digest.hexdigest()
-    with open(model, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+    return file_sha256(model)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in blocks (the file may be larger than memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()

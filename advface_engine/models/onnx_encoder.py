@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from .io import file_sha256
 
 
 class OnnxEncoder(nn.Module):
@@ -26,11 +27,7 @@ class OnnxEncoder(nn.Module):
             self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime's own error types: a file that is not a model it can run
             raise ValueError(f"{path}: not an ONNX model onnxruntime can load ({str(err)[:300]})") from err
-        digest = hashlib.sha256()  # the module has no parameters: this identifies the model (job manifests)
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        self.source_sha256 = digest.hexdigest()
+        self.source_sha256 = file_sha256(path)  # the module has no parameters: this identifies the model
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         shape = inp.shape
