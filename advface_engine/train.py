@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .data.folders import ImageFolder, NpyImages, take
 from .models.io import model_checksum, save_model
+from .progress import progress_bar
 from .protect import frozen
 
 Images = Tensor | ImageFolder | NpyImages  # in memory, or read from disk batch by batch
@@ -125,8 +125,8 @@ def _fit(modules: dict[str, nn.Module], loss_fn: Callable[[Tensor, torch.Generat
     for m in modules.values():
         m.train()
     steps_per_epoch = math.ceil(n / batch_size)
-    bar = tqdm(total=epochs * steps_per_epoch, initial=start * steps_per_epoch, desc=desc, leave=False,
-               disable=None if progress else True)  # None: off when stderr is not a terminal (logs)
+    bar = progress_bar(total=epochs * steps_per_epoch, initial=start * steps_per_epoch, desc=desc, leave=False,
+                       progress=progress)
     for epoch in range(start, epochs):
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(n, generator=gen)

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..config import ProtectConfig
 from ..data import synthetic_faces
 from ..gallery.job import resolve_device
 from ..models import ARCHITECTURES, DECODERS, ENCODERS, IResNet, build_model, load_model
 from ..models.io import read_metadata
+from ..progress import progress_bar
 from ..protect import Protector
 from ..train import train_decoder, train_encoder
 from .attack import identity_inference
@@ -356,7 +356,7 @@ def run_evaluation(s: EvalSettings, progress: bool = True) -> dict:
     }
     grids = {}
     stored_by_method = {}
-    for method in tqdm(METHODS, desc="methods", disable=None if progress else True, leave=False):
+    for method in progress_bar(METHODS, progress=progress, desc="methods", leave=False):
         stored = run._timed(f"protect {method}", lambda m=method: run.baseline(m, config))
         stored_by_method[method] = stored
         results["verification"][method] = run.verification(stored)
@@ -371,7 +371,7 @@ def run_evaluation(s: EvalSettings, progress: bool = True) -> dict:
     results["throughput"] = {"advface features per second": n / max(run.timings["protect advface"], 1e-9),
                              "backend": Protector(run.shadows[s.shadow], run.encoder, config, s.backend).backend_name}
     transfer = {}
-    for shadow in tqdm(s.families, desc="transfer", disable=None if progress else True, leave=False):
+    for shadow in progress_bar(s.families, progress=progress, desc="transfer", leave=False):
         stored = stored_by_method["advface"] if shadow == s.shadow else run.protect(config, shadow)
         transfer[shadow] = {f: run.attack(stored, f)[0]["success"] for f in s.families}
     results["transfer"] = transfer
@@ -405,7 +405,7 @@ def sweep(run: Run, config: ProtectConfig, cross: list[str], progress: bool = Tr
     grid = [("advface", eps, steps) for steps in (s.sweep_steps or (config.steps,)) for eps in s.sweep_eps]
     grid += [(method, eps, None) for method in ("random", "dp") for eps in s.sweep_eps]
     points = []
-    for method, eps, steps in tqdm(grid, desc="sweep", disable=None if progress else True, leave=False):
+    for method, eps, steps in progress_bar(grid, progress=progress, desc="sweep", leave=False):
         cfg = config.replace(eps=eps, alpha=eps * ratio, steps=config.steps if steps is None else steps)
         points.append({"method": method, "eps": eps, "alpha": cfg.alpha if steps else None, "steps": steps,
                        **point(run, run.baseline(method, cfg), cross)})

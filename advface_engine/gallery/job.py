@@ -39,11 +39,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..config import ProtectConfig
 from ..models import load_encoder
 from ..models.io import load_model, model_checksum
+from ..progress import progress_bar
 from ..protect import Protector
 from .formats import Chunk, Gallery, GalleryWriter, check_convertible, format_of, open_gallery
 
@@ -433,7 +433,7 @@ def assemble(gallery: Gallery, manifest: Manifest, num_chunks: int, fmt: str, ou
     tmp = work / f"output.{fmt}"
     writer = GalleryWriter(fmt, tmp, gallery, gallery.num_rows - (num_bad if policy == "skip" else 0), work)
     bad_rows, bad_ids = [], []
-    for k, rec in enumerate(tqdm(records, desc="assemble", unit="chunk", disable=None if progress else True)):
+    for k, rec in enumerate(progress_bar(records, progress=progress, desc="assemble", unit="chunk")):
         rows = read_part(work / "parts" / f"{k:06d}.bin", (rec["stop"] - rec["start"], gallery.dim), gallery.dtype)
         if rows is None:
             manifest.chunks.pop(k)
@@ -648,8 +648,8 @@ def _compute(job: ChunkJob, spec: JobSpec, manifest: Manifest, on_bad_rows: str,
         raise _bad_rows_error(path, seen)
     pending = [k for k in range(job.num_chunks) if k not in manifest.chunks]
     done = sum(r["stop"] - r["start"] for r in manifest.chunks.values())
-    with tqdm(total=job.gallery.num_rows, initial=done, unit="row", unit_scale=True, desc="protect-gallery",
-              disable=None if progress else True) as bar:
+    with progress_bar(total=job.gallery.num_rows, initial=done, unit="row", unit_scale=True, desc="protect-gallery",
+                      progress=progress) as bar:
         def record(k: int, rec: dict) -> None:
             if rec["bad"] and fail:
                 raise _bad_rows_error(path, [rec["start"] + i for i in rec["bad"]])
