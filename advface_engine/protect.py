@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import make_backend
-from .backends.decoder import first_float
+from .backends.decoder import as_input_of, first_float
 from .config import ProtectConfig
 
 _FROZEN_LOCK = threading.Lock()
@@ -77,7 +77,7 @@ def check_models(dim: int, shadow: nn.Module, encoder: nn.Module, like: Tensor) 
         if image.dim() != 4 or image.shape[1] != 3:
             raise ValueError(f"the shadow decoder must output (B, 3, H, W) images, got {tuple(image.shape)}")
         try:
-            feature = encoder(image.to(enc.dtype) if enc is not None else image)
+            feature = encoder(as_input_of(encoder, image))
         except RuntimeError as err:
             raise ValueError(
                 f"the encoder does not take the shadow decoder's {tuple(image.shape[1:])} images: {err}"

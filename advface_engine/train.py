@@ -221,7 +221,7 @@ def train_encoder(encoder: nn.Module, images: Images, labels: Tensor, epochs: in
     labels = torch.as_tensor(labels)
     classes, y = torch.unique(labels, return_inverse=True)
     with torch.no_grad():
-        dim = encoder.eval()(take(images, [0, min(1, len(images) - 1)]).to(device)).shape[1]
+        dim = encoder.eval()(take(images, range(min(2, len(images)))).to(device)).shape[1]
     head = CosFaceHead(dim, len(classes)).to(device)
     x, y = _Batches(images, device), y.to(device)
 

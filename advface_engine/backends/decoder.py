@@ -17,6 +17,14 @@ def first_float(module: nn.Module) -> Tensor | None:
     return next((t for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point()), None)
 
 
+def as_input_of(module: nn.Module, x: Tensor, default: torch.dtype | None = None) -> Tensor:
+    """``x`` in the dtype of ``module``'s weights, so an encoder may run in another dtype than the
+    shadow; a module without weights gets ``default`` (None: x as it is)."""
+    like = first_float(module)
+    dtype = like.dtype if like is not None else default
+    return x if dtype is None else x.to(dtype)
+
+
 def fold_batchnorm(shadow: nn.Module) -> nn.Module:
     """A frozen copy of S in which every eval-mode BatchNorm that follows a Linear or convolution in
     an nn.Sequential is folded into that layer's weight and bias (Linear -> Unflatten -> BatchNorm too).

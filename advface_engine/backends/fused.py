@@ -22,7 +22,7 @@ from ..kernels import interpreted
 from ..kernels.l1_sign import l1_sign_backward
 from ..kernels.linear_step import linear_sign_step
 from ..kernels.sign_step import sign_step_project
-from .decoder import first_float, weights_key
+from .decoder import as_input_of, first_float, weights_key
 from .plan import build_plan
 from .reference import random_start
 
@@ -188,8 +188,7 @@ class FusedBackend:
                 with torch.autocast(z.device.type, dtype=self.plan.dtype, cache_enabled=False):  # graph-safe
                     anchor = self.encoder(x_shadow).float()
             else:
-                enc = first_float(self.encoder)
-                anchor = self.encoder(x_shadow.to(enc.dtype if enc is not None else torch.float32)).float()
+                anchor = self.encoder(as_input_of(self.encoder, x_shadow, torch.float32)).float()
         else:
             anchor = z.float().clone()
         if self.config.normalize:

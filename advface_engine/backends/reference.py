@@ -15,16 +15,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ProtectConfig
-from .decoder import channels_last, first_float, fold_batchnorm, weights_key
+from .decoder import as_input_of, channels_last, fold_batchnorm, weights_key
 
 
 def shadow_targets(z: Tensor, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig) -> tuple[Tensor, Tensor]:
     """Shadow image x~ = S(z) and anchor z_0 (z~ = E(x~), or z itself), Eq. 3."""
     with torch.no_grad():
         x_shadow = shadow(z)
-        enc = first_float(encoder)  # the encoder may run in another dtype than the shadow
-        anchor = encoder(x_shadow.to(enc.dtype) if enc is not None else x_shadow).to(z.dtype) \
-            if config.anchor == "shadow" else z.clone()
+        anchor = encoder(as_input_of(encoder, x_shadow)).to(z.dtype) if config.anchor == "shadow" else z.clone()
         if config.normalize:
             anchor = F.normalize(anchor, dim=1)
     return x_shadow, anchor

@@ -112,6 +112,8 @@ class NpyImages:
 def take(images, indices) -> Tensor:
     """Images ``indices`` of a tensor, an ``ImageFolder`` or ``NpyImages``, as a float tensor."""
     if isinstance(images, Tensor):
+        if isinstance(indices, range) and indices.step == 1:
+            return images[indices.start:indices.stop]  # a view, not a copy
         return images[torch.as_tensor(indices, dtype=torch.long)]
     return images.batch(indices)
 
