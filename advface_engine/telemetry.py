@@ -91,12 +91,14 @@ def reset_peak_memory(device: torch.device | str) -> bool:
 
 
 def peak_memory(device: torch.device | str) -> dict:
-    """{"peak_memory_mb": ...}: MiB allocated by PyTorch on a GPU since ``reset_peak_memory``; on a
+    """{"peak_memory_mb": ..., "peak_reserved_mb": ...}: MiB allocated by PyTorch and reserved by its
+    caching allocator on a GPU since ``reset_peak_memory``; on a
     CPU {"peak_rss_mb": ...}: the process's peak resident set, since ``reset_peak_memory`` on Linux,
     else since the process began ("peak_rss_scope" says which)."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    if device.type == "cuda":  # reserved: also the blocks a CUDA graph's private pool holds
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
     kib = _vm_hwm_kib()
     if kib is not None:
         return {"peak_rss_mb": kib / 2**10, "peak_rss_scope": "since reset"}
@@ -153,8 +155,11 @@ class EnergyMeter:
     """Energy used by the GPU during a ``with`` block, in joules, from NVML's total-energy counter,
     and the block's duration in seconds.
 
-    ``joules`` stays None where NVML or the counter is absent (e.g. on a CPU).
+    ``joules`` stays None where NVML or the counter is absent (e.g. on a CPU). The counter advances
+    in steps of tens of milliseconds, so a short window reads 0 or one step: ``top_up`` lengthens it.
     """
+
+    MIN_SECONDS = 1.0
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
@@ -180,6 +185,17 @@ class EnergyMeter:
         self._start = self._read()
         self._began = time.perf_counter()
         return self
+
+    def top_up(self, fn: Callable[[], object], min_seconds: float = MIN_SECONDS) -> int:
+        """Call ``fn`` until the window has lasted ``min_seconds``; returns how many calls that took
+        (0 without an energy counter: nothing to measure)."""
+        calls = 0
+        while self._start is not None and time.perf_counter() - self._began < min_seconds:
+            fn()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            calls += 1
+        return calls
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":

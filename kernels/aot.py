@@ -196,8 +196,11 @@ def compile_variant(variant: Variant, arch: int = 90) -> Report:
         mma = sorted({MMA_KINDS[m] for m in re.findall(r"mma\S*\.(tf32|bf16|f16)\b", compiled.asm["ptx"])})
         atomics = re.search(r"^\s*(@%p\d+\s+)?(atom|red)\.", compiled.asm["ptx"], re.MULTILINE) is not None
         div64 = len(re.findall(r"\b(?:div|rem)\.[su]64\b", compiled.asm["ptx"]))
+        resources = _resources(compiled.asm["cubin"])
+        # the cubin states static shared memory only; what the pipeline's buffers take is requested at launch
+        resources["shared"] = max(resources["shared"], int(getattr(compiled.metadata, "shared", 0)))
         return Report(variant.name, arch, True, num_warps=options.num_warps, mma=mma, atomics=atomics,
-                      div64=div64, **_resources(compiled.asm["cubin"]))
+                      div64=div64, **resources)
     except Exception as err:  # a report per variant: one failure must not hide the others
         return Report(variant.name, arch, False, error=f"{type(err).__name__}: {err}"[:2000])
 

@@ -448,7 +448,9 @@ def _reference_fp32(shadow, encoder, z, cfg=CFG):
 def test_gpu_fp32_equals_reference(variant, graphs):
     shadow, encoder = _gpu_models(variant[0], **variant[1])
     z = features(64).cuda()  # 1024 entries: 99.9% leaves room for one late sign flip (2 alpha / ||z||)
-    got = _run(FusedBackend(shadow, encoder, CFG, graphs=graphs), z)
+    backend = FusedBackend(shadow, encoder, CFG, graphs=graphs)
+    got = _run(backend, z)
+    assert backend.graphs == graphs, "the capture fell back to eager"
     assert agreement(got, _reference_fp32(shadow, encoder, z), CFG.alpha) >= 0.999
 
 
@@ -472,13 +474,30 @@ def test_gpu_graph_replay_equals_eager_and_pads_last_batch():
     full = _run(graphed, z)
     assert agreement(full, _run(eager, z), CFG.alpha) >= 0.999
     short = _run(graphed, z[:5])  # 5 rows replay the 8-row graph, padded
-    assert list(graphed._graphs) == [8]
-    assert agreement(short, full[:5], CFG.alpha) >= 0.999
+    assert graphed.graphs and list(graphed._graphs) == [8]
+    assert torch.equal(short, full[:5]), "rows are independent: padding must not change the real rows"
     assert agreement(short, _run(eager, z[:5]), CFG.alpha) >= 0.999
     # a second size shares the first's memory pool: alternating replays must not disturb each other
     for rows in (z[:3], z, z[:3], z):
         assert agreement(_run(graphed, rows), _run(eager, rows), CFG.alpha) >= 0.999
     assert list(graphed._graphs) == [8, 4]
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_graph_with_noise_and_losses_equals_eager():
+    """The benchmark's headline provider (bf16, captured) with a random start and recorded losses,
+    on a full and a padded batch."""
+    shadow, encoder = _gpu_models()
+    cfg = afe.ProtectConfig(eps=0.05, alpha=0.01, steps=3, random_start=True)
+    graphed = FusedBackend(shadow, encoder, cfg, dtype="bf16", graphs=True, record_loss=True)
+    eager = FusedBackend(shadow, encoder, cfg, dtype="bf16", graphs=False, record_loss=True)
+    z = features(8).cuda()
+    for rows in (z, z[3:8]):
+        got, want = _run(graphed, rows), _run(eager, rows)
+        assert graphed.graphs and list(graphed._graphs) == [8]
+        assert agreement(got, want, cfg.alpha) >= 0.999
+        assert graphed.losses.shape == (cfg.steps, rows.shape[0])
+        torch.testing.assert_close(graphed.losses, eager.losses, rtol=1e-2, atol=1e-3)
 
 
 class HostSyncingEncoder(nn.Module):

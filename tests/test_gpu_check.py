@@ -3,13 +3,16 @@ tiny sizes) so that it does not fail for a reason unrelated to the GPU when its 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.interpreter  # gpu-marked tests excepted (conftest)
 
@@ -18,20 +21,52 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_script_runs_on_cpu(tmp_path):
     env = os.environ | {"TRITON_INTERPRET": "1"}
-    args = ["--device", "cpu", "--size", "16", "--feature-dim", "16", "--width", "4", "--batches", "2",
+    args = ["--device", "cpu", "--size", "16", "--feature-dim", "16", "--width", "4", "--batches", "2", "3",
             "--steps", "2", "--encoder", "mobilefacenet", "--reps", "1", "1", "--out", str(tmp_path)]
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
-    rows = {r["provider"]: r for r in report["results"]}
+    # the targets' pair first at every batch size, so a spent time budget skips only the others
+    assert [(r["provider"], r["batch"]) for r in report["results"][:4]] == [
+        ("reference", 2), ("reference", 3), ("fused-bf16+graph", 2), ("fused-bf16+graph", 3)]
+    rows = {r["provider"]: r for r in report["results"] if r["batch"] == 2}
     assert rows["reference"]["ms_median"] > 0 and rows["fused-fp32+graph"]["ms_median"] > 0
+    assert rows["fused-fp32+graph"]["speedup_vs_reference"] == pytest.approx(
+        rows["reference"]["ms_median"] / rows["fused-fp32+graph"]["ms_median"])
     assert rows["reference"]["peak_rss_mb"] > 0 and "energy_per_sample_j" not in rows["reference"]  # no NVML here
     assert "needs a GPU" in rows["fused-bf16"]["error"]  # refused with a reason, not a crash
     checks = report["checks"]
     assert checks["fused-fp32"]["within_2alpha_of_reference"] == 1.0
     assert checks["fused-fp16"]["within_2alpha_of_reference"] >= 0.98
-    assert (tmp_path / "bench_table.txt").read_text().count("\n") >= 8  # header lines + 5 providers
+    assert (tmp_path / "bench_table.txt").read_text().count("\n") == 4 + 10  # header lines + 5 providers x 2 B
+
+
+def _gpu_check_module():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class FallingBackToEager:
+    """A graph provider whose capture failed: it warns, turns graphs off and runs eagerly."""
+
+    graphs = True
+
+    def run(self, z):
+        if self.graphs:
+            warnings.warn("CUDA graph capture failed (operation not permitted when stream is capturing)", stacklevel=2)
+            self.graphs = False
+        return z
+
+
+def test_gpu_check_refuses_an_eager_timing_for_a_graph_provider():
+    gpu_check = _gpu_check_module()
+    with pytest.raises(RuntimeError, match="fell back to eager: CUDA graph capture failed \\(operation"):
+        gpu_check.measure(FallingBackToEager(), "fused-bf16+graph", torch.zeros(2, 4), reps=1)
+    row = gpu_check.measure(FallingBackToEager(), "fused-bf16", torch.zeros(2, 4), reps=2)  # eager: fine
+    assert len(row["ms_all"]) == 2 and row["samples_per_s"] > 0
 
 
 def test_gpu_check_shell_script_plumbing(tmp_path):

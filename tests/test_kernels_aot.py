@@ -90,6 +90,14 @@ def _problems_of_changed_variant(tmp: Path, name: str, **changes) -> tuple[list 
     return json.loads(done.stdout or "null"), done.stderr[-2000:]
 
 
+def test_shared_memory_counts_the_pipeline_buffers(reports):
+    """The cubin states only static shared memory (about 1 KB); the matmul's staged tiles (D=512,
+    fp32: 132 KB on sm_90) are requested at launch, and the limit must be checked against those."""
+    for arch in map(int, ARCHES):
+        row = next(r for r in reports if r["arch"] == arch and r["name"] == "linear_step fp32 D=512 B=1024 linf ball")
+        assert row["shared"] >= 64 * 1024, row
+
+
 def test_the_check_sees_spills_in_a_real_compile(tmp_path):
     """A feature row of 2048 does not fit the accumulator: compiled as such it spills, which is why
     linear_sign_step sends rows wider than MAX_FUSED_DIM through a matmul and the step kernel."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 import types
 
 import pytest
@@ -124,6 +125,19 @@ def test_nvml_readings_through_the_library(monkeypatch):
     with tm.EnergyMeter("cuda") as meter:
         pass
     assert meter.joules is None
+
+
+def test_energy_window_topped_up_to_min_seconds(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(uuid="1234"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([1_000, 2_000]))
+    calls = []
+    with tm.EnergyMeter("cuda") as meter:
+        extra = meter.top_up(lambda: calls.append(time.sleep(0.01)), min_seconds=0.05)
+    assert extra == len(calls) >= 2 and meter.seconds >= 0.05 and meter.joules == pytest.approx(1.0)
+    with tm.EnergyMeter("cpu") as meter:  # no counter: nothing to measure, no time spent
+        assert meter.top_up(lambda: pytest.fail("called without an energy counter")) == 0
 
 
 def test_conv_tf32_reads_the_per_operation_setting():
