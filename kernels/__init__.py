@@ -24,6 +24,10 @@ def check_device(*tensors: torch.Tensor) -> None:
         raise ValueError(f"kernel arguments on different devices: {sorted(map(str, devices))}")
     for t in tensors:
         if t.device.type == "cuda":
+            current = torch.cuda.current_device()
+            if t.device.index is not None and t.device.index != current:
+                raise ValueError(f"kernel arguments on {t.device} but the current device is cuda:{current}: "
+                                 f"launch under torch.cuda.device({t.device.index})")
             continue
         if not interpreted():
             raise RuntimeError(

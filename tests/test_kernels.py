@@ -74,6 +74,19 @@ def test_arguments_on_different_devices_are_refused():
         sign_step_project(z, torch.zeros(2, 8, device="meta"), z.clone(), 0.01, 0.03)
 
 
+def test_tensors_off_the_current_gpu_are_refused(monkeypatch):
+    """A kernel launches on the current device: tensors on another GPU would be read there."""
+    from types import SimpleNamespace
+
+    from advface_engine.kernels import check_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    on = [SimpleNamespace(device=torch.device(f"cuda:{i}"), dtype=torch.float32) for i in (0, 1)]
+    check_device(on[0], on[0])
+    with pytest.raises(ValueError, match=r"on cuda:1 but the current device is cuda:0.*torch.cuda.device\(1\)"):
+        check_device(on[1], on[1])
+
+
 def test_bf16_is_refused_under_the_interpreter():
     y = torch.zeros(2, 8, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="bfloat16"):
