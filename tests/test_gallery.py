@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -212,12 +214,44 @@ def with_bad_rows(tmp_path, bad=(3, 70, 149)):
     return tmp_path / "in.safetensors", rows, ids, list(bad)
 
 
-def test_bad_rows_fail_names_them_and_writes_nothing(tmp_path, ckpt):
-    src, *_ = with_bad_rows(tmp_path)
-    dst = tmp_path / "out.safetensors"
-    with pytest.raises(ValueError, match=r"rows \[3\] have NaN or Inf"):
+class Killed(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def killed_at_chunk(at=2):
+    """Within: a job stops (as if killed) when it reaches chunk ``at``; the chunks before it are recorded."""
+    compute = job_module.ChunkJob.compute
+
+    def stop(self, k, *args, **kw):
+        if k == at:
+            raise Killed
+        return compute(self, k, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as m, pytest.raises(Killed):
+        m.setattr(job_module.ChunkJob, "compute", stop)
+        yield
+
+
+def test_bad_rows_fail_names_all_of_them_before_any_work(tmp_path, ckpt):
+    """An operator fixes the data in one go: every bad row of the gallery (not only the first bad chunk's)
+    is named and listed, before any chunk is computed; the fixed data then runs and the list goes."""
+    src, rows, ids, bad = with_bad_rows(tmp_path)  # one in each chunk
+    dst, side = tmp_path / "out.safetensors", tmp_path / "out.safetensors.bad-rows.json"
+    with pytest.raises(ValueError, match=rf"rows \[3, 70, 149\] have NaN or Inf values \(--on-bad-rows fail; all "
+                                         rf"listed in {re.escape(str(side))}\)"):
         run(src, dst, ckpt)
-    assert not dst.exists()
+    assert json.loads(side.read_text()) == {"policy": "fail", "rows": bad, "ids": ids[bad].tolist()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", side.name]  # no job folder
+    many = gallery_rows()
+    many[::10, 0] = np.nan
+    np.save(tmp_path / "many.npy", many)
+    with pytest.raises(ValueError, match=r"rows \[0, 10, .*, 90\] and 5 more have NaN"):
+        run(tmp_path / "many.npy", tmp_path / "many-out.npy", ckpt)
+    assert json.loads((tmp_path / "many-out.npy.bad-rows.json").read_text()) == {
+        "policy": "fail", "rows": list(range(0, ROWS, 10))}
+    write("safetensors", src, np.nan_to_num(rows, posinf=0.0, neginf=0.0), ids)
+    assert run(src, dst, ckpt).bad_rows == 0 and not side.exists()
 
 
 def test_bad_rows_skip_and_copy_are_recorded(tmp_path, ckpt):
@@ -238,10 +272,10 @@ def test_bad_rows_skip_and_copy_are_recorded(tmp_path, ckpt):
     assert np.isfinite(kept).all() and not np.allclose(kept, rows[good])
 
 
-def test_failed_job_resumes_with_another_policy(tmp_path, ckpt):
+def test_interrupted_job_resumes_with_another_policy(tmp_path, ckpt):
     src, *_ = with_bad_rows(tmp_path, bad=(140, 141, 149))  # all in the last chunk
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        run(src, tmp_path / "out.safetensors", ckpt)
+    with killed_at_chunk():
+        run(src, tmp_path / "out.safetensors", ckpt, on_bad_rows="copy")
     assert len(json.loads((tmp_path / "out.safetensors.job" / "manifest.json").read_text())["chunks"]) == 2
     resumed = run(src, tmp_path / "out.safetensors", ckpt, on_bad_rows="skip")
     fresh = run(src, tmp_path / "fresh.safetensors", ckpt, on_bad_rows="skip")
@@ -253,8 +287,8 @@ def test_failed_job_resumes_with_another_policy(tmp_path, ckpt):
 def test_manifest_of_another_job_is_refused(tmp_path, ckpt, change):
     src, rows, ids, _ = with_bad_rows(tmp_path, bad=(140, 141, 149))
     dst = tmp_path / "out.safetensors"
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        run(src, dst, ckpt)
+    with killed_at_chunk():
+        run(src, dst, ckpt, on_bad_rows="copy")
     kw, expected = {}, {"config": "config.eps", "input": "input.sample_sha256", "model": "shadow",
                         "layout": "layout.batch_size"}[change]
     if change == "config":
@@ -277,8 +311,8 @@ def test_the_same_weights_saved_again_resume_the_job(tmp_path, ckpt):
     """Models are identified by architecture and weights, not file bytes (re-saving reorders the header)."""
     src, *_ = with_bad_rows(tmp_path, bad=(140, 141, 149))
     dst = tmp_path / "out.safetensors"
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        run(src, dst, ckpt)
+    with killed_at_chunk():
+        run(src, dst, ckpt, on_bad_rows="copy")
     copy = dict(ckpt, shadow=str(tmp_path / "moved" / "shadow.safetensors"))
     save_model(afe.load_model(ckpt["shadow"]), copy["shadow"])
     assert run(src, dst, copy, on_bad_rows="copy").resumed_chunks == 2
@@ -298,8 +332,8 @@ def test_input_changed_between_samples_is_caught_at_assembly(tmp_path, ckpt, mon
     # a fingerprint blind to the change below, as a sampled one is to a change between its samples
     monkeypatch.setattr(formats.Gallery, "fingerprint", lambda self: {"rows": self.num_rows})
     src, rows, ids, _ = with_bad_rows(tmp_path, bad=(140, 141, 149))
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        run(src, tmp_path / "out.safetensors", ckpt)
+    with killed_at_chunk():
+        run(src, tmp_path / "out.safetensors", ckpt, on_bad_rows="copy")
     rows[5] = -rows[5]
     write("safetensors", src, rows, ids)
     with pytest.raises(ValueError, match=r"rows 0..63 changed after they were protected"):
@@ -309,8 +343,8 @@ def test_input_changed_between_samples_is_caught_at_assembly(tmp_path, ckpt, mon
 
 def test_corrupt_part_is_recomputed(tmp_path, ckpt):
     src, *_ = with_bad_rows(tmp_path, bad=(140, 141, 149))
-    with pytest.raises(ValueError):
-        run(src, tmp_path / "out.safetensors", ckpt)
+    with killed_at_chunk():
+        run(src, tmp_path / "out.safetensors", ckpt, on_bad_rows="copy")
     part = tmp_path / "out.safetensors.job" / "parts" / "000001.bin"
     part.write_bytes(b"\0" + part.read_bytes()[1:])
     resumed = run(src, tmp_path / "out.safetensors", ckpt, on_bad_rows="copy")
@@ -407,9 +441,9 @@ def test_a_different_onnx_encoder_is_a_different_job(tmp_path, ckpt):
     assert job_module.model_checksum(load_encoder(encoders[0])) == job_module.model_checksum(encoders[0])
     src, *_ = with_bad_rows(tmp_path, bad=(140, 141, 149))
     dst = tmp_path / "out.safetensors"
-    with pytest.raises(ValueError, match="NaN or Inf"):
+    with killed_at_chunk():
         protect_gallery(src, dst, ckpt["shadow"], encoders[0], CONFIG, batch_size=BATCH, chunk_rows=CHUNK,
-                        progress=False)
+                        on_bad_rows="copy", progress=False)
     for encoder in (encoders[1], load_encoder(encoders[1])):  # a path or the loaded module
         with pytest.raises(ValueError, match=r"belongs to a different job \(encoder"):
             protect_gallery(src, dst, ckpt["shadow"], encoder, CONFIG, batch_size=BATCH, chunk_rows=CHUNK,
@@ -439,8 +473,8 @@ def test_summary_cosine_covers_the_protected_rows_and_survives_a_resume(tmp_path
     check that the job did what it should (with these untrained models it is near 0, as it would be
     for an encoder that is not the gallery's); a resumed job reports it from its manifest."""
     src, rows, _, bad = with_bad_rows(tmp_path, bad=(140, 141, 149))  # all in the last chunk
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        run(src, tmp_path / "out.safetensors", ckpt)  # two chunks done, then stopped
+    with killed_at_chunk():
+        run(src, tmp_path / "out.safetensors", ckpt, on_bad_rows="copy")  # two chunks done, then stopped
     resumed = run(src, tmp_path / "out.safetensors", ckpt, on_bad_rows="copy")
     assert resumed.resumed_chunks == 2
     out, _, _ = read("safetensors", tmp_path / "out.safetensors")
@@ -651,6 +685,30 @@ def test_cli_reports_errors(tmp_path, ckpt, capsys):
     assert "150 of 150 rows" in capsys.readouterr().out
 
 
+def test_cli_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path, ckpt, capsys, monkeypatch):
+    np.save(tmp_path / "in.npy", gallery_rows())
+    args = ["protect", "--input", str(tmp_path / "in.npy"), "--output", str(tmp_path / "out.npy"), "--shadow",
+            ckpt["shadow"], "--encoder", ckpt["encoder"], "--batch-size", str(BATCH), "--chunk-rows", str(CHUNK),
+            "--device", "cpu", "--no-progress"]
+    compute = job_module.ChunkJob.compute
+
+    def ctrl_c(self, k, *a, **kw):
+        if k == 2:
+            raise KeyboardInterrupt
+        return compute(self, k, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(job_module.ChunkJob, "compute", ctrl_c)
+        try:
+            assert main(args) == 130
+        except KeyboardInterrupt:  # not left to stop the test session
+            pytest.fail("Ctrl-C escaped the command as a traceback")
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "rerun the same command" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert main(args) == 0 and "(2 resumed)" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
@@ -669,18 +727,6 @@ def test_ray_equals_local(tmp_path, ckpt, local_ray, monkeypatch):
     remote = run(tmp_path / "in.parquet", tmp_path / "ray.parquet", ckpt, on_bad_rows="skip", engine="ray")
     assert remote.rows_written == local.rows_written == ROWS - 1
     assert (tmp_path / "ray.parquet").read_bytes() == (tmp_path / "local.parquet").read_bytes()
-
-
-@pytest.mark.gpu
-def test_cuda_job_equals_engine_on_cuda(tmp_path, ckpt):
-    rows = gallery_rows(n=1000)
-    np.save(tmp_path / "in.npy", rows)
-    run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt, device="cuda", backend="reference", batch_size=128,
-        chunk_rows=256)
-    shadow, encoder = (m.cuda() for m in tiny_models(feature_dim=DIM))
-    protector = afe.Protector(shadow, encoder, config=CONFIG, backend="reference")
-    expected = torch.cat([protector(torch.from_numpy(rows[i:i + 128]).cuda()).cpu() for i in range(0, 1000, 128)])
-    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected.numpy())
 
 
 def test_triton_version_joins_the_fingerprint_where_fused_kernels_may_run():

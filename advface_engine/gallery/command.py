@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..backends import BACKEND_NAMES
 from ..config_args import add_protect_args, config_from_args
@@ -27,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     p.add_argument("--backend", choices=BACKEND_NAMES, default="auto")
     p.add_argument("--on-bad-rows", choices=POLICIES, default="fail",
-                   help="rows with NaN/Inf: fail (error naming them), skip (drop), copy (keep unchanged); "
-                        "skip and copy list them in OUTPUT.bad-rows.json")
+                   help="rows with NaN/Inf: fail (before any work, an error naming them), skip (drop), copy "
+                        "(keep unchanged); all three list them in OUTPUT.bad-rows.json")
     p.add_argument("--engine", choices=ENGINES, default="local", help="local process, or Ray Data actors")
     p.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else per CPU)")
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
@@ -46,12 +47,17 @@ def run(args: argparse.Namespace) -> int:
     from .job import protect_gallery
 
     start = time.perf_counter()
-    result = protect_gallery(
-        args.input, args.output, args.shadow, args.encoder, config_from_args(args), batch_size=args.batch_size,
-        chunk_rows=args.chunk_rows, device=args.device, backend=args.backend, format=args.format,
-        on_bad_rows=args.on_bad_rows, engine=args.engine, workers=args.workers, ray_address=args.ray_address,
-        embedding_key=args.embedding_key, id_key=args.id_key, encoder_arch=args.encoder_arch,
-        overwrite=args.overwrite, progress=args.progress)
+    try:
+        result = protect_gallery(
+            args.input, args.output, args.shadow, args.encoder, config_from_args(args), batch_size=args.batch_size,
+            chunk_rows=args.chunk_rows, device=args.device, backend=args.backend, format=args.format,
+            on_bad_rows=args.on_bad_rows, engine=args.engine, workers=args.workers, ray_address=args.ray_address,
+            embedding_key=args.embedding_key, id_key=args.id_key, encoder_arch=args.encoder_arch,
+            overwrite=args.overwrite, progress=args.progress)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback through torch
+        print(f"\nadvface {args.command}: interrupted; finished chunks are kept in {args.output}.job: rerun the "
+              "same command to resume", file=sys.stderr)
+        return 130
     elapsed = time.perf_counter() - start
     bad = f", {result.bad_rows} bad rows listed in {result.bad_rows_file}" if result.bad_rows else ""
     rate = "" if result.resumed_chunks else f", {result.rows / max(elapsed, 1e-9):.0f} rows/s"

@@ -16,9 +16,10 @@ the models (checksums of their architecture and weights), the config, the engine
 whose fingerprint differs is refused. If the input's size or mtime changed
 since the job began, every chunk's input checksum is checked again before the output is written.
 
-Rows with NaN or Inf follow ``on_bad_rows``: "fail" stops with an error naming them, "skip" drops
-them and "copy" stores them unchanged; both record them in ``<output>.bad-rows.json``. Parts always
-hold bad rows unchanged, so the policy is applied at assembly and may change between reruns.
+Rows with NaN or Inf follow ``on_bad_rows``: "fail" reads the whole input first and, before any
+work, stops with an error naming them all, "skip" drops them and "copy" stores them unchanged; all
+three list them in ``<output>.bad-rows.json``. Parts always hold bad rows unchanged, so the policy is
+applied at assembly and may change between reruns.
 """
 
 from __future__ import annotations
@@ -393,10 +394,32 @@ def run_local(job: ChunkJob, pending: list[int], record, fail: bool, progress=No
             saving.result()
 
 
-def _bad_rows_error(path: Path, rows: list[int]) -> ValueError:
+def _bad_rows_error(path: Path, rows: list[int], listed: Path | None = None) -> ValueError:
     more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
-    return ValueError(f"{path}: rows {rows[:10]}{more} have NaN or Inf values (--on-bad-rows fail); rerun with "
-                      "--on-bad-rows skip to drop them or copy to keep them unchanged (both record them)")
+    where = f"; all listed in {listed}" if listed is not None else ""
+    return ValueError(f"{path}: rows {rows[:10]}{more} have NaN or Inf values (--on-bad-rows fail{where}); rerun "
+                      "with --on-bad-rows skip to drop them or copy to keep them unchanged (both record them)")
+
+
+def _refuse_bad_rows(gallery: Gallery, chunk_rows: int, output: Path, progress: bool) -> None:
+    """Under "fail", before any work: every row read (streamed); rows with NaN or Inf, if any, are all
+    listed in ``<output>.bad-rows.json`` and named by the error, so the data can be fixed in one go."""
+    rows, ids = [], []
+    with progress_bar(total=gallery.num_rows, unit="row", unit_scale=True, desc="check rows",
+                      progress=progress) as bar:
+        for start in range(0, gallery.num_rows, chunk_rows):
+            chunk = gallery.read(start, min(start + chunk_rows, gallery.num_rows))
+            bad = np.flatnonzero(~np.isfinite(chunk.rows).all(axis=1))
+            rows += (start + bad).tolist()
+            if chunk.ids is not None:
+                ids += [_json_id(i) for i in chunk.ids[bad].tolist()]
+            bar.update(len(chunk.rows))
+    if rows:
+        side = output.with_name(output.name + ".bad-rows.json")
+        side.parent.mkdir(parents=True, exist_ok=True)
+        report = {"policy": "fail", "rows": rows, **({"ids": ids} if gallery.ids_dtype is not None else {})}
+        _write_json(side, report, side.with_name(side.name + ".tmp"))
+        raise _bad_rows_error(gallery.path, rows, side)
 
 
 def _json_id(value):
@@ -587,6 +610,8 @@ def protect_gallery(
                     return finished
                 if not overwrite:
                     raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")
+            if on_bad_rows == "fail":
+                _refuse_bad_rows(gallery, chunk_rows, dst, progress)
             stack.enter_context(_locked(work))
             manifest = Manifest.open(work, fingerprint, src)
             manifest.drop_broken_parts(gallery.dim, gallery.dtype)
@@ -642,10 +667,7 @@ def _kernel_versions(engine: dict) -> dict:
 def _compute(job: ChunkJob, spec: JobSpec, manifest: Manifest, on_bad_rows: str, ray, workers: int | None,
              progress: bool) -> None:
     """Compute the chunks the manifest does not hold yet, here or by Ray actors (built from ``spec``)."""
-    path, fail = job.gallery.path, on_bad_rows == "fail"
-    seen = sorted(r["start"] + i for r in manifest.chunks.values() for i in r["bad"])
-    if fail and seen:
-        raise _bad_rows_error(path, seen)
+    path, fail = job.gallery.path, on_bad_rows == "fail"  # bad rows were looked for before (_refuse_bad_rows)
     pending = [k for k in range(job.num_chunks) if k not in manifest.chunks]
     done = sum(r["stop"] - r["start"] for r in manifest.chunks.values())
     with progress_bar(total=job.gallery.num_rows, initial=done, unit="row", unit_scale=True, desc="protect-gallery",
