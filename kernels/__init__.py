@@ -39,6 +39,21 @@ def check_device(*tensors: torch.Tensor) -> None:
                             "or float16 (bf16 kernels are checked by compiling them: kernels/aot.py)")
 
 
+def is_nhwc(t: torch.Tensor) -> bool:
+    """4-D and channels_last (a shape whose two layouts coincide counts as contiguous)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def same_layout(*tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], bool]:
+    """The tensors in one dense memory order for kernels that index memory directly: channels_last
+    when the first is 4-D channels_last (kept as it is: no copy), else contiguous. Also returns
+    whether that order is channels_last, where a value's channel is its offset modulo C. Either way
+    each sample's values are one contiguous block."""
+    nhwc = is_nhwc(tensors[0])
+    layout = torch.channels_last if nhwc else torch.contiguous_format
+    return tuple(t.contiguous(memory_format=layout) for t in tensors), nhwc
+
+
 # Compile options given at every launch: FMA contraction on (Triton's default up to 3.9), stated so
 # that a Triton whose default differs (3.10 turns it off) computes the same results, bit for bit.
 COMPILE_OPTIONS = {"enable_fp_fusion": True}

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import COMPILE_OPTIONS, block_size, check_device
+from . import COMPILE_OPTIONS, block_size, check_device, same_layout
 
 ACTS = ("relu", "leaky_relu", "prelu")
 INT32_MAX = 2**31 - 1
@@ -44,9 +44,11 @@ def _act_backward_kernel(g_ptr, pre_ptr, out_ptr, slope_ptr, scale_ptr, n, chann
 
 def act_backward(grad: torch.Tensor, pre: torch.Tensor, act: str = "relu", slope: torch.Tensor | None = None,
                  scale: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Gradient through act (and the BatchNorm scale before it); channels are dim 1 of ``pre``.
+    """Gradient through act (and the BatchNorm scale before it); channels are dim 1 of ``pre``, which
+    may be contiguous or channels_last (the result is laid out like it).
 
-    ``slope``: (C,) negative slopes for leaky_relu / prelu; ``scale``: (C,) or None; ``out`` may be ``grad``.
+    ``slope``: (C,) negative slopes for leaky_relu / prelu; ``scale``: (C,) or None; ``out`` may be
+    ``grad``: then it is written in place where grad is already laid out like pre.
     """
     if act not in ACTS:
         raise ValueError(f"act must be one of {ACTS}, got {act!r}")
@@ -58,17 +60,19 @@ def act_backward(grad: torch.Tensor, pre: torch.Tensor, act: str = "relu", slope
         raise ValueError(f"{act} needs a slope per channel ({channels}), got {got}")
     if scale is not None and scale.numel() != channels:
         raise ValueError(f"scale must have one value per channel ({channels}), got {scale.numel()}")
+    if out is not None and out is not grad:
+        raise ValueError("out may only be grad itself (an in-place backward)")
     check_device(grad, pre, *(t for t in (slope, scale) if t is not None))
-    grad, pre = grad.contiguous(), pre.contiguous()
-    out = torch.empty_like(grad) if out is None else out
-    n = grad.numel()
+    (pre, laid), nhwc = same_layout(pre, grad)  # pre's layout (it is saved once, grad comes every step)
+    out = laid if out is not None and laid is grad else torch.empty_like(laid)  # in place unless grad was copied
+    grad, n = laid, laid.numel()
     if n == 0:
         return out
     block = block_size(n, grad.device)
     has_slope = act != "relu"
     _act_backward_kernel[(triton.cdiv(n, block),)](
         grad, pre, out, slope.contiguous() if has_slope else pre, scale.contiguous() if scale is not None else pre,
-        n, channels, n // (pre.shape[0] * channels), HAS_SLOPE=has_slope, HAS_SCALE=scale is not None,
+        n, channels, 1 if nhwc else n // (pre.shape[0] * channels), HAS_SLOPE=has_slope, HAS_SCALE=scale is not None,
         WIDE=n + block > INT32_MAX, BLOCK=block, **COMPILE_OPTIONS,
     )
     return out

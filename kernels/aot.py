@@ -20,6 +20,7 @@ Needs compiled Triton, not the interpreter: unset TRITON_INTERPRET.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -111,10 +112,11 @@ def variants(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3
                                         "_l1_sign_kernel", [_t(dtype), _t(dtype), _t(dtype), loss, per_sample],
                                         HEAD=HEADS[head], HAS_LOSS=has_loss,
                                         BLOCK=elementwise_block))
-            for kind, has_scale in sorted(acts):
-                n, channels, inner = 64 * 16 * 56 * 56, 64, 56 * 56
-                out.append(_variant(f"act_backward {dname} {kind}{' +bn' if has_scale else ''}", "act_backward",
-                                    "_act_backward_kernel", [_t(dtype)] * 5 + [n, channels, inner],
+            for (kind, has_scale), nhwc in itertools.product(sorted(acts), (False, True)):
+                n, channels, inner = 64 * 16 * 56 * 56, 64, 1 if nhwc else 56 * 56  # NHWC: channel = offset % C
+                name = f"act_backward {dname} {kind}{' +bn' if has_scale else ''}{' nhwc' if nhwc else ''}"
+                args = [_t(dtype)] * 5 + [n, channels, inner]
+                out.append(_variant(name, "act_backward", "_act_backward_kernel", args,
                                     HAS_SLOPE=kind != "relu", HAS_SCALE=has_scale, WIDE=False,
                                     BLOCK=block_size(n, GPU)))
         epilogues = [("linf", "ball", True, False), ("linf", "ball", False, False), ("linf", "ball", True, True)]

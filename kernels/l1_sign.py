@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import COMPILE_OPTIONS, block_size, check_device
+from . import COMPILE_OPTIONS, block_size, check_device, same_layout
 
 HEADS = {"identity": 0, "tanh": 1, "sigmoid": 2}
 
@@ -42,13 +42,14 @@ def _l1_sign_kernel(y_ptr, target_ptr, g_ptr, loss_ptr, per_sample, HEAD: tl.con
 
 def l1_sign_backward(y: torch.Tensor, target: torch.Tensor, head: str = "tanh",
                      loss: torch.Tensor | None = None) -> torch.Tensor:
-    """g = sign(y - target) * head'(y), shaped like y; ``loss`` (B,) fp32, if given, gets += sum |y - target|."""
+    """g = sign(y - target) * head'(y), shaped (and laid out, contiguous or channels_last) like y;
+    ``loss`` (B,) fp32, if given, gets += sum |y - target|."""
     if head not in HEADS:
         raise ValueError(f"head must be one of {sorted(HEADS)}, got {head!r}")
     if y.shape != target.shape or y.dim() < 1:
         raise ValueError(f"y and target must have the same shape (B, ...), got {tuple(y.shape)}, {tuple(target.shape)}")
     check_device(y, target, *([] if loss is None else [loss]))
-    y, target = y.contiguous(), target.contiguous()
+    (y, target), _ = same_layout(y, target)  # elementwise, per-sample sums: any dense order shared by both
     grad = torch.empty_like(y)
     batch = y.shape[0]
     per_sample = y.numel() // max(batch, 1)

@@ -20,6 +20,7 @@ import advface_engine.backends.plan as plan_module
 from advface_engine.backends import UnsupportedModelError
 from advface_engine.backends.fused import EagerGraph, FusedBackend
 from advface_engine.backends.reference import ReferenceBackend, project, shadow_targets, step_direction
+from advface_engine.kernels import is_nhwc
 from advface_engine.models import build_model
 from advface_engine.protect import frozen
 
@@ -73,14 +74,16 @@ def reference_gradient(shadow: nn.Module, z_t: torch.Tensor, x_shadow: torch.Ten
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
-def test_gradient_signs_agree_at_every_step(variant):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_gradient_signs_agree_at_every_step(variant, channels_last):
     """Along the reference trajectory, the fused g_t has the reference's signs (>= 99.9% per step)."""
     shadow, encoder = shadow_variant(variant[0], **variant[1]), tiny_models()[1]
     z = features(8)
     with frozen(shadow, encoder):
-        backend = FusedBackend(shadow, encoder, CFG)
+        backend = FusedBackend(shadow, encoder, CFG, channels_last=channels_last)
         x_ref, anchor = shadow_targets(z, shadow, encoder, CFG)
         x_fused, _ = backend.targets(z)
+        assert is_nhwc(x_fused) == channels_last  # the layout asked for is the one that ran
         z_t, report = anchor.clone(), []
         for _ in range(CFG.steps):
             g_ref = reference_gradient(shadow, z_t, x_ref)
@@ -92,10 +95,11 @@ def test_gradient_signs_agree_at_every_step(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
-def test_fused_equals_reference_on_every_family(variant):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_fused_equals_reference_on_every_family(variant, channels_last):
     shadow, encoder = shadow_variant(variant[0], **variant[1]), tiny_models()[1]
     z = features(8)
-    got = afe.protect(z, shadow, encoder, CFG, backend="fused")
+    got = afe.Protector(shadow, encoder, CFG, backend="fused", backend_options={"channels_last": channels_last})(z)
     want = afe.protect(z, shadow, encoder, CFG, backend="reference")
     assert got.shape == z.shape and got.dtype == z.dtype
     assert agreement(got, want, CFG.alpha) >= 0.999, (got - want).abs().max()
@@ -463,6 +467,18 @@ def test_gpu_reduced_precision_close_to_reference(dtype):
     assert got.dtype == torch.float32
     # calibrated on the CPU with the same tiny models (fp16 99.1-99.8 %, bf16 97.2-99.5 %)
     assert agreement(got, _reference_fp32(shadow, encoder, z), CFG.alpha) >= (0.95 if dtype == "bf16" else 0.98)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_gpu_channels_last_close_to_reference(dtype):
+    """NHWC convolutions (channels_last): fp32 as exact as NCHW, bf16 within bf16's tolerance; captured."""
+    shadow, encoder = _gpu_models("nbnet")  # dense blocks: channel slices of NHWC gradients
+    z = features(64).cuda()
+    backend = FusedBackend(shadow, encoder, CFG, dtype=dtype, channels_last=True, graphs=True)
+    got = _run(backend, z)
+    assert backend.graphs and is_nhwc(backend.plan.forward(z, keep=False)[0])
+    assert agreement(got, _reference_fp32(shadow, encoder, z), CFG.alpha) >= (0.95 if dtype == "bf16" else 0.999)
 
 
 @pytest.mark.gpu

@@ -39,7 +39,8 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     checks = report["checks"]
     assert checks["fused-fp32"]["within_2alpha_of_reference"] == 1.0
     assert checks["fused-fp16"]["within_2alpha_of_reference"] >= 0.98
-    assert (tmp_path / "bench_table.txt").read_text().count("\n") == 4 + 10  # header lines + 5 providers x 2 B
+    assert checks["fused-fp32-nhwc"]["within_2alpha_of_reference"] == 1.0
+    assert (tmp_path / "bench_table.txt").read_text().count("\n") == 4 + 12  # header lines + 6 providers x 2 B
 
 
 def _gpu_check_module():

@@ -15,6 +15,7 @@ from torch import nn
 import advface_engine.kernels.act_backward as act_backward_module
 from advface_engine.backends.reference import project, step_direction
 from advface_engine.config import ProtectConfig
+from advface_engine.kernels import is_nhwc
 from advface_engine.kernels.act_backward import act_backward
 from advface_engine.kernels.l1_sign import l1_sign_backward
 from advface_engine.kernels.linear_step import linear_sign_step
@@ -129,6 +130,44 @@ def test_act_backward_equals_autograd(shape, act, with_scale, wide, monkeypatch)
         slope = module.weight.detach()
     got = act_backward(grad, pre.detach(), act, slope, scale)
     torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("act", sorted(ACTS))
+def test_act_backward_in_channels_last_equals_contiguous(act):
+    """In NHWC memory a value's channel is its offset modulo C: same numbers, the layout kept."""
+    gen = _gen(4)
+    shape = (3, 5, 4, 7)
+    pre, grad = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    slope = None if act == "relu" else torch.rand(5, generator=gen)
+    scale = torch.rand(5, generator=gen) + 0.5
+    want = act_backward(grad, pre, act, slope, scale)
+    got = act_backward(_nhwc(grad), _nhwc(pre), act, slope, scale)
+    assert is_nhwc(got) and torch.equal(got, want)
+    in_place = _nhwc(grad)
+    assert act_backward(in_place, _nhwc(pre), act, slope, scale, out=in_place) is in_place
+    assert torch.equal(in_place, want)
+    kept = grad.clone()  # a contiguous grad meets an NHWC pre: grad is copied, not written
+    mixed = act_backward(kept, _nhwc(pre), act, slope, scale, out=kept)
+    assert is_nhwc(mixed) and torch.equal(mixed, want) and torch.equal(kept, grad)
+    with pytest.raises(ValueError, match="out may only be grad"):
+        act_backward(grad, pre, act, slope, scale, out=torch.empty_like(grad))
+
+
+@pytest.mark.parametrize("head", ["tanh", "sigmoid"])
+def test_l1_sign_in_channels_last_equals_contiguous(head):
+    gen = _gen(6)
+    y = torch.rand(3, 5, 4, 7, generator=gen) * 1.8 - 0.9
+    target = torch.rand(y.shape, generator=gen) * 1.8 - 0.9
+    target[0, 1] = y[0, 1]  # ties
+    loss, loss_nhwc = torch.zeros(3), torch.zeros(3)
+    want = l1_sign_backward(y, target, head, loss)
+    got = l1_sign_backward(_nhwc(y), _nhwc(target), head, loss_nhwc)
+    assert is_nhwc(got) and torch.equal(got, want)
+    torch.testing.assert_close(loss_nhwc, loss, rtol=1e-6, atol=1e-5)  # the same sums, added in another order
 
 
 @pytest.mark.parametrize("act", sorted(ACTS))

@@ -14,7 +14,7 @@ from ..config import ProtectConfig
 from .reference import ReferenceBackend
 
 BACKEND_NAMES = ("auto", "reference", "fused")
-FUSED_OPTIONS = ("dtype", "graphs", "split_k", "record_loss")  # FusedBackend's keyword arguments
+FUSED_OPTIONS = ("dtype", "graphs", "split_k", "record_loss", "channels_last")  # FusedBackend's keyword arguments
 
 
 class UnsupportedModelError(ValueError):

@@ -145,6 +145,8 @@ class FusedBackend:
              when graph_size maps both to it).
     split_k: split of the first Linear's gradient matmul (None: enough to fill the GPU).
     record_loss: keep the per-sample L1 loss of every step in ``self.losses`` (steps, B).
+    channels_last: run the decoder's convolutions in NHWC layout (tensor cores' own; cuDNN
+             otherwise converts NCHW around each convolution). Same results up to rounding.
 
     The plan and the captured graphs are rebuilt when the models' weights change or move.
     """
@@ -152,11 +154,13 @@ class FusedBackend:
     name = "fused"
 
     def __init__(self, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig, dtype: str = "fp32",
-                 graphs: bool = True, split_k: int | None = None, record_loss: bool = False):
+                 graphs: bool = True, split_k: int | None = None, record_loss: bool = False,
+                 channels_last: bool = False):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.shadow, self.encoder, self.config = shadow, encoder, config
         self.dtype, self.graphs, self.split_k, self.record_loss = dtype, graphs, split_k, record_loss
+        self.channels_last = channels_last
         self.losses: Tensor | None = None
         self.graph_type: type[CudaGraph] = CudaGraph
         self._graphs: dict[int, CudaGraph] = {}
@@ -173,7 +177,7 @@ class FusedBackend:
                                  "run only under Triton's interpreter (TRITON_INTERPRET=1, for tests)")
             if self.dtype not in CPU_DTYPES:
                 raise ValueError(f"dtype {self.dtype!r} needs a GPU; the Triton interpreter runs fp32 and fp16 only")
-        self.plan = build_plan(self.shadow, DTYPES[self.dtype], device)
+        self.plan = build_plan(self.shadow, DTYPES[self.dtype], device, self.channels_last)
         self._graphs.clear()
         self._capture_stream = self._pool = None  # made at the first capture, on the models' device
         self._key = weights_key(self.shadow, self.encoder)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels import is_nhwc
 from ..kernels.act_backward import act_backward
 from ..models.decoders import DenseBlock
 
@@ -129,7 +130,7 @@ class Act:
 
     def backward(self, grad: Tensor, pre: Tensor) -> Tensor:
         slopes = None if self.slope is None else self.slopes(pre.shape[1])
-        return act_backward(grad, pre, self.kind, slopes, self.scale, out=grad if grad.is_contiguous() else None)
+        return act_backward(grad, pre, self.kind, slopes, self.scale, out=grad)
 
     def slopes(self, channels: int) -> Tensor:
         """The negative slope per channel (LeakyReLU and a one-parameter PReLU share one)."""
@@ -213,11 +214,12 @@ class Dense:
 
     def backward(self, grad: Tensor, saved: list) -> Tensor:
         grad = grad.clone()
-        start = grad.shape[1]
+        start, layout = grad.shape[1], torch.channels_last if is_nhwc(grad) else torch.contiguous_format
         for (act, conv), (pre, in_shape) in zip(reversed(self.layers), reversed(saved), strict=True):
             width = conv.weight.shape[0]
             start -= width
-            g_in = act.backward(conv.backward(grad[:, start:start + width].contiguous(), in_shape), pre)
+            g_out = grad[:, start:start + width].contiguous(memory_format=layout)
+            g_in = act.backward(conv.backward(g_out, in_shape), pre)
             grad[:, :start] += g_in
         return grad[:, :start]
 
@@ -235,14 +237,16 @@ class DecoderPlan:
     left to the fused step kernel (kernels/linear_step.py).
     """
 
-    def __init__(self, ops: list, head: str, dtype: torch.dtype, device: torch.device):
-        self.ops, self.head, self.dtype = ops, head, dtype
+    def __init__(self, ops: list, head: str, dtype: torch.dtype, device: torch.device, channels_last: bool = False):
+        self.ops, self.head, self.dtype, self.channels_last = ops, head, dtype, channels_last
         parts = ops + [part for op in ops for layer in getattr(op, "layers", []) for part in layer]
         for part in parts:  # parameters were folded in float64; now the plan's device and dtype
             for name in ("weight", "bias", "scale", "shift", "slope"):
                 value = getattr(part, name, None)
                 if isinstance(value, Tensor):
-                    setattr(part, name, value.to(device=device, dtype=dtype).contiguous())
+                    layout = torch.channels_last if channels_last and isinstance(part, Conv) and name == "weight" \
+                        else torch.contiguous_format  # channels_last weights: cuDNN keeps activations NHWC
+                    setattr(part, name, value.to(device=device, dtype=dtype).contiguous(memory_format=layout))
         self.first_linear = ops[0] if ops and isinstance(ops[0], Linear) else None
 
     def forward(self, z: Tensor, keep: bool = True) -> tuple[Tensor, list]:
@@ -262,9 +266,10 @@ class DecoderPlan:
         return grad
 
 
-def build_plan(shadow: nn.Module, dtype: torch.dtype = torch.float32,
-               device: torch.device | None = None) -> DecoderPlan:
-    """Walk the shadow decoder once, fold eval BatchNorm into the layer before it, and build the plan."""
+def build_plan(shadow: nn.Module, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
+               channels_last: bool = False) -> DecoderPlan:
+    """Walk the shadow decoder once, fold eval BatchNorm into the layer before it, and build the plan
+    (with ``channels_last``, convolutions and the activations between them run in NHWC layout)."""
     modules = [m for m in _flatten(shadow) if not isinstance(m, nn.Dropout)]
     head = "identity"
     if modules and type(modules[-1]) in HEAD_MODULES:
@@ -313,4 +318,4 @@ def build_plan(shadow: nn.Module, dtype: torch.dtype = torch.float32,
             raise _unsupported(module)
     if device is None:
         device = next((p.device for p in shadow.parameters()), torch.device("cpu"))
-    return DecoderPlan(ops, head, dtype, device)
+    return DecoderPlan(ops, head, dtype, device, channels_last)
