@@ -238,8 +238,8 @@ def test_bad_rows_fail_names_all_of_them_before_any_work(tmp_path, ckpt):
     is named and listed, before any chunk is computed; the fixed data then runs and the list goes."""
     src, rows, ids, bad = with_bad_rows(tmp_path)  # one in each chunk
     dst, side = tmp_path / "out.safetensors", tmp_path / "out.safetensors.bad-rows.json"
-    with pytest.raises(ValueError, match=rf"rows \[3, 70, 149\] have NaN or Inf values \(--on-bad-rows fail; all "
-                                         rf"listed in {re.escape(str(side))}\)"):
+    with pytest.raises(ValueError, match=rf"rows \[3, 70, 149\] have NaN or Inf values or are all zero "
+                                         rf"\(--on-bad-rows fail; all listed in {re.escape(str(side))}\)"):
         run(src, dst, ckpt)
     assert json.loads(side.read_text()) == {"policy": "fail", "rows": bad, "ids": ids[bad].tolist()}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", side.name]  # no job folder
@@ -270,6 +270,25 @@ def test_bad_rows_skip_and_copy_are_recorded(tmp_path, ckpt):
     np.testing.assert_array_equal(kept, out[good])
     assert json.loads(skipped.bad_rows_file.read_text())["rows"] == bad
     assert np.isfinite(kept).all() and not np.allclose(kept, rows[good])
+
+
+def test_all_zero_rows_are_bad_rows(tmp_path, ckpt):
+    """A zero row has no direction: protected, all such placeholders would become one unit vector and
+    match each other. They are bad rows: kept unchanged under copy, named under fail."""
+    rows = gallery_rows()
+    rows[[4, 90]] = 0.0
+    rows[120] = -0.0
+    rows[7] = 0.0
+    rows[7, 3] = 1e-30  # not all zero: protected
+    np.save(tmp_path / "in.npy", rows)
+    with pytest.raises(ValueError, match=r"rows \[4, 90, 120\] have NaN or Inf values or are all zero"):
+        run(tmp_path / "in.npy", tmp_path / "fail.npy", ckpt)
+    copied = run(tmp_path / "in.npy", tmp_path / "copy.npy", ckpt, on_bad_rows="copy")
+    out = np.load(tmp_path / "copy.npy")
+    assert copied.bad_rows == 3 and not out[[4, 90, 120]].any()
+    assert np.linalg.norm(out[7]) == pytest.approx(1.0, abs=1e-5)  # protected (and unit norm)
+    good = np.setdiff1d(np.arange(ROWS), [4, 90, 120])
+    np.testing.assert_array_equal(out[good], reference(rows, ckpt)[good])
 
 
 def test_interrupted_job_resumes_with_another_policy(tmp_path, ckpt):

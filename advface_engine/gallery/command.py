@@ -28,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     p.add_argument("--backend", choices=BACKEND_NAMES, default="auto")
     p.add_argument("--on-bad-rows", choices=POLICIES, default="fail",
-                   help="rows with NaN/Inf: fail (before any work, an error naming them), skip (drop), copy "
-                        "(keep unchanged); all three list them in OUTPUT.bad-rows.json")
+                   help="rows with NaN/Inf or all zero: fail (before any work, an error naming them), skip "
+                        "(drop), copy (keep unchanged); all three list them in OUTPUT.bad-rows.json")
     p.add_argument("--engine", choices=ENGINES, default="local", help="local process, or Ray Data actors")
     p.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else per CPU)")
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")

@@ -16,10 +16,11 @@ the models (checksums of their architecture and weights), the config, the engine
 whose fingerprint differs is refused. If the input's size or mtime changed
 since the job began, every chunk's input checksum is checked again before the output is written.
 
-Rows with NaN or Inf follow ``on_bad_rows``: "fail" reads the whole input first and, before any
-work, stops with an error naming them all, "skip" drops them and "copy" stores them unchanged; all
-three list them in ``<output>.bad-rows.json``. Parts always hold bad rows unchanged, so the policy is
-applied at assembly and may change between reruns.
+Bad rows, with NaN or Inf or all zero (no direction to protect), follow ``on_bad_rows``: "fail"
+reads the whole input first and, before any work, stops with an error naming them all, "skip"
+drops them and "copy" stores them unchanged; all three list them in ``<output>.bad-rows.json``.
+Parts always hold bad rows unchanged, so the policy is applied at assembly and may change between
+reruns.
 """
 
 from __future__ import annotations
@@ -98,6 +99,16 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+BAD_ROWS = "NaN, Inf or all zero"  # in the fingerprint: a job is resumed only under the same rule
+
+
+def bad_rows_of(rows: np.ndarray) -> np.ndarray:
+    """Indices of the rows that are not protected: any NaN or Inf, or all zero. A zero row has no
+    direction (a placeholder, e.g. a failed enrolment); protected, every such row would become the
+    same unit vector and match the others, and probes, where before it matched nothing."""
+    return np.flatnonzero(~np.isfinite(rows).all(axis=1) | ~rows.any(axis=1))
+
+
 def sha256_of(array: np.ndarray) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest()
 
@@ -165,15 +176,16 @@ class ChunkJob:
 
     def compute(self, k: int, loaded: Loaded | None = None, fail: bool = False,
                 progress=None) -> tuple[dict, np.ndarray | None]:
-        """Chunk k's record (bad rows listed chunk-local) and its rows, protected where finite, else unchanged.
+        """Chunk k's record (bad rows listed chunk-local) and its rows: protected, bad rows unchanged.
 
         With ``fail`` a chunk with bad rows is not computed (rows None).
         """
         loaded = loaded or self.read(k)
         rows = loaded.chunk.rows
         start, stop = self.bounds(k)
-        good = np.isfinite(rows).all(axis=1)
-        bad = np.flatnonzero(~good)
+        bad = bad_rows_of(rows)
+        good = np.ones(len(rows), dtype=bool)
+        good[bad] = False
         record = {"start": start, "stop": stop, "input_sha256": loaded.input_sha256, "bad": bad.tolist()}
         if bad.size and fail:
             return record, None
@@ -397,19 +409,20 @@ def run_local(job: ChunkJob, pending: list[int], record, fail: bool, progress=No
 def _bad_rows_error(path: Path, rows: list[int], listed: Path | None = None) -> ValueError:
     more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
     where = f"; all listed in {listed}" if listed is not None else ""
-    return ValueError(f"{path}: rows {rows[:10]}{more} have NaN or Inf values (--on-bad-rows fail{where}); rerun "
-                      "with --on-bad-rows skip to drop them or copy to keep them unchanged (both record them)")
+    return ValueError(f"{path}: rows {rows[:10]}{more} have NaN or Inf values or are all zero (--on-bad-rows "
+                      f"fail{where}); rerun with --on-bad-rows skip to drop them or copy to keep them unchanged "
+                      "(both record them)")
 
 
 def _refuse_bad_rows(gallery: Gallery, chunk_rows: int, output: Path, progress: bool) -> None:
-    """Under "fail", before any work: every row read (streamed); rows with NaN or Inf, if any, are all
+    """Under "fail", before any work: every row read (streamed); bad rows (``bad_rows_of``), if any, are all
     listed in ``<output>.bad-rows.json`` and named by the error, so the data can be fixed in one go."""
     rows, ids = [], []
     with progress_bar(total=gallery.num_rows, unit="row", unit_scale=True, desc="check rows",
                       progress=progress) as bar:
         for start in range(0, gallery.num_rows, chunk_rows):
             chunk = gallery.read(start, min(start + chunk_rows, gallery.num_rows))
-            bad = np.flatnonzero(~np.isfinite(chunk.rows).all(axis=1))
+            bad = bad_rows_of(chunk.rows)
             rows += (start + bad).tolist()
             if chunk.ids is not None:
                 ids += [_json_id(i) for i in chunk.ids[bad].tolist()]
@@ -647,7 +660,7 @@ def _prepare(spec: JobSpec, gallery: Gallery, ray) -> tuple[ChunkJob, dict]:
         "shadow": model_checksum(job.shadow), "encoder": model_checksum(job.encoder),  # weights, not file bytes
         "encoder_arch": spec.encoder_arch,
         "config": spec.config.to_dict(), "engine": {**engine, "torch": torch.__version__, **_kernel_versions(engine)},
-        "layout": {"chunk_rows": spec.chunk_rows, "batch_size": spec.batch_size},
+        "layout": {"chunk_rows": spec.chunk_rows, "batch_size": spec.batch_size}, "bad_rows": BAD_ROWS,
     }
     return job, fingerprint
 
