@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -289,6 +290,23 @@ def test_all_zero_rows_are_bad_rows(tmp_path, ckpt):
     assert np.linalg.norm(out[7]) == pytest.approx(1.0, abs=1e-5)  # protected (and unit norm)
     good = np.setdiff1d(np.arange(ROWS), [4, 90, 120])
     np.testing.assert_array_equal(out[good], reference(rows, ckpt)[good])
+
+
+def test_cosine_summary_needs_no_float64_copy_of_a_chunk():
+    """The summary is float64 a block of rows at a time: whole-chunk copies (two inputs and their
+    product, 6x the chunk's bytes) made it the job's largest allocation."""
+    rng = np.random.default_rng(0)
+    z, protected = (rng.standard_normal((65536, 64)).astype(np.float32) for _ in range(2))
+    tracemalloc.start()
+    try:
+        stats = job_module.cosine_stats(z, protected)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < z.nbytes, peak  # whole-chunk float64 copies took several times z.nbytes
+    a, b = z.astype(np.float64), protected.astype(np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert stats == [float(cos.sum()), float(cos.min()), 65536]  # the same figures, bit for bit
 
 
 def test_interrupted_job_resumes_with_another_policy(tmp_path, ckpt):

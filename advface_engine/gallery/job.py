@@ -220,11 +220,14 @@ class Loaded:
 
 
 def cosine_stats(z: np.ndarray, protected: np.ndarray) -> list:
-    """[sum, min, count] of cos(z_i, protected_i) over the rows, for the job's summary."""
+    """[sum, min, count] of cos(z_i, protected_i) over the rows, for the job's summary (in float64,
+    a block of rows at a time: whole-chunk float64 copies would be the job's largest allocation)."""
     if not len(z):
         return [0.0, None, 0]
-    a, b = z.astype(np.float64), protected.astype(np.float64)
-    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    cos = np.empty(len(z))
+    for i in range(0, len(z), 4096):
+        a, b = z[i:i + 4096].astype(np.float64), protected[i:i + 4096].astype(np.float64)
+        cos[i:i + 4096] = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
     return [float(cos.sum()), float(cos.min()), len(cos)]
 
 
