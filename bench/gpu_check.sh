@@ -11,8 +11,8 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-  "$PY" -c "import torch, triton, setuptools; print('torch', torch.__version__, 'triton', triton.__version__,
-'setuptools', setuptools.__version__)"
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  "$PY" -c "import setuptools; print('setuptools', setuptools.__version__)"
 } > "$OUT/env.txt" 2>&1
 # the kernels folder is installed as advface_engine.kernels: install the package if it is not, and
 # where that fails (no network for build requirements, setuptools < 77) link it into the source tree

@@ -107,6 +107,66 @@ def test_fused_equals_reference_on_every_family(variant, channels_last):
     assert (want - afe.protect(z, shadow, encoder, CFG.replace(steps=0))).abs().max() > CFG.alpha
 
 
+class ViewEncoder(nn.Module):
+    """Flattens with ``.view``, as many encoders do: it needs a contiguous image."""
+
+    def __init__(self, size: int = 16, dim: int = 16):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(4 * (size // 2) ** 2, dim)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return self.fc(x.view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("backend, options", [("reference", None), ("fused", {"channels_last": True})])
+def test_an_encoder_that_flattens_with_view_gets_a_contiguous_image(backend, options):
+    """The shadow runs channels_last (the CPU reference, the fused option); its image reaches E contiguous."""
+    torch.manual_seed(0)
+    protector = afe.Protector(shadow_variant("dcgan"), ViewEncoder().eval(), CFG, backend=backend,
+                              backend_options=options)
+    assert protector(features(4)).shape == (4, 16)
+
+
+class ConvGradLayouts(TorchDispatchMode):
+    """Records whether each convolution's input gradient comes out NHWC."""
+
+    def __init__(self):
+        super().__init__()
+        self.nhwc = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket is torch.ops.aten.convolution_backward:
+            self.nhwc.append(is_nhwc(out[0]))
+        return out
+
+
+@pytest.mark.parametrize("variant", [("nbnet", {}), ("upconv", {"mode": "bilinear"}), ("upconv", {"mode": "nearest"})],
+                         ids=_ids)
+def test_channels_last_backward_stays_nhwc(variant, monkeypatch):
+    """Every convolution's input gradient and every activation backward in NHWC: 1x1 kernels (nbnet's
+    transitions) and the bilinear backward's matmuls used to send them back to NCHW (copies each step)."""
+    shadow, encoder = shadow_variant(variant[0], **variant[1]), tiny_models()[1]
+    seen, act_backward = [], plan_module.act_backward
+
+    def recording(grad, pre, *args, **kwargs):
+        seen.append((is_nhwc(grad), is_nhwc(pre)))
+        return act_backward(grad, pre, *args, **kwargs)
+
+    monkeypatch.setattr(plan_module, "act_backward", recording)
+    with frozen(shadow, encoder):
+        backend = FusedBackend(shadow, encoder, CFG, channels_last=True)
+        z = features(4)
+        x_shadow, _ = backend.targets(z)
+        with ConvGradLayouts() as convs:
+            backend.gradient(z, x_shadow)
+    stem = seen.pop()  # the activation after the first Linear: its output, NCHW, is what the Linear needs back
+    assert stem == (True, False) and seen and all(grad and pre for grad, pre in seen), seen
+    assert convs.nhwc and all(convs.nhwc), convs.nhwc
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
 def test_fp16_decoder_stays_close_to_the_fp32_reference(variant):
     """Mixed precision (fp16 decoder and encoder, fp32 z, anchor and steps) under the interpreter.
@@ -483,15 +543,21 @@ def test_gpu_channels_last_close_to_reference(dtype):
 
 @pytest.mark.gpu
 def test_gpu_graph_replay_equals_eager_and_pads_last_batch():
+    from advface_engine.gallery.job import deterministic_cudnn
+
     shadow, encoder = _gpu_models()
     z = features(8).cuda()
     graphed = FusedBackend(shadow, encoder, CFG, graphs=True)
     eager = FusedBackend(shadow, encoder, CFG, graphs=False)
-    full = _run(graphed, z)
-    assert agreement(full, _run(eager, z), CFG.alpha) >= 0.999
-    short = _run(graphed, z[:5])  # 5 rows replay the 8-row graph, padded
+    with deterministic_cudnn():  # captured with cuDNN's deterministic algorithms: replays are bit-exact
+        full = _run(graphed, z)
+        short = _run(graphed, z[:5])  # 5 rows replay the 8-row graph, padded
     assert graphed.graphs and list(graphed._graphs) == [8]
     assert torch.equal(short, full[:5]), "rows are independent: padding must not change the real rows"
+    graphed._graphs.clear()  # the rest under PyTorch's default settings
+    full = _run(graphed, z)
+    assert agreement(full, _run(eager, z), CFG.alpha) >= 0.999
+    short = _run(graphed, z[:5])
     assert agreement(short, _run(eager, z[:5]), CFG.alpha) >= 0.999
     # a second size shares the first's memory pool: alternating replays must not disturb each other
     for rows in (z[:3], z, z[:3], z):
@@ -509,11 +575,15 @@ def test_gpu_bf16_graph_with_noise_and_losses_equals_eager():
     eager = FusedBackend(shadow, encoder, cfg, dtype="bf16", graphs=False, record_loss=True)
     z = features(8).cuda()
     for rows in (z, z[3:8]):
-        got, want = _run(graphed, rows), _run(eager, rows)
+        got = _run(graphed, rows)
         assert graphed.graphs and list(graphed._graphs) == [8]
-        assert agreement(got, want, cfg.alpha) >= 0.999
         assert graphed.losses.shape == (cfg.steps, rows.shape[0])
-        torch.testing.assert_close(graphed.losses, eager.losses, rtol=1e-2, atol=1e-3)
+        # eager on the batch as the graph ran it (padded with copies of a row): the same shapes, so the
+        # same split-K and cuDNN choices; bf16 rounding may still flip a sign or so
+        padded = torch.cat([rows, rows[:1].expand(8 - len(rows), -1)])
+        want, n = _run(eager, padded)[:len(rows)], len(rows)
+        assert ((got - want).abs() > 2 * cfg.alpha).sum() <= 1
+        torch.testing.assert_close(graphed.losses, eager.losses[:, :n], rtol=1e-2, atol=1e-3)
 
 
 class HostSyncingEncoder(nn.Module):

@@ -745,6 +745,14 @@ def test_cli_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path, ckpt, capsys, mo
     assert len(err.strip().splitlines()) == 1
     assert main(args) == 0 and "(2 resumed)" in capsys.readouterr().out
 
+    def interrupt(rows):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # while the input is checked, before the job folder exists: nothing kept
+        m.setattr(job_module, "bad_rows_of", interrupt)
+        assert main([*args[:4], str(tmp_path / "other.npy"), *args[5:]]) == 130
+    assert capsys.readouterr().err.strip() == "advface protect: interrupted"
+
 
 @pytest.fixture(scope="module")
 def local_ray():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -70,16 +71,53 @@ def test_gpu_check_refuses_an_eager_timing_for_a_graph_provider():
     assert len(row["ms_all"]) == 2 and row["samples_per_s"] > 0
 
 
-def test_gpu_check_shell_script_plumbing(tmp_path):
-    """bench/gpu_check.sh from another folder with a relative OUTDIR: every part runs and reports."""
+ONLY_THE_COPY = """
+import importlib.machinery, sys
+
+class OnlyTheCopy:  # advface_engine and its submodules from the copied tree alone, whatever is installed
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.split(".")[0] != "advface_engine":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, [{root!r}] if name == "advface_engine" else path)
+        if spec is None:
+            raise ModuleNotFoundError(f"No module named {{name!r}} in the copied tree", name=name)
+        return spec
+
+sys.meta_path.insert(0, OnlyTheCopy)
+"""
+
+FAILING_PIP = """#!/bin/sh
+if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then echo "pip: no network here (test)" >&2; exit 1; fi
+PYTHONPATH="{hide}${{PYTHONPATH:+:$PYTHONPATH}}" exec {python} "$@"
+"""
+
+
+def test_gpu_check_shell_script_runs_from_the_source_tree_where_pip_fails(tmp_path):
+    """bench/gpu_check.sh on a machine where the package is not installed and pip cannot install it
+    (no network, or a setuptools older than pyproject.toml needs): kernels/ is linked into the source
+    tree and every part runs. From another folder, with a relative OUTDIR; on a copy of the tree."""
+    root = tmp_path / "tree"
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info", ".pytest_cache")
+    for name in ("advface_engine", "kernels", "bench", "tests"):
+        shutil.copytree(ROOT / name, root / name, ignore=skip)
+    shutil.copy(ROOT / "pyproject.toml", root)
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(ONLY_THE_COPY.format(root=str(root)))
+    python = tmp_path / "python"
+    python.write_text(FAILING_PIP.format(hide=hide, python=sys.executable))
+    python.chmod(0o755)
     args = "--device cpu --size 16 --feature-dim 16 --width 4 --batches 2 --steps 1 --encoder mobilefacenet --reps 1 1"
-    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHON": sys.executable, "GPU_CHECK_ARGS": args}
-    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "out"], cwd=tmp_path, env=env,
+    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHON": str(python), "GPU_CHECK_ARGS": args}
+    done = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), "out"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     out = tmp_path / "out"
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "torch" in (out / "env.txt").read_text()
+    env_txt = (out / "env.txt").read_text()
+    assert "torch" in env_txt and "pip install failed: running from the source tree" in env_txt, env_txt
+    assert (root / "advface_engine" / "kernels").is_symlink()
     assert "pytest exit code 0" in (out / "pytest_gpu.txt").read_text()  # every gpu test skips cleanly here
     assert "<testsuite" in (out / "pytest_gpu.xml").read_text()
-    assert "benchmark exit code 0" in (out / "bench_log.txt").read_text()
+    assert "benchmark exit code 0" in (out / "bench_log.txt").read_text(), (out / "bench_log.txt").read_text()[-2000:]
     assert json.loads((out / "bench.json").read_text())["results"]

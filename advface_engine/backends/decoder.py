@@ -19,10 +19,11 @@ def first_float(module: nn.Module) -> Tensor | None:
 
 def as_input_of(module: nn.Module, x: Tensor, default: torch.dtype | None = None) -> Tensor:
     """``x`` in the dtype of ``module``'s weights, so an encoder may run in another dtype than the
-    shadow; a module without weights gets ``default`` (None: x as it is)."""
+    shadow (a module without weights gets ``default``; None: x's dtype), and contiguous: a
+    channels_last shadow image would break an encoder that flattens with ``.view``."""
     like = first_float(module)
     dtype = like.dtype if like is not None else default
-    return x if dtype is None else x.to(dtype)
+    return (x if dtype is None else x.to(dtype)).contiguous()
 
 
 def fold_batchnorm(shadow: nn.Module) -> nn.Module:

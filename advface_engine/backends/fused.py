@@ -190,7 +190,7 @@ class FusedBackend:
         if self.config.anchor == "shadow":
             if self.dtype in ("bf16", "fp16"):
                 with torch.autocast(z.device.type, dtype=self.plan.dtype, cache_enabled=False):  # graph-safe
-                    anchor = self.encoder(x_shadow).float()
+                    anchor = self.encoder(x_shadow.contiguous()).float()  # as as_input_of gives it
             else:
                 anchor = self.encoder(as_input_of(self.encoder, x_shadow, torch.float32)).float()
         else:

@@ -179,7 +179,13 @@ class Upsample:
             return torch.ops.aten.upsample_nearest2d_backward(grad, out_size, in_size, *self.scales)
         rows = self.matrix(in_size[2], out_size[0], self.scales[0], grad)
         cols = self.matrix(in_size[3], out_size[1], self.scales[1], grad)
-        return torch.matmul(torch.matmul(rows.T, grad), cols)
+        if not is_nhwc(grad):
+            return torch.matmul(torch.matmul(rows.T, grad), cols)
+        # NHWC: along W over (B, Ho) blocks of (Wo, C), then along H over (Wi * C) columns; no copies
+        batch, channels, height, _ = grad.shape
+        g = torch.matmul(cols.T, grad.permute(0, 2, 3, 1))  # (B, Ho, Wi, C)
+        g = torch.matmul(rows.T, g.reshape(batch, height, -1))  # (B, Hi, Wi * C)
+        return g.view(batch, in_size[2], in_size[3], channels).permute(0, 3, 1, 2)
 
     def matrix(self, n_in: int, n_out: int, scale: float | None, like: Tensor) -> Tensor:
         """(n_out, n_in): the 1-D linear interpolation PyTorch's bilinear mode applies along one axis."""
@@ -221,7 +227,7 @@ class Dense:
             g_out = grad[:, start:start + width].contiguous(memory_format=layout)
             g_in = act.backward(conv.backward(g_out, in_shape), pre)
             grad[:, :start] += g_in
-        return grad[:, :start]
+        return grad[:, :start].contiguous(memory_format=layout)  # a channel slice: dense again for the kernels
 
 
 def _flatten(module: nn.Module) -> list[nn.Module]:
@@ -244,9 +250,12 @@ class DecoderPlan:
             for name in ("weight", "bias", "scale", "shift", "slope"):
                 value = getattr(part, name, None)
                 if isinstance(value, Tensor):
-                    layout = torch.channels_last if channels_last and isinstance(part, Conv) and name == "weight" \
-                        else torch.contiguous_format  # channels_last weights: cuDNN keeps activations NHWC
-                    setattr(part, name, value.to(device=device, dtype=dtype).contiguous(memory_format=layout))
+                    value = value.to(device=device, dtype=dtype).contiguous()
+                    if channels_last and isinstance(part, Conv) and name == "weight":  # cuDNN then keeps NHWC
+                        # copied, not .contiguous(): a 1x1 kernel is contiguous in both layouts and would
+                        # keep NCHW strides, which send the convolution backward to NCHW
+                        value = torch.empty_like(value, memory_format=torch.channels_last).copy_(value)
+                    setattr(part, name, value)
         self.first_linear = ops[0] if ops and isinstance(ops[0], Linear) else None
 
     def forward(self, z: Tensor, keep: bool = True) -> tuple[Tensor, list]:

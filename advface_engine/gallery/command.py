@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..backends import BACKEND_NAMES
 from ..config_args import add_protect_args, config_from_args
@@ -55,8 +56,9 @@ def run(args: argparse.Namespace) -> int:
             embedding_key=args.embedding_key, id_key=args.id_key, encoder_arch=args.encoder_arch,
             overwrite=args.overwrite, progress=args.progress)
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback through torch
-        print(f"\nadvface {args.command}: interrupted; finished chunks are kept in {args.output}.job: rerun the "
-              "same command to resume", file=sys.stderr)
+        work = Path(f"{args.output}.job")
+        kept = f"; finished chunks are kept in {work}: rerun the same command to resume" if work.is_dir() else ""
+        print(f"\nadvface {args.command}: interrupted{kept}", file=sys.stderr)
         return 130
     elapsed = time.perf_counter() - start
     bad = f", {result.bad_rows} bad rows listed in {result.bad_rows_file}" if result.bad_rows else ""

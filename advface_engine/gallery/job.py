@@ -17,7 +17,7 @@ whose fingerprint differs is refused. If the input's size or mtime changed
 since the job began, every chunk's input checksum is checked again before the output is written.
 
 Bad rows, with NaN or Inf or all zero (no direction to protect), follow ``on_bad_rows``: "fail"
-reads the whole input first and, before any work, stops with an error naming them all, "skip"
+reads the whole input first and, before any work, stops with an error naming them, "skip"
 drops them and "copy" stores them unchanged; all three list them in ``<output>.bad-rows.json``.
 Parts always hold bad rows unchanged, so the policy is applied at assembly and may change between
 reruns.
@@ -187,7 +187,7 @@ class ChunkJob:
         good = np.ones(len(rows), dtype=bool)
         good[bad] = False
         record = {"start": start, "stop": stop, "input_sha256": loaded.input_sha256, "bad": bad.tolist()}
-        if bad.size and fail:
+        if bad.size and fail:  # found before any work (_refuse_bad_rows): here only if the input changed since
             return record, None
         if not bad.size:
             out = np.empty_like(rows)
@@ -431,11 +431,17 @@ def _refuse_bad_rows(gallery: Gallery, chunk_rows: int, output: Path, progress: 
                 ids += [_json_id(i) for i in chunk.ids[bad].tolist()]
             bar.update(len(chunk.rows))
     if rows:
-        side = output.with_name(output.name + ".bad-rows.json")
-        side.parent.mkdir(parents=True, exist_ok=True)
-        report = {"policy": "fail", "rows": rows, **({"ids": ids} if gallery.ids_dtype is not None else {})}
-        _write_json(side, report, side.with_name(side.name + ".tmp"))
-        raise _bad_rows_error(gallery.path, rows, side)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        raise _bad_rows_error(gallery.path, rows, _write_bad_rows(output, gallery, "fail", rows, ids))
+
+
+def _write_bad_rows(output: Path, gallery: Gallery, policy: str, rows: list[int], ids: list,
+                    tmp: Path | None = None) -> Path:
+    """``<output>.bad-rows.json``: the policy, the bad rows and (where the gallery has ids) their ids."""
+    side = output.with_name(output.name + ".bad-rows.json")
+    report = {"policy": policy, "rows": rows, **({"ids": ids} if gallery.ids_dtype is not None else {})}
+    _write_json(side, report, tmp or side.with_name(side.name + ".tmp"))
+    return side
 
 
 def _json_id(value):
@@ -499,8 +505,7 @@ def assemble(gallery: Gallery, manifest: Manifest, num_chunks: int, fmt: str, ou
     writer.finish()
     side = output.with_name(output.name + ".bad-rows.json")
     if bad_rows:
-        report = {"policy": policy, "rows": bad_rows, **({"ids": bad_ids} if gallery.ids_dtype is not None else {})}
-        _write_json(side, report, work / "bad-rows.json.tmp")
+        _write_bad_rows(output, gallery, policy, bad_rows, bad_ids, work / "bad-rows.json.tmp")
     elif side.exists():
         side.unlink()
     cosine = _cosine_summary(records)
