@@ -244,6 +244,15 @@ def test_protector_options_and_config_are_checked(models, features):
     S, E = models
     with pytest.raises(ValueError, match="unknown fused backend options"):
         afe.Protector(S, E, backend="auto", backend_options={"dtpye": "bf16"})
+    # values too, on a CPU where "auto" builds the reference: a mistake would surface only on a GPU
+    for options, error in [({"channels_last": "yes"}, "channels_last must be True or False, got 'yes'"),
+                           ({"graphs": 1}, "graphs must be True or False"),
+                           ({"record_loss": None}, "record_loss must be True or False"),
+                           ({"dtype": "fp64"}, r"dtype must be one of \['bf16', 'fp16', 'fp32', 'tf32'\]"),
+                           ({"split_k": 0}, "split_k must be None or an int >= 1")]:
+        with pytest.raises((TypeError, ValueError), match=error):
+            afe.Protector(S, E, backend="auto", backend_options=options)
+    afe.Protector(S, E, backend="auto", backend_options={"dtype": "bf16", "channels_last": True, "split_k": None})
     protector = afe.Protector(S, E, afe.ProtectConfig(steps=3))
     with pytest.raises(AttributeError):
         protector.config = afe.ProtectConfig(steps=0)  # the backend was built for the first config

@@ -15,6 +15,7 @@ from .reference import ReferenceBackend
 
 BACKEND_NAMES = ("auto", "reference", "fused")
 FUSED_OPTIONS = ("dtype", "graphs", "split_k", "record_loss", "channels_last")  # FusedBackend's keyword arguments
+FUSED_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class UnsupportedModelError(ValueError):
@@ -25,6 +26,22 @@ def _device_of(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def check_fused_options(options: dict) -> None:
+    """Names and types of the fused backend's options, checked wherever they are given (on a CPU too,
+    where "auto" does not build the fused backend: a mistake would surface only on a GPU)."""
+    unknown = sorted(set(options) - set(FUSED_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown fused backend options {unknown}; known: {list(FUSED_OPTIONS)}")
+    for flag in ("graphs", "record_loss", "channels_last"):
+        if flag in options and not isinstance(options[flag], bool):
+            raise TypeError(f"fused backend option {flag} must be True or False, got {options[flag]!r}")
+    if "dtype" in options and options["dtype"] not in FUSED_DTYPES:
+        raise ValueError(f"fused backend dtype must be one of {sorted(FUSED_DTYPES)}, got {options['dtype']!r}")
+    split_k = options.get("split_k")
+    if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
+        raise ValueError(f"fused backend option split_k must be None or an int >= 1, got {split_k!r}")
 
 
 def make_backend(name: str, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig, **options):
@@ -38,13 +55,11 @@ def make_backend(name: str, shadow: nn.Module, encoder: nn.Module, config: Prote
         if options:
             raise ValueError(f"the reference backend takes no options, got {sorted(options)}")
         return ReferenceBackend(shadow, encoder, config)
+    check_fused_options(options)
     if name == "fused":
         from .fused import FusedBackend
 
         return FusedBackend(shadow, encoder, config, **options)
-    unknown = sorted(set(options) - set(FUSED_OPTIONS))
-    if unknown:  # checked here too, or a typo would surface only on the first GPU machine
-        raise ValueError(f"unknown fused backend options {unknown}; known: {list(FUSED_OPTIONS)}")
     if _device_of(shadow).type != "cuda":
         return ReferenceBackend(shadow, encoder, config)
     try:

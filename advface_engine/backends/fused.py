@@ -22,11 +22,12 @@ from ..kernels import interpreted
 from ..kernels.l1_sign import l1_sign_backward
 from ..kernels.linear_step import linear_sign_step
 from ..kernels.sign_step import sign_step_project
+from . import FUSED_DTYPES, check_fused_options
 from .decoder import as_input_of, first_float, weights_key
 from .plan import build_plan
 from .reference import random_start
 
-DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = FUSED_DTYPES  # decoder precision: tf32 is float32 with TF32 matmuls and convolutions
 MAX_GRAPHS = 8
 CPU_DTYPES = ("fp32", "fp16")  # what Triton's interpreter computes correctly (it has no bfloat16)
 
@@ -156,8 +157,8 @@ class FusedBackend:
     def __init__(self, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig, dtype: str = "fp32",
                  graphs: bool = True, split_k: int | None = None, record_loss: bool = False,
                  channels_last: bool = False):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        check_fused_options(dict(dtype=dtype, graphs=graphs, split_k=split_k, record_loss=record_loss,
+                                 channels_last=channels_last))
         self.shadow, self.encoder, self.config = shadow, encoder, config
         self.dtype, self.graphs, self.split_k, self.record_loss = dtype, graphs, split_k, record_loss
         self.channels_last = channels_last
