@@ -44,14 +44,18 @@ def is_nhwc(t: torch.Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
+def layout_of(t: torch.Tensor) -> torch.memory_format:
+    """channels_last for an NHWC tensor (``is_nhwc``), else the contiguous format."""
+    return torch.channels_last if is_nhwc(t) else torch.contiguous_format
+
+
 def same_layout(*tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], bool]:
     """The tensors in one dense memory order for kernels that index memory directly: channels_last
     when the first is 4-D channels_last (kept as it is: no copy), else contiguous. Also returns
     whether that order is channels_last, where a value's channel is its offset modulo C. Either way
     each sample's values are one contiguous block."""
-    nhwc = is_nhwc(tensors[0])
-    layout = torch.channels_last if nhwc else torch.contiguous_format
-    return tuple(t.contiguous(memory_format=layout) for t in tensors), nhwc
+    layout = layout_of(tensors[0])
+    return tuple(t.contiguous(memory_format=layout) for t in tensors), layout == torch.channels_last
 
 
 # Compile options given at every launch: FMA contraction on (Triton's default up to 3.9), stated so

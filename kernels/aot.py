@@ -90,7 +90,7 @@ def plan_ops(family: str, feature_dim: int = 512, size: int = 112) -> tuple[str,
 def variants(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3 * 112 * 112) -> list[Variant]:
     """Every specialisation the fused backend launches for these decoder families and feature dims
     (and every output head: tanh is the families' default, sigmoid and identity are options)."""
-    from ..backends.fused import DTYPES  # the fused backend's dtype options, each compiled
+    from ..backends import FUSED_DTYPES as DTYPES  # the fused backend's dtype options, each compiled
     from .l1_sign import HEADS
     from .linear_step import MAX_FUSED_DIM
     from .linear_step import blocks as linear_blocks

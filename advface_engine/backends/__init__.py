@@ -15,6 +15,7 @@ from .reference import ReferenceBackend
 
 BACKEND_NAMES = ("auto", "reference", "fused")
 FUSED_OPTIONS = ("dtype", "graphs", "split_k", "record_loss", "channels_last")  # FusedBackend's keyword arguments
+# decoder precision of the fused backend: tf32 is float32 with TF32 matmuls and convolutions
 FUSED_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

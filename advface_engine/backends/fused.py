@@ -27,7 +27,6 @@ from .decoder import as_input_of, first_float, weights_key
 from .plan import build_plan
 from .reference import random_start
 
-DTYPES = FUSED_DTYPES  # decoder precision: tf32 is float32 with TF32 matmuls and convolutions
 MAX_GRAPHS = 8
 CPU_DTYPES = ("fp32", "fp16")  # what Triton's interpreter computes correctly (it has no bfloat16)
 
@@ -178,7 +177,7 @@ class FusedBackend:
                                  "run only under Triton's interpreter (TRITON_INTERPRET=1, for tests)")
             if self.dtype not in CPU_DTYPES:
                 raise ValueError(f"dtype {self.dtype!r} needs a GPU; the Triton interpreter runs fp32 and fp16 only")
-        self.plan = build_plan(self.shadow, DTYPES[self.dtype], device, self.channels_last)
+        self.plan = build_plan(self.shadow, FUSED_DTYPES[self.dtype], device, self.channels_last)
         self._graphs.clear()
         self._capture_stream = self._pool = None  # made at the first capture, on the models' device
         self._key = weights_key(self.shadow, self.encoder)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import is_nhwc
+from ..kernels import is_nhwc, layout_of
 from ..kernels.act_backward import act_backward
 from ..models.decoders import DenseBlock
 
@@ -220,7 +220,7 @@ class Dense:
 
     def backward(self, grad: Tensor, saved: list) -> Tensor:
         grad = grad.clone()
-        start, layout = grad.shape[1], torch.channels_last if is_nhwc(grad) else torch.contiguous_format
+        start, layout = grad.shape[1], layout_of(grad)
         for (act, conv), (pre, in_shape) in zip(reversed(self.layers), reversed(saved), strict=True):
             width = conv.weight.shape[0]
             start -= width

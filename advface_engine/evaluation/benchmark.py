@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..config import ProtectConfig
 from ..data import synthetic_faces
-from ..gallery.job import resolve_device
+from ..devices import resolve_device
 from ..models import ARCHITECTURES, DECODERS, ENCODERS, IResNet, build_model, load_model
 from ..models.io import read_metadata
 from ..progress import progress_bar

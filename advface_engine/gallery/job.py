@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..config import ProtectConfig
+from ..devices import resolve_device
 from ..models import load_encoder
 from ..models.io import load_model, model_checksum
 from ..progress import progress_bar
@@ -85,18 +86,6 @@ class GalleryResult:
     resumed_chunks: int
     bad_rows_file: Path | None = None
     cosine: dict | None = None  # {"mean", "min"} of cos(z, protected z) over the protected rows: a sanity check
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"unknown device {device!r}") from err
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available")
-    return resolved
 
 
 BAD_ROWS = "NaN, Inf or all zero"  # in the fingerprint: a job is resumed only under the same rule
@@ -224,10 +213,10 @@ def cosine_stats(z: np.ndarray, protected: np.ndarray) -> list:
     a block of rows at a time: whole-chunk float64 copies would be the job's largest allocation)."""
     if not len(z):
         return [0.0, None, 0]
-    cos = np.empty(len(z))
-    for i in range(0, len(z), 4096):
-        a, b = z[i:i + 4096].astype(np.float64), protected[i:i + 4096].astype(np.float64)
-        cos[i:i + 4096] = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    cos, block = np.empty(len(z)), 4096
+    for i in range(0, len(z), block):
+        a, b = z[i:i + block].astype(np.float64), protected[i:i + block].astype(np.float64)
+        cos[i:i + block] = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
     return [float(cos.sum()), float(cos.min()), len(cos)]
 
 
