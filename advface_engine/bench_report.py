@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BASELINE = "naive"
-BACKEND_ORDER = ("naive", "reference", "compiled", "fused", "fused+graph", "fused-bf16+graph", "fused-bf16-nhwc+graph")
+BACKEND_ORDER = ("naive", "reference", "compiled", "fused", "fused+graph", "fused-bf16+graph", "fused-bf16-nchw+graph")
 
 
 @dataclass(frozen=True)

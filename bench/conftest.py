@@ -21,7 +21,7 @@ from advface_engine.models import build_model
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-BACKENDS = ("naive", "reference", "compiled", "fused", "fused+graph", "fused-bf16+graph", "fused-bf16-nhwc+graph")
+BACKENDS = ("naive", "reference", "compiled", "fused", "fused+graph", "fused-bf16+graph", "fused-bf16-nchw+graph")
 STEPS = (10, 20, 50)
 ONLINE = [(batch, steps) for batch in (1, 8, 64) for steps in STEPS]
 OFFLINE = [(256, 10), (1024, 10), (4096, 10), (256, 20), (256, 50)] if ON_GPU else [(256, 10), (1024, 10)]

@@ -3,7 +3,8 @@
 Default shadow decoder build_model("dcgan") (feature_dim 512, 112x112), encoder iresnet50 (or
 mobilefacenet(512, 112)), T = 20 steps, B in {1, 64, 1024}. Models are randomly initialised,
 with BatchNorm statistics taken from one pass over random inputs so activations stay in range.
-"-nhwc" providers run the decoder's convolutions channels_last (FusedBackend(channels_last=True)).
+Fused providers run the backend's default layout (channels_last for bf16 and fp16, NCHW for
+fp32 and tf32); "-nhwc" and "-nchw" ask for one (FusedBackend(channels_last=True / False)).
 
 Achieved TFLOP/s counts the reference computation's FLOPs (torch.utils.flop_counter: the
 encoder once and T decoder forward + input-gradient passes) over each provider's time; the
@@ -40,7 +41,7 @@ from advface_engine.models import build_model
 from advface_engine.protect import frozen
 
 BF16_DENSE_PEAK = {"H100": 989.4, "H200": 989.4}  # TFLOP/s, SXM datasheets
-PROVIDERS = ("reference", "fused-bf16+graph", "fused-bf16-nhwc+graph", "fused-fp32+graph", "fused-bf16", "fused-fp32")
+PROVIDERS = ("reference", "fused-bf16+graph", "fused-bf16-nchw+graph", "fused-fp32+graph", "fused-bf16", "fused-fp32")
 KEY = PROVIDERS[:2]  # the targets: fused + graph against the reference
 SLOW_CALL_MS = 2000.0  # a provider whose first timed call took longer is timed once
 
@@ -65,9 +66,10 @@ def calibrate(model: nn.Module, inputs: torch.Tensor) -> nn.Module:
 def make_backend(name: str, shadow, encoder, cfg):
     if name == "reference":
         return ReferenceBackend(shadow, encoder, cfg)
-    spec = name.removeprefix("fused-").removesuffix("+graph")  # fused-<dtype>[-nhwc][+graph]
-    return FusedBackend(shadow, encoder, cfg, dtype=spec.removesuffix("-nhwc"), graphs=name.endswith("+graph"),
-                        channels_last=spec.endswith("-nhwc"))
+    spec = name.removeprefix("fused-").removesuffix("+graph")  # fused-<dtype>[-nhwc|-nchw][+graph]
+    dtype, _, layout = spec.partition("-")
+    return FusedBackend(shadow, encoder, cfg, dtype=dtype, graphs=name.endswith("+graph"),
+                        channels_last={"nhwc": True, "nchw": False}.get(layout))
 
 
 def time_ms(fn, reps: int, device: torch.device) -> list[float]:
@@ -158,7 +160,7 @@ def main() -> None:
         with _tf32(False):
             want = ReferenceBackend(shadow, encoder, cfg).run(z)
         for provider in ("fused-fp32", "fused-fp32+graph", "fused-fp32-nhwc", "fused-tf32", "fused-fp16",
-                         "fused-bf16", "fused-bf16+graph", "fused-bf16-nhwc+graph"):
+                         "fused-bf16", "fused-bf16+graph", "fused-bf16-nchw+graph"):
             try:
                 got = make_backend(provider, shadow, encoder, cfg).run(z)
                 report["checks"][provider] = {"within_2alpha_of_reference": agreement(got, want, cfg.alpha),

@@ -45,10 +45,10 @@ def make_protector(name: str, shadow: nn.Module, encoder: nn.Module, config: Pro
             import advface_engine.backends.fused  # noqa: F401
         except ImportError as err:
             pytest.skip(f"the fused backend is not importable: {err}")
-        dtype = "bf16" if "-bf16" in name else "fp32"  # fused[-bf16][-nhwc][+graph]
+        dtype = "bf16" if "-bf16" in name else "fp32"  # fused[-bf16][-nchw][+graph]
         return Protector(shadow=shadow, encoder=encoder, config=config, backend="fused",
                          backend_options={"graphs": name.endswith("+graph"), "dtype": dtype,
-                                          "channels_last": "-nhwc" in name})
+                                          "channels_last": False if "-nchw" in name else None})
     if name not in ("reference", "compiled"):
         raise ValueError(f"unknown backend {name!r}")
     protector = Protector(shadow=shadow, encoder=encoder, config=config, backend="reference")

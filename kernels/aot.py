@@ -134,12 +134,58 @@ def variants(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3
                         L2=norm == "l2", BALL=constraint == "ball", NORMALIZE=normalize, SPLIT=split,
                         PRECISION="tf32" if dname == "tf32" else "ieee", BLOCK_M=block_m, BLOCK_K=block_k,
                         BLOCK_D=block_d, num_warps=warps))
+    out += head_and_act_variants(sorted(heads), sorted(acts))
     for dim in dims:
         block_m, block_d = step_blocks(dim, GPU)
         for norm, parts in (("linf", 1), ("l2", 1), ("linf", 4)):  # 4: adding split-K partial sums
             out.append(_variant(f"sign_step fp32 D={dim} {norm}{' split-K sum' if parts > 1 else ''}", "sign_step",
                                 "_sign_step_kernel", [_t(f32)] * 3 + [1024, dim, parts, 0.01, 0.03], L2=norm == "l2",
                                 BALL=True, NORMALIZE=True, BLOCK_M=block_m, BLOCK_D=block_d))
+    return out
+
+
+def head_and_act_variants(heads: list[str], acts: list[tuple[str, bool]]) -> list[Variant]:
+    """The fused head convolution (families' RGB layer: 3 outputs, 3x3, from 32 channels at 112 px),
+    forward for the targets and the steps, its backward with each activation, and the activation
+    forward with its bias / BatchNorm; each dtype and layout."""
+    from ..backends import FUSED_DTYPES as DTYPES
+    from .head_conv import ACTS as HEAD_ACTS
+    from .head_conv import LAUNCH, MAX_OUT_CHANNELS, _blocks
+    from .l1_sign import HEADS
+
+    out, f32 = [], torch.float32
+    batch, channels, side = 64, 32, 112
+    n = batch * side * side
+    for (dname, dtype), nhwc in itertools.product(DTYPES.items(), (False, True)):
+        block_c, block_p = _blocks(channels, n, dtype, GPU)
+        blocks = dict(BLOCK_CO=MAX_OUT_CHANNELS, BLOCK_C=block_c, BLOCK_P=block_p, WIDE=False,
+                      num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"])
+        strides = [1, channels] if nhwc else [side * side, 1]
+        layout = " nhwc" if nhwc else ""
+        precision = "tf32" if dname == "tf32" else "ieee"
+        tensors = [_t(dtype)] * 6
+        for head, (grad, loss) in itertools.product(heads, ((False, False), (True, False), (True, True))):
+            what = ("step" + (" +loss" if loss else "")) if grad else "targets"
+            args = tensors[:5] + [_t(f32) if loss else _t(dtype), n, channels, side, side, *strides]
+            out.append(_variant(f"head_conv {dname} {head}{layout} {what}", "head_conv", "_head_conv_kernel", args,
+                                COUT=3, KH=3, KW=3, HEAD=HEADS[head], GRAD=grad, HAS_BIAS=True, HAS_LOSS=loss,
+                                PRECISION=precision, **blocks))
+        for kind, has_scale in acts:
+            args = tensors + [n, channels, side, side, *strides]
+            out.append(_variant(f"head_conv_backward {dname} {kind}{' +bn' if has_scale else ''}{layout}", "head_conv",
+                                "_head_conv_backward_kernel", args, COUT=3, KH=3, KW=3, ACT=HEAD_ACTS[kind],
+                                HAS_SCALE=has_scale, PRECISION=precision, **blocks))
+        if dname == "tf32":  # the elementwise kernel is fp32's
+            continue
+        for (kind, has_scale), has_shift in itertools.product(acts, (False, True)):
+            for save_pre in (False, True) if kind == "prelu" else (False,):  # slopes < 0: pre saved too
+                elements = 64 * 16 * 56 * 56
+                args = [_t(dtype)] * 6 + [elements, 64, 1 if nhwc else 56 * 56]
+                out.append(_variant(
+                    f"bias_act {dname} {kind}{' +bn' if has_scale else ''}{' +shift' if has_shift else ''}"
+                    f"{' +pre' if save_pre else ''}{layout}", "bias_act", "_bias_act_kernel", args,
+                    HAS_SLOPE=kind != "relu", HAS_SCALE=has_scale, HAS_SHIFT=has_shift, SAVE_PRE=save_pre,
+                    WIDE=False, BLOCK=block_size(elements, GPU)))
     return out
 
 
@@ -220,7 +266,8 @@ def problems(report: Report) -> list[str]:
         found.append(f"{report.registers} registers x {32 * report.num_warps} threads exceed the register file")
     if report.atomics and report.name.split()[0] in ("linear_step", "sign_step"):
         found.append("atomics in a step kernel: z would depend on the order programs finish")
-    if report.div64 and report.name.split()[0] in ("l1_sign", "act_backward"):
+    if report.div64 and report.name.split()[0] in ("l1_sign", "act_backward", "bias_act", "head_conv",
+                                                   "head_conv_backward"):
         found.append(f"{report.div64} 64-bit integer divisions per element in a memory-bound kernel")
     if report.name.startswith("linear_step"):
         dtype = report.name.split()[1]

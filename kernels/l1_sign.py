@@ -21,6 +21,18 @@ HEADS = {"identity": 0, "tanh": 1, "sigmoid": 2}
 
 
 @triton.jit
+def l1_sign(y, target, HEAD: tl.constexpr):
+    """On fp32 tiles: sign(y - target) * head'(y), and y - target (for the loss)."""
+    diff = y - target
+    grad = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+    if HEAD == 1:
+        grad = grad * (1.0 - y * y)
+    elif HEAD == 2:
+        grad = grad * (1.0 - y) * y
+    return grad, diff
+
+
+@triton.jit
 def _l1_sign_kernel(y_ptr, target_ptr, g_ptr, loss_ptr, per_sample, HEAD: tl.constexpr, HAS_LOSS: tl.constexpr,
                     BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -29,12 +41,7 @@ def _l1_sign_kernel(y_ptr, target_ptr, g_ptr, loss_ptr, per_sample, HEAD: tl.con
     offs = row * per_sample + cols
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     target = tl.load(target_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    diff = y - target
-    grad = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
-    if HEAD == 1:
-        grad = grad * (1.0 - y * y)
-    elif HEAD == 2:
-        grad = grad * (1.0 - y) * y
+    grad, diff = l1_sign(y, target, HEAD)
     tl.store(g_ptr + offs, grad.to(g_ptr.dtype.element_ty), mask=mask)
     if HAS_LOSS:
         tl.atomic_add(loss_ptr + row, tl.sum(tl.abs(diff), axis=0))

@@ -52,9 +52,14 @@ def _sign_step_kernel(z_ptr, g_ptr, anchor_ptr, n_rows, dim, n_parts, alpha, eps
     offs = rows[:, None] * dim + cols[None, :]
     z = tl.load(z_ptr + offs, mask=mask, other=0.0)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    for part in range(1, n_parts):  # split-K partial sums, added in a fixed order
-        part_offs = (part * n_rows + rows)[:, None] * dim + cols[None, :]  # rows is int64: no overflow
-        g += tl.load(g_ptr + part_offs, mask=mask, other=0.0).to(tl.float32)
+    for first in range(1, n_parts, 4):  # split-K partial sums added in a fixed order, four loads in flight
+        offs0 = (first * n_rows + rows)[:, None] * dim + cols[None, :]  # rows is int64: no overflow
+        part, index = n_rows * dim, first + 0 * cols[None, :]  # a tensor, for the masks below
+        g0 = tl.load(g_ptr + offs0, mask=mask, other=0.0)
+        g1 = tl.load(g_ptr + offs0 + part, mask=mask & (index + 1 < n_parts), other=0.0)
+        g2 = tl.load(g_ptr + offs0 + 2 * part, mask=mask & (index + 2 < n_parts), other=0.0)
+        g3 = tl.load(g_ptr + offs0 + 3 * part, mask=mask & (index + 3 < n_parts), other=0.0)
+        g = (((g + g0.to(tl.float32)) + g1.to(tl.float32)) + g2.to(tl.float32)) + g3.to(tl.float32)
     anchor = tl.load(anchor_ptr + offs, mask=mask, other=0.0)
     z = step_project(z, g, anchor, alpha, eps, L2, BALL, NORMALIZE)
     tl.store(z_ptr + offs, z, mask=mask)

@@ -44,3 +44,45 @@ def linear_sign_step(grad_h: Tensor, weight: Tensor, z: Tensor, anchor: Tensor, 
                      norm: str = "linf", constraint: str = "ball", normalize: bool = False, split_k=None,
                      tf32: bool = False) -> Tensor:
     return sign_step_project(z, grad_h.float() @ weight.float(), anchor, alpha, eps, norm, constraint, normalize)
+
+
+def _per_channel(t: Tensor | None, like: Tensor) -> Tensor | None:
+    return None if t is None else t.float().view((-1,) + (1,) * (like.dim() - 2))
+
+
+def bias_act(x: Tensor, act: str = "relu", slope: Tensor | None = None, scale: Tensor | None = None,
+             shift: Tensor | None = None, inplace: bool = False, save_pre: bool = False):
+    pre = x.float()
+    if scale is not None:
+        pre = pre * _per_channel(scale, x)
+    if shift is not None:
+        pre = pre + _per_channel(shift, x)
+    a = torch.where(pre > 0, pre, pre * _per_channel(slope, x) if slope is not None else torch.zeros_like(pre))
+    a = a.to(x.dtype)
+    if inplace:
+        a = x.copy_(a)
+    return a, pre.to(x.dtype) if save_pre else None
+
+
+HEADS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda y: y}
+
+
+def head_conv(a: Tensor, weight: Tensor, bias: Tensor | None, head: str = "tanh", target: Tensor | None = None,
+              loss: Tensor | None = None, tf32: bool = False) -> Tensor:
+    padding = (weight.shape[2] // 2, weight.shape[3] // 2)
+    y = HEADS[head](F.conv2d(a.float(), weight.float(), None if bias is None else bias.float(), padding=padding))
+    y = y.to(a.dtype).contiguous()
+    return y if target is None else l1_sign_backward(y, target, head, loss)
+
+
+def head_conv_backward(grad: Tensor, weight: Tensor, pre: Tensor | None = None, act: str | None = None,
+                       slope: Tensor | None = None, scale: Tensor | None = None, tf32: bool = False) -> Tensor:
+    padding = (weight.shape[2] // 2, weight.shape[3] // 2)
+    g = F.conv_transpose2d(grad.float(), weight.float(), padding=padding)
+    if act is not None:
+        g = torch.where(pre.float() > 0, g, g * _per_channel(slope, g) if slope is not None else torch.zeros_like(g))
+    if scale is not None:
+        g = g * _per_channel(scale, g)
+    layout = torch.channels_last if pre is not None and pre.dim() == 4 and not pre.is_contiguous() else None
+    g = g.to(grad.dtype)
+    return g.contiguous(memory_format=layout) if layout is not None else g.contiguous()

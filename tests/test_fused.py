@@ -83,7 +83,7 @@ def test_gradient_signs_agree_at_every_step(variant, channels_last):
         backend = FusedBackend(shadow, encoder, CFG, channels_last=channels_last)
         x_ref, anchor = shadow_targets(z, shadow, encoder, CFG)
         x_fused, _ = backend.targets(z)
-        assert is_nhwc(x_fused) == channels_last  # the layout asked for is the one that ran
+        assert is_nhwc(backend.plan.hidden(z, keep=False)[0]) == channels_last  # the layout asked for ran
         z_t, report = anchor.clone(), []
         for _ in range(CFG.steps):
             g_ref = reference_gradient(shadow, z_t, x_ref)
@@ -129,8 +129,49 @@ def test_an_encoder_that_flattens_with_view_gets_a_contiguous_image(backend, opt
     assert protector(features(4)).shape == (4, 16)
 
 
+def test_channels_last_default_follows_the_dtype(models):
+    """None (the default): NHWC for bf16 and fp16 (tensor cores), NCHW for fp32 and tf32; an explicit
+    choice is kept. The option's type is checked where it is given."""
+    shadow, encoder = shadow_variant("dcgan"), models[1]
+    assert not FusedBackend(shadow, encoder, CFG).channels_last
+    assert FusedBackend(shadow, encoder, CFG, dtype="fp16").channels_last
+    assert not FusedBackend(shadow, encoder, CFG, dtype="fp16", channels_last=False).channels_last
+    assert FusedBackend(shadow, encoder, CFG, channels_last=True).channels_last
+    backends.check_fused_options({"channels_last": None})
+    with pytest.raises(TypeError, match="channels_last"):
+        backends.check_fused_options({"channels_last": "yes"})
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_channels_last_runs_an_nhwc_copy_of_the_encoder(dtype, models):
+    """With channels_last the anchor comes from a channels_last copy of E (the same function up to
+    rounding), rebuilt when E's weights change; an encoder that cannot take NHWC input (it flattens
+    with .view) runs as it is."""
+    shadow, encoder = shadow_variant("dcgan"), models[1]
+    z = features(8)
+    with frozen(shadow, encoder):
+        nhwc = FusedBackend(shadow, encoder, CFG, dtype=dtype, channels_last=True, graphs=False)
+        nchw = FusedBackend(shadow, encoder, CFG, dtype=dtype, channels_last=False, graphs=False)
+        anchors = nhwc.targets(z)[1], nchw.targets(z)[1]
+        copy = nhwc._encoder_nhwc
+        assert copy is not None and copy is not encoder
+        assert is_nhwc(next(p for p in copy.parameters() if p.dim() == 4))
+        assert all(not is_nhwc(p) for p in encoder.parameters())  # the caller's encoder is left alone
+        torch.testing.assert_close(anchors[0], anchors[1], **({"rtol": 1e-5, "atol": 1e-6} if dtype == "fp32" else
+                                                              {"rtol": 2e-2, "atol": 2e-2}))
+    with torch.no_grad():
+        next(encoder.parameters()).mul_(0.5)
+    with frozen(shadow, encoder):
+        nhwc.run(z)
+        assert nhwc._encoder_nhwc is not None and nhwc._encoder_nhwc is not copy
+    protector = afe.Protector(shadow_variant("dcgan"), ViewEncoder().eval(), CFG, backend="fused",
+                              backend_options={"channels_last": True})
+    assert protector(features(4)).shape == (4, 16) and protector.backend._encoder_nhwc is None
+
+
 class ConvGradLayouts(TorchDispatchMode):
-    """Records whether each convolution's input gradient comes out NHWC."""
+    """Records whether each convolution comes out NHWC (forward, and the input gradients, which run
+    as the adjoint convolution's forward)."""
 
     def __init__(self):
         super().__init__()
@@ -138,8 +179,8 @@ class ConvGradLayouts(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.overloadpacket is torch.ops.aten.convolution_backward:
-            self.nhwc.append(is_nhwc(out[0]))
+        if func.overloadpacket is torch.ops.aten.convolution:
+            self.nhwc.append(is_nhwc(out))
         return out
 
 
@@ -156,6 +197,14 @@ def test_channels_last_backward_stays_nhwc(variant, monkeypatch):
         return act_backward(grad, pre, *args, **kwargs)
 
     monkeypatch.setattr(plan_module, "act_backward", recording)
+    head_conv_backward = plan_module.head_conv_backward
+
+    def recording_head(grad, weight, pre=None, *args, **kwargs):  # the last activation's backward runs in it
+        out = head_conv_backward(grad, weight, pre, *args, **kwargs)
+        seen.insert(0, (is_nhwc(out), pre is None or is_nhwc(pre)))
+        return out
+
+    monkeypatch.setattr(plan_module, "head_conv_backward", recording_head)
     with frozen(shadow, encoder):
         backend = FusedBackend(shadow, encoder, CFG, channels_last=True)
         z = features(4)
@@ -189,9 +238,10 @@ def _formula_kernels(monkeypatch, dtypes=("fp32", "fp16", "bf16")) -> None:
 
     import advface_engine.backends.plan as plan_module
 
-    for name in ("l1_sign_backward", "sign_step_project", "linear_sign_step"):
+    for name in ("sign_step_project", "linear_sign_step"):
         monkeypatch.setattr(fused_module, name, getattr(kernel_formulas, name))
-    monkeypatch.setattr(plan_module, "act_backward", kernel_formulas.act_backward)
+    for name in ("l1_sign_backward", "act_backward", "bias_act", "head_conv", "head_conv_backward"):
+        monkeypatch.setattr(plan_module, name, getattr(kernel_formulas, name))
     monkeypatch.setattr(fused_module, "CPU_DTYPES", dtypes)
 
 
@@ -537,7 +587,8 @@ def test_gpu_channels_last_close_to_reference(dtype):
     z = features(64).cuda()
     backend = FusedBackend(shadow, encoder, CFG, dtype=dtype, channels_last=True, graphs=True)
     got = _run(backend, z)
-    assert backend.graphs and is_nhwc(backend.plan.forward(z, keep=False)[0])
+    assert backend.graphs and is_nhwc(backend.plan.hidden(z, keep=False)[0])
+    assert backend._encoder_nhwc is not None  # the anchor came from the encoder's channels_last copy
     assert agreement(got, _reference_fp32(shadow, encoder, z), CFG.alpha) >= (0.95 if dtype == "bf16" else 0.999)
 
 

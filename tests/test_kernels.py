@@ -13,10 +13,13 @@ from kernel_formulas import HEAD_SLOPES
 from torch import nn
 
 import advface_engine.kernels.act_backward as act_backward_module
+import advface_engine.kernels.head_conv as head_conv_module
 from advface_engine.backends.reference import project, step_direction
 from advface_engine.config import ProtectConfig
 from advface_engine.kernels import is_nhwc
 from advface_engine.kernels.act_backward import act_backward
+from advface_engine.kernels.bias_act import bias_act
+from advface_engine.kernels.head_conv import head_conv, head_conv_backward
 from advface_engine.kernels.l1_sign import l1_sign_backward
 from advface_engine.kernels.linear_step import linear_sign_step
 from advface_engine.kernels.sign_step import sign_step_project
@@ -191,6 +194,145 @@ def test_act_backward_rejects_missing_slope():
         act_backward(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4), "prelu")
 
 
+@pytest.mark.parametrize("act", sorted(ACTS))
+@pytest.mark.parametrize("affine", ["none", "shift", "scale+shift"])
+@pytest.mark.parametrize("nhwc", [False, True])
+def test_bias_act_equals_torch(act, affine, nhwc):
+    """a = act(scale * x + shift) per channel, in place or not; the pre-activation when asked."""
+    gen = _gen(7)
+    shape = (3, 5, 7, 9)
+    x = torch.randn(shape, generator=gen)
+    x[torch.rand(shape, generator=gen) < 0.2] = 0.0
+    scale = torch.rand(5, generator=gen) + 0.5 if affine == "scale+shift" else None
+    shift = torch.randn(5, generator=gen) if affine != "none" else None
+    slope = None if act == "relu" else torch.rand(5, generator=gen) - 0.3  # negative slopes too
+    view = (-1, 1, 1)
+    pre = x * (scale.view(view) if scale is not None else 1) + (shift.view(view) if shift is not None else 0)
+    want = F.relu(pre) if slope is None else torch.where(pre > 0, pre, pre * slope.view(view))
+    given = _nhwc(x) if nhwc else x.clone()
+    a, got_pre = bias_act(given, act, slope, scale, shift, save_pre=True)
+    assert a is not given and is_nhwc(a) == nhwc and is_nhwc(got_pre) == nhwc
+    torch.testing.assert_close(a, want, **TOL[torch.float32])
+    torch.testing.assert_close(got_pre, pre, **TOL[torch.float32])
+    a, none = bias_act(given, act, slope, scale, shift, inplace=True)
+    assert a is given and none is None
+    torch.testing.assert_close(given, want, **TOL[torch.float32])
+
+
+def test_bias_act_in_half_precision_and_bad_input():
+    gen = _gen(8)
+    x = torch.randn(2, 4, 5, 5, generator=gen).half()
+    shift = torch.randn(4, generator=gen).half()
+    want = F.relu(x.double() + shift.double().view(-1, 1, 1)).half()
+    torch.testing.assert_close(bias_act(x, "relu", shift=shift)[0], want, **TOL[torch.float16])
+    with pytest.raises(ValueError, match="slope"):
+        bias_act(x, "prelu")
+    with pytest.raises(ValueError, match="shift"):
+        bias_act(x, "relu", shift=shift[:3])
+
+
+HEAD_CONV_CASES = [(2, 5, 7, 9, 3, 3), (3, 33, 6, 5, 1, 1), (1, 20, 5, 5, 4, 5), (2, 70, 4, 6, 16, 3)]
+
+
+def _head_conv_case(case, seed=9):
+    batch, channels, height, width, out_channels, k = case
+    gen = _gen(seed)
+    a = torch.randn(batch, channels, height, width, generator=gen)
+    weight = torch.randn(out_channels, channels, k, k, generator=gen) / (channels * k * k) ** 0.5
+    return a, weight, torch.randn(out_channels, generator=gen)
+
+
+@pytest.mark.parametrize("case", HEAD_CONV_CASES)
+@pytest.mark.parametrize("head", sorted(HEADS))
+@pytest.mark.parametrize("nhwc", [False, True])
+def test_head_conv_equals_conv_head_and_l1_sign(case, head, nhwc):
+    """y = head(conv(a) + b) against float64; the step's sign against autograd, ties (y == x~) give 0."""
+    a, weight, bias = _head_conv_case(case)
+    given = _nhwc(a) if nhwc else a
+    want = HEADS[head](F.conv2d(a.double(), weight.double(), bias.double(), padding=case[-1] // 2)).float()
+    y = head_conv(given, weight, bias, head)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, want, rtol=2e-6, atol=2e-6)
+    target = y.clone()  # the kernel's own targets: exact ties on odd rows
+    target[:, :, ::2] = HEADS[head](torch.randn(target[:, :, ::2].shape, generator=_gen(10)))
+    loss = torch.zeros(case[0])
+    grad = head_conv(given, weight, bias, head, target, loss)
+    pre = F.conv2d(a, weight, bias, padding=case[-1] // 2).requires_grad_(True)
+    (autograd,) = torch.autograd.grad((HEADS[head](pre) - target).abs().sum(), pre)
+    ties = torch.zeros_like(y, dtype=torch.bool)
+    ties[:, :, 1::2] = True
+    assert (grad[ties] == 0).all(), "y == x~ must give sign 0"
+    clear = ~ties & ((want - target).abs() > 1e-5)  # away from ties the signs cannot differ
+    torch.testing.assert_close(grad[clear], autograd[clear], **TOL[torch.float32])
+    torch.testing.assert_close(loss, (y - target).abs().flatten(1).sum(1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", HEAD_CONV_CASES)
+@pytest.mark.parametrize("act", [None, *sorted(ACTS)])
+@pytest.mark.parametrize("nhwc", [False, True])
+def test_head_conv_backward_equals_autograd(case, act, nhwc):
+    """conv^T(g) times act'(pre) and scale, against autograd in float64; laid out like pre."""
+    a, weight, _ = _head_conv_case(case)
+    gen = _gen(11)
+    batch, channels, height, width, out_channels, k = case
+    pre = torch.randn(a.shape, generator=gen)
+    pre[torch.rand(a.shape, generator=gen) < 0.2] = 0.0
+    slope = torch.rand(channels, generator=gen) - 0.3 if act in ("leaky_relu", "prelu") else None
+    scale = torch.rand(channels, generator=gen) + 0.5
+    grad = torch.randn(batch, out_channels, height, width, generator=gen)
+    x = pre.double().requires_grad_(True)
+    view = (-1, 1, 1)
+    hidden = x if act is None else torch.where(x > 0, x, x * (slope.double().view(view) if slope is not None else 0))
+    out = F.conv2d(hidden, weight.double(), padding=k // 2)
+    (want,) = torch.autograd.grad(out, x, grad.double())
+    want = (want * scale.double().view(view)).float()
+    got = head_conv_backward(grad, weight, (_nhwc(pre) if nhwc else pre) if act else None, act, slope, scale)
+    assert is_nhwc(got) == (nhwc and act is not None)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+
+
+def test_head_conv_with_64_bit_offsets(monkeypatch):
+    """The 64-bit offsets of tensors past 2**31 elements, taken here on a small one: same results."""
+    a, weight, bias = _head_conv_case(HEAD_CONV_CASES[0])
+    target = torch.tanh(torch.randn(2, 3, 7, 9, generator=_gen(13)))
+    pre = _nhwc(torch.randn(a.shape, generator=_gen(14)))
+    want = (head_conv(a, weight, bias, "tanh", target), head_conv_backward(target, weight, pre, "relu"))
+    monkeypatch.setattr(head_conv_module, "INT32_MAX", 0)
+    got = (head_conv(a, weight, bias, "tanh", target), head_conv_backward(target, weight, pre, "relu"))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_head_conv_in_half_precision():
+    """fp16 in, fp32 inside: one rounding from float64 (the sign's factor head'(y) is of the rounded y)."""
+    a, weight, bias = _head_conv_case(HEAD_CONV_CASES[0])
+    a, weight, bias = a.half(), weight.half(), bias.half()
+    want = torch.tanh(F.conv2d(a.double(), weight.double(), bias.double(), padding=1)).half()
+    y = head_conv(a, weight, bias, "tanh")
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y, want, **TOL[torch.float16])
+    grad = torch.randn(y.shape, generator=_gen(12)).half()
+    want = F.conv_transpose2d(grad.double(), weight.double(), padding=1).half()
+    torch.testing.assert_close(head_conv_backward(grad, weight), want, **TOL[torch.float16])
+
+
+def test_head_conv_rejects_bad_input():
+    a, weight, bias = _head_conv_case(HEAD_CONV_CASES[0])
+    with pytest.raises(ValueError, match="output channels"):
+        head_conv(a, torch.zeros(17, 5, 3, 3), None)
+    with pytest.raises(ValueError, match="odd kernel"):
+        head_conv(a, torch.zeros(3, 5, 2, 2), None)
+    with pytest.raises(ValueError, match="head"):
+        head_conv(a, weight, bias, "relu")
+    with pytest.raises(ValueError, match="target"):
+        head_conv(a, weight, bias, "tanh", target=torch.zeros(1))
+    with pytest.raises(ValueError, match="share a dtype"):
+        head_conv(a, weight.half(), bias)
+    with pytest.raises(ValueError, match="saved pre-activation"):
+        head_conv_backward(torch.zeros(2, 3, 7, 9), weight, None, "relu")
+    with pytest.raises(ValueError, match="slope"):
+        head_conv_backward(torch.zeros(2, 3, 7, 9), weight, a, "prelu")
+
+
 def _step_case(batch: int, dim: int, seed: int):
     gen = _gen(seed)
     anchor = torch.randn(batch, dim, generator=gen)
@@ -225,9 +367,12 @@ def test_sign_step_equals_reference_ops(norm, constraint, normalize):
 def test_sign_step_adds_partial_sums_in_order():
     """(P, B, D) partials (split-K): the step of their total, summed 0..P-1 as the kernel does."""
     z, anchor, gen = _step_case(6, 37, 8)
-    parts = torch.randn(3, 6, 37, generator=gen)
+    parts = torch.randn(6, 6, 37, generator=gen)  # six: a group of four loads, then a partial one
     cfg = ProtectConfig(eps=0.05, alpha=0.02, norm="l2")
-    want = _reference_step(z, parts[0] + parts[1] + parts[2], anchor, cfg, True)
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total += part
+    want = _reference_step(z, total, anchor, cfg, True)
     got = sign_step_project(z.clone(), parts, anchor, cfg.alpha, cfg.eps, "l2", "ball", True)
     torch.testing.assert_close(got, want, **TOL[torch.float32])
     with pytest.raises(ValueError, match="shape"):

@@ -54,7 +54,7 @@ def test_variants_cover_the_fused_backend(reports):
     names = {(r["arch"], r["name"].split()[0], r["name"].split()[1]) for r in reports}
     for arch in map(int, ARCHES):
         for dtype in ("fp32", "bf16", "fp16"):
-            for kernel in ("l1_sign", "act_backward", "linear_step"):
+            for kernel in ("l1_sign", "act_backward", "linear_step", "bias_act", "head_conv", "head_conv_backward"):
                 assert (arch, kernel, dtype) in names
         assert (arch, "linear_step", "tf32") in names and (arch, "sign_step", "fp32") in names
     acts = {r["name"].split(maxsplit=2)[2] for r in reports if r["name"].startswith("act_backward")}
@@ -70,9 +70,14 @@ def test_step_kernels_use_no_atomics(reports):
 
 
 def test_matmul_precision_follows_the_dtype(reports):
-    """The precision contract, read from the PTX: fp32 is IEEE (no tensor cores), tf32 only when asked."""
-    mma = {r["name"].split()[1]: set(r["mma"]) for r in reports if r["name"].startswith("linear_step")}
-    assert mma == {"fp32": set(), "tf32": {"tf32"}, "bf16": {"bf16"}, "fp16": {"fp16"}}
+    """The precision contract, read from the PTX: fp32 is IEEE (no tensor cores), tf32 only when asked
+    (the gradient matmul and the fused head convolution, forward and backward)."""
+    for kernel in ("linear_step", "head_conv", "head_conv_backward"):
+        mma: dict[str, set] = {}
+        for r in reports:
+            if r["name"].split()[0] == kernel:
+                mma.setdefault(r["name"].split()[1], set()).update(r["mma"])
+        assert mma == {"fp32": set(), "tf32": {"tf32"}, "bf16": {"bf16"}, "fp16": {"fp16"}}, kernel
 
 
 def _problems_of_changed_variant(tmp: Path, name: str, **changes) -> tuple[list | None, str]:

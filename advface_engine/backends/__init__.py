@@ -36,7 +36,8 @@ def check_fused_options(options: dict) -> None:
     if unknown:
         raise ValueError(f"unknown fused backend options {unknown}; known: {list(FUSED_OPTIONS)}")
     for flag in ("graphs", "record_loss", "channels_last"):
-        if flag in options and not isinstance(options[flag], bool):
+        allowed = (bool, type(None)) if flag == "channels_last" else bool  # channels_last None: by dtype
+        if flag in options and not isinstance(options[flag], allowed):
             raise TypeError(f"fused backend option {flag} must be True or False, got {options[flag]!r}")
     if "dtype" in options and options["dtype"] not in FUSED_DTYPES:
         raise ValueError(f"fused backend dtype must be one of {sorted(FUSED_DTYPES)}, got {options['dtype']!r}")

@@ -4,7 +4,11 @@ input-gradient backward needs, and that backward written out (no autograd, no we
 Supported modules: Linear, Unflatten/Flatten, Conv2d, ConvTranspose2d, BatchNorm1d/2d (eval
 statistics), ReLU/LeakyReLU/PReLU, Upsample (nearest, bilinear), Identity/Dropout (no-ops),
 the project's DenseBlock, and a Tanh/Sigmoid/Identity head as the last module. Convolutions
-stay in PyTorch (cuDNN); the activation backward is a Triton kernel (kernels/act_backward.py).
+stay in PyTorch (cuDNN), except a last Conv2d with few output channels (the families' RGB
+layer), which runs with the head and the L1 sign in one Triton kernel and its input gradient
+with the activation backward in another (kernels/head_conv.py). Activations run with the
+bias or BatchNorm in front of them in one pass (kernels/bias_act.py: the convolution before
+then skips its own bias pass), and their backward is kernels/act_backward.py.
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels import head_conv as head_conv_kernels
 from ..kernels import is_nhwc, layout_of
 from ..kernels.act_backward import act_backward
+from ..kernels.bias_act import bias_act
+from ..kernels.head_conv import head_conv, head_conv_backward
+from ..kernels.l1_sign import l1_sign_backward
 from ..models.decoders import DenseBlock
 
 HEAD_MODULES = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "identity"}
@@ -70,7 +78,7 @@ class Reshape:
 
 
 class Conv:
-    """Conv2d or ConvTranspose2d; the input gradient is cuDNN's, through aten.convolution_backward."""
+    """Conv2d or ConvTranspose2d, in cuDNN both ways (the input gradient is the adjoint's forward)."""
 
     def __init__(self, module: nn.Module):
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
@@ -100,18 +108,30 @@ class Conv:
         return y, x.shape
 
     def backward(self, grad: Tensor, in_shape: torch.Size) -> Tensor:
-        stub = grad.new_empty(1).expand(in_shape)
-        return torch.ops.aten.convolution_backward(
-            grad, stub, self.weight, None, self.stride, self.padding, self.dilation, self.transposed,
-            self.output_padding, self.groups, [True, False, False],
-        )[0]
+        """The input gradient as the adjoint convolution's forward: a transposed convolution's is a
+        convolution with the same weight, and a convolution's a transposed one (with the output
+        padding that restores the input size). aten.convolution_backward would take the same
+        kernels, but in channels_last it first writes its (unused) input argument out in full:
+        at B=1024 in bf16 on an H200 that copy took half of a step's time."""
+        if self.transposed:
+            return F.conv2d(grad, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+        sizes = zip(in_shape[2:], grad.shape[2:], self.stride, self.padding, self.dilation, self.weight.shape[2:],
+                    strict=True)
+        output_padding = [size - ((out - 1) * s - 2 * p + d * (k - 1) + 1) for size, out, s, p, d, k in sizes]
+        return F.conv_transpose2d(grad, self.weight, None, self.stride, self.padding, output_padding, self.groups,
+                                  self.dilation)
 
 
 class Act:
-    """Activation, optionally after an unfolded BatchNorm: a = scale * x + shift, y = act(a); saves a."""
+    """Activation, optionally after an affine map: a = act(scale * x + shift) (scale: an unfolded
+    BatchNorm; shift: its shift and/or the bias of the layer before). Saves a when a > 0 tells
+    where the pre-activation was > 0 (slopes >= 0), else the pre-activation.
+
+    ``inplace`` (set by build_plan) when x is a fresh tensor that nothing else holds."""
 
     def __init__(self, module: nn.Module):
         self.scale = self.shift = None
+        self.inplace = False
         if isinstance(module, nn.ReLU):
             self.kind, self.slope = "relu", None
         elif isinstance(module, nn.LeakyReLU):
@@ -120,13 +140,13 @@ class Act:
             self.kind, self.slope = "prelu", module.weight.detach().double().flatten()
         else:
             raise _unsupported(module)
+        self.saves_output = self.slope is None or bool((self.slope >= 0).all())  # decided here: no host sync later
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        shape = (-1,) + (1,) * (x.dim() - 2)
-        pre = x if self.scale is None else torch.addcmul(self.shift.view(shape), x, self.scale.view(shape))
-        if self.kind == "relu":
-            return F.relu(pre), pre
-        return torch.where(pre > 0, pre, pre * self.slopes(x.shape[1]).view(shape)), pre
+        slopes = None if self.slope is None else self.slopes(x.shape[1])
+        a, pre = bias_act(x, self.kind, slopes, self.scale, self.shift, inplace=self.inplace,
+                          save_pre=not self.saves_output)
+        return a, a if self.saves_output else pre
 
     def backward(self, grad: Tensor, pre: Tensor) -> Tensor:
         slopes = None if self.slope is None else self.slopes(pre.shape[1])
@@ -135,6 +155,28 @@ class Act:
     def slopes(self, channels: int) -> Tensor:
         """The negative slope per channel (LeakyReLU and a one-parameter PReLU share one)."""
         return self.slope.expand(channels) if self.slope.numel() == 1 else self.slope
+
+
+class HeadConv:
+    """The last Conv2d (few output channels, stride 1, "same" padding) with the head: y = head(conv(x)),
+    and in the steps the L1 sign at its output, one Triton kernel; its backward also runs the backward
+    of the activation in front of it (``act``, whose saved tensor it is given)."""
+
+    def __init__(self, conv: Conv, head: str, act: Act | None):
+        self.weight, self.bias, self.head, self.act, self.tf32 = conv.weight, conv.bias, head, act, False
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        return head_conv(x, self.weight, self.bias, self.head, tf32=self.tf32), None
+
+    def gradient(self, x: Tensor, target: Tensor, loss: Tensor | None) -> Tensor:
+        return head_conv(x, self.weight, self.bias, self.head, target, loss, tf32=self.tf32)
+
+    def backward(self, grad: Tensor, act_saved: Tensor | None) -> Tensor:
+        act = self.act
+        if act is None:
+            return head_conv_backward(grad, self.weight, tf32=self.tf32)
+        slopes = None if act.slope is None else act.slopes(self.weight.shape[1])
+        return head_conv_backward(grad, self.weight, act_saved, act.kind, slopes, act.scale, tf32=self.tf32)
 
 
 class Affine:
@@ -207,6 +249,7 @@ class Dense:
                 raise _unsupported(layer, " (dense layer must be BatchNorm2d, activation, Conv2d)")
             act = Act(layer[1])
             act.scale, act.shift = bn_affine(layer[0])
+            act.inplace = True  # its input is a new concatenation
             self.layers.append((act, Conv(layer[2])))
 
     def forward(self, x: Tensor) -> tuple[Tensor, list]:
@@ -243,7 +286,8 @@ class DecoderPlan:
     left to the fused step kernel (kernels/linear_step.py).
     """
 
-    def __init__(self, ops: list, head: str, dtype: torch.dtype, device: torch.device, channels_last: bool = False):
+    def __init__(self, ops: list, head: str, dtype: torch.dtype, device: torch.device, channels_last: bool = False,
+                 tf32: bool = False):
         self.ops, self.head, self.dtype, self.channels_last = ops, head, dtype, channels_last
         parts = ops + [part for op in ops for layer in getattr(op, "layers", []) for part in layer]
         for part in parts:  # parameters were folded in float64; now the plan's device and dtype
@@ -257,28 +301,58 @@ class DecoderPlan:
                         value = torch.empty_like(value, memory_format=torch.channels_last).copy_(value)
                     setattr(part, name, value)
         self.first_linear = ops[0] if ops and isinstance(ops[0], Linear) else None
+        self.head_conv = ops[-1] if ops and isinstance(ops[-1], HeadConv) else None
+        if self.head_conv is not None:
+            self.head_conv.tf32 = tf32
 
     def forward(self, z: Tensor, keep: bool = True) -> tuple[Tensor, list]:
         """The decoder output y = S(z) in the plan's dtype, and what the backward needs (if ``keep``)."""
+        x, saved = self.hidden(z, keep)
+        if self.head_conv is not None:
+            y, s = self.head_conv.forward(x)
+            return y, saved + [s] if keep else saved
+        return HEAD_FUNCTIONS[self.head](x), saved
+
+    def l1_gradient(self, z: Tensor, target: Tensor, loss: Tensor | None = None) -> Tensor:
+        """The gradient of sum |S(z) - target| at the first Linear's output (or at z); ``loss`` (B,)
+        fp32, if given, gets += the per-sample L1 loss."""
+        if self.head_conv is None:
+            y, saved = self.forward(z)
+            return self.backward(l1_sign_backward(y, target, self.head, loss), saved)
+        x, saved = self.hidden(z)
+        grad = self.head_conv.gradient(x, target, loss)
+        if self.head_conv.act is None:
+            return self.backward(self.head_conv.backward(grad, None), saved, len(saved))
+        return self.backward(self.head_conv.backward(grad, saved[-1]), saved, len(saved) - 1)
+
+    def hidden(self, z: Tensor, keep: bool = True) -> tuple[Tensor, list]:
+        """The input of the fused head convolution (or of the head), and what the ops before saved."""
         x, saved = z.to(self.dtype), []
-        for op in self.ops:
+        for op in self.ops[:-1] if self.head_conv is not None else self.ops:
             x, s = op.forward(x)
             if keep:
                 saved.append(s)
-        return HEAD_FUNCTIONS[self.head](x), saved
+        return x, saved
 
-    def backward(self, grad: Tensor, saved: list) -> Tensor:
-        """From the gradient at the head's input back to the first Linear's output (or to z)."""
+    def backward(self, grad: Tensor, saved: list, end: int | None = None) -> Tensor:
+        """From the gradient at the output of ops[end - 1] (default: the head's input) back to the first
+        Linear's output (or to z)."""
+        end = len(self.ops) if end is None else end
         stop = 1 if self.first_linear is not None else 0
-        for op, s in zip(reversed(self.ops[stop:]), reversed(saved[stop:]), strict=True):
+        for op, s in zip(reversed(self.ops[stop:end]), reversed(saved[stop:end]), strict=True):
             grad = op.backward(grad, s)
         return grad
 
 
+FRESH = (Linear, Conv, Upsample, Affine, Dense)  # ops whose output is a new tensor that nothing else holds
+
+
 def build_plan(shadow: nn.Module, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
-               channels_last: bool = False) -> DecoderPlan:
+               channels_last: bool = False, tf32: bool = False, fuse_head: bool = True) -> DecoderPlan:
     """Walk the shadow decoder once, fold eval BatchNorm into the layer before it, and build the plan
-    (with ``channels_last``, convolutions and the activations between them run in NHWC layout)."""
+    (with ``channels_last``, convolutions and the activations between them run in NHWC layout; with
+    ``tf32``, the fused head's matmuls too; ``fuse_head``: a last small Conv2d with the head and
+    the L1 sign in one kernel, see HeadConv)."""
     modules = [m for m in _flatten(shadow) if not isinstance(m, nn.Dropout)]
     head = "identity"
     if modules and type(modules[-1]) in HEAD_MODULES:
@@ -325,6 +399,27 @@ def build_plan(shadow: nn.Module, dtype: torch.dtype = torch.float32, device: to
             ops.append(Dense(module))
         else:
             raise _unsupported(module)
+    _fuse_biases(ops)
+    if fuse_head and ops and isinstance(ops[-1], Conv) and not ops[-1].transposed and head_conv_kernels.supported(
+            ops[-1].weight.shape, ops[-1].stride, ops[-1].padding, ops[-1].dilation, ops[-1].groups):
+        ops[-1] = HeadConv(ops[-1], head, ops[-2] if len(ops) >= 2 and isinstance(ops[-2], Act) else None)
     if device is None:
         device = next((p.device for p in shadow.parameters()), torch.device("cpu"))
-    return DecoderPlan(ops, head, dtype, device, channels_last)
+    return DecoderPlan(ops, head, dtype, device, channels_last, tf32)
+
+
+def _fuse_biases(ops: list) -> None:
+    """A Conv's bias moves into the activation after it (one pass instead of two), and activations
+    whose input is a fresh tensor (past any reshapes) write in place."""
+    for i, op in enumerate(ops):
+        if not isinstance(op, Act):
+            continue
+        before = ops[i - 1] if i else None
+        if isinstance(before, Conv) and before.bias is not None:
+            shift = before.bias if op.scale is None else op.scale * before.bias
+            op.shift = shift if op.shift is None else op.shift + shift
+            before.bias = None
+        j = i - 1
+        while j >= 0 and isinstance(ops[j], Reshape):
+            j -= 1
+        op.inplace = j >= 0 and isinstance(ops[j], FRESH)
