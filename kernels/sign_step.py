@@ -44,6 +44,12 @@ def step_project(z, g, anchor, alpha, eps, L2: tl.constexpr, BALL: tl.constexpr,
 
 
 @triton.jit
+def _part_offsets(part, n_rows, rows, cols, dim):
+    """Offsets of rows' partial sums number ``part`` in the (P, B, D) buffer (rows is int64: no overflow)."""
+    return (part * n_rows + rows)[:, None] * dim + cols[None, :]
+
+
+@triton.jit
 def _sign_step_kernel(z_ptr, g_ptr, anchor_ptr, n_rows, dim, n_parts, alpha, eps, L2: tl.constexpr,
                       BALL: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -53,12 +59,14 @@ def _sign_step_kernel(z_ptr, g_ptr, anchor_ptr, n_rows, dim, n_parts, alpha, eps
     z = tl.load(z_ptr + offs, mask=mask, other=0.0)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     for first in range(1, n_parts, 4):  # split-K partial sums added in a fixed order, four loads in flight
-        offs0 = (first * n_rows + rows)[:, None] * dim + cols[None, :]  # rows is int64: no overflow
-        part, index = n_rows * dim, first + 0 * cols[None, :]  # a tensor, for the masks below
-        g0 = tl.load(g_ptr + offs0, mask=mask, other=0.0)
-        g1 = tl.load(g_ptr + offs0 + part, mask=mask & (index + 1 < n_parts), other=0.0)
-        g2 = tl.load(g_ptr + offs0 + 2 * part, mask=mask & (index + 2 < n_parts), other=0.0)
-        g3 = tl.load(g_ptr + offs0 + 3 * part, mask=mask & (index + 3 < n_parts), other=0.0)
+        index = first + 0 * cols[None, :]  # a tensor, for the masks below
+        g0 = tl.load(g_ptr + _part_offsets(first, n_rows, rows, cols, dim), mask=mask, other=0.0)
+        g1 = tl.load(g_ptr + _part_offsets(first + 1, n_rows, rows, cols, dim), mask=mask & (index + 1 < n_parts),
+                     other=0.0)
+        g2 = tl.load(g_ptr + _part_offsets(first + 2, n_rows, rows, cols, dim), mask=mask & (index + 2 < n_parts),
+                     other=0.0)
+        g3 = tl.load(g_ptr + _part_offsets(first + 3, n_rows, rows, cols, dim), mask=mask & (index + 3 < n_parts),
+                     other=0.0)
         g = (((g + g0.to(tl.float32)) + g1.to(tl.float32)) + g2.to(tl.float32)) + g3.to(tl.float32)
     anchor = tl.load(anchor_ptr + offs, mask=mask, other=0.0)
     z = step_project(z, g, anchor, alpha, eps, L2, BALL, NORMALIZE)

@@ -38,7 +38,8 @@ def check_fused_options(options: dict) -> None:
     for flag in ("graphs", "record_loss", "channels_last"):
         allowed = (bool, type(None)) if flag == "channels_last" else bool  # channels_last None: by dtype
         if flag in options and not isinstance(options[flag], allowed):
-            raise TypeError(f"fused backend option {flag} must be True or False, got {options[flag]!r}")
+            choices = "True, False or None" if flag == "channels_last" else "True or False"
+            raise TypeError(f"fused backend option {flag} must be {choices}, got {options[flag]!r}")
     if "dtype" in options and options["dtype"] not in FUSED_DTYPES:
         raise ValueError(f"fused backend dtype must be one of {sorted(FUSED_DTYPES)}, got {options['dtype']!r}")
     split_k = options.get("split_k")

@@ -210,9 +210,10 @@ class FusedBackend:
         return encoder(as_input_of(encoder, x_shadow, torch.float32).contiguous(memory_format=layout))
 
     def _encoder_for(self, x_shadow: Tensor) -> nn.Module:
-        """The encoder to run: with channels_last, a channels_last copy of it, once it has run one image
-        of this shape (eagerly, before any capture: warm-up runs come first); the encoder itself where
-        that copy fails (e.g. it flattens with .view, which NHWC activations refuse)."""
+        """The encoder to run: with channels_last, a channels_last copy of it (a second set of its weights
+        on the device, until the next rebuild), once it has run one image of this shape (eagerly, before
+        any capture: warm-up runs come first); the encoder itself, with a warning, where that copy fails
+        (e.g. it flattens with .view, which NHWC activations refuse)."""
         if self._encoder_nhwc is False:
             self._encoder_nhwc = None
             capturing = x_shadow.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -221,8 +222,9 @@ class FusedBackend:
                     nhwc = copy.deepcopy(self.encoder).to(memory_format=torch.channels_last)
                     self._encode(x_shadow[:1], nhwc)
                     self._encoder_nhwc = nhwc
-                except Exception:  # noqa: BLE001 - any failure: the encoder as it is, as without the option
-                    pass
+                except Exception as err:  # noqa: BLE001 - any failure: the encoder as it is, as without the option
+                    warnings.warn(f"channels_last: the encoder runs in its own layout ({type(err).__name__}: "
+                                  f"{err})", stacklevel=4)
         return self._encoder_nhwc if self._encoder_nhwc is not None else self.encoder
 
     def decoder_gradient(self, z_t: Tensor, x_shadow: Tensor, loss: Tensor | None = None) -> Tensor:

@@ -113,8 +113,11 @@ class Conv:
         padding that restores the input size). aten.convolution_backward would take the same
         kernels, but in channels_last it first writes its (unused) input argument out in full:
         at B=1024 in bf16 on an H200 that copy took half of a step's time."""
-        if self.transposed:
-            return F.conv2d(grad, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+        if self.transposed:  # an output padding >= the stride (allowed below the dilation) gives extra rows
+            grad_in = F.conv2d(grad, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+            if grad_in.shape[2:] == in_shape[2:]:
+                return grad_in
+            return grad_in[:, :, :in_shape[2], :in_shape[3]].contiguous(memory_format=layout_of(grad_in))
         sizes = zip(in_shape[2:], grad.shape[2:], self.stride, self.padding, self.dilation, self.weight.shape[2:],
                     strict=True)
         output_padding = [size - ((out - 1) * s - 2 * p + d * (k - 1) + 1) for size, out, s, p, d, k in sizes]
@@ -320,10 +323,7 @@ class DecoderPlan:
             y, saved = self.forward(z)
             return self.backward(l1_sign_backward(y, target, self.head, loss), saved)
         x, saved = self.hidden(z)
-        grad = self.head_conv.gradient(x, target, loss)
-        if self.head_conv.act is None:
-            return self.backward(self.head_conv.backward(grad, None), saved, len(saved))
-        return self.backward(self.head_conv.backward(grad, saved[-1]), saved, len(saved) - 1)
+        return self.backward(self.head_conv.gradient(x, target, loss), saved + [None])
 
     def hidden(self, z: Tensor, keep: bool = True) -> tuple[Tensor, list]:
         """The input of the fused head convolution (or of the head), and what the ops before saved."""
@@ -334,10 +334,14 @@ class DecoderPlan:
                 saved.append(s)
         return x, saved
 
-    def backward(self, grad: Tensor, saved: list, end: int | None = None) -> Tensor:
-        """From the gradient at the output of ops[end - 1] (default: the head's input) back to the first
-        Linear's output (or to z)."""
-        end = len(self.ops) if end is None else end
+    def backward(self, grad: Tensor, saved: list) -> Tensor:
+        """From the gradient at the head's input back to the first Linear's output (or to z). A fused
+        head convolution's backward carries the activation before it, which is then skipped."""
+        end = len(self.ops)
+        if self.head_conv is not None:
+            act = self.head_conv.act
+            grad = self.head_conv.backward(grad, saved[-2] if act is not None else None)
+            end -= 2 if act is not None else 1
         stop = 1 if self.first_linear is not None else 0
         for op, s in zip(reversed(self.ops[stop:end]), reversed(saved[stop:end]), strict=True):
             grad = op.backward(grad, s)
