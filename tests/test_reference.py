@@ -245,7 +245,7 @@ def test_protector_options_and_config_are_checked(models, features):
     with pytest.raises(ValueError, match="unknown fused backend options"):
         afe.Protector(S, E, backend="auto", backend_options={"dtpye": "bf16"})
     # values too, on a CPU where "auto" builds the reference: a mistake would surface only on a GPU
-    for options, error in [({"channels_last": "yes"}, "channels_last must be True or False, got 'yes'"),
+    for options, error in [({"channels_last": "yes"}, "channels_last must be True, False or None, got 'yes'"),
                            ({"graphs": 1}, "graphs must be True or False"),
                            ({"record_loss": None}, "record_loss must be True or False"),
                            ({"dtype": "fp64"}, r"dtype must be one of \['bf16', 'fp16', 'fp32', 'tf32'\]"),
