@@ -148,9 +148,21 @@ def _head_conv_backward_kernel(g_ptr, w_ptr, pre_ptr, slope_ptr, scale_ptr, out_
 
 def supported(weight_shape: tuple, stride, padding, dilation, groups: int) -> bool:
     """Whether a Conv2d of this form can take the fused head: few outputs, stride 1, "same" size."""
+    return (_weight_fits(weight_shape) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1
+            and tuple(padding) == (weight_shape[2] // 2, weight_shape[3] // 2))
+
+
+def _weight_fits(weight_shape: tuple) -> bool:
+    """At most MAX_OUT_CHANNELS outputs (one tl.dot tile) and an odd kernel (a centre tap)."""
     cout, _, kh, kw = weight_shape
-    return (cout <= MAX_OUT_CHANNELS and kh % 2 == 1 and kw % 2 == 1 and tuple(stride) == (1, 1)
-            and tuple(dilation) == (1, 1) and groups == 1 and tuple(padding) == (kh // 2, kw // 2))
+    return cout <= MAX_OUT_CHANNELS and kh % 2 == 1 and kw % 2 == 1
+
+
+def _check_weight(weight: torch.Tensor, like: torch.Tensor) -> None:
+    if not _weight_fits(weight.shape):
+        raise ValueError(f"weight {tuple(weight.shape)}: at most {MAX_OUT_CHANNELS} output channels and an odd kernel")
+    if weight.dtype != like.dtype:
+        raise ValueError(f"the input and weight must share a dtype, got {like.dtype} and {weight.dtype}")
 
 
 def _blocks(channels: int, n: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
@@ -162,9 +174,8 @@ def _blocks(channels: int, n: int, dtype: torch.dtype, device: torch.device) -> 
     return block_c, min(8192, max(16, triton.next_power_of_2(n)))
 
 
-def _wide(*tensors_and_block) -> bool:
+def _wide(block: int, *tensors: torch.Tensor) -> bool:
     """Whether an offset into these tensors (or a pixel index one block past the end) can pass int32."""
-    *tensors, block = tensors_and_block
     return max(t.numel() for t in tensors) + block * MAX_OUT_CHANNELS > INT32_MAX
 
 
@@ -172,12 +183,9 @@ def _check(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     if a.dim() != 4 or weight.dim() != 4 or weight.shape[1] != a.shape[1]:
         raise ValueError(f"need a (B, C, H, W) and weight (Cout, C, kh, kw), got {tuple(a.shape)} and "
                          f"{tuple(weight.shape)}")
-    if weight.shape[0] > MAX_OUT_CHANNELS or weight.shape[2] % 2 == 0 or weight.shape[3] % 2 == 0:
-        raise ValueError(f"weight {tuple(weight.shape)}: at most {MAX_OUT_CHANNELS} output channels and an odd kernel")
+    _check_weight(weight, a)
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have one value per output channel ({weight.shape[0]}), got {tuple(bias.shape)}")
-    if weight.dtype != a.dtype:
-        raise ValueError(f"a and weight must share a dtype, got {a.dtype} and {weight.dtype}")
 
 
 def head_conv(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: str = "tanh",
@@ -209,7 +217,7 @@ def head_conv(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         1 if nhwc else height * width, channels if nhwc else 1,
         COUT=weight.shape[0], KH=weight.shape[2], KW=weight.shape[3], HEAD=HEADS[head], GRAD=target is not None,
         HAS_BIAS=bias is not None, HAS_LOSS=loss is not None, PRECISION=_precision(a, tf32),
-        WIDE=_wide(a, out, block_p), BLOCK_CO=MAX_OUT_CHANNELS, BLOCK_C=block_c, BLOCK_P=block_p, **LAUNCH,
+        WIDE=_wide(block_p, a, out), BLOCK_CO=MAX_OUT_CHANNELS, BLOCK_C=block_c, BLOCK_P=block_p, **LAUNCH,
     )
     return out
 
@@ -234,10 +242,7 @@ def head_conv_backward(grad: torch.Tensor, weight: torch.Tensor, pre: torch.Tens
         raise ValueError(f"{act} needs a slope per channel ({channels})")
     if scale is not None and scale.numel() != channels:
         raise ValueError(f"scale must have one value per channel ({channels}), got {scale.numel()}")
-    if weight.shape[0] > MAX_OUT_CHANNELS or weight.shape[2] % 2 == 0 or weight.shape[3] % 2 == 0:
-        raise ValueError(f"weight {tuple(weight.shape)}: at most {MAX_OUT_CHANNELS} output channels and an odd kernel")
-    if weight.dtype != grad.dtype:
-        raise ValueError(f"grad and weight must share a dtype, got {grad.dtype} and {weight.dtype}")
+    _check_weight(weight, grad)
     check_device(*(t for t in (grad, weight, pre, slope, scale) if t is not None))
     nhwc = pre is not None and is_nhwc(pre)
     out = torch.empty(shape, dtype=grad.dtype, device=grad.device,
@@ -253,7 +258,7 @@ def head_conv_backward(grad: torch.Tensor, weight: torch.Tensor, pre: torch.Tens
         slope.contiguous() if ACTS[act] == 2 else out, scale.contiguous() if scale is not None else out, out,
         n, channels, height, width, 1 if nhwc else height * width, channels if nhwc else 1,
         COUT=weight.shape[0], KH=weight.shape[2], KW=weight.shape[3], ACT=ACTS[act], HAS_SCALE=scale is not None,
-        PRECISION=_precision(grad, tf32), WIDE=_wide(out, grad, block_p), BLOCK_CO=MAX_OUT_CHANNELS, BLOCK_C=block_c,
+        PRECISION=_precision(grad, tf32), WIDE=_wide(block_p, out, grad), BLOCK_CO=MAX_OUT_CHANNELS, BLOCK_C=block_c,
         BLOCK_P=block_p, **LAUNCH,
     )
     return out

@@ -35,11 +35,12 @@ def check_fused_options(options: dict) -> None:
     unknown = sorted(set(options) - set(FUSED_OPTIONS))
     if unknown:
         raise ValueError(f"unknown fused backend options {unknown}; known: {list(FUSED_OPTIONS)}")
-    for flag in ("graphs", "record_loss", "channels_last"):
-        allowed = (bool, type(None)) if flag == "channels_last" else bool  # channels_last None: by dtype
-        if flag in options and not isinstance(options[flag], allowed):
-            choices = "True, False or None" if flag == "channels_last" else "True or False"
-            raise TypeError(f"fused backend option {flag} must be {choices}, got {options[flag]!r}")
+    for flag in ("graphs", "record_loss"):
+        if flag in options and not isinstance(options[flag], bool):
+            raise TypeError(f"fused backend option {flag} must be True or False, got {options[flag]!r}")
+    layout = options.get("channels_last")
+    if layout is not None and not isinstance(layout, bool):  # None: chosen by the dtype
+        raise TypeError(f"fused backend option channels_last must be True, False or None, got {layout!r}")
     if "dtype" in options and options["dtype"] not in FUSED_DTYPES:
         raise ValueError(f"fused backend dtype must be one of {sorted(FUSED_DTYPES)}, got {options['dtype']!r}")
     split_k = options.get("split_k")

@@ -17,11 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import head_conv as head_conv_kernels
 from ..kernels import is_nhwc, layout_of
 from ..kernels.act_backward import act_backward
 from ..kernels.bias_act import bias_act
-from ..kernels.head_conv import head_conv, head_conv_backward
+from ..kernels.head_conv import head_conv, head_conv_backward, supported
 from ..kernels.l1_sign import l1_sign_backward
 from ..models.decoders import DenseBlock
 
@@ -165,8 +164,8 @@ class HeadConv:
     and in the steps the L1 sign at its output, one Triton kernel; its backward also runs the backward
     of the activation in front of it (``act``, whose saved tensor it is given)."""
 
-    def __init__(self, conv: Conv, head: str, act: Act | None):
-        self.weight, self.bias, self.head, self.act, self.tf32 = conv.weight, conv.bias, head, act, False
+    def __init__(self, conv: Conv, head: str, act: Act | None, tf32: bool = False):
+        self.weight, self.bias, self.head, self.act, self.tf32 = conv.weight, conv.bias, head, act, tf32
 
     def forward(self, x: Tensor) -> tuple[Tensor, None]:
         return head_conv(x, self.weight, self.bias, self.head, tf32=self.tf32), None
@@ -289,8 +288,7 @@ class DecoderPlan:
     left to the fused step kernel (kernels/linear_step.py).
     """
 
-    def __init__(self, ops: list, head: str, dtype: torch.dtype, device: torch.device, channels_last: bool = False,
-                 tf32: bool = False):
+    def __init__(self, ops: list, head: str, dtype: torch.dtype, device: torch.device, channels_last: bool = False):
         self.ops, self.head, self.dtype, self.channels_last = ops, head, dtype, channels_last
         parts = ops + [part for op in ops for layer in getattr(op, "layers", []) for part in layer]
         for part in parts:  # parameters were folded in float64; now the plan's device and dtype
@@ -305,8 +303,6 @@ class DecoderPlan:
                     setattr(part, name, value)
         self.first_linear = ops[0] if ops and isinstance(ops[0], Linear) else None
         self.head_conv = ops[-1] if ops and isinstance(ops[-1], HeadConv) else None
-        if self.head_conv is not None:
-            self.head_conv.tf32 = tf32
 
     def forward(self, z: Tensor, keep: bool = True) -> tuple[Tensor, list]:
         """The decoder output y = S(z) in the plan's dtype, and what the backward needs (if ``keep``)."""
@@ -352,11 +348,10 @@ FRESH = (Linear, Conv, Upsample, Affine, Dense)  # ops whose output is a new ten
 
 
 def build_plan(shadow: nn.Module, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
-               channels_last: bool = False, tf32: bool = False, fuse_head: bool = True) -> DecoderPlan:
+               channels_last: bool = False, tf32: bool = False) -> DecoderPlan:
     """Walk the shadow decoder once, fold eval BatchNorm into the layer before it, and build the plan
     (with ``channels_last``, convolutions and the activations between them run in NHWC layout; with
-    ``tf32``, the fused head's matmuls too; ``fuse_head``: a last small Conv2d with the head and
-    the L1 sign in one kernel, see HeadConv)."""
+    ``tf32``, the fused head convolution's matmuls too)."""
     modules = [m for m in _flatten(shadow) if not isinstance(m, nn.Dropout)]
     head = "identity"
     if modules and type(modules[-1]) in HEAD_MODULES:
@@ -404,12 +399,13 @@ def build_plan(shadow: nn.Module, dtype: torch.dtype = torch.float32, device: to
         else:
             raise _unsupported(module)
     _fuse_biases(ops)
-    if fuse_head and ops and isinstance(ops[-1], Conv) and not ops[-1].transposed and head_conv_kernels.supported(
-            ops[-1].weight.shape, ops[-1].stride, ops[-1].padding, ops[-1].dilation, ops[-1].groups):
-        ops[-1] = HeadConv(ops[-1], head, ops[-2] if len(ops) >= 2 and isinstance(ops[-2], Act) else None)
+    last = ops[-1] if ops else None
+    if isinstance(last, Conv) and not last.transposed and supported(last.weight.shape, last.stride, last.padding,
+                                                                      last.dilation, last.groups):
+        ops[-1] = HeadConv(last, head, ops[-2] if len(ops) >= 2 and isinstance(ops[-2], Act) else None, tf32)
     if device is None:
         device = next((p.device for p in shadow.parameters()), torch.device("cpu"))
-    return DecoderPlan(ops, head, dtype, device, channels_last, tf32)
+    return DecoderPlan(ops, head, dtype, device, channels_last)
 
 
 def _fuse_biases(ops: list) -> None:
