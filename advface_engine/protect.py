@@ -10,26 +10,31 @@ import torch
 from torch import Tensor, nn
 
 from .backends import make_backend
-from .backends.decoder import as_input_of, first_float
+from .backends.decoder import as_input_of, first_float, own_parameters, submodules
 from .config import ProtectConfig
 
 _FROZEN_LOCK = threading.Lock()
-_FROZEN: dict[int, list] = {}  # id(module) -> [entries, training, [(parameter, requires_grad)]]
+_FROZEN: dict[int, list] = {}  # id(module) -> [entries, [modules in training mode], [parameters needing grad]]
 
 
 @contextlib.contextmanager
 def frozen(*modules: nn.Module) -> Iterator[None]:
-    """Eval mode and no parameter gradients for the call; both restored after.
+    """Eval mode and no parameter gradients for the call; both restored after, module by module.
 
     Safe when calls overlap on the same modules (threads, or Protectors sharing models): the
-    first to enter saves the modules' state, the last to leave restores it."""
+    first to enter saves the modules' state, the last to leave restores it. Only what was on is
+    switched off and back on, so models already frozen cost one walk of their modules."""
     with _FROZEN_LOCK:
         for module in modules:
             entry = _FROZEN.get(id(module))
             if entry is None:
-                _FROZEN[id(module)] = [1, module.training, [(p, p.requires_grad) for p in module.parameters()]]
-                module.eval()
-                for p in module.parameters():
+                found = submodules(module)
+                training = [m for m in found if m.training]
+                grads = [p for p in own_parameters(found) if p.requires_grad]
+                _FROZEN[id(module)] = [1, training, grads]
+                if training:
+                    module.eval()
+                for p in grads:
                     p.requires_grad_(False)
             else:
                 entry[0] += 1
@@ -42,9 +47,10 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
                 entry[0] -= 1
                 if entry[0] == 0:
                     del _FROZEN[id(module)]
-                    module.train(entry[1])
-                    for p, flag in entry[2]:
-                        p.requires_grad_(flag)
+                    for m in entry[1]:
+                        m.training = True
+                    for p in entry[2]:
+                        p.requires_grad_(True)
 
 
 def check_features(z: Tensor) -> None:

@@ -20,6 +20,7 @@ import advface_engine.backends as backends
 import advface_engine.backends.fused as fused_module
 import advface_engine.backends.plan as plan_module
 from advface_engine.backends import UnsupportedModelError
+from advface_engine.backends.decoder import encoder_copy
 from advface_engine.backends.fused import EagerGraph, FusedBackend
 from advface_engine.backends.reference import ReferenceBackend, project, shadow_targets, step_direction
 from advface_engine.kernels import is_nhwc
@@ -157,7 +158,7 @@ def test_channels_last_runs_an_nhwc_copy_of_the_encoder(dtype, models):
         nhwc = FusedBackend(shadow, encoder, CFG, dtype=dtype, channels_last=True, graphs=False)
         nchw = FusedBackend(shadow, encoder, CFG, dtype=dtype, channels_last=False, graphs=False)
         anchors = nhwc.targets(z)[1], nchw.targets(z)[1]
-        copy = nhwc._encoder_nhwc
+        copy = nhwc._encoder_copy
         assert copy is not None and copy is not encoder
         assert is_nhwc(next(p for p in copy.parameters() if p.dim() == 4))
         assert all(not is_nhwc(p) for p in encoder.parameters())  # the caller's encoder is left alone
@@ -167,12 +168,81 @@ def test_channels_last_runs_an_nhwc_copy_of_the_encoder(dtype, models):
         next(encoder.parameters()).mul_(0.5)
     with frozen(shadow, encoder):
         nhwc.run(z)
-        assert nhwc._encoder_nhwc is not None and nhwc._encoder_nhwc is not copy
+        assert nhwc._encoder_copy is not None and nhwc._encoder_copy is not copy
     protector = afe.Protector(shadow_variant("dcgan"), ViewEncoder().eval(), CFG, backend="fused",
                               backend_options={"channels_last": True})
-    with pytest.warns(UserWarning, match="encoder runs in its own layout"):
+    with pytest.warns(UserWarning, match="encoder runs as it is"):
         assert protector(features(4)).shape == (4, 16)
-    assert protector.backend._encoder_nhwc is None
+    assert protector.backend._encoder_copy is None
+
+
+class StridedEncoder(nn.Module):
+    """Reads its input's memory in NCHW order (as_strided): NHWC input gives other features, no error."""
+
+    def __init__(self, size: int = 16, dim: int = 16):
+        super().__init__()
+        self.fc = nn.Linear(3 * size * size, dim)
+
+    def forward(self, x):
+        n = x[0].numel()
+        return self.fc(torch.as_strided(x, (x.shape[0], n), (n, 1)))
+
+
+class ScaledConv(nn.Conv2d):
+    """A Conv2d subclass with its own use of the weight: autocast's casts cannot be assumed for it."""
+
+    def forward(self, x):
+        return self._conv_forward(x, self.weight * 2.0, self.bias)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_encoder_copy_stores_autocast_weights(channels_last, models):
+    """fp16: E's copy holds its convolution, Linear and PReLU weights in fp16 (what autocast casts at
+    every call) and gives E's features to the bit in NCHW; BatchNorm stays fp32, E is left alone."""
+    shadow, encoder = shadow_variant("dcgan"), models[1]
+    with frozen(shadow, encoder):
+        backend = FusedBackend(shadow, encoder, CFG, dtype="fp16", channels_last=channels_last, graphs=False)
+        x_shadow, anchor = backend.targets(features(4))
+        copied = backend._encoder_copy
+        assert copied is not None and copied is not encoder
+        layers = [m for m in copied.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.PReLU))]
+        assert layers and all(p.dtype == torch.float16 for m in layers for p in m.parameters())
+        norms = [m for m in copied.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(m.running_var.dtype == torch.float32 for m in norms)
+        assert all(p.dtype == torch.float32 for p in encoder.parameters())
+        with torch.autocast("cpu", dtype=torch.float16, cache_enabled=False):
+            expected = F.normalize(encoder(x_shadow).float(), dim=1)
+        if channels_last:
+            torch.testing.assert_close(anchor, expected, rtol=2e-2, atol=2e-2)
+        else:
+            assert torch.equal(anchor, expected)
+
+
+def test_encoder_copy_only_where_it_is_the_same_function():
+    """No copy without autocast or NHWC; exact layer types and non-float64 weights only."""
+    encoder = nn.Sequential(nn.Conv2d(3, 4, 3), ScaledConv(4, 4, 3), nn.Conv2d(4, 4, 1).double())
+    assert encoder_copy(encoder, None, nhwc=False) is None
+    assert encoder_copy(nn.Sequential(nn.BatchNorm2d(3)), torch.float16, nhwc=False) is None
+    assert encoder_copy(nn.Sequential(nn.Conv2d(3, 4, 3).half()), torch.float16, nhwc=False) is None
+    copied = encoder_copy(encoder, torch.bfloat16, nhwc=False)
+    assert [m.weight.dtype for m in copied] == [torch.bfloat16, torch.float32, torch.float64]
+    assert encoder[0].weight.dtype == torch.float32
+    nhwc = encoder_copy(encoder, None, nhwc=True)
+    assert is_nhwc(nhwc[0].weight) and nhwc[0].weight.dtype == torch.float32
+
+
+def test_encoder_copy_with_other_features_is_not_used():
+    """An encoder that reads memory in NCHW order gives other features from NHWC input: the check on
+    the first image catches it, E itself runs (with a warning) and the anchor is NCHW's."""
+    shadow, encoder = shadow_variant("dcgan"), StridedEncoder().eval()
+    z = features(4)
+    with frozen(shadow, encoder):
+        nchw = FusedBackend(shadow, encoder, CFG, channels_last=False, graphs=False)
+        nhwc = FusedBackend(shadow, encoder, CFG, channels_last=True, graphs=False)
+        with pytest.warns(UserWarning, match="features differ from the encoder's"):
+            anchor = nhwc.targets(z)[1]
+        assert nhwc._encoder_copy is None
+        assert torch.equal(anchor, nchw.targets(z)[1])
 
 
 class ConvGradLayouts(TorchDispatchMode):
@@ -629,7 +699,7 @@ def test_gpu_channels_last_close_to_reference(dtype):
     backend = FusedBackend(shadow, encoder, CFG, dtype=dtype, channels_last=True, graphs=True)
     got = _run(backend, z)
     assert backend.graphs and is_nhwc(backend.plan.hidden(z, keep=False)[0])
-    assert backend._encoder_nhwc is not None  # the anchor came from the encoder's channels_last copy
+    assert backend._encoder_copy is not None  # the anchor came from the encoder's channels_last copy
     assert agreement(got, _reference_fp32(shadow, encoder, z), CFG.alpha) >= (0.95 if dtype == "bf16" else 0.999)
 
 

@@ -44,6 +44,22 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     assert (tmp_path / "bench_table.txt").read_text().count("\n") == 4 + 12  # header lines + 6 providers x 2 B
 
 
+def test_profile_script_runs_on_cpu(tmp_path):
+    """bench/profile_fused.py, the breakdown to run beside gpu_check.py: every part reported."""
+    env = os.environ | {"TRITON_INTERPRET": "1"}
+    args = ["--device", "cpu", "--size", "16", "--feature-dim", "16", "--width", "4", "--batch", "2",
+            "--steps", "2", "--encoder", "mobilefacenet", "--reps", "1", "--dtype", "fp16", "--out", str(tmp_path)]
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_fused.py"), *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "profile_B2.json").read_text())
+    assert report["channels_last"] and report["encoder"]["copy"]  # fp16: NHWC copy with fp16 weights
+    assert report["encoder"]["as_given_ms"] > 0 and report["encoder"]["copy_ms"] > 0
+    assert report["call"]["total_ms"] >= report["call"]["host_ms"] > 0
+    assert set(report["phases_ms"]) == {"S(z)", "E(x~)", "steps"} and min(report["phases_ms"].values()) > 0
+    assert "E(x~) alone" in (tmp_path / "profile_B2.txt").read_text()
+
+
 def _gpu_check_module():
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
     module = importlib.util.module_from_spec(spec)

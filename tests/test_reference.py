@@ -145,6 +145,28 @@ def test_models_restored_and_no_weight_grads(models, features):
     assert all(p.grad is None for p in list(S.parameters()) + list(E.parameters()))
 
 
+def test_mixed_modes_and_grad_flags_restored_module_by_module(models, features):
+    """A model partly in training mode, partly frozen, comes back exactly as it was."""
+    S, E = models
+    S.train()
+    S[2].eval()  # one submodule (a BatchNorm) in eval mode inside a training model
+    E.requires_grad_(False)
+    last = list(E.parameters())[-1].requires_grad_(True)
+    modes = [m.training for m in S.modules()] + [m.training for m in E.modules()]
+    flags = [p.requires_grad for p in list(S.parameters()) + list(E.parameters())]
+    protector = afe.Protector(S, E, afe.ProtectConfig(steps=2))
+
+    def seen(module, args):
+        assert not module.training and not any(p.requires_grad for p in module.parameters())
+
+    hooks = [m.register_forward_pre_hook(seen) for m in (S, E)]
+    protector(features)
+    for hook in hooks:
+        hook.remove()
+    assert [m.training for m in S.modules()] + [m.training for m in E.modules()] == modes
+    assert [p.requires_grad for p in list(S.parameters()) + list(E.parameters())] == flags and last.requires_grad
+
+
 def test_output_keeps_shape_dtype_device(models, features):
     S, E = models
     z16 = features.to(torch.float16)

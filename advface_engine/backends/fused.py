@@ -12,7 +12,6 @@ shadow_targets, random_start, project.
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
 
 import torch
@@ -24,11 +23,12 @@ from ..kernels import interpreted
 from ..kernels.linear_step import linear_sign_step
 from ..kernels.sign_step import sign_step_project
 from . import FUSED_DTYPES, check_fused_options
-from .decoder import as_input_of, first_float, weights_key
+from .decoder import as_input_of, encoder_copy, first_float, weights_key
 from .plan import build_plan
 from .reference import random_start
 
 MAX_GRAPHS = 8
+COPY_COSINE = 0.99  # least cosine between E's features and its faster copy's, on the first image
 CPU_DTYPES = ("fp32", "fp16")  # what Triton's interpreter computes correctly (it has no bfloat16)
 
 
@@ -139,7 +139,8 @@ class FusedBackend:
     """Triton kernels + CUDA graphs; equals the reference backend up to rare sign flips.
 
     dtype:   decoder precision, "fp32" (default), "tf32", "bf16" or "fp16"; the encoder runs under
-             autocast for bf16/fp16. z, anchor and steps stay float32. On a CPU (Triton's
+             autocast for bf16/fp16 (a copy of it with the weights autocast casts stored cast,
+             see _encoder_for). z, anchor and steps stay float32. On a CPU (Triton's
              interpreter, for tests) fp32 and fp16 only.
     graphs:  on a GPU, capture the whole protection once per ``graph_size(B)`` and replay it; a
              batch is padded up to that size (a short last batch reuses the full batches' capture
@@ -147,7 +148,7 @@ class FusedBackend:
     split_k: split of the first Linear's gradient matmul (None: enough to fill the GPU).
     record_loss: keep the per-sample L1 loss of every step in ``self.losses`` (steps, B).
     channels_last: run the decoder's convolutions, and the encoder (a channels_last copy of it, when it
-             takes NHWC input: one that flattens with .view does not), in NHWC layout: tensor
+             gives E's features: one that flattens with .view does not), in NHWC layout: tensor
              cores' own, where cuDNN otherwise converts NCHW around each convolution. None
              (default): on for bf16 and fp16, off for fp32 and tf32. Same results up to rounding.
              Measured on an H200 in bf16 (bench/gpu_check.py, the encoder's copy included): 1.13x
@@ -185,7 +186,7 @@ class FusedBackend:
         self.plan = build_plan(self.shadow, FUSED_DTYPES[self.dtype], device, self.channels_last, self.dtype == "tf32")
         self._graphs.clear()
         self._capture_stream = self._pool = None  # made at the first capture, on the models' device
-        self._encoder_nhwc: nn.Module | None | bool = False  # False: not tried yet (see _encoder_for)
+        self._encoder_copy: nn.Module | None | bool = False  # False: not tried yet (see _encoder_for)
         self._key = weights_key(self.shadow, self.encoder)
 
     # -- the algorithm, written once for eager runs and graph capture --------------------------
@@ -202,30 +203,38 @@ class FusedBackend:
         return x_shadow, anchor.contiguous()
 
     def _encode(self, x_shadow: Tensor, encoder: nn.Module) -> Tensor:
-        """E(x~): under autocast for bf16/fp16; NHWC input for the channels_last copy, else contiguous."""
-        layout = torch.channels_last if encoder is not self.encoder else torch.contiguous_format
+        """E(x~): under autocast for bf16/fp16; NHWC input for a channels_last copy, else contiguous."""
+        nhwc = self.channels_last and encoder is not self.encoder
+        layout = torch.channels_last if nhwc else torch.contiguous_format
         if self.dtype in ("bf16", "fp16"):
             with torch.autocast(x_shadow.device.type, dtype=self.plan.dtype, cache_enabled=False):  # graph-safe
                 return encoder(x_shadow.contiguous(memory_format=layout))
         return encoder(as_input_of(encoder, x_shadow, torch.float32).contiguous(memory_format=layout))
 
     def _encoder_for(self, x_shadow: Tensor) -> nn.Module:
-        """The encoder to run: with channels_last, a channels_last copy of it (a second set of its weights
-        on the device, until the next rebuild), once it has run one image of this shape (eagerly, before
-        any capture: warm-up runs come first); the encoder itself, with a warning, where that copy fails
-        (e.g. it flattens with .view, which NHWC activations refuse)."""
-        if self._encoder_nhwc is False:
-            self._encoder_nhwc = None
+        """The encoder to run: E itself, or once it has run one image of this shape (eagerly, before any
+        capture: warm-up runs come first) with features within rounding of E's, its copy from
+        ``encoder_copy``: weights stored in bf16/fp16 (autocast's casts, done once) and, with
+        channels_last, laid out NHWC. The copy is a second set of E's weights on the device, until
+        the next rebuild. Where it fails (e.g. E flattens with .view, which NHWC activations refuse,
+        or reads memory in NCHW order), E itself runs, with a warning."""
+        if self._encoder_copy is False:
+            self._encoder_copy = None
             capturing = x_shadow.is_cuda and torch.cuda.is_current_stream_capturing()
-            if self.channels_last and not capturing:
-                try:
-                    nhwc = copy.deepcopy(self.encoder).to(memory_format=torch.channels_last)
-                    self._encode(x_shadow[:1], nhwc)
-                    self._encoder_nhwc = nhwc
-                except Exception as err:  # noqa: BLE001 - any failure: the encoder as it is, as without the option
-                    warnings.warn(f"channels_last: the encoder runs in its own layout ({type(err).__name__}: "
-                                  f"{err})", stacklevel=4)
-        return self._encoder_nhwc if self._encoder_nhwc is not None else self.encoder
+            autocast = self.plan.dtype if self.dtype in ("bf16", "fp16") else None
+            try:
+                copied = None if capturing else encoder_copy(self.encoder, autocast, self.channels_last)
+                if copied is not None:
+                    image = x_shadow[:1]
+                    same = F.cosine_similarity(self._encode(image, copied).float().flatten(1),
+                                               self._encode(image, self.encoder).float().flatten(1))
+                    if not bool(same.min() >= COPY_COSINE):  # NaN fails too
+                        raise ValueError(f"its features differ from the encoder's (cosine {same.min().item():.4f})")
+                    self._encoder_copy = copied
+            except Exception as err:  # noqa: BLE001 - any failure: the encoder as it is
+                warnings.warn(f"the encoder runs as it is, not as a faster copy (channels_last={self.channels_last}, "
+                              f"{self.dtype} weights): {type(err).__name__}: {err}", stacklevel=4)
+        return self._encoder_copy if self._encoder_copy is not None else self.encoder
 
     def decoder_gradient(self, z_t: Tensor, x_shadow: Tensor, loss: Tensor | None = None) -> Tensor:
         """The L1 gradient carried back to the first Linear's output (or to z if there is none)."""

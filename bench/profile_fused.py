@@ -1,0 +1,164 @@
+"""Where the fused backend's time goes at one batch size: the next question after bench/gpu_check.py.
+
+    python bench/profile_fused.py --out OUTDIR [--batch 1] [--dtype bf16]
+
+Same models as gpu_check.py (dcgan shadow, iresnet50 encoder, random weights, calibrated BatchNorm).
+Writes OUTDIR/profile_B{batch}.json and .txt:
+- ``call``: one ``backend.run`` on the captured graph, host time (until the call returns, the GPU
+  work queued) and total time (until the GPU is done), medians;
+- ``encoder``: E(x~) alone, each form captured in its own CUDA graph: the caller's encoder under
+  autocast (which casts every weight at every call) against the backend's copy of it (weights
+  stored cast; NHWC with channels_last), so the copy's gain is measured, not assumed;
+- ``phases``: the loop run eagerly under torch.profiler, device time of S(z), E(x~) and the
+  steps, and the kernels that take the most of it.
+On a CPU (TRITON_INTERPRET=1, small --size) it runs as a smoke test: host clock, eager, no graphs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from gpu_check import calibrate, time_ms, write_json
+from torch.profiler import ProfilerActivity, profile, record_function
+
+import advface_engine as afe
+from advface_engine.backends.fused import FusedBackend
+from advface_engine.models import build_model
+from advface_engine.protect import frozen
+
+PHASES = ("S(z)", "E(x~)", "steps")
+
+
+def median_ms(fn, reps: int, device: torch.device) -> float:
+    fn()
+    return statistics.median(time_ms(fn, reps, device))
+
+
+def graphed(fn, device: torch.device):
+    """``fn`` captured in a CUDA graph (warmed up on a side stream first); ``fn`` itself off the GPU."""
+    if device.type != "cuda":
+        return fn
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn(), fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def call_times(backend: FusedBackend, z: torch.Tensor, reps: int) -> dict:
+    """Host and total milliseconds of one run(z), medians (the first call captures, untimed)."""
+    backend.run(z)
+    host, total = [], []
+    for _ in range(reps):
+        if z.is_cuda:
+            torch.cuda.synchronize(z.device)
+        start = time.perf_counter()
+        backend.run(z)
+        host.append(1e3 * (time.perf_counter() - start))
+        if z.is_cuda:
+            torch.cuda.synchronize(z.device)
+        total.append(1e3 * (time.perf_counter() - start))
+    return {"host_ms": statistics.median(host), "total_ms": statistics.median(total)}
+
+
+def phases(backend: FusedBackend, z: torch.Tensor, steps: int, rows: int) -> tuple[dict, str]:
+    """Device time of each phase of one eager protection, and the kernel table (host time off a GPU)."""
+    cuda = z.is_cuda
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+
+    def once():
+        with record_function("S(z)"):
+            x_shadow, _ = backend.plan.forward(z, keep=False)
+        with record_function("E(x~)"):
+            anchor = F.normalize(backend._encode(x_shadow, backend._encoder_for(x_shadow)).float(), dim=1)
+        z_t = anchor.clone()
+        with record_function("steps"):
+            for t in range(steps):
+                backend.step(z_t, anchor, x_shadow, last=t == steps - 1)
+
+    once()
+    if cuda:
+        torch.cuda.synchronize(z.device)
+    with profile(activities=activities) as prof:
+        once()
+        if cuda:
+            torch.cuda.synchronize(z.device)
+    events = prof.key_averages()
+    attr = "device_time_total" if cuda else "cpu_time_total"
+    times: dict[str, float] = {}
+    for e in events:  # on a GPU a range may show twice (host side, device annotation): the larger
+        if e.key in PHASES:
+            times[e.key] = max(times.get(e.key, 0.0), getattr(e, attr, getattr(e, "cuda_time_total", 0)) / 1e3)
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return times, events.table(sort_by=sort, row_limit=rows, max_name_column_width=70)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="profile_fused")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", default="bf16", choices=["fp32", "tf32", "bf16", "fp16"])
+    parser.add_argument("--channels-last", choices=["default", "on", "off"], default="default")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run (needs TRITON_INTERPRET=1 and small sizes)")
+    parser.add_argument("--encoder", default="iresnet50", choices=["iresnet50", "mobilefacenet"])
+    parser.add_argument("--size", type=int, default=112)
+    parser.add_argument("--feature-dim", type=int, default=512)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--rows", type=int, default=25, help="kernels listed in the table")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    dim = args.feature_dim
+    shadow = build_model("dcgan", feature_dim=dim, size=args.size, width=args.width).to(device)
+    encoder = build_model(args.encoder, num_features=dim, input_size=args.size).to(device)
+    z_calib = F.normalize(torch.randn(64, dim, device=device), dim=1)
+    calibrate(shadow, z_calib)
+    with torch.no_grad():
+        calibrate(encoder, shadow(z_calib))
+    cfg = afe.ProtectConfig(eps=0.03, alpha=0.01, steps=args.steps)
+    layout = {"default": None, "on": True, "off": False}[args.channels_last]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report: dict = {"gpu": name, "torch": torch.__version__, "args": vars(args)}
+    z = F.normalize(torch.randn(args.batch, dim, device=device), dim=1)
+    with frozen(shadow, encoder), torch.no_grad():
+        backend = FusedBackend(shadow, encoder, cfg, dtype=args.dtype, channels_last=layout)
+        report["channels_last"] = backend.channels_last
+        report["call"] = call_times(backend, z, args.reps)
+
+        x_shadow, _ = backend.plan.forward(z, keep=False)
+        copied = backend._encoder_for(x_shadow)
+        report["encoder"] = {"copy": copied is not backend.encoder}
+        for label, module in (("as_given_ms", backend.encoder), ("copy_ms", copied)):
+            run = graphed(lambda module=module: backend._encode(x_shadow, module), device)
+            report["encoder"][label] = median_ms(run, args.reps, device)
+
+        report["phases_ms"], table = phases(backend, z, args.steps, args.rows)
+    stem = out / f"profile_B{args.batch}"
+    write_json(stem.with_suffix(".json"), report)
+    call, enc = report["call"], report["encoder"]
+    text = (f"{name}  torch {torch.__version__}  {args.encoder}  B={args.batch}  T={args.steps}  {args.dtype}  "
+            f"channels_last={backend.channels_last}\n"
+            f"backend.run on the graph: host {call['host_ms']:.3f} ms, total {call['total_ms']:.3f} ms\n"
+            f"E(x~) alone, graphed: as given (autocast casts) {enc['as_given_ms']:.3f} ms, "
+            f"backend's copy {enc['copy_ms']:.3f} ms (copy made: {enc['copy']})\n"
+            f"eager phases (device ms): " + ", ".join(f"{k} {v:.3f}" for k, v in report["phases_ms"].items())
+            + f"\n{table}\n")
+    stem.with_suffix(".txt").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
