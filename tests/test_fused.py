@@ -219,9 +219,10 @@ def test_encoder_copy_stores_autocast_weights(channels_last, models):
 
 
 def test_encoder_copy_only_where_it_is_the_same_function():
-    """No copy without autocast or NHWC; exact layer types and non-float64 weights only."""
+    """No copy without autocast or NHWC, or without weights; exact layer types and non-float64 weights only."""
     encoder = nn.Sequential(nn.Conv2d(3, 4, 3), ScaledConv(4, 4, 3), nn.Conv2d(4, 4, 1).double())
     assert encoder_copy(encoder, None, nhwc=False) is None
+    assert encoder_copy(nn.Flatten(), torch.float16, nhwc=True) is None  # no weights (e.g. an ONNX session)
     assert encoder_copy(nn.Sequential(nn.BatchNorm2d(3)), torch.float16, nhwc=False) is None
     assert encoder_copy(nn.Sequential(nn.Conv2d(3, 4, 3).half()), torch.float16, nhwc=False) is None
     copied = encoder_copy(encoder, torch.bfloat16, nhwc=False)

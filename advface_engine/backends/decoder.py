@@ -95,6 +95,8 @@ def encoder_copy(encoder: nn.Module, autocast: torch.dtype | None, nhwc: bool) -
         return (type(m) in AUTOCAST_LAYERS and all(t.dtype != torch.float64 for t in tensors)
                 and any(t.is_floating_point() and t.dtype != autocast for t in tensors))
 
+    if first_float(encoder) is None:  # no weights to lay out or cast (an ONNX session's encoder)
+        return None
     if not nhwc and (autocast is None or not any(castable(m) for m in encoder.modules())):
         return None
     copied = copy.deepcopy(encoder)
