@@ -8,7 +8,8 @@ Writes OUTDIR/profile_B{batch}.json and .txt:
   work queued) and total time (until the GPU is done), medians;
 - ``encoder``: E(x~) alone, each form captured in its own CUDA graph: the caller's encoder under
   autocast (which casts every weight at every call) against the backend's copy of it (weights
-  stored cast; NHWC with channels_last), so the copy's gain is measured, not assumed;
+  stored cast; NHWC with channels_last), so the copy's gain is measured, not assumed; and, as a
+  candidate the backend does not use, that copy through torch.compile (its kernels fused);
 - ``phases``: the loop run eagerly under torch.profiler, device time of S(z), E(x~) and the
   steps, and the kernels that take the most of it.
 On a CPU (TRITON_INTERPRET=1, small --size) it runs as a smoke test: host clock, eager, no graphs.
@@ -32,6 +33,10 @@ from advface_engine.models import build_model
 from advface_engine.protect import frozen
 
 PHASES = ("S(z)", "E(x~)", "steps")
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} ms"
 
 
 def median_ms(fn, reps: int, device: torch.device) -> float:
@@ -116,6 +121,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--rows", type=int, default=25, help="kernels listed in the table")
+    parser.add_argument("--no-compile-encoder", dest="compile_encoder", action="store_false",
+                        help="skip timing torch.compile of the encoder's copy (inductor; about a minute for iresnet50)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,9 +148,22 @@ def main() -> None:
         x_shadow, _ = backend.plan.forward(z, keep=False)
         copied = backend._encoder_for(x_shadow)
         report["encoder"] = {"copy": copied is not backend.encoder}
-        for label, module in (("as_given_ms", backend.encoder), ("copy_ms", copied)):
-            run = graphed(lambda module=module: backend._encode(x_shadow, module), device)
-            report["encoder"][label] = median_ms(run, args.reps, device)
+        forms = [("as_given_ms", backend.encoder), ("copy_ms", copied)]
+        if args.compile_encoder:  # a candidate, measured here before the backend would use it
+            forms.append(("compiled_copy_ms", torch.compile(copied)))
+        for label, module in forms:
+            try:
+                run = graphed(lambda module=module: backend._encode(x_shadow, module), device)
+                report["encoder"][label] = median_ms(run, args.reps, device)
+            except Exception as err:  # noqa: BLE001 - e.g. no compiler toolchain: report it, keep going
+                report["encoder"][label] = None
+                report["encoder"][label.replace("_ms", "_error")] = f"{type(err).__name__}: {str(err)[:300]}"
+        if args.compile_encoder and report["encoder"]["compiled_copy_ms"] is not None:
+            with torch.autocast(device.type, dtype=backend.plan.dtype, enabled=args.dtype in ("bf16", "fp16")):
+                want = backend._encode(x_shadow, copied).float()
+                got = forms[-1][1](x_shadow.contiguous(memory_format=torch.channels_last) if backend.channels_last
+                                   else x_shadow).float()
+            report["encoder"]["compiled_cosine_min"] = F.cosine_similarity(want, got).min().item()
 
         report["phases_ms"], table = phases(backend, z, args.steps, args.rows)
     stem = out / f"profile_B{args.batch}"
@@ -153,7 +173,9 @@ def main() -> None:
             f"channels_last={backend.channels_last}\n"
             f"backend.run on the graph: host {call['host_ms']:.3f} ms, total {call['total_ms']:.3f} ms\n"
             f"E(x~) alone, graphed: as given (autocast casts) {enc['as_given_ms']:.3f} ms, "
-            f"backend's copy {enc['copy_ms']:.3f} ms (copy made: {enc['copy']})\n"
+            f"backend's copy {enc['copy_ms']:.3f} ms (copy made: {enc['copy']}), torch.compile'd copy "
+            f"{_ms(enc.get('compiled_copy_ms'))} (least cosine to the copy's features: "
+            f"{enc.get('compiled_cosine_min', float('nan')):.6f})\n"
             f"eager phases (device ms): " + ", ".join(f"{k} {v:.3f}" for k, v in report["phases_ms"].items())
             + f"\n{table}\n")
     stem.with_suffix(".txt").write_text(text)
