@@ -128,7 +128,9 @@ def test_gpu_check_shell_script_runs_from_the_source_tree_where_pip_fails(tmp_pa
     python.write_text(FAILING_PIP.format(hide=hide, python=sys.executable))
     python.chmod(0o755)
     args = "--device cpu --size 16 --feature-dim 16 --width 4 --batches 2 --steps 1 --encoder mobilefacenet --reps 1 1"
-    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHON": str(python), "GPU_CHECK_ARGS": args}
+    profile = "--device cpu --size 16 --feature-dim 16 --width 4 --batch 2 --steps 1 --encoder mobilefacenet " \
+              "--reps 1 --dtype fp16 --no-compile-encoder"
+    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHON": str(python), "GPU_CHECK_ARGS": args, "PROFILE_ARGS": profile}
     done = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), "out"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     out = tmp_path / "out"
@@ -140,3 +142,5 @@ def test_gpu_check_shell_script_runs_from_the_source_tree_where_pip_fails(tmp_pa
     assert "<testsuite" in (out / "pytest_gpu.xml").read_text()
     assert "benchmark exit code 0" in (out / "bench_log.txt").read_text(), (out / "bench_log.txt").read_text()[-2000:]
     assert json.loads((out / "bench.json").read_text())["results"]
+    assert "profile exit code 0" in (out / "profile_log.txt").read_text(), (out / "profile_log.txt").read_text()[-2000:]
+    assert json.loads((out / "profile_B2.json").read_text())["phases_ms"]
