@@ -14,7 +14,7 @@ from .backends.decoder import as_input_of, first_float, own_parameters, submodul
 from .config import ProtectConfig
 
 _FROZEN_LOCK = threading.Lock()
-_FROZEN: dict[int, list] = {}  # id(module) -> [entries, [modules in training mode], [parameters needing grad]]
+_FROZEN: dict[int, list] = {}  # id(module) -> [entries, [(submodule, training)] if any trained, [grad params]]
 
 
 @contextlib.contextmanager
@@ -23,16 +23,17 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
 
     Safe when calls overlap on the same modules (threads, or Protectors sharing models): the
     first to enter saves the modules' state, the last to leave restores it. Only what was on is
-    switched off and back on, so models already frozen cost one walk of their modules."""
+    switched off and back on (``train()`` is called, so overrides of it run), so models already
+    frozen cost one walk of their modules."""
     with _FROZEN_LOCK:
         for module in modules:
             entry = _FROZEN.get(id(module))
             if entry is None:
                 found = submodules(module)
-                training = [m for m in found if m.training]
+                modes = [(m, m.training) for m in found] if any(m.training for m in found) else []
                 grads = [p for p in own_parameters(found) if p.requires_grad]
-                _FROZEN[id(module)] = [1, training, grads]
-                if training:
+                _FROZEN[id(module)] = [1, modes, grads]
+                if modes:
                     module.eval()
                 for p in grads:
                     p.requires_grad_(False)
@@ -47,8 +48,10 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
                 entry[0] -= 1
                 if entry[0] == 0:
                     del _FROZEN[id(module)]
-                    for m in entry[1]:
-                        m.training = True
+                    if entry[1]:  # train() as the old mode asks (overrides run), then each module's own flag
+                        module.train(entry[1][0][1])
+                        for m, mode in entry[1]:
+                            m.training = mode
                     for p in entry[2]:
                         p.requires_grad_(True)
 

@@ -84,7 +84,7 @@ def phases(backend: FusedBackend, z: torch.Tensor, steps: int, rows: int) -> tup
         with record_function("S(z)"):
             x_shadow, _ = backend.plan.forward(z, keep=False)
         with record_function("E(x~)"):
-            anchor = F.normalize(backend._encode(x_shadow, backend._encoder_for(x_shadow)).float(), dim=1)
+            anchor = F.normalize(backend._encode(x_shadow, *backend._encoder_for(x_shadow)).float(), dim=1)
         z_t = anchor.clone()
         with record_function("steps"):
             for t in range(steps):
@@ -146,23 +146,21 @@ def main() -> None:
         report["call"] = call_times(backend, z, args.reps)
 
         x_shadow, _ = backend.plan.forward(z, keep=False)
-        copied = backend._encoder_for(x_shadow)
-        report["encoder"] = {"copy": copied is not backend.encoder}
-        forms = [("as_given_ms", backend.encoder), ("copy_ms", copied)]
+        copied, nhwc = backend._encoder_for(x_shadow)
+        report["encoder"] = {"copy": copied is not backend.encoder, "nhwc": nhwc}
+        forms = [("as_given_ms", backend.encoder, False), ("copy_ms", copied, nhwc)]
         if args.compile_encoder:  # a candidate, measured here before the backend would use it
-            forms.append(("compiled_copy_ms", torch.compile(copied)))
-        for label, module in forms:
+            forms.append(("compiled_copy_ms", torch.compile(copied), nhwc))
+        for label, module, layout in forms:
             try:
-                run = graphed(lambda module=module: backend._encode(x_shadow, module), device)
+                run = graphed(lambda module=module, layout=layout: backend._encode(x_shadow, module, layout), device)
                 report["encoder"][label] = median_ms(run, args.reps, device)
             except Exception as err:  # noqa: BLE001 - e.g. no compiler toolchain: report it, keep going
                 report["encoder"][label] = None
                 report["encoder"][label.replace("_ms", "_error")] = f"{type(err).__name__}: {str(err)[:300]}"
         if args.compile_encoder and report["encoder"]["compiled_copy_ms"] is not None:
-            with torch.autocast(device.type, dtype=backend.plan.dtype, enabled=args.dtype in ("bf16", "fp16")):
-                want = backend._encode(x_shadow, copied).float()
-                got = forms[-1][1](x_shadow.contiguous(memory_format=torch.channels_last) if backend.channels_last
-                                   else x_shadow).float()
+            want = backend._encode(x_shadow, copied, nhwc).float()
+            got = backend._encode(x_shadow, forms[-1][1], nhwc).float()
             report["encoder"]["compiled_cosine_min"] = F.cosine_similarity(want, got).min().item()
 
         report["phases_ms"], table = phases(backend, z, args.steps, args.rows)

@@ -20,7 +20,7 @@ import advface_engine.backends as backends
 import advface_engine.backends.fused as fused_module
 import advface_engine.backends.plan as plan_module
 from advface_engine.backends import UnsupportedModelError
-from advface_engine.backends.decoder import encoder_copy
+from advface_engine.backends.decoder import autocast_copy
 from advface_engine.backends.fused import EagerGraph, FusedBackend
 from advface_engine.backends.reference import ReferenceBackend, project, shadow_targets, step_direction
 from advface_engine.kernels import is_nhwc
@@ -158,8 +158,8 @@ def test_channels_last_runs_an_nhwc_copy_of_the_encoder(dtype, models):
         nhwc = FusedBackend(shadow, encoder, CFG, dtype=dtype, channels_last=True, graphs=False)
         nchw = FusedBackend(shadow, encoder, CFG, dtype=dtype, channels_last=False, graphs=False)
         anchors = nhwc.targets(z)[1], nchw.targets(z)[1]
-        copy = nhwc._encoder_copy
-        assert copy is not None and copy is not encoder
+        copy, layout = nhwc._encoder_copy
+        assert layout and copy is not encoder
         assert is_nhwc(next(p for p in copy.parameters() if p.dim() == 4))
         assert all(not is_nhwc(p) for p in encoder.parameters())  # the caller's encoder is left alone
         torch.testing.assert_close(anchors[0], anchors[1], **({"rtol": 1e-5, "atol": 1e-6} if dtype == "fp32" else
@@ -168,7 +168,7 @@ def test_channels_last_runs_an_nhwc_copy_of_the_encoder(dtype, models):
         next(encoder.parameters()).mul_(0.5)
     with frozen(shadow, encoder):
         nhwc.run(z)
-        assert nhwc._encoder_copy is not None and nhwc._encoder_copy is not copy
+        assert nhwc._encoder_copy is not None and nhwc._encoder_copy[0] is not copy
     protector = afe.Protector(shadow_variant("dcgan"), ViewEncoder().eval(), CFG, backend="fused",
                               backend_options={"channels_last": True})
     with pytest.warns(UserWarning, match="encoder runs as it is"):
@@ -200,11 +200,12 @@ def test_encoder_copy_stores_autocast_weights(channels_last, models):
     """fp16: E's copy holds its convolution, Linear and PReLU weights in fp16 (what autocast casts at
     every call) and gives E's features to the bit in NCHW; BatchNorm stays fp32, E is left alone."""
     shadow, encoder = shadow_variant("dcgan"), models[1]
-    with frozen(shadow, encoder):
+    with frozen(shadow, encoder), warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing falls back
         backend = FusedBackend(shadow, encoder, CFG, dtype="fp16", channels_last=channels_last, graphs=False)
         x_shadow, anchor = backend.targets(features(4))
-        copied = backend._encoder_copy
-        assert copied is not None and copied is not encoder
+        copied, nhwc = backend._encoder_copy
+        assert copied is not encoder and nhwc == channels_last
         layers = [m for m in copied.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.PReLU))]
         assert layers and all(p.dtype == torch.float16 for m in layers for p in m.parameters())
         norms = [m for m in copied.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -218,18 +219,65 @@ def test_encoder_copy_stores_autocast_weights(channels_last, models):
             assert torch.equal(anchor, expected)
 
 
-def test_encoder_copy_only_where_it_is_the_same_function():
-    """No copy without autocast or NHWC, or without weights; exact layer types and non-float64 weights only."""
-    encoder = nn.Sequential(nn.Conv2d(3, 4, 3), ScaledConv(4, 4, 3), nn.Conv2d(4, 4, 1).double())
-    assert encoder_copy(encoder, None, nhwc=False) is None
-    assert encoder_copy(nn.Flatten(), torch.float16, nhwc=True) is None  # no weights (e.g. an ONNX session)
-    assert encoder_copy(nn.Sequential(nn.BatchNorm2d(3)), torch.float16, nhwc=False) is None
-    assert encoder_copy(nn.Sequential(nn.Conv2d(3, 4, 3).half()), torch.float16, nhwc=False) is None
-    copied = encoder_copy(encoder, torch.bfloat16, nhwc=False)
-    assert [m.weight.dtype for m in copied] == [torch.bfloat16, torch.float32, torch.float64]
+def test_autocast_copy_casts_only_what_autocast_casts():
+    """Exact layer types and non-float64 weights; no copy where nothing would be cast."""
+    encoder = nn.Sequential(nn.Conv2d(3, 4, 3), ScaledConv(4, 4, 3), nn.Conv2d(4, 4, 1).double(), nn.PReLU())
+    assert autocast_copy(nn.Flatten(), torch.float16) is None
+    assert autocast_copy(nn.Sequential(nn.BatchNorm2d(3)), torch.float16) is None
+    assert autocast_copy(nn.Sequential(nn.Conv2d(3, 4, 3).half()), torch.float16) is None
+    copied = autocast_copy(encoder, torch.bfloat16)
+    assert [m.weight.dtype for m in copied] == [torch.bfloat16, torch.float32, torch.float64, torch.bfloat16]
     assert encoder[0].weight.dtype == torch.float32
-    nhwc = encoder_copy(encoder, None, nhwc=True)
-    assert is_nhwc(nhwc[0].weight) and nhwc[0].weight.dtype == torch.float32
+
+
+class OwnPrecisionEncoder(nn.Module):
+    """Runs its convolution in fp32 with autocast off, as some encoders do: fp16 weights break it."""
+
+    def __init__(self, size: int = 16, dim: int = 16):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * size * size, dim)
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            x = self.conv(x.float())
+        return self.fc(x.flatten(1))
+
+
+class SpectralEncoder(nn.Module):
+    """A conv under old-style spectral_norm: its weight is recomputed from cast parameters."""
+
+    def __init__(self, size: int = 16, dim: int = 16):
+        super().__init__()
+        self.conv = nn.utils.spectral_norm(nn.Conv2d(3, 4, 3, padding=1))
+        self.fc = nn.Linear(4 * size * size, dim)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).flatten(1))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("make,why", [(OwnPrecisionEncoder, "RuntimeError"), (SpectralEncoder, "features change")],
+                         ids=["own-precision", "spectral-norm"])
+def test_encoder_copy_with_cast_weights_only_where_exact(make, why, channels_last):
+    """A copy with cast weights that fails or changes E's features is not used (with a warning);
+    the NHWC copy of E itself still is where it gives E's features."""
+    torch.manual_seed(0)
+    shadow, encoder = shadow_variant("dcgan"), make().eval()
+    z = features(4)
+    with frozen(shadow, encoder):
+        backend = FusedBackend(shadow, encoder, CFG, dtype="fp16", channels_last=channels_last, graphs=False)
+        with pytest.warns(UserWarning, match=f"stored in fp16.*{why}"):
+            anchor = backend.targets(z)[1]
+        with torch.autocast("cpu", dtype=torch.float16, cache_enabled=False):
+            expected = F.normalize(encoder(backend.targets(z)[0]).float(), dim=1)
+        if channels_last:
+            copied, nhwc = backend._encoder_copy
+            assert nhwc and is_nhwc(copied.conv.weight) and copied.fc.weight.dtype == torch.float32
+            torch.testing.assert_close(anchor, expected, rtol=2e-2, atol=2e-2)
+        else:
+            assert backend._encoder_copy is None
+            assert torch.equal(anchor, expected)
 
 
 def test_encoder_copy_with_other_features_is_not_used():
@@ -240,7 +288,7 @@ def test_encoder_copy_with_other_features_is_not_used():
     with frozen(shadow, encoder):
         nchw = FusedBackend(shadow, encoder, CFG, channels_last=False, graphs=False)
         nhwc = FusedBackend(shadow, encoder, CFG, channels_last=True, graphs=False)
-        with pytest.warns(UserWarning, match="features differ from the encoder's"):
+        with pytest.warns(UserWarning, match="in NHWC layout its features differ"):
             anchor = nhwc.targets(z)[1]
         assert nhwc._encoder_copy is None
         assert torch.equal(anchor, nchw.targets(z)[1])
@@ -700,7 +748,7 @@ def test_gpu_channels_last_close_to_reference(dtype):
     backend = FusedBackend(shadow, encoder, CFG, dtype=dtype, channels_last=True, graphs=True)
     got = _run(backend, z)
     assert backend.graphs and is_nhwc(backend.plan.hidden(z, keep=False)[0])
-    assert backend._encoder_copy is not None  # the anchor came from the encoder's channels_last copy
+    assert backend._encoder_copy[1]  # the anchor came from the encoder's channels_last copy
     assert agreement(got, _reference_fp32(shadow, encoder, z), CFG.alpha) >= (0.95 if dtype == "bf16" else 0.999)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_models
+from torch import nn
 
 import advface_engine as afe
 
@@ -165,6 +166,31 @@ def test_mixed_modes_and_grad_flags_restored_module_by_module(models, features):
         hook.remove()
     assert [m.training for m in S.modules()] + [m.training for m in E.modules()] == modes
     assert [p.requires_grad for p in list(S.parameters()) + list(E.parameters())] == flags and last.requires_grad
+
+
+class ModeFlag(nn.Module):
+    """Overrides train() to keep state in step with the mode (a cache used only in eval)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.use_cache = inner, False
+
+    def forward(self, z):
+        return self.inner(z)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.use_cache = not mode
+        return self
+
+
+def test_overridden_train_runs_when_restored(models, features):
+    """Restoring a training model goes through its train(), so state kept beside the mode follows."""
+    S, E = models
+    shadow = ModeFlag(S).train()
+    protector = afe.Protector(shadow, E, afe.ProtectConfig(steps=1))
+    protector(features)
+    assert shadow.training and S.training and not shadow.use_cache
 
 
 def test_output_keeps_shape_dtype_device(models, features):

@@ -1,5 +1,5 @@
 """Faster but equal forms of a decoder (eval BatchNorm folded into the layer before it, a channels_last
-layout) and of an encoder (weights stored as autocast casts them); plus a key that changes when a
+layout) and of an encoder (the weights autocast casts stored cast); plus a key that changes when a
 module's weights change (to rebuild them)."""
 
 from __future__ import annotations
@@ -81,29 +81,28 @@ AUTOCAST_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvT
                    nn.Linear, nn.PReLU)
 
 
-def encoder_copy(encoder: nn.Module, autocast: torch.dtype | None, nhwc: bool) -> nn.Module | None:
-    """A copy of E that computes what E computes under ``torch.autocast(dtype=autocast)`` (None: no
-    autocast), with less work per call; None when it would be E itself.
+def autocast_copy(encoder: nn.Module, dtype: torch.dtype) -> nn.Module | None:
+    """A copy of E for runs under ``torch.autocast(dtype=dtype)``, with the weights autocast casts at every
+    call stored cast; None when there is nothing to cast.
 
-    Autocast without its cache (a CUDA graph cannot hold it) casts every weight of E's convolutions,
-    Linear and PReLU layers at every call, one kernel each: the copy stores them cast (the same
-    rounding, so the same output to the bit). Only those exact layer types, and float32/float16/bfloat16
-    weights (autocast leaves float64 alone). With ``nhwc``, the copy's weights are channels_last too.
+    Autocast without its cache (a CUDA graph cannot hold it) casts the weights of E's convolutions,
+    Linear and PReLU layers at every call, one kernel each; the copy does it once, with the same
+    rounding. Only those exact layer types, and float32/float16/bfloat16 weights (autocast leaves
+    float64 alone). The same output to the bit is expected, not assumed: weight hooks (old-style
+    weight_norm, spectral_norm), a weight used elsewhere or an autocast of E's own would break it,
+    so the caller checks (FusedBackend._faster_encoder).
     """
     def castable(m: nn.Module) -> bool:
         tensors = list(itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False)))
         return (type(m) in AUTOCAST_LAYERS and all(t.dtype != torch.float64 for t in tensors)
-                and any(t.is_floating_point() and t.dtype != autocast for t in tensors))
+                and any(t.is_floating_point() and t.dtype != dtype for t in tensors))
 
-    if first_float(encoder) is None:  # no weights to lay out or cast (an ONNX session's encoder)
-        return None
-    if not nhwc and (autocast is None or not any(castable(m) for m in encoder.modules())):
+    if not any(castable(m) for m in encoder.modules()):
         return None
     copied = copy.deepcopy(encoder)
-    if autocast is not None:
-        for m in [m for m in copied.modules() if castable(m)]:
-            m.to(autocast)
-    return copied.to(memory_format=torch.channels_last) if nhwc else copied
+    for m in [m for m in copied.modules() if castable(m)]:
+        m.to(dtype)
+    return copied
 
 
 def submodules(*roots: nn.Module) -> list[nn.Module]:

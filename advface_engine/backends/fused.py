@@ -12,6 +12,7 @@ shadow_targets, random_start, project.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 
 import torch
@@ -23,7 +24,7 @@ from ..kernels import interpreted
 from ..kernels.linear_step import linear_sign_step
 from ..kernels.sign_step import sign_step_project
 from . import FUSED_DTYPES, check_fused_options
-from .decoder import as_input_of, encoder_copy, first_float, weights_key
+from .decoder import as_input_of, autocast_copy, first_float, weights_key
 from .plan import build_plan
 from .reference import random_start
 
@@ -140,7 +141,7 @@ class FusedBackend:
 
     dtype:   decoder precision, "fp32" (default), "tf32", "bf16" or "fp16"; the encoder runs under
              autocast for bf16/fp16 (a copy of it with the weights autocast casts stored cast,
-             see _encoder_for). z, anchor and steps stay float32. On a CPU (Triton's
+             see _faster_encoder). z, anchor and steps stay float32. On a CPU (Triton's
              interpreter, for tests) fp32 and fp16 only.
     graphs:  on a GPU, capture the whole protection once per ``graph_size(B)`` and replay it; a
              batch is padded up to that size (a short last batch reuses the full batches' capture
@@ -186,7 +187,7 @@ class FusedBackend:
         self.plan = build_plan(self.shadow, FUSED_DTYPES[self.dtype], device, self.channels_last, self.dtype == "tf32")
         self._graphs.clear()
         self._capture_stream = self._pool = None  # made at the first capture, on the models' device
-        self._encoder_copy: nn.Module | None | bool = False  # False: not tried yet (see _encoder_for)
+        self._encoder_copy: tuple[nn.Module, bool] | None | bool = False  # False: not tried yet (_encoder_for)
         self._key = weights_key(self.shadow, self.encoder)
 
     # -- the algorithm, written once for eager runs and graph capture --------------------------
@@ -195,46 +196,66 @@ class FusedBackend:
         """x~ = S(z) (through the plan, so that z_t == z gives exact ties) and the fp32 anchor (Eq. 3)."""
         x_shadow, _ = self.plan.forward(z, keep=False)
         if self.config.anchor == "shadow":
-            anchor = self._encode(x_shadow, self._encoder_for(x_shadow)).float()
+            anchor = self._encode(x_shadow, *self._encoder_for(x_shadow)).float()
         else:
             anchor = z.float().clone()
         if self.config.normalize:
             anchor = F.normalize(anchor, dim=1)
         return x_shadow, anchor.contiguous()
 
-    def _encode(self, x_shadow: Tensor, encoder: nn.Module) -> Tensor:
+    def _encode(self, x_shadow: Tensor, encoder: nn.Module, nhwc: bool = False) -> Tensor:
         """E(x~): under autocast for bf16/fp16; NHWC input for a channels_last copy, else contiguous."""
-        nhwc = self.channels_last and encoder is not self.encoder
         layout = torch.channels_last if nhwc else torch.contiguous_format
         if self.dtype in ("bf16", "fp16"):
             with torch.autocast(x_shadow.device.type, dtype=self.plan.dtype, cache_enabled=False):  # graph-safe
                 return encoder(x_shadow.contiguous(memory_format=layout))
         return encoder(as_input_of(encoder, x_shadow, torch.float32).contiguous(memory_format=layout))
 
-    def _encoder_for(self, x_shadow: Tensor) -> nn.Module:
-        """The encoder to run: E itself, or once it has run one image of this shape (eagerly, before any
-        capture: warm-up runs come first) with features within rounding of E's, its copy from
-        ``encoder_copy``: weights stored in bf16/fp16 (autocast's casts, done once) and, with
-        channels_last, laid out NHWC. The copy is a second set of E's weights on the device, until
-        the next rebuild. Where it fails (e.g. E flattens with .view, which NHWC activations refuse,
-        or reads memory in NCHW order), E itself runs, with a warning."""
+    def _encoder_for(self, x_shadow: Tensor) -> tuple[nn.Module, bool]:
+        """(encoder, NHWC input?) to run: E, or the faster copy of it that _faster_encoder chose on the
+        first image (eagerly, before any capture: warm-up runs come first)."""
         if self._encoder_copy is False:
-            self._encoder_copy = None
             capturing = x_shadow.is_cuda and torch.cuda.is_current_stream_capturing()
-            autocast = self.plan.dtype if self.dtype in ("bf16", "fp16") else None
+            self._encoder_copy = None if capturing else self._faster_encoder(x_shadow[:1])
+        return self._encoder_copy or (self.encoder, False)
+
+    def _faster_encoder(self, image: Tensor) -> tuple[nn.Module, bool] | None:
+        """A copy of E that gives E's features with less work, checked on ``image``; None: E itself.
+
+        bf16/fp16: the weights autocast casts at every call stored cast (autocast_copy), kept only if
+        its features equal E's to the bit. channels_last: that copy (or one of E) laid out NHWC, kept
+        if its features are within rounding of E's (cosine >= COPY_COSINE: E may flatten with .view,
+        which NHWC activations refuse, or read memory in NCHW order). A second set of E's weights on
+        the device until the next rebuild; made once, so hooks added to E later do not reach it.
+        Whatever fails is said in one warning."""
+        if first_float(self.encoder) is None:  # nothing to cast or lay out (an ONNX session's encoder)
+            return None
+        want = self._encode(image, self.encoder)
+        chosen, problems = None, []
+        if self.dtype in ("bf16", "fp16"):
             try:
-                copied = None if capturing else encoder_copy(self.encoder, autocast, self.channels_last)
-                if copied is not None:
-                    image = x_shadow[:1]
-                    same = F.cosine_similarity(self._encode(image, copied).float().flatten(1),
-                                               self._encode(image, self.encoder).float().flatten(1))
-                    if not bool(same.min() >= COPY_COSINE):  # NaN fails too
-                        raise ValueError(f"its features differ from the encoder's (cosine {same.min().item():.4f})")
-                    self._encoder_copy = copied
-            except Exception as err:  # noqa: BLE001 - any failure: the encoder as it is
-                warnings.warn(f"the encoder runs as it is, not as a faster copy (channels_last={self.channels_last}, "
-                              f"{self.dtype} weights): {type(err).__name__}: {err}", stacklevel=4)
-        return self._encoder_copy if self._encoder_copy is not None else self.encoder
+                cast = autocast_copy(self.encoder, self.plan.dtype)
+                if cast is not None and torch.equal(self._encode(image, cast), want):
+                    chosen = (cast, False)
+                elif cast is not None:
+                    problems.append(f"with its weights stored in {self.dtype} its features change")
+            except Exception as err:  # noqa: BLE001 - any failure: without that copy
+                problems.append(f"with its weights stored in {self.dtype}: {type(err).__name__}: {err}")
+        if self.channels_last:
+            try:
+                nhwc = copy.deepcopy(chosen[0] if chosen else self.encoder).to(memory_format=torch.channels_last)
+                same = F.cosine_similarity(self._encode(image, nhwc, True).float().flatten(1),
+                                           want.float().flatten(1))
+                if bool(same.min() >= COPY_COSINE):  # NaN fails too
+                    chosen = (nhwc, True)
+                else:
+                    problems.append(f"in NHWC layout its features differ (cosine {same.min().item():.4f})")
+            except Exception as err:  # noqa: BLE001 - any failure: without that copy
+                problems.append(f"in NHWC layout: {type(err).__name__}: {err}")
+        if problems:
+            runs = "as it is" if chosen is None else "in NHWC layout" if chosen[1] else f"with {self.dtype} weights"
+            warnings.warn(f"the encoder runs {runs}, not as its fastest copy: {'; '.join(problems)}", stacklevel=5)
+        return chosen
 
     def decoder_gradient(self, z_t: Tensor, x_shadow: Tensor, loss: Tensor | None = None) -> Tensor:
         """The L1 gradient carried back to the first Linear's output (or to z if there is none)."""
