@@ -17,6 +17,44 @@ _FROZEN_LOCK = threading.Lock()
 _FROZEN: dict[int, list] = {}  # id(module) -> [entries, [(submodule, training)] if any trained, [grad params]]
 
 
+def _freeze(module: nn.Module) -> None:
+    """Enter ``frozen`` for one module (under _FROZEN_LOCK): the first entry saves and switches off."""
+    entry = _FROZEN.get(id(module))
+    if entry is not None:
+        entry[0] += 1
+        return
+    found = submodules(module)
+    modes = [(m, m.training) for m in found] if any(m.training for m in found) else []
+    grads = [p for p in own_parameters(found) if p.requires_grad]
+    _FROZEN[id(module)] = [1, modes, grads]
+    try:
+        if modes:
+            module.eval()
+        for p in grads:
+            p.requires_grad_(False)
+    except BaseException:
+        _FROZEN[id(module)][0] = 0
+        _restore(module)
+        raise
+
+
+def _thaw(module: nn.Module) -> None:
+    """Leave ``frozen`` for one module (under _FROZEN_LOCK): the last to leave restores."""
+    _FROZEN[id(module)][0] -= 1
+    if _FROZEN[id(module)][0] == 0:
+        _restore(module)
+
+
+def _restore(module: nn.Module) -> None:
+    _, modes, grads = _FROZEN.pop(id(module))
+    if modes:  # train() as the old mode asks (overrides run), then each module's own flag
+        module.train(modes[0][1])
+        for m, mode in modes:
+            m.training = mode
+    for p in grads:
+        p.requires_grad_(True)
+
+
 @contextlib.contextmanager
 def frozen(*modules: nn.Module) -> Iterator[None]:
     """Eval mode and no parameter gradients for the call; both restored after, module by module.
@@ -24,36 +62,18 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
     Safe when calls overlap on the same modules (threads, or Protectors sharing models): the
     first to enter saves the modules' state, the last to leave restores it. Only what was on is
     switched off and back on (``train()`` is called, so overrides of it run), so models already
-    frozen cost one walk of their modules."""
-    with _FROZEN_LOCK:
-        for module in modules:
-            entry = _FROZEN.get(id(module))
-            if entry is None:
-                found = submodules(module)
-                modes = [(m, m.training) for m in found] if any(m.training for m in found) else []
-                grads = [p for p in own_parameters(found) if p.requires_grad]
-                _FROZEN[id(module)] = [1, modes, grads]
-                if modes:
-                    module.eval()
-                for p in grads:
-                    p.requires_grad_(False)
-            else:
-                entry[0] += 1
+    frozen cost one walk of their modules. A failure on the way in restores what was entered."""
+    entered: list[nn.Module] = []
     try:
+        with _FROZEN_LOCK:
+            for module in modules:
+                _freeze(module)
+                entered.append(module)
         yield
     finally:
         with _FROZEN_LOCK:
-            for module in modules:
-                entry = _FROZEN[id(module)]
-                entry[0] -= 1
-                if entry[0] == 0:
-                    del _FROZEN[id(module)]
-                    if entry[1]:  # train() as the old mode asks (overrides run), then each module's own flag
-                        module.train(entry[1][0][1])
-                        for m, mode in entry[1]:
-                            m.training = mode
-                    for p in entry[2]:
-                        p.requires_grad_(True)
+            for module in entered:
+                _thaw(module)
 
 
 def check_features(z: Tensor) -> None:

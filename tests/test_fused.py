@@ -20,7 +20,7 @@ import advface_engine.backends as backends
 import advface_engine.backends.fused as fused_module
 import advface_engine.backends.plan as plan_module
 from advface_engine.backends import UnsupportedModelError
-from advface_engine.backends.decoder import autocast_copy
+from advface_engine.backends.decoder import autocast_copy, weights_key
 from advface_engine.backends.fused import EagerGraph, FusedBackend
 from advface_engine.backends.reference import ReferenceBackend, project, shadow_targets, step_direction
 from advface_engine.kernels import is_nhwc
@@ -578,6 +578,26 @@ def test_graph_sizes_padding_noise_and_eviction(monkeypatch, models):
         shadow[0].weight.mul_(-1.0)
     both(z[:2])  # new weights: plan rebuilt, captures dropped
     assert list(graphed._graphs) == [2]
+
+
+def test_weights_key_sees_every_change():
+    """The rebuild trigger: in-place edits, replacement (even by a view of the same storage), new
+    submodules, dtype moves and mode flips change it; a forward and requires_grad do not."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
+    key = weights_key(model)
+    model(torch.randn(3, 4))
+    model.requires_grad_(False)
+    assert weights_key(model) == key
+    for edit in (lambda: model[0].weight.add_(1.0),
+                 lambda: setattr(model[0], "weight", nn.Parameter(model[0].weight.detach().t())),
+                 lambda: model[1].running_var.mul_(2.0),
+                 lambda: model.append(nn.ReLU()),
+                 lambda: model.double(),
+                 lambda: model[1].train()):
+        before = weights_key(model)
+        with torch.no_grad():
+            edit()
+        assert weights_key(model) != before
 
 
 def test_a_failed_capture_falls_back_to_eager_runs(models):

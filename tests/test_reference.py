@@ -9,6 +9,7 @@ from conftest import tiny_models
 from torch import nn
 
 import advface_engine as afe
+from advface_engine.protect import _FROZEN, frozen
 
 
 def equations(z, S, E, eps, alpha, steps, norm="linf", constraint="ball", anchor="shadow", normalize=True,
@@ -191,6 +192,23 @@ def test_overridden_train_runs_when_restored(models, features):
     protector = afe.Protector(shadow, E, afe.ProtectConfig(steps=1))
     protector(features)
     assert shadow.training and S.training and not shadow.use_cache
+
+
+class RefusesEval(nn.Linear):
+    def train(self, mode: bool = True):
+        if not mode:
+            raise RuntimeError("no eval mode here")
+        return super().train(mode)
+
+
+def test_failure_on_the_way_in_restores_what_was_entered(models):
+    S, _ = models
+    S.train()
+    flags = [p.requires_grad for p in S.parameters()]
+    with pytest.raises(RuntimeError, match="no eval mode"), frozen(S, RefusesEval(2, 2)):
+        pass
+    assert S.training and [p.requires_grad for p in S.parameters()] == flags
+    assert not _FROZEN
 
 
 def test_output_keeps_shape_dtype_device(models, features):

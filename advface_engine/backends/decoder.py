@@ -126,8 +126,9 @@ def own_parameters(modules: list[nn.Module]) -> list[Tensor]:
 
 
 def weights_key(*modules: nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer of ``modules`` is replaced, moved or modified in place, or a
-    mode flips. (Edits through ``.data`` bypass the version counters: build a new backend after them.)"""
+    """Changes whenever a parameter or buffer of ``modules`` is replaced (even by a view of its own
+    storage), moved or modified in place, or a mode flips. (Edits through ``.data`` bypass the version
+    counters: build a new backend after them.)"""
     found = submodules(*modules)
     tensors = own_parameters(found) + [b for m in found for b in m._buffers.values() if b is not None]
-    return tuple((t.data_ptr(), t._version) for t in tensors), tuple(m.training for m in found)
+    return tuple((id(t), t.data_ptr(), t._version) for t in tensors), tuple(m.training for m in found)
