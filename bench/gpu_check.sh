@@ -3,7 +3,7 @@
 # (bench/gpu_check.py), all results under OUTDIR. Each part has its own time limit and a
 # failure in one does not stop the next; under 6 minutes (140 s + 190 s + installing).
 # Usage: bench/gpu_check.sh OUTDIR   (GPU_CHECK_ARGS: extra arguments for gpu_check.py, e.g. a CPU smoke run;
-#        PROFILE_ARGS: also run bench/profile_fused.py with these arguments, e.g. "--batch 1", up to 5 more minutes)
+#        PROFILE_ARGS: also run bench/profile_fused.py with these arguments, e.g. "--batch 1", up to 4 more minutes)
 set -u
 PY="${PYTHON:-python3}"  # the interpreter that holds torch (python3 on the lent GPU machines)
 mkdir -p "${1:-gpu_check}"
@@ -28,7 +28,7 @@ echo "pytest exit code $?" >> "$OUT/pytest_gpu.txt"
 timeout -k 10 190 "$PY" bench/gpu_check.py --out "$OUT" --budget 130 ${GPU_CHECK_ARGS:-} > "$OUT/bench_log.txt" 2>&1
 echo "benchmark exit code $?" >> "$OUT/bench_log.txt"
 if [ -n "${PROFILE_ARGS:-}" ]; then  # optional, past the 6 minutes: bench/profile_fused.py, e.g. "--batch 1"
-  timeout -k 10 300 "$PY" bench/profile_fused.py --out "$OUT" $PROFILE_ARGS > "$OUT/profile_log.txt" 2>&1
+  timeout -k 10 240 "$PY" bench/profile_fused.py --out "$OUT" $PROFILE_ARGS > "$OUT/profile_log.txt" 2>&1
   echo "profile exit code $?" >> "$OUT/profile_log.txt"
 fi
 tail -n 15 "$OUT/pytest_gpu.txt"

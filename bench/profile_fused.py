@@ -140,45 +140,49 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report: dict = {"gpu": name, "torch": torch.__version__, "args": vars(args)}
     z = F.normalize(torch.randn(args.batch, dim, device=device), dim=1)
-    with frozen(shadow, encoder), torch.no_grad():
+    stem = out / f"profile_B{args.batch}"
+    with frozen(shadow, encoder), torch.no_grad():  # slowest part last; the JSON is rewritten after each
         backend = FusedBackend(shadow, encoder, cfg, dtype=args.dtype, channels_last=layout)
         report["channels_last"] = backend.channels_last
         report["call"] = call_times(backend, z, args.reps)
+        write_json(stem.with_suffix(".json"), report)
 
         x_shadow, _ = backend.plan.forward(z, keep=False)
         copied, nhwc = backend._encoder_for(x_shadow)
         report["encoder"] = {"copy": copied is not backend.encoder, "nhwc": nhwc}
-        forms = [("as_given_ms", backend.encoder, False), ("copy_ms", copied, nhwc)]
-        if args.compile_encoder:  # a candidate, measured here before the backend would use it
-            forms.append(("compiled_copy_ms", torch.compile(copied), nhwc))
-        for label, module, layout in forms:
+
+        def time_encoder(label: str, module, layout: bool) -> bool:
             try:
-                run = graphed(lambda module=module, layout=layout: backend._encode(x_shadow, module, layout), device)
+                run = graphed(lambda: backend._encode(x_shadow, module, layout), device)
                 report["encoder"][label] = median_ms(run, args.reps, device)
             except Exception as err:  # noqa: BLE001 - e.g. no compiler toolchain: report it, keep going
                 report["encoder"][label] = None
                 report["encoder"][label.replace("_ms", "_error")] = f"{type(err).__name__}: {str(err)[:300]}"
-        if args.compile_encoder and report["encoder"]["compiled_copy_ms"] is not None:
-            want = backend._encode(x_shadow, copied, nhwc).float()
-            got = backend._encode(x_shadow, forms[-1][1], nhwc).float()
-            report["encoder"]["compiled_cosine_min"] = F.cosine_similarity(want, got).min().item()
+            write_json(stem.with_suffix(".json"), report)
+            return report["encoder"][label] is not None
 
+        time_encoder("as_given_ms", backend.encoder, False)
+        time_encoder("copy_ms", copied, nhwc)
         report["phases_ms"], table = phases(backend, z, args.steps, args.rows)
-    stem = out / f"profile_B{args.batch}"
+        write_json(stem.with_suffix(".json"), report)
+        if args.compile_encoder:  # a candidate, measured here before the backend would use it
+            compiled = torch.compile(copied)
+            if time_encoder("compiled_copy_ms", compiled, nhwc):
+                want, got = (backend._encode(x_shadow, m, nhwc).float() for m in (copied, compiled))
+                report["encoder"]["compiled_cosine_min"] = F.cosine_similarity(want, got).min().item()
     write_json(stem.with_suffix(".json"), report)
     call, enc = report["call"], report["encoder"]
     text = (f"{name}  torch {torch.__version__}  {args.encoder}  B={args.batch}  T={args.steps}  {args.dtype}  "
             f"channels_last={backend.channels_last}\n"
             f"backend.run on the graph: host {call['host_ms']:.3f} ms, total {call['total_ms']:.3f} ms\n"
             f"E(x~) alone, graphed: as given (autocast casts) {enc['as_given_ms']:.3f} ms, "
-            f"backend's copy {enc['copy_ms']:.3f} ms (copy made: {enc['copy']}), torch.compile'd copy "
-            f"{_ms(enc.get('compiled_copy_ms'))} (least cosine to the copy's features: "
+            f"backend's copy {enc['copy_ms']:.3f} ms (copy made: {enc['copy']}, NHWC: {enc['nhwc']}), "
+            f"torch.compile'd copy {_ms(enc.get('compiled_copy_ms'))} (least cosine to the copy's features: "
             f"{enc.get('compiled_cosine_min', float('nan')):.6f})\n"
             f"eager phases (device ms): " + ", ".join(f"{k} {v:.3f}" for k, v in report["phases_ms"].items())
             + f"\n{table}\n")
     stem.with_suffix(".txt").write_text(text)
     print(text)
-
 
 if __name__ == "__main__":
     main()
