@@ -5,7 +5,8 @@
 Same models as gpu_check.py (dcgan shadow, iresnet50 encoder, random weights, calibrated BatchNorm).
 Writes OUTDIR/profile_B{batch}.json and .txt:
 - ``call``: one ``backend.run`` on the captured graph, host time (until the call returns, the GPU
-  work queued) and total time (until the GPU is done), medians;
+  work queued) and total time (until the GPU is done), medians; ``protector_call``: the same for
+  a Protector call (what an online caller sees: the models frozen and z checked around the run);
 - ``encoder``: E(x~) alone, each form captured in its own CUDA graph: the caller's encoder under
   autocast (which casts every weight at every call) against the backend's copy of it (weights
   stored cast; NHWC with channels_last), so the copy's gain is measured, not assumed; and, as a
@@ -59,15 +60,15 @@ def graphed(fn, device: torch.device):
     return graph.replay
 
 
-def call_times(backend: FusedBackend, z: torch.Tensor, reps: int) -> dict:
-    """Host and total milliseconds of one run(z), medians (the first call captures, untimed)."""
-    backend.run(z)
+def call_times(call, z: torch.Tensor, reps: int) -> dict:
+    """Host and total milliseconds of call(z), medians (the first call captures, untimed)."""
+    call(z)
     host, total = [], []
     for _ in range(reps):
         if z.is_cuda:
             torch.cuda.synchronize(z.device)
         start = time.perf_counter()
-        backend.run(z)
+        call(z)
         host.append(1e3 * (time.perf_counter() - start))
         if z.is_cuda:
             torch.cuda.synchronize(z.device)
@@ -141,10 +142,15 @@ def main() -> None:
     report: dict = {"gpu": name, "torch": torch.__version__, "args": vars(args)}
     z = F.normalize(torch.randn(args.batch, dim, device=device), dim=1)
     stem = out / f"profile_B{args.batch}"
+    # what an online caller sees: a Protector call (freezing the models, checking z) around the backend's run
+    protector = afe.Protector(shadow, encoder, cfg, backend="fused",
+                              backend_options={"dtype": args.dtype, "channels_last": layout})
+    report["protector_call"] = call_times(protector, z, args.reps)
+    del protector
     with frozen(shadow, encoder), torch.no_grad():  # slowest part last; the JSON is rewritten after each
         backend = FusedBackend(shadow, encoder, cfg, dtype=args.dtype, channels_last=layout)
         report["channels_last"] = backend.channels_last
-        report["call"] = call_times(backend, z, args.reps)
+        report["call"] = call_times(backend.run, z, args.reps)
         write_json(stem.with_suffix(".json"), report)
 
         x_shadow, _ = backend.plan.forward(z, keep=False)
@@ -174,7 +180,9 @@ def main() -> None:
     call, enc = report["call"], report["encoder"]
     text = (f"{name}  torch {torch.__version__}  {args.encoder}  B={args.batch}  T={args.steps}  {args.dtype}  "
             f"channels_last={backend.channels_last}\n"
-            f"backend.run on the graph: host {call['host_ms']:.3f} ms, total {call['total_ms']:.3f} ms\n"
+            f"backend.run on the graph: host {call['host_ms']:.3f} ms, total {call['total_ms']:.3f} ms; "
+            f"Protector call: host {report['protector_call']['host_ms']:.3f} ms, "
+            f"total {report['protector_call']['total_ms']:.3f} ms\n"
             f"E(x~) alone, graphed: as given (autocast casts) {enc['as_given_ms']:.3f} ms, "
             f"backend's copy {enc['copy_ms']:.3f} ms (copy made: {enc['copy']}, NHWC: {enc['nhwc']}), "
             f"torch.compile'd copy {_ms(enc.get('compiled_copy_ms'))} (least cosine to the copy's features: "
