@@ -29,7 +29,7 @@ from gpu_check import calibrate, time_ms, write_json
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import advface_engine as afe
-from advface_engine.backends.fused import FusedBackend
+from advface_engine.backends.fused import FusedBackend, _tf32
 from advface_engine.models import build_model
 from advface_engine.protect import frozen
 
@@ -79,7 +79,8 @@ def call_times(call, z: torch.Tensor, reps: int) -> dict:
 def phases(backend: FusedBackend, z: torch.Tensor, steps: int, rows: int) -> tuple[dict, str]:
     """Device time of each phase of one eager protection, and the kernel table (host time off a GPU)."""
     cuda = z.is_cuda
-    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    # on a GPU the host side too: a range's device time is that of the kernels launched within it
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
 
     def once():
         with record_function("S(z)"):
@@ -147,7 +148,8 @@ def main() -> None:
                               backend_options={"dtype": args.dtype, "channels_last": layout})
     report["protector_call"] = call_times(protector, z, args.reps)
     del protector
-    with frozen(shadow, encoder), torch.no_grad():  # slowest part last; the JSON is rewritten after each
+    # slowest part last; the JSON is rewritten after each. TF32 as backend.run sets it (for --dtype tf32)
+    with frozen(shadow, encoder), torch.no_grad(), _tf32(args.dtype == "tf32"):
         backend = FusedBackend(shadow, encoder, cfg, dtype=args.dtype, channels_last=layout)
         report["channels_last"] = backend.channels_last
         report["call"] = call_times(backend.run, z, args.reps)
