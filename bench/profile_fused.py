@@ -10,7 +10,8 @@ Writes OUTDIR/profile_B{batch}.json and .txt:
 - ``encoder``: E(x~) alone, each form captured in its own CUDA graph: the caller's encoder under
   autocast (which casts every weight at every call) against the backend's copy of it (weights
   stored cast; NHWC with channels_last), so the copy's gain is measured, not assumed; and, as a
-  candidate the backend does not use, that copy through torch.compile (its kernels fused);
+  candidate (the backend's compile_encoder option, off by default), that copy through
+  torch.compile, and then a whole call with that option on (``call_compile_encoder``);
 - ``phases``: the loop run eagerly under torch.profiler, device time of S(z), E(x~) and the
   steps, and the kernels that take the most of it.
 On a CPU (TRITON_INTERPRET=1, small --size) it runs as a smoke test: host clock, eager, no graphs.
@@ -178,6 +179,11 @@ def main() -> None:
             if time_encoder("compiled_copy_ms", compiled, nhwc):
                 want, got = (backend._encode(x_shadow, m, nhwc).float() for m in (copied, compiled))
                 report["encoder"]["compiled_cosine_min"] = F.cosine_similarity(want, got).min().item()
+                # the whole call with the option on (FusedBackend(compile_encoder=True)), beside "call"
+                on = FusedBackend(shadow, encoder, cfg, dtype=args.dtype, channels_last=layout, compile_encoder=True)
+                report["call_compile_encoder"] = call_times(on.run, z, args.reps)
+                report["call_compile_encoder"]["compiled"] = on._encoder_copy is not None and isinstance(
+                    on._encoder_copy[0], torch._dynamo.eval_frame.OptimizedModule)
     write_json(stem.with_suffix(".json"), report)
     call, enc = report["call"], report["encoder"]
     text = (f"{name}  torch {torch.__version__}  {args.encoder}  B={args.batch}  T={args.steps}  {args.dtype}  "
@@ -189,7 +195,10 @@ def main() -> None:
             f"backend's copy {enc['copy_ms']:.3f} ms (copy made: {enc['copy']}, NHWC: {enc['nhwc']}), "
             f"torch.compile'd copy {_ms(enc.get('compiled_copy_ms'))} (least cosine to the copy's features: "
             f"{enc.get('compiled_cosine_min', float('nan')):.6f})\n"
-            f"eager phases (device ms): " + ", ".join(f"{k} {v:.3f}" for k, v in report["phases_ms"].items())
+            + (f"backend.run with compile_encoder: {_ms(report['call_compile_encoder']['total_ms'])} total "
+               f"(encoder compiled: {report['call_compile_encoder']['compiled']})\n"
+               if "call_compile_encoder" in report else "")
+            + "eager phases (device ms): " + ", ".join(f"{k} {v:.3f}" for k, v in report["phases_ms"].items())
             + f"\n{table}\n")
     stem.with_suffix(".txt").write_text(text)
     print(text)

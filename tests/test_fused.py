@@ -280,6 +280,46 @@ def test_encoder_copy_with_cast_weights_only_where_exact(make, why, channels_las
             assert torch.equal(anchor, expected)
 
 
+def test_compiled_encoder_gives_the_encoders_anchor(models):
+    """compile_encoder: the anchor comes from E through torch.compile, within rounding of E's, and
+    the protection agrees with the uncompiled backend's (inductor's CPU code here)."""
+    shadow, encoder = shadow_variant("dcgan"), models[1]
+    z = features(4)
+    with frozen(shadow, encoder):
+        compiled = FusedBackend(shadow, encoder, CFG, compile_encoder=True, graphs=False)
+        plain = FusedBackend(shadow, encoder, CFG, graphs=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            anchor = compiled.targets(z)[1]
+        if compiled._encoder_copy is None:  # no C++ toolchain here: said, and E itself ran
+            assert any("through torch.compile" in str(w.message) for w in caught)
+            pytest.skip("torch.compile cannot run here: " + str(caught[-1].message)[:200])
+        assert isinstance(compiled._encoder_copy[0], torch._dynamo.eval_frame.OptimizedModule)
+        torch.testing.assert_close(anchor, plain.targets(z)[1], rtol=1e-5, atol=1e-5)
+        assert agreement(compiled.run(z), plain.run(z), CFG.alpha) >= 0.999
+
+
+def test_compile_failure_runs_the_encoder_uncompiled(models, monkeypatch):
+    """A torch.compile that fails (no compiler, an unsupported op) is said once; the rest is kept."""
+
+    class Refusing(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: Refusing())
+    shadow, encoder = shadow_variant("dcgan"), models[1]
+    z = features(4)
+    with frozen(shadow, encoder):
+        backend = FusedBackend(shadow, encoder, CFG, dtype="fp16", compile_encoder=True, graphs=False)
+        with pytest.warns(UserWarning, match="runs with fp16 weights, NHWC layout; left out: through torch.compile: "
+                                             "RuntimeError: no C[+][+] compiler"):
+            backend.targets(z)
+        copied, nhwc = backend._encoder_copy
+        assert nhwc and not isinstance(copied, Refusing)
+    with pytest.raises(TypeError, match="compile_encoder"):
+        backends.check_fused_options({"compile_encoder": 1})
+
+
 def test_encoder_copy_with_other_features_is_not_used():
     """An encoder that reads memory in NCHW order gives other features from NHWC input: the check on
     the first image catches it, E itself runs (with a warning) and the anchor is NCHW's."""
@@ -770,6 +810,18 @@ def test_gpu_channels_last_close_to_reference(dtype):
     assert backend.graphs and is_nhwc(backend.plan.hidden(z, keep=False)[0])
     assert backend._encoder_copy[1]  # the anchor came from the encoder's channels_last copy
     assert agreement(got, _reference_fp32(shadow, encoder, z), CFG.alpha) >= (0.95 if dtype == "bf16" else 0.999)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_encoder_is_captured():
+    """compile_encoder on a GPU: compiled before the capture (warm-up), replayed in the graph."""
+    shadow, encoder = _gpu_models()
+    z = features(64).cuda()
+    backend = FusedBackend(shadow, encoder, CFG, dtype="bf16", compile_encoder=True, graphs=True)
+    got = _run(backend, z)
+    assert backend.graphs, "the capture fell back to eager"
+    assert isinstance(backend._encoder_copy[0], torch._dynamo.eval_frame.OptimizedModule)
+    assert agreement(got, _reference_fp32(shadow, encoder, z), CFG.alpha) >= 0.95
 
 
 @pytest.mark.gpu

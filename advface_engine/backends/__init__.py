@@ -14,7 +14,7 @@ from ..config import ProtectConfig
 from .reference import ReferenceBackend
 
 BACKEND_NAMES = ("auto", "reference", "fused")
-FUSED_OPTIONS = ("dtype", "graphs", "split_k", "record_loss", "channels_last")  # FusedBackend's keyword arguments
+FUSED_OPTIONS = ("dtype", "graphs", "split_k", "record_loss", "channels_last", "compile_encoder")  # its keywords
 # decoder precision of the fused backend: tf32 is float32 with TF32 matmuls and convolutions
 FUSED_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -35,7 +35,7 @@ def check_fused_options(options: dict) -> None:
     unknown = sorted(set(options) - set(FUSED_OPTIONS))
     if unknown:
         raise ValueError(f"unknown fused backend options {unknown}; known: {list(FUSED_OPTIONS)}")
-    for flag in ("graphs", "record_loss"):
+    for flag in ("graphs", "record_loss", "compile_encoder"):
         if flag in options and not isinstance(options[flag], bool):
             raise TypeError(f"fused backend option {flag} must be True or False, got {options[flag]!r}")
     layout = options.get("channels_last")

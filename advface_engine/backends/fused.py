@@ -154,6 +154,11 @@ class FusedBackend:
              (default): on for bf16 and fp16, off for fp32 and tf32. Same results up to rounding.
              Measured on an H200 in bf16 (bench/gpu_check.py, the encoder's copy included): 1.13x
              faster at B=1, 1.56x at B=64, 1.57x at B=1024.
+    compile_encoder: run the encoder (its copy, above) through torch.compile, which fuses its
+             BatchNorm, PReLU and residual additions into fewer kernels; kept where its features are
+             within rounding of E's. Off by default: a candidate for small batches, not yet timed on
+             a GPU (bench/profile_fused.py times it). The first call of each batch size compiles
+             (about a minute for iresnet50), outside the CUDA graph; needs a C++ compiler on a CPU.
 
     The plan and the captured graphs are rebuilt when the models' weights change or move.
     """
@@ -162,11 +167,12 @@ class FusedBackend:
 
     def __init__(self, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig, dtype: str = "fp32",
                  graphs: bool = True, split_k: int | None = None, record_loss: bool = False,
-                 channels_last: bool | None = None):
+                 channels_last: bool | None = None, compile_encoder: bool = False):
         check_fused_options(dict(dtype=dtype, graphs=graphs, split_k=split_k, record_loss=record_loss,
-                                 channels_last=channels_last))
+                                 channels_last=channels_last, compile_encoder=compile_encoder))
         self.shadow, self.encoder, self.config = shadow, encoder, config
         self.dtype, self.graphs, self.split_k, self.record_loss = dtype, graphs, split_k, record_loss
+        self.compile_encoder = compile_encoder
         self.channels_last = dtype in ("bf16", "fp16") if channels_last is None else channels_last
         self.losses: Tensor | None = None
         self.graph_type: type[CudaGraph] = CudaGraph
@@ -213,48 +219,70 @@ class FusedBackend:
 
     def _encoder_for(self, x_shadow: Tensor) -> tuple[nn.Module, bool]:
         """(encoder, NHWC input?) to run: E, or the faster copy of it that _faster_encoder chose on the
-        first image (eagerly, before any capture: warm-up runs come first)."""
+        first batch (eagerly, before any capture: warm-up runs come first)."""
         if self._encoder_copy is False:
             capturing = x_shadow.is_cuda and torch.cuda.is_current_stream_capturing()
-            self._encoder_copy = None if capturing else self._faster_encoder(x_shadow[:1])
+            self._encoder_copy = None if capturing else self._faster_encoder(x_shadow)
         return self._encoder_copy or (self.encoder, False)
 
-    def _faster_encoder(self, image: Tensor) -> tuple[nn.Module, bool] | None:
-        """A copy of E that gives E's features with less work, checked on ``image``; None: E itself.
+    def _faster_encoder(self, x_shadow: Tensor) -> tuple[nn.Module, bool] | None:
+        """A copy of E that gives E's features with less work, checked on x~; None: E itself.
 
         bf16/fp16: the weights autocast casts at every call stored cast (autocast_copy), kept only if
         its features equal E's to the bit. channels_last: that copy (or one of E) laid out NHWC, kept
         if its features are within rounding of E's (cosine >= COPY_COSINE: E may flatten with .view,
-        which NHWC activations refuse, or read memory in NCHW order). A second set of E's weights on
-        the device until the next rebuild; made once, so hooks added to E later do not reach it.
-        Whatever fails is said in one warning."""
+        which NHWC activations refuse, or read memory in NCHW order). compile_encoder: the result
+        through torch.compile, kept within rounding too. A second set of E's weights on the device
+        until the next rebuild; made once, so hooks added to E later do not reach it. Whatever fails
+        is said in one warning. The checks run on the first image, compilation on the whole batch
+        (its shape is the one the graph replays)."""
         if first_float(self.encoder) is None:  # nothing to cast or lay out (an ONNX session's encoder)
             return None
+        image = x_shadow[:1]
         want = self._encode(image, self.encoder)
-        chosen, problems = None, []
+        chosen, problems, kept = None, [], []
+
+        def close(candidate: tuple[nn.Module, bool], where: Tensor, reference: Tensor) -> float:
+            got = self._encode(where, *candidate).float().flatten(1)
+            return F.cosine_similarity(got, reference.float().flatten(1)).min().item()
+
         if self.dtype in ("bf16", "fp16"):
             try:
                 cast = autocast_copy(self.encoder, self.plan.dtype)
                 if cast is not None and torch.equal(self._encode(image, cast), want):
                     chosen = (cast, False)
+                    kept.append(f"{self.dtype} weights")
                 elif cast is not None:
                     problems.append(f"with its weights stored in {self.dtype} its features change")
             except Exception as err:  # noqa: BLE001 - any failure: without that copy
                 problems.append(f"with its weights stored in {self.dtype}: {type(err).__name__}: {err}")
         if self.channels_last:
             try:
-                nhwc = copy.deepcopy(chosen[0] if chosen else self.encoder).to(memory_format=torch.channels_last)
-                same = F.cosine_similarity(self._encode(image, nhwc, True).float().flatten(1),
-                                           want.float().flatten(1))
-                if bool(same.min() >= COPY_COSINE):  # NaN fails too
-                    chosen = (nhwc, True)
+                nhwc = (copy.deepcopy(chosen[0] if chosen else self.encoder).to(memory_format=torch.channels_last),
+                        True)
+                cosine = close(nhwc, image, want)
+                if cosine >= COPY_COSINE:  # NaN fails too
+                    chosen = nhwc
+                    kept.append("NHWC layout")
                 else:
-                    problems.append(f"in NHWC layout its features differ (cosine {same.min().item():.4f})")
+                    problems.append(f"in NHWC layout its features differ (cosine {cosine:.4f})")
             except Exception as err:  # noqa: BLE001 - any failure: without that copy
                 problems.append(f"in NHWC layout: {type(err).__name__}: {err}")
+        if self.compile_encoder:
+            base = chosen or (self.encoder, False)
+            try:
+                compiled = (torch.compile(base[0]), base[1])
+                cosine = close(compiled, x_shadow, self._encode(x_shadow, *base))
+                if cosine >= COPY_COSINE:
+                    chosen = compiled
+                    kept.append("torch.compile")
+                else:
+                    problems.append(f"through torch.compile its features differ (cosine {cosine:.4f})")
+            except Exception as err:  # noqa: BLE001 - any failure (no compiler here, say): without it
+                problems.append(f"through torch.compile: {type(err).__name__}: {str(err)[:500]}")
         if problems:
-            runs = "as it is" if chosen is None else "in NHWC layout" if chosen[1] else f"with {self.dtype} weights"
-            warnings.warn(f"the encoder runs {runs}, not as its fastest copy: {'; '.join(problems)}", stacklevel=5)
+            runs = f"with {', '.join(kept)}" if kept else "as it is"
+            warnings.warn(f"the encoder runs {runs}; left out: {'; '.join(problems)}", stacklevel=5)
         return chosen
 
     def decoder_gradient(self, z_t: Tensor, x_shadow: Tensor, loss: Tensor | None = None) -> Tensor:
