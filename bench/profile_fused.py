@@ -30,7 +30,7 @@ from gpu_check import calibrate, time_ms, write_json
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import advface_engine as afe
-from advface_engine.backends.fused import FusedBackend, _tf32
+from advface_engine.backends.fused import CompiledEncoder, FusedBackend, _tf32
 from advface_engine.models import build_model
 from advface_engine.protect import frozen
 
@@ -182,8 +182,9 @@ def main() -> None:
                 # the whole call with the option on (FusedBackend(compile_encoder=True)), beside "call"
                 on = FusedBackend(shadow, encoder, cfg, dtype=args.dtype, channels_last=layout, compile_encoder=True)
                 report["call_compile_encoder"] = call_times(on.run, z, args.reps)
-                report["call_compile_encoder"]["compiled"] = on._encoder_copy is not None and isinstance(
-                    on._encoder_copy[0], torch._dynamo.eval_frame.OptimizedModule)
+                copy = on._encoder_copy[0] if on._encoder_copy else None
+                report["call_compile_encoder"].update(  # graphs False: the capture fell back to eager
+                    compiled=isinstance(copy, CompiledEncoder) and copy.failure is None, graphs=on.graphs)
     write_json(stem.with_suffix(".json"), report)
     call, enc = report["call"], report["encoder"]
     text = (f"{name}  torch {torch.__version__}  {args.encoder}  B={args.batch}  T={args.steps}  {args.dtype}  "
@@ -196,7 +197,8 @@ def main() -> None:
             f"torch.compile'd copy {_ms(enc.get('compiled_copy_ms'))} (least cosine to the copy's features: "
             f"{enc.get('compiled_cosine_min', float('nan')):.6f})\n"
             + (f"backend.run with compile_encoder: {_ms(report['call_compile_encoder']['total_ms'])} total "
-               f"(encoder compiled: {report['call_compile_encoder']['compiled']})\n"
+               f"(encoder compiled: {report['call_compile_encoder']['compiled']}, "
+               f"graph: {report['call_compile_encoder']['graphs']})\n"
                if "call_compile_encoder" in report else "")
             + "eager phases (device ms): " + ", ".join(f"{k} {v:.3f}" for k, v in report["phases_ms"].items())
             + f"\n{table}\n")

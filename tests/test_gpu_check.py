@@ -55,10 +55,9 @@ def test_profile_script_runs_on_cpu(tmp_path):
     report = json.loads((tmp_path / "profile_B2.json").read_text())
     assert report["channels_last"] and report["encoder"]["copy"]  # fp16: NHWC copy with fp16 weights
     assert report["encoder"]["as_given_ms"] > 0 and report["encoder"]["copy_ms"] > 0
-    encoder = report["encoder"]  # torch.compile'd: timed and within rounding, or why not (no toolchain)
-    assert encoder.get("compiled_copy_error") or (encoder["compiled_copy_ms"] > 0
-                                                  and encoder["compiled_cosine_min"] > 0.999
-                                                  and report["call_compile_encoder"]["compiled"])
+    encoder = report["encoder"]  # torch.compile'd (inductor's CPU code here): timed and within rounding
+    assert encoder["compiled_copy_ms"] > 0 and encoder["compiled_cosine_min"] > 0.999, encoder
+    assert report["call_compile_encoder"]["compiled"] and report["call_compile_encoder"]["total_ms"] > 0
     assert report["call"]["total_ms"] >= report["call"]["host_ms"] > 0
     assert report["protector_call"]["total_ms"] >= report["protector_call"]["host_ms"] > 0
     assert set(report["phases_ms"]) == {"S(z)", "E(x~)", "steps"} and min(report["phases_ms"].values()) > 0

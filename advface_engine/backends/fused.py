@@ -136,6 +136,29 @@ class EagerGraph(CudaGraph):
             self.losses.copy_(losses)
 
 
+class CompiledEncoder(nn.Module):
+    """``torch.compile(encoder)``, batch size dynamic (one compile serves the sizes above 1), or the
+    encoder itself from the first call whose compilation fails (a later batch size recompiles):
+    a warning, then the uncompiled encoder for good, so that a call never fails for it."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder, self.compiled = encoder, torch.compile(encoder, dynamic=True)
+        self.failure: str | None = None
+        self.warn = False  # on once the backend's own check is done (it reports a first failure itself)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.failure is None:
+            try:
+                return self.compiled(x)
+            except torch._dynamo.exc.TorchDynamoException as err:
+                self.failure = f"{type(err).__name__}: {str(err)[:500]}"
+                if self.warn:
+                    warnings.warn(f"torch.compile of the encoder failed; it runs uncompiled ({self.failure})",
+                                  stacklevel=2)
+        return self.encoder(x)
+
+
 class FusedBackend:
     """Triton kernels + CUDA graphs; equals the reference backend up to rare sign flips.
 
@@ -157,8 +180,9 @@ class FusedBackend:
     compile_encoder: run the encoder (its copy, above) through torch.compile, which fuses its
              BatchNorm, PReLU and residual additions into fewer kernels; kept where its features are
              within rounding of E's. Off by default: a candidate for small batches, not yet timed on
-             a GPU (bench/profile_fused.py times it). The first call of each batch size compiles
-             (about a minute for iresnet50), outside the CUDA graph; needs a C++ compiler on a CPU.
+             a GPU (bench/profile_fused.py times it). The batch size is dynamic: the first call
+             compiles (about a minute for iresnet50), B=1 once more, outside the CUDA graph; a
+             compile that fails later warns and leaves E uncompiled. A CPU needs a C++ compiler.
 
     The plan and the captured graphs are rebuilt when the models' weights change or move.
     """
@@ -271,9 +295,12 @@ class FusedBackend:
         if self.compile_encoder:
             base = chosen or (self.encoder, False)
             try:
-                compiled = (torch.compile(base[0]), base[1])
+                compiled = (CompiledEncoder(base[0]), base[1])
                 cosine = close(compiled, x_shadow, self._encode(x_shadow, *base))
-                if cosine >= COPY_COSINE:
+                compiled[0].warn = True
+                if compiled[0].failure is not None:
+                    problems.append(f"through torch.compile: {compiled[0].failure}")
+                elif cosine >= COPY_COSINE:
                     chosen = compiled
                     kept.append("torch.compile")
                 else:
