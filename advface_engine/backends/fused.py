@@ -137,13 +137,14 @@ class EagerGraph(CudaGraph):
 
 
 class CompiledEncoder(nn.Module):
-    """``torch.compile(encoder)``, batch size dynamic (one compile serves the sizes above 1), or the
-    encoder itself from the first call whose compilation fails (a later batch size recompiles):
-    a warning, then the uncompiled encoder for good, so that a call never fails for it."""
+    """``torch.compile(encoder)`` or, from the first call whose compilation fails (a later batch size
+    recompiles), the encoder itself: a warning, then uncompiled for good, so a call never fails for
+    it. Shapes as torch.compile's default: the first call's static (fastest for a fixed online
+    size), a second batch size once more with that dimension dynamic (B=1 is always its own)."""
 
     def __init__(self, encoder: nn.Module):
         super().__init__()
-        self.encoder, self.compiled = encoder, torch.compile(encoder, dynamic=True)
+        self.encoder, self.compiled = encoder, torch.compile(encoder)
         self.failure: str | None = None
         self.warn = False  # on once the backend's own check is done (it reports a first failure itself)
 
@@ -180,8 +181,8 @@ class FusedBackend:
     compile_encoder: run the encoder (its copy, above) through torch.compile, which fuses its
              BatchNorm, PReLU and residual additions into fewer kernels; kept where its features are
              within rounding of E's. Off by default: a candidate for small batches, not yet timed on
-             a GPU (bench/profile_fused.py times it). The batch size is dynamic: the first call
-             compiles (about a minute for iresnet50), B=1 once more, outside the CUDA graph; a
+             a GPU (bench/profile_fused.py times it). The first call compiles (about a minute for
+             iresnet50), a second batch size once more (then dynamic), outside the CUDA graph; a
              compile that fails later warns and leaves E uncompiled. A CPU needs a C++ compiler.
 
     The plan and the captured graphs are rebuilt when the models' weights change or move.
