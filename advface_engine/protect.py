@@ -33,7 +33,6 @@ def _freeze(module: nn.Module) -> None:
         for p in grads:
             p.requires_grad_(False)
     except BaseException:
-        _FROZEN[id(module)][0] = 0
         _restore(module)
         raise
 

@@ -283,26 +283,25 @@ class FusedBackend:
                 problems.append(f"with its weights stored in {self.dtype}: {type(err).__name__}: {err}")
         if self.channels_last:
             try:
-                nhwc = (copy.deepcopy(chosen[0] if chosen else self.encoder).to(memory_format=torch.channels_last),
-                        True)
-                cosine = close(nhwc, image, want)
+                nhwc = copy.deepcopy(chosen[0] if chosen else self.encoder).to(memory_format=torch.channels_last)
+                cosine = close((nhwc, True), image, want)
                 if cosine >= COPY_COSINE:  # NaN fails too
-                    chosen = nhwc
+                    chosen = (nhwc, True)
                     kept.append("NHWC layout")
                 else:
                     problems.append(f"in NHWC layout its features differ (cosine {cosine:.4f})")
             except Exception as err:  # noqa: BLE001 - any failure: without that copy
                 problems.append(f"in NHWC layout: {type(err).__name__}: {err}")
         if self.compile_encoder:
-            base = chosen or (self.encoder, False)
+            base, nhwc = chosen or (self.encoder, False)
             try:
-                compiled = (CompiledEncoder(base[0]), base[1])
-                cosine = close(compiled, x_shadow, self._encode(x_shadow, *base))
-                compiled[0].warn = True
-                if compiled[0].failure is not None:
-                    problems.append(f"through torch.compile: {compiled[0].failure}")
+                compiled = CompiledEncoder(base)
+                cosine = close((compiled, nhwc), x_shadow, self._encode(x_shadow, base, nhwc))
+                compiled.warn = True
+                if compiled.failure is not None:
+                    problems.append(f"through torch.compile: {compiled.failure}")
                 elif cosine >= COPY_COSINE:
-                    chosen = compiled
+                    chosen = (compiled, nhwc)
                     kept.append("torch.compile")
                 else:
                     problems.append(f"through torch.compile its features differ (cosine {cosine:.4f})")
