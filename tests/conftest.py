@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 
@@ -13,6 +14,10 @@ torch.set_num_threads(1)  # tiny models: threads cost more than they give, and s
 import pytest  # noqa: E402
 
 from advface_engine.models import build_model  # noqa: E402
+
+# torch.compile on a CPU (inductor) builds C++: a system compiler, not a Python dependency
+HAS_CXX = bool(os.environ.get("CXX")) or any(shutil.which(c) for c in ("g++", "clang++", "c++"))
+needs_cxx = pytest.mark.skipif(not HAS_CXX, reason="torch.compile on a CPU needs a C++ compiler (g++ or clang++)")
 
 
 def _interpreter_problem() -> str | None:

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_models
+from conftest import needs_cxx, tiny_models
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -280,6 +280,7 @@ def test_encoder_copy_with_cast_weights_only_where_exact(make, why, channels_las
             assert torch.equal(anchor, expected)
 
 
+@needs_cxx
 def test_compiled_encoder_gives_the_encoders_anchor(models):
     """compile_encoder: the anchor comes from E through torch.compile (inductor's CPU code here),
     within rounding of E's, at the first batch size and a later one (a recompile); the protection

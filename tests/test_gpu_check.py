@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HAS_CXX
 
 pytestmark = pytest.mark.interpreter  # gpu-marked tests excepted (conftest)
 
@@ -55,9 +56,12 @@ def test_profile_script_runs_on_cpu(tmp_path):
     report = json.loads((tmp_path / "profile_B2.json").read_text())
     assert report["channels_last"] and report["encoder"]["copy"]  # fp16: NHWC copy with fp16 weights
     assert report["encoder"]["as_given_ms"] > 0 and report["encoder"]["copy_ms"] > 0
-    encoder = report["encoder"]  # torch.compile'd (inductor's CPU code here): timed and within rounding
-    assert encoder["compiled_copy_ms"] > 0 and encoder["compiled_cosine_min"] > 0.999, encoder
-    assert report["call_compile_encoder"]["compiled"] and report["call_compile_encoder"]["total_ms"] > 0
+    encoder = report["encoder"]  # torch.compile'd (inductor's CPU code): timed and within rounding
+    if HAS_CXX:
+        assert encoder["compiled_copy_ms"] > 0 and encoder["compiled_cosine_min"] > 0.999, encoder
+        assert report["call_compile_encoder"]["compiled"] and report["call_compile_encoder"]["total_ms"] > 0
+    else:  # no C++ compiler: said, not a crash
+        assert encoder["compiled_copy_ms"] is None and encoder["compiled_copy_error"]
     assert report["call"]["total_ms"] >= report["call"]["host_ms"] > 0
     assert report["protector_call"]["total_ms"] >= report["protector_call"]["host_ms"] > 0
     assert set(report["phases_ms"]) == {"S(z)", "E(x~)", "steps"} and min(report["phases_ms"].values()) > 0
