@@ -8,10 +8,10 @@ Writes OUTDIR/profile_B{batch}.json and .txt:
   work queued) and total time (until the GPU is done), medians; ``protector_call``: the same for
   a Protector call (what an online caller sees: the models frozen and z checked around the run);
 - ``encoder``: E(x~) alone, each form captured in its own CUDA graph: the caller's encoder under
-  autocast (which casts every weight at every call) against the backend's copy of it (weights
-  stored cast; NHWC with channels_last), so the copy's gain is measured, not assumed; and, as a
-  candidate (the backend's compile_encoder option, off by default), that copy through
-  torch.compile, and then a whole call with that option on (``call_compile_encoder``);
+  autocast (which casts every weight at every call) against the backend's copy of it (BatchNorm
+  folded, weights stored cast; NHWC with channels_last), so the copy's gain is measured, not
+  assumed; and, as a candidate (the backend's compile_encoder option, off by default), that copy
+  through torch.compile, and then a whole call with that option on (``call_compile_encoder``);
 - ``phases``: the loop run eagerly under torch.profiler, device time of S(z), E(x~) and the
   steps, and the kernels that take the most of it.
 On a CPU (TRITON_INTERPRET=1, small --size) it runs as a smoke test: host clock, eager, no graphs.

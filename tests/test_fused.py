@@ -6,6 +6,7 @@ Criteria (issue 3): per-step sign agreement of g >= 99.9%; final |z_fused - z_re
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -20,7 +21,7 @@ import advface_engine.backends as backends
 import advface_engine.backends.fused as fused_module
 import advface_engine.backends.plan as plan_module
 from advface_engine.backends import UnsupportedModelError
-from advface_engine.backends.decoder import autocast_copy, weights_key
+from advface_engine.backends.decoder import autocast_copy, fold_encoder_batchnorm, weights_key
 from advface_engine.backends.fused import CompiledEncoder, EagerGraph, FusedBackend
 from advface_engine.backends.reference import ReferenceBackend, project, shadow_targets, step_direction
 from advface_engine.kernels import is_nhwc
@@ -197,8 +198,9 @@ class ScaledConv(nn.Conv2d):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_encoder_copy_stores_autocast_weights(channels_last, models):
-    """fp16: E's copy holds its convolution, Linear and PReLU weights in fp16 (what autocast casts at
-    every call) and gives E's features to the bit in NCHW; BatchNorm stays fp32, E is left alone."""
+    """fp16: E's copy has its BatchNorm2d folded (every one of MobileFaceNet's follows a convolution) and
+    holds its convolution, Linear and PReLU weights in fp16 (what autocast casts at every call): the
+    folded encoder's features to the bit in NCHW, E's within rounding; E is left alone."""
     shadow, encoder = shadow_variant("dcgan"), models[1]
     with frozen(shadow, encoder), warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing falls back
@@ -208,15 +210,121 @@ def test_encoder_copy_stores_autocast_weights(channels_last, models):
         assert copied is not encoder and nhwc == channels_last
         layers = [m for m in copied.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.PReLU))]
         assert layers and all(p.dtype == torch.float16 for m in layers for p in m.parameters())
-        norms = [m for m in copied.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        assert norms and all(m.running_var.dtype == torch.float32 for m in norms)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in copied.modules())  # the features' BatchNorm1d stays
+        assert any(isinstance(m, nn.BatchNorm2d) for m in encoder.modules())
         assert all(p.dtype == torch.float32 for p in encoder.parameters())
         with torch.autocast("cpu", dtype=torch.float16, cache_enabled=False):
             expected = F.normalize(encoder(x_shadow).float(), dim=1)
-        if channels_last:
-            torch.testing.assert_close(anchor, expected, rtol=2e-2, atol=2e-2)
-        else:
-            assert torch.equal(anchor, expected)
+            folded = F.normalize(fold_encoder_batchnorm(encoder)(x_shadow).float(), dim=1)
+        torch.testing.assert_close(anchor, expected, rtol=2e-2, atol=2e-2)
+        if not channels_last:
+            assert torch.equal(anchor, folded)
+
+
+class FoldCases(nn.Module):
+    """Each case of fold_encoder_batchnorm: conv -> BN -> BN (both fold), BN -> conv (stays), a conv
+    whose output is also used elsewhere (stays), a conv called twice (stays: shared weights), a conv
+    whose weight is also read directly (stays), a Conv1d -> BatchNorm1d (folds), Linear -> BatchNorm1d
+    (stays: on a 3-D input BatchNorm1d normalises dim 1, not the Linear's outputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre_bn, self.conv = nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)
+        self.bn, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.residual, self.bn_residual = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.shared, self.bn_shared = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.read, self.bn_read = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.conv1d, self.bn1d = nn.Conv1d(4, 8, 3, padding=1), nn.BatchNorm1d(8)
+        self.fc, self.bn_fc = nn.Linear(64, 8), nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        x = self.bn2(self.bn(self.conv(self.pre_bn(x))))
+        y = self.residual(x)
+        x = self.bn_residual(y) + y
+        x = self.bn_shared(self.shared(x)) + self.shared(x)
+        x = self.bn_read(self.read(x)) + F.conv2d(x, self.read.weight)
+        x = self.bn1d(self.conv1d(x.flatten(2)))  # (B, 8, 64)
+        return self.bn_fc(self.fc(x))  # BatchNorm1d over dim 1 (8), which the Linear's 8 outputs are not
+
+
+def test_fold_encoder_batchnorm_folds_only_a_layers_sole_use():
+    torch.manual_seed(0)
+    encoder = FoldCases().double()
+    for m in encoder.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    encoder.eval()
+    folded = fold_encoder_batchnorm(encoder)
+    calls = [n.target for n in folded.graph.nodes if n.op == "call_module"]
+    assert not {"bn", "bn2", "bn1d"} & set(calls)
+    assert {"pre_bn", "bn_residual", "bn_shared", "bn_read", "bn_fc"} <= set(calls) and calls.count("shared") == 2
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), encoder(x), rtol=1e-10, atol=1e-10)
+        assert not torch.equal(folded.conv.weight, encoder.conv.weight)  # E itself is left alone
+    assert fold_encoder_batchnorm(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1))) is None
+    encoder.register_forward_pre_hook(lambda module, args: (args[0] * 2 - 1,))  # a trace would drop it
+    with pytest.raises(ValueError, match="forward hooks"):
+        fold_encoder_batchnorm(encoder)
+    assert fold_encoder_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).train()) is None
+
+
+class UntraceableEncoder(nn.Module):
+    """Python control flow on a tensor's value: torch.fx cannot trace it."""
+
+    def __init__(self, size: int = 16, dim: int = 16):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * size * size, dim)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        if x.sum() > 1e9:
+            x = x / 2
+        return self.fc(x.flatten(1))
+
+
+class OwnPrecisionBatchNormEncoder(nn.Module):
+    """Its convolution (followed by a BatchNorm) in fp32 with autocast off: a trace keeps no autocast."""
+
+    def __init__(self, size: int = 16, dim: int = 16):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * size * size, dim)
+
+    def forward(self, x):
+        with torch.autocast("cpu", enabled=False):  # a literal device type, as encoders written for one have
+            x = self.bn(self.conv(x.float()))
+        return self.fc(x.flatten(1))
+
+
+def test_encoder_with_its_own_autocast_keeps_its_batchnorm():
+    """A folded copy that would run E's fp32 layers in fp16 (the trace lost E's autocast) is refused."""
+    torch.manual_seed(0)
+    shadow, encoder = shadow_variant("dcgan"), OwnPrecisionBatchNormEncoder().eval()
+    with frozen(shadow, encoder):
+        backend = FusedBackend(shadow, encoder, CFG, dtype="fp16", channels_last=False, graphs=False)
+        with pytest.warns(UserWarning, match="BatchNorm folded: the traced copy runs layers in other precisions"):
+            x_shadow, anchor = backend.targets(features(4))
+        with torch.autocast("cpu", dtype=torch.float16, cache_enabled=False):
+            assert torch.equal(anchor, F.normalize(encoder(x_shadow).float(), dim=1))
+    assert fold_encoder_batchnorm(encoder) is not None  # foldable as traced: the check is what refused it
+
+
+def test_untraceable_encoder_keeps_its_batchnorm():
+    """E that torch.fx cannot trace: said in the warning; its copy with fp16 weights is still used."""
+    torch.manual_seed(0)
+    shadow, encoder = shadow_variant("dcgan"), UntraceableEncoder().eval()
+    with frozen(shadow, encoder):
+        backend = FusedBackend(shadow, encoder, CFG, dtype="fp16", channels_last=False, graphs=False)
+        with pytest.warns(UserWarning, match="runs with fp16 weights; left out: with its BatchNorm folded: TraceError"):
+            x_shadow, anchor = backend.targets(features(4))
+        with torch.autocast("cpu", dtype=torch.float16, cache_enabled=False):
+            assert torch.equal(anchor, F.normalize(encoder(x_shadow).float(), dim=1))
+        assert isinstance(backend._encoder_copy[0].bn, nn.BatchNorm2d)
 
 
 def test_autocast_copy_casts_only_what_autocast_casts():
@@ -307,6 +415,27 @@ def test_compiled_encoder_gives_the_encoders_anchor(models):
     assert torch.equal(anchor, plain.targets(z[:2])[1])  # E itself, from then on
 
 
+@needs_cxx
+def test_compile_past_the_recompile_limit_runs_the_encoder_uncompiled(models):
+    """Past dynamo's recompile limit (here 1: the first batch size's compile, then no other) dynamo
+    itself would run E uncompiled in silence: the backend says so and gives E's anchor."""
+    class Fresh(type(models[1])):  # a code object of its own: dynamo's compiled entries are per code object
+        def forward(self, x):
+            return super().forward(x)
+
+    shadow, encoder = shadow_variant("dcgan"), copy.deepcopy(models[1])
+    encoder.__class__ = Fresh
+    z = features(4)
+    with frozen(shadow, encoder), torch._dynamo.config.patch(recompile_limit=1):
+        compiled = FusedBackend(shadow, encoder, CFG, compile_encoder=True, graphs=False)
+        plain = FusedBackend(shadow, encoder, CFG, graphs=False)
+        compiled.targets(z)
+        assert compiled._encoder_copy[0].failure is None
+        with pytest.warns(UserWarning, match="runs uncompiled .*recompile limit .* = 1"):
+            anchor = compiled.targets(z[:1])[1]
+        assert torch.equal(anchor, plain.targets(z[:1])[1])
+
+
 def test_compile_failure_runs_the_encoder_uncompiled(models, monkeypatch):
     """A torch.compile that fails (no compiler, an unsupported op) is said once; the rest is kept."""
 
@@ -319,8 +448,8 @@ def test_compile_failure_runs_the_encoder_uncompiled(models, monkeypatch):
     z = features(4)
     with frozen(shadow, encoder):
         backend = FusedBackend(shadow, encoder, CFG, dtype="fp16", compile_encoder=True, graphs=False)
-        with pytest.warns(UserWarning, match="runs with fp16 weights, NHWC layout; left out: through torch.compile: "
-                                             "RuntimeError: no C[+][+] compiler"):
+        with pytest.warns(UserWarning, match="runs with BatchNorm folded, fp16 weights, NHWC layout; left out: "
+                                             "through torch.compile: RuntimeError: no C[+][+] compiler"):
             backend.targets(z)
         copied, nhwc = backend._encoder_copy
         assert nhwc and not isinstance(copied, Refusing)
@@ -348,20 +477,23 @@ class ConvGradLayouts(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.nhwc = []
+        self.nhwc, self.clones = [], 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func.overloadpacket is torch.ops.aten.convolution:
             self.nhwc.append(is_nhwc(out))
+        self.clones += func.overloadpacket is torch.ops.aten.clone
         return out
 
 
-@pytest.mark.parametrize("variant", [("nbnet", {}), ("upconv", {"mode": "bilinear"}), ("upconv", {"mode": "nearest"})],
-                         ids=_ids)
+@pytest.mark.parametrize("variant", [("dcgan", {}), ("nbnet", {}), ("upconv", {"mode": "bilinear"}),
+                                     ("upconv", {"mode": "nearest"})], ids=_ids)
 def test_channels_last_backward_stays_nhwc(variant, monkeypatch):
-    """Every convolution's input gradient and every activation backward in NHWC: 1x1 kernels (nbnet's
-    transitions) and the bilinear backward's matmuls used to send them back to NCHW (copies each step)."""
+    """Every convolution's input gradient and every activation backward in NHWC, with no copy at a
+    step: 1x1 kernels (nbnet's transitions) and the bilinear backward's matmuls used to send them back
+    to NCHW, the stem's image (the first Linear's output) was NCHW, converted at every step, and a
+    LeakyReLU's one slope was expanded to a slope per channel, copied at every activation."""
     shadow, encoder = shadow_variant(variant[0], **variant[1]), tiny_models()[1]
     seen, act_backward = [], plan_module.act_backward
 
@@ -382,11 +514,33 @@ def test_channels_last_backward_stays_nhwc(variant, monkeypatch):
         backend = FusedBackend(shadow, encoder, CFG, channels_last=True)
         z = features(4)
         x_shadow, _ = backend.targets(z)
+        backend.gradient(z, x_shadow)  # the first call makes what later steps reuse (interpolation matrices)
         with ConvGradLayouts() as convs:
             backend.gradient(z, x_shadow)
-    stem = seen.pop()  # the activation after the first Linear: its output, NCHW, is what the Linear needs back
-    assert stem == (True, False) and seen and all(grad and pre for grad, pre in seen), seen
+    assert seen and all(grad and pre for grad, pre in seen), seen
     assert convs.nhwc and all(convs.nhwc), convs.nhwc
+    # a DenseBlock's backward copies its gradient, each layer's channel slice and the input's; nothing else copies
+    dense = sum(len(op.layers) + 2 for op in backend.plan.ops if isinstance(op, plan_module.Dense))
+    assert convs.clones == dense
+
+
+@pytest.mark.parametrize("shape", [(4, 4, 4), (4, -1, 4)], ids=["sizes", "inferred"])
+def test_stem_image_in_nhwc_equals_nchw(shape):
+    """channels_last reorders the first Linear's outputs so that its image is NHWC without a copy: the
+    same decoder output and gradient as NCHW, also where the Unflatten infers a size (-1) and a
+    BatchNorm after it folds into the Linear."""
+    torch.manual_seed(0)
+    shadow = nn.Sequential(nn.Linear(16, 64), nn.Unflatten(1, shape), nn.BatchNorm2d(4), nn.LeakyReLU(0.2),
+                           nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1), nn.Tanh()).eval()
+    shadow[2].running_mean.uniform_(-0.5, 0.5)
+    z, target = features(3), torch.rand(3, 3, 4, 4) * 2 - 1
+    plans = [plan_module.build_plan(shadow, channels_last=layout) for layout in (False, True)]
+    assert plans[1].ops[1].nhwc and plans[0].first_linear.folded
+    with torch.no_grad():
+        for plan in plans:
+            torch.testing.assert_close(plan.forward(z)[0], shadow(z), rtol=1e-5, atol=1e-6)
+        grads = [plan.l1_gradient(z, target).reshape(3, -1) @ plan.first_linear.weight for plan in plans]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)

@@ -24,7 +24,7 @@ from ..kernels import interpreted
 from ..kernels.linear_step import linear_sign_step
 from ..kernels.sign_step import sign_step_project
 from . import FUSED_DTYPES, check_fused_options
-from .decoder import as_input_of, autocast_copy, first_float, weights_key
+from .decoder import as_input_of, autocast_copy, compute_dtypes, first_float, fold_encoder_batchnorm, weights_key
 from .plan import build_plan
 from .reference import random_start
 
@@ -150,13 +150,26 @@ class CompiledEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.failure is None:
+            config, exc = torch._dynamo.config, torch._dynamo.exc
+            # past its recompile limit dynamo would run E uncompiled without a word: an error here instead
+            # (names since torch 2.7, before as "cache" limit; with suppress_errors on, dynamo's own way)
+            flag = next((name for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit")
+                         if hasattr(config, name)), None)
+            limit_hit = getattr(exc, "FailOnRecompileLimitHit", None) or getattr(exc, "FailOnCacheLimitHit", ())
+            strict = config.patch(flag, True) if flag and not config.suppress_errors else contextlib.nullcontext()
             try:
-                return self.compiled(x)
-            except torch._dynamo.exc.TorchDynamoException as err:
+                with strict:
+                    return self.compiled(x)
+            except limit_hit:
+                limit = getattr(config, "recompile_limit", None) or getattr(config, "cache_size_limit", None)
+                self.failure = (f"torch.compile's recompile limit for the encoder was reached (torch._dynamo.config."
+                                f"recompile_limit = {limit} compilations of its class's forward in a process; each "
+                                "new batch size, layout or dtype takes one)")
+            except exc.TorchDynamoException as err:
                 self.failure = f"{type(err).__name__}: {str(err)[:500]}"
-                if self.warn:
-                    warnings.warn(f"torch.compile of the encoder failed; it runs uncompiled ({self.failure})",
-                                  stacklevel=2)
+            if self.warn:
+                warnings.warn(f"torch.compile of the encoder failed; it runs uncompiled ({self.failure})",
+                              stacklevel=2)
         return self.encoder(x)
 
 
@@ -164,8 +177,8 @@ class FusedBackend:
     """Triton kernels + CUDA graphs; equals the reference backend up to rare sign flips.
 
     dtype:   decoder precision, "fp32" (default), "tf32", "bf16" or "fp16"; the encoder runs under
-             autocast for bf16/fp16 (a copy of it with the weights autocast casts stored cast,
-             see _faster_encoder). z, anchor and steps stay float32. On a CPU (Triton's
+             autocast for bf16/fp16 (a copy of it with its BatchNorm folded and the weights
+             autocast casts stored cast, see _faster_encoder). z, anchor and steps stay float32. On a CPU (Triton's
              interpreter, for tests) fp32 and fp16 only.
     graphs:  on a GPU, capture the whole protection once per ``graph_size(B)`` and replay it; a
              batch is padded up to that size (a short last batch reuses the full batches' capture
@@ -253,10 +266,12 @@ class FusedBackend:
     def _faster_encoder(self, x_shadow: Tensor) -> tuple[nn.Module, bool] | None:
         """A copy of E that gives E's features with less work, checked on x~; None: E itself.
 
-        bf16/fp16: the weights autocast casts at every call stored cast (autocast_copy), kept only if
-        its features equal E's to the bit. channels_last: that copy (or one of E) laid out NHWC, kept
-        if its features are within rounding of E's (cosine >= COPY_COSINE: E may flatten with .view,
-        which NHWC activations refuse, or read memory in NCHW order). compile_encoder: the result
+        bf16/fp16: first E's eval BatchNorms folded into the convolutions before them (torch.fx,
+        fold_encoder_batchnorm), kept if its features are within rounding of E's (cosine >=
+        COPY_COSINE); then the weights autocast casts at every call stored cast (autocast_copy), kept
+        only if its features equal those of the copy it was made from to the bit. channels_last: that
+        copy (or one of E) laid out NHWC, kept if its features are within rounding of E's (E may
+        flatten with .view, which NHWC activations refuse, or read memory in NCHW order). compile_encoder: the result
         through torch.compile, kept within rounding too. A second set of E's weights on the device
         until the next rebuild; made once, so hooks added to E later do not reach it. Whatever fails
         is said in one warning. The checks run on the first image, compilation on the whole batch
@@ -272,9 +287,25 @@ class FusedBackend:
             return F.cosine_similarity(got, reference.float().flatten(1)).min().item()
 
         if self.dtype in ("bf16", "fp16"):
+            base, base_out = self.encoder, want
             try:
-                cast = autocast_copy(self.encoder, self.plan.dtype)
-                if cast is not None and torch.equal(self._encode(image, cast), want):
+                folded = fold_encoder_batchnorm(self.encoder)
+                if folded is not None and compute_dtypes(lambda: self._encode(image, folded)) \
+                        != compute_dtypes(lambda: self._encode(image, self.encoder)):
+                    folded = None
+                    problems.append("with its BatchNorm folded: the traced copy runs layers in other precisions "
+                                    "(torch.fx keeps no autocast of the encoder's own)")
+                cosine = None if folded is None else close((folded, False), image, want)
+                if cosine is not None and cosine >= COPY_COSINE:
+                    chosen, base, base_out = (folded, False), folded, self._encode(image, folded)
+                    kept.append("BatchNorm folded")
+                elif cosine is not None:
+                    problems.append(f"with its BatchNorm folded its features differ (cosine {cosine:.4f})")
+            except Exception as err:  # noqa: BLE001 - any failure (E cannot be traced): without that copy
+                problems.append(f"with its BatchNorm folded: {type(err).__name__}: {str(err)[:300]}")
+            try:
+                cast = autocast_copy(base, self.plan.dtype)
+                if cast is not None and torch.equal(self._encode(image, cast), base_out):
                     chosen = (cast, False)
                     kept.append(f"{self.dtype} weights")
                 elif cast is not None:

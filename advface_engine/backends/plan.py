@@ -13,6 +13,8 @@ then skips its own bias pass), and their backward is kernels/act_backward.py.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -58,6 +60,13 @@ class Linear:
         self.weight, self.bias = self.weight * scale[:, None], bias * scale + shift
         self.folded = True
 
+    def to_channels_last(self, shape: tuple[int, int, int]) -> None:
+        """Reorder the output from (C, H, W) to (H, W, C) order, so that viewed as an image it is NHWC."""
+        channels, height, width = shape
+        self.weight = self.weight.view(channels, height, width, -1).permute(1, 2, 0, 3).reshape(self.weight.shape)
+        if self.bias is not None:
+            self.bias = self.bias.view(shape).permute(1, 2, 0).flatten()
+
     def forward(self, x: Tensor) -> tuple[Tensor, None]:
         return F.linear(x, self.weight, self.bias), None
 
@@ -66,13 +75,21 @@ class Linear:
 
 
 class Reshape:
+    """Unflatten/Flatten. ``nhwc`` (an image shape after a Linear reordered by to_channels_last): the
+    input is in (H, W, C) order and the image a channels_last view of it, both ways without a copy."""
+
     def __init__(self, shape: tuple[int, ...]):
-        self.shape = tuple(shape)
+        self.shape, self.nhwc = tuple(shape), False
 
     def forward(self, x: Tensor) -> tuple[Tensor, torch.Size]:
+        if self.nhwc:
+            channels, height, width = self.shape
+            return x.view(x.shape[0], height, width, channels).permute(0, 3, 1, 2), x.shape
         return x.reshape(x.shape[0], *self.shape), x.shape
 
     def backward(self, grad: Tensor, in_shape: torch.Size) -> Tensor:
+        if self.nhwc:
+            return grad.permute(0, 2, 3, 1).reshape(in_shape)
         return grad.reshape(in_shape)
 
 
@@ -134,6 +151,7 @@ class Act:
     def __init__(self, module: nn.Module):
         self.scale = self.shift = None
         self.inplace = False
+        self._slopes: dict[int, Tensor] = {}
         if isinstance(module, nn.ReLU):
             self.kind, self.slope = "relu", None
         elif isinstance(module, nn.LeakyReLU):
@@ -155,8 +173,14 @@ class Act:
         return act_backward(grad, pre, self.kind, slopes, self.scale, out=grad)
 
     def slopes(self, channels: int) -> Tensor:
-        """The negative slope per channel (LeakyReLU and a one-parameter PReLU share one)."""
-        return self.slope.expand(channels) if self.slope.numel() == 1 else self.slope
+        """The negative slope per channel (LeakyReLU and a one-parameter PReLU share one), made once:
+        the kernels read it densely, and a copy at every call would be one more kernel per step."""
+        if self.slope.numel() != 1:
+            return self.slope
+        made = self._slopes.get(channels)
+        if made is None or made.device != self.slope.device or made.dtype != self.slope.dtype:
+            made = self._slopes[channels] = self.slope.expand(channels).contiguous()
+        return made
 
 
 class HeadConv:
@@ -369,9 +393,12 @@ def build_plan(shadow: nn.Module, dtype: torch.dtype = torch.float32, device: to
         elif type(module) in (nn.Conv2d, nn.ConvTranspose2d):
             ops.append(Conv(module))
         elif isinstance(module, nn.Unflatten) and module.dim == 1:
-            ops.append(Reshape(module.unflattened_size))
-            if len(ops) >= 2 and isinstance(ops[-2], Linear):
-                per_channel = int(torch.tensor(module.unflattened_size[1:]).prod().item())
+            shape = list(module.unflattened_size)
+            if isinstance(last, Linear) and shape.count(-1) == 1:  # the inferred size, from the Linear's outputs
+                shape[shape.index(-1)] = last.weight.shape[0] // -math.prod(shape)
+            ops.append(Reshape(shape))
+            if isinstance(last, Linear):
+                per_channel = math.prod(shape[1:])
         elif isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
             ops.append(Reshape((-1,)))
         elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -399,6 +426,10 @@ def build_plan(shadow: nn.Module, dtype: torch.dtype = torch.float32, device: to
         else:
             raise _unsupported(module)
     _fuse_biases(ops)
+    if channels_last and len(ops) >= 2 and isinstance(ops[0], Linear) and isinstance(ops[1], Reshape) \
+            and len(ops[1].shape) == 3 and min(ops[1].shape) > 0:  # the stem's image straight in NHWC: no copy
+        ops[0].to_channels_last(ops[1].shape)
+        ops[1].nhwc = True
     last = ops[-1] if ops else None
     if isinstance(last, Conv) and not last.transposed and supported(last.weight.shape, last.stride, last.padding,
                                                                       last.dilation, last.groups):
