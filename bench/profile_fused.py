@@ -13,7 +13,7 @@ Writes OUTDIR/profile_B{batch}.json and .txt:
   assumed; and, as a candidate (the backend's compile_encoder option, off by default), that copy
   through torch.compile, and then a whole call with that option on (``call_compile_encoder``);
 - ``phases``: the loop run eagerly under torch.profiler, device time of S(z), E(x~) and the
-  steps, and the kernels that take the most of it.
+  steps, the number of kernels it launched (what the graph replays) and those that take the most.
 On a CPU (TRITON_INTERPRET=1, small --size) it runs as a smoke test: host clock, eager, no graphs.
 """
 
@@ -77,8 +77,12 @@ def call_times(call, z: torch.Tensor, reps: int) -> dict:
     return {"host_ms": statistics.median(host), "total_ms": statistics.median(total)}
 
 
-def phases(backend: FusedBackend, z: torch.Tensor, steps: int, rows: int) -> tuple[dict, str]:
-    """Device time of each phase of one eager protection, and the kernel table (host time off a GPU)."""
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def phases(backend: FusedBackend, z: torch.Tensor, steps: int, rows: int) -> tuple[dict, int, str]:
+    """Device time of each phase of one eager protection, the kernels it launched (what its graph
+    replays), and the kernel table (host time off a GPU, and no launches)."""
     cuda = z.is_cuda
     # on a GPU the host side too: a range's device time is that of the kernels launched within it
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
@@ -106,8 +110,9 @@ def phases(backend: FusedBackend, z: torch.Tensor, steps: int, rows: int) -> tup
     for e in events:  # on a GPU a range may show twice (host side, device annotation): the larger
         if e.key in PHASES:
             times[e.key] = max(times.get(e.key, 0.0), getattr(e, attr, getattr(e, "cuda_time_total", 0)) / 1e3)
+    launches = sum(e.count for e in events if e.key in LAUNCHES)
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    return times, events.table(sort_by=sort, row_limit=rows, max_name_column_width=70)
+    return times, launches, events.table(sort_by=sort, row_limit=rows, max_name_column_width=70)
 
 
 def main() -> None:
@@ -172,7 +177,7 @@ def main() -> None:
 
         time_encoder("as_given_ms", backend.encoder, False)
         time_encoder("copy_ms", copied, nhwc)
-        report["phases_ms"], table = phases(backend, z, args.steps, args.rows)
+        report["phases_ms"], report["kernel_launches"], table = phases(backend, z, args.steps, args.rows)
         write_json(stem.with_suffix(".json"), report)
         if args.compile_encoder:  # a candidate, measured here before the backend would use it
             compiled = torch.compile(copied)
@@ -201,6 +206,7 @@ def main() -> None:
                f"graph: {report['call_compile_encoder']['graphs']})\n"
                if "call_compile_encoder" in report else "")
             + "eager phases (device ms): " + ", ".join(f"{k} {v:.3f}" for k, v in report["phases_ms"].items())
+            + f"; {report['kernel_launches']} kernel launches"
             + f"\n{table}\n")
     stem.with_suffix(".txt").write_text(text)
     print(text)

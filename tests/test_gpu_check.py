@@ -65,6 +65,7 @@ def test_profile_script_runs_on_cpu(tmp_path):
     assert report["call"]["total_ms"] >= report["call"]["host_ms"] > 0
     assert report["protector_call"]["total_ms"] >= report["protector_call"]["host_ms"] > 0
     assert set(report["phases_ms"]) == {"S(z)", "E(x~)", "steps"} and min(report["phases_ms"].values()) > 0
+    assert report["kernel_launches"] == 0  # host-side launches of CUDA kernels: none on a CPU
     assert "E(x~) alone" in (tmp_path / "profile_B2.txt").read_text()
 
 
