@@ -67,15 +67,16 @@ FOLDABLE = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.
 def fold_encoder_batchnorm(encoder: nn.Module) -> nn.Module | None:
     """A copy of E (traced by torch.fx) in which each eval BatchNorm whose input is the output of a
     convolution, used by nothing else, is folded into it: one kernel less per such pair at every
-    call (iresnet50: 53 of its 79). None when nothing folds. Raises when E cannot be traced (Python
-    control flow on tensor values).
+    call (iresnet50: 53 of its 79). None when nothing folds, or for TorchScript or an E with forward
+    hooks. Raises when E cannot be traced (Python control flow on tensor values).
 
     Only exact Conv1d/2d/3d -> BatchNorm1d/2d/3d pairs, each layer called at one place and its
-    parameters read nowhere else; none where E has forward hooks. The same function up to rounding,
+    parameters read nowhere else. The same function up to rounding,
     not to the bit; a trace keeps no Python context such as E's own autocast (see compute_dtypes):
     the caller checks both."""
-    if any(m._forward_pre_hooks or m._forward_hooks for m in encoder.modules()):
-        raise ValueError("its modules have forward hooks, which a torch.fx trace does not keep")
+    if isinstance(encoder, torch.jit.ScriptModule) or any(m._forward_pre_hooks or m._forward_hooks
+                                                          for m in encoder.modules()):
+        return None  # TorchScript is not traced by torch.fx, and a trace would not keep the hooks
     traced = torch.fx.symbolic_trace(copy.deepcopy(encoder))
     modules = dict(traced.named_modules())
     nodes = list(traced.graph.nodes)
@@ -107,18 +108,19 @@ def fold_encoder_batchnorm(encoder: nn.Module) -> nn.Module | None:
 
 
 def compute_dtypes(run) -> list[torch.dtype]:
-    """The dtype of each convolution and matmul, in order, while ``run()`` runs: what autocast (the
+    """The dtype of each convolution, matmul and attention, in order, while ``run()`` runs: what autocast (the
     caller's, or a module's own) decided. A traced copy that lost E's own autocast differs here."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    ops = {torch.ops.aten.convolution, torch.ops.aten.addmm, torch.ops.aten.mm, torch.ops.aten.bmm}
+    ops = {"convolution", "addmm", "mm", "bmm", "baddbmm", "addmv", "mv", "dot"}
     seen: list[torch.dtype] = []
 
     class Recording(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if func.overloadpacket in ops:
-                seen.append(out.dtype)
+            name = func.overloadpacket.__name__
+            if name in ops or name.startswith("_scaled_dot_product"):  # attention: its own kernels
+                seen.append((out[0] if isinstance(out, tuple) else out).dtype)
             return out
 
     with Recording():

@@ -163,8 +163,7 @@ class CompiledEncoder(nn.Module):
             except limit_hit:
                 limit = getattr(config, "recompile_limit", None) or getattr(config, "cache_size_limit", None)
                 self.failure = (f"torch.compile's recompile limit for the encoder was reached (torch._dynamo.config."
-                                f"recompile_limit = {limit} compilations of its class's forward in a process; each "
-                                "new batch size, layout or dtype takes one)")
+                                f"recompile_limit = {limit} compilations of its forward's code in a process)")
             except exc.TorchDynamoException as err:
                 self.failure = f"{type(err).__name__}: {str(err)[:500]}"
             if self.warn:
