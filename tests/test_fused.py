@@ -533,6 +533,9 @@ def test_stem_image_in_nhwc_equals_nchw(shape):
             torch.testing.assert_close(plan.forward(z)[0], shadow(z), rtol=1e-5, atol=1e-6)
         grads = [plan.l1_gradient(z, target).reshape(3, -1) @ plan.first_linear.weight for plan in plans]
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+    shadow[1] = nn.Unflatten(1, (5, -1, 4))  # 64 outputs are not 5 * H * 4: named, not a shape error later
+    with pytest.raises(backends.UnsupportedModelError, match=r"Unflatten.*after a Linear with 64 outputs"):
+        plan_module.build_plan(shadow)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)

@@ -396,6 +396,8 @@ def build_plan(shadow: nn.Module, dtype: torch.dtype = torch.float32, device: to
             shape = list(module.unflattened_size)
             if isinstance(last, Linear) and shape.count(-1) == 1:  # the inferred size, from the Linear's outputs
                 shape[shape.index(-1)] = last.weight.shape[0] // -math.prod(shape)
+            if isinstance(last, Linear) and math.prod(shape) != last.weight.shape[0]:
+                raise _unsupported(module, f" (after a Linear with {last.weight.shape[0]} outputs)")
             ops.append(Reshape(shape))
             if isinstance(last, Linear):
                 per_channel = math.prod(shape[1:])
