@@ -130,8 +130,10 @@ def variants(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3
                         f"linear_step {dname} D={dim} B={batch} {norm} {constraint}"
                         f"{' normalize' if normalize else ''}{' split-K' if split else ''}",
                         "linear_step", "_linear_step_kernel",
-                        [_t(dtype), _t(dtype), _t(f32), _t(f32), _t(f32), batch, 8 * dim, dim, 8 * dim, 0.01, 0.03],
+                        [_t(dtype), _t(dtype), _t(f32), _t(f32), _t(f32), _t(dtype), batch, 8 * dim, dim, 8 * dim,
+                         0.01, 0.03],  # z_low in the decoder's dtype: written by unsplit steps but the last
                         L2=norm == "l2", BALL=constraint == "ball", NORMALIZE=normalize, SPLIT=split,
+                        HAS_LOW=dtype != f32 and not split and not normalize,  # (the last step normalises)
                         PRECISION="tf32" if dname == "tf32" else "ieee", BLOCK_M=block_m, BLOCK_K=block_k,
                         BLOCK_D=block_d, num_warps=warps))
     out += head_and_act_variants(sorted(heads), sorted(acts))
@@ -139,8 +141,14 @@ def variants(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3
         block_m, block_d = step_blocks(dim, GPU)
         for norm, parts in (("linf", 1), ("l2", 1), ("linf", 4)):  # 4: adding split-K partial sums
             out.append(_variant(f"sign_step fp32 D={dim} {norm}{' split-K sum' if parts > 1 else ''}", "sign_step",
-                                "_sign_step_kernel", [_t(f32)] * 3 + [1024, dim, parts, 0.01, 0.03], L2=norm == "l2",
-                                BALL=True, NORMALIZE=True, BLOCK_M=block_m, BLOCK_D=block_d))
+                                "_sign_step_kernel", [_t(f32)] * 4 + [1024, dim, parts, 0.01, 0.03], L2=norm == "l2",
+                                BALL=True, NORMALIZE=True, HAS_LOW=False, BLOCK_M=block_m, BLOCK_D=block_d))
+        for dname in ("bf16", "fp16"):  # the steps before the last also write z in the decoder's dtype
+            for parts in (1, 4):
+                out.append(_variant(f"sign_step fp32 D={dim} linf -> {dname}{' split-K sum' if parts > 1 else ''}",
+                                    "sign_step", "_sign_step_kernel",
+                                    [_t(f32)] * 3 + [_t(DTYPES[dname]), 1024, dim, parts, 0.01, 0.03], L2=False,
+                                    BALL=True, NORMALIZE=False, HAS_LOW=True, BLOCK_M=block_m, BLOCK_D=block_d))
     return out
 
 

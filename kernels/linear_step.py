@@ -2,7 +2,8 @@
 
 For h = z W^T + b, the feature gradient is g = g_h W (B, N) @ (N, D). The matmul keeps whole
 rows of g per program, so its epilogue applies ``step_project`` (sign, alpha step, projection,
-last-step L2 normalisation) and writes only z: the gradient never goes to memory.
+last-step L2 normalisation) and writes only z (and, optionally, z in the decoder's dtype for the
+next step): the gradient never goes to memory.
 
 Rows wider than MAX_FUSED_DIM would not fit the accumulator in registers (it spills: see
 aot.py), so those take a cuBLAS matmul and the standalone step kernel instead.
@@ -21,15 +22,16 @@ import triton
 import triton.language as tl
 
 from . import COMPILE_OPTIONS, check_device
-from .sign_step import check_step_args, sign_step_project, step_project
+from .sign_step import check_step_args, sign_step_project, step_project, store_z
 
 MAX_FUSED_DIM = 1024
 
 
 @triton.jit
-def _linear_step_kernel(gh_ptr, w_ptr, z_ptr, anchor_ptr, partial_ptr, n_rows, k_dim, dim, k_chunk, alpha, eps,
-                        L2: tl.constexpr, BALL: tl.constexpr, NORMALIZE: tl.constexpr, SPLIT: tl.constexpr,
-                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _linear_step_kernel(gh_ptr, w_ptr, z_ptr, anchor_ptr, partial_ptr, low_ptr, n_rows, k_dim, dim, k_chunk, alpha,
+                        eps, L2: tl.constexpr, BALL: tl.constexpr, NORMALIZE: tl.constexpr, SPLIT: tl.constexpr,
+                        HAS_LOW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     row_ok, col_ok = rows < n_rows, cols < dim
@@ -51,7 +53,7 @@ def _linear_step_kernel(gh_ptr, w_ptr, z_ptr, anchor_ptr, partial_ptr, n_rows, k
         z = tl.load(z_ptr + offs, mask=mask, other=0.0)
         anchor = tl.load(anchor_ptr + offs, mask=mask, other=0.0)
         z = step_project(z, acc, anchor, alpha, eps, L2, BALL, NORMALIZE)
-        tl.store(z_ptr + offs, z, mask=mask)
+        store_z(z_ptr, low_ptr, offs, z, mask, HAS_LOW)
 
 
 def blocks(batch: int, dim: int) -> tuple[int, int, int, int]:
@@ -73,20 +75,22 @@ def pick_split_k(batch: int, k_dim: int, block_m: int, block_k: int, device: tor
 
 def linear_sign_step(grad_h: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, anchor: torch.Tensor,
                      alpha: float, eps: float, norm: str = "linf", constraint: str = "ball", normalize: bool = False,
-                     split_k: int | None = None, tf32: bool = False) -> torch.Tensor:
-    """z (B, D) fp32 <- Proj(z + alpha * dir(grad_h @ weight)) in place; ``weight`` is the Linear's (N, D)."""
-    check_step_args(z, anchor, norm, constraint)
+                     split_k: int | None = None, tf32: bool = False, z_low: torch.Tensor | None = None) -> torch.Tensor:
+    """z (B, D) fp32 <- Proj(z + alpha * dir(grad_h @ weight)) in place; ``weight`` is the Linear's (N, D).
+    ``z_low``: also gets the new z in its dtype (see sign_step_project)."""
+    check_step_args(z, anchor, norm, constraint, z_low)
     batch, dim = z.shape
     if grad_h.dim() != 2 or grad_h.shape[0] != batch or weight.shape != (grad_h.shape[1], dim):
         raise ValueError(f"need grad_h (B, N) and weight (N, D) for z {tuple(z.shape)}, "
                          f"got {tuple(grad_h.shape)} and {tuple(weight.shape)}")
     if grad_h.dtype != weight.dtype:
         raise ValueError(f"grad_h and weight must share a dtype, got {grad_h.dtype} and {weight.dtype}")
-    check_device(grad_h, weight, z, anchor)
+    check_device(grad_h, weight, z, anchor, *(() if z_low is None else (z_low,)))
     if z.numel() == 0:
         return z
     if dim > MAX_FUSED_DIM:
-        return sign_step_project(z, grad_h.float() @ weight.float(), anchor, alpha, eps, norm, constraint, normalize)
+        return sign_step_project(z, grad_h.float() @ weight.float(), anchor, alpha, eps, norm, constraint, normalize,
+                                 z_low)
     grad_h, weight = grad_h.contiguous(), weight.contiguous()
     k_dim = grad_h.shape[1]
     block_m, block_k, block_d, num_warps = blocks(batch, dim)
@@ -95,11 +99,13 @@ def linear_sign_step(grad_h: torch.Tensor, weight: torch.Tensor, z: torch.Tensor
     split = triton.cdiv(k_dim, k_chunk)
     partial = z.new_empty((split, batch, dim)) if split > 1 else z
     precision = "tf32" if (tf32 and weight.dtype == torch.float32) else "ieee"
+    fused_low = z_low if split == 1 else None  # split: the finisher writes it
     _linear_step_kernel[(triton.cdiv(batch, block_m), split)](
-        grad_h, weight, z, anchor, partial, batch, k_dim, dim, k_chunk, float(alpha), float(eps),
-        L2=norm == "l2", BALL=constraint == "ball", NORMALIZE=bool(normalize), SPLIT=split > 1, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps, **COMPILE_OPTIONS,
+        grad_h, weight, z, anchor, partial, z if fused_low is None else fused_low, batch, k_dim, dim, k_chunk,
+        float(alpha), float(eps), L2=norm == "l2", BALL=constraint == "ball", NORMALIZE=bool(normalize),
+        SPLIT=split > 1, HAS_LOW=fused_low is not None, PRECISION=precision, BLOCK_M=block_m, BLOCK_K=block_k,
+        BLOCK_D=block_d, num_warps=num_warps, **COMPILE_OPTIONS,
     )
     if split > 1:
-        sign_step_project(z, partial, anchor, alpha, eps, norm, constraint, normalize)
+        sign_step_project(z, partial, anchor, alpha, eps, norm, constraint, normalize, z_low)
     return z

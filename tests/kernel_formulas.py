@@ -33,17 +33,21 @@ def act_backward(grad: Tensor, pre: Tensor, act: str = "relu", slope: Tensor | N
 
 
 def sign_step_project(z: Tensor, grad: Tensor, anchor: Tensor, alpha: float, eps: float, norm: str = "linf",
-                      constraint: str = "ball", normalize: bool = False) -> Tensor:
+                      constraint: str = "ball", normalize: bool = False, z_low: Tensor | None = None) -> Tensor:
     cfg = ProtectConfig(eps=eps, alpha=alpha, norm=norm, constraint=constraint)
     grad = grad.float() if grad.dim() == 2 else grad.float().sum(0)
     z_next = project(z + alpha * step_direction(grad, norm), z, anchor, cfg)
-    return z.copy_(F.normalize(z_next, dim=1) if normalize else z_next)
+    z.copy_(F.normalize(z_next, dim=1) if normalize else z_next)
+    if z_low is not None:
+        z_low.copy_(z)
+    return z
 
 
 def linear_sign_step(grad_h: Tensor, weight: Tensor, z: Tensor, anchor: Tensor, alpha: float, eps: float,
                      norm: str = "linf", constraint: str = "ball", normalize: bool = False, split_k=None,
-                     tf32: bool = False) -> Tensor:
-    return sign_step_project(z, grad_h.float() @ weight.float(), anchor, alpha, eps, norm, constraint, normalize)
+                     tf32: bool = False, z_low: Tensor | None = None) -> Tensor:
+    return sign_step_project(z, grad_h.float() @ weight.float(), anchor, alpha, eps, norm, constraint, normalize,
+                             z_low)
 
 
 def _per_channel(t: Tensor | None, like: Tensor) -> Tensor | None:

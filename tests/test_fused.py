@@ -516,6 +516,35 @@ def test_channels_last_backward_stays_nhwc(variant, monkeypatch):
     assert convs.clones == dense
 
 
+class OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant", [("dcgan", {}), ("upconv", {"mode": "nearest"})], ids=_ids)
+def test_half_precision_steps_read_z_without_a_cast(variant):
+    """fp16: the step kernel writes z's fp16 copy, which the next step's decoder reads: no cast kernel
+    at a step, and the same z to the bit as casting z at every step."""
+    shadow, encoder = shadow_variant(variant[0], **variant[1]), tiny_models()[1]
+    z = features(4)
+    with frozen(shadow, encoder), torch.no_grad():
+        backend = FusedBackend(shadow, encoder, CFG, dtype="fp16", graphs=False)
+        got, _ = backend.protect(z, None)
+        x_shadow, anchor = backend.targets(z)
+        want, z_low = anchor.clone(), anchor.half()
+        for t in range(CFG.steps):
+            backend.step(want, anchor, x_shadow, last=t == CFG.steps - 1)  # casts z at every step
+        with OpNames() as ops:
+            backend.step(anchor.clone(), anchor, x_shadow, last=False, z_low=z_low)
+    assert torch.equal(got, want)
+    assert "_to_copy" not in ops.names, ops.names
+
+
 @pytest.mark.parametrize("shape", [(4, 4, 4), (4, -1, 4)], ids=["sizes", "inferred"])
 def test_stem_image_in_nhwc_equals_nchw(shape):
     """channels_last reorders the first Linear's outputs so that its image is NHWC without a copy: the

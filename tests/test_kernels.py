@@ -424,6 +424,30 @@ def test_linear_step_wider_than_the_fused_tile_takes_matmul_then_step(norm, monk
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch,split_k,wide", [(5, 1, False), (5, 3, False), (5, 1, True)],
+                         ids=["fused", "split-K", "wide"])
+def test_step_writes_z_in_the_decoders_dtype(batch, split_k, wide, monkeypatch):
+    """z_low: the new z cast to fp16, exactly torch's cast, from the fused epilogue, the split-K finisher
+    and the wide rows' step kernel; z itself as without it; z_low untouched where not given."""
+    import advface_engine.kernels.linear_step as linear_step
+
+    if wide:
+        monkeypatch.setattr(linear_step, "MAX_FUSED_DIM", 32)
+    z, anchor, gen = _step_case(batch, 37, 5)
+    grad_h = torch.randn(batch, 201, generator=gen)
+    weight = torch.randn(201, 37, generator=gen)
+    want = linear_sign_step(grad_h, weight, z.clone(), anchor, 0.02, 0.05, split_k=split_k)
+    low = torch.full_like(z, float("nan"), dtype=torch.float16)
+    got = linear_sign_step(grad_h, weight, z.clone(), anchor, 0.02, 0.05, split_k=split_k, z_low=low)
+    assert torch.equal(got, want) and torch.equal(low, want.half())
+    low = torch.full_like(z, float("nan"), dtype=torch.float16)
+    got = sign_step_project(z.clone(), torch.randn(batch, 37, generator=gen), anchor, 0.02, 0.05, normalize=True,
+                            z_low=low)
+    assert torch.equal(low, got.half())
+    with pytest.raises(ValueError, match="z_low"):
+        sign_step_project(z.clone(), grad_h[:, :37], anchor, 0.02, 0.05, z_low=low[:, :5])
+
+
 def test_linear_step_rejects_bad_input():
     z = torch.zeros(2, 8)
     with pytest.raises(ValueError, match="weight"):

@@ -353,25 +353,32 @@ class FusedBackend:
             grad = grad.reshape(grad.shape[0], -1).float() @ self.plan.first_linear.weight.float()
         return grad.float()
 
-    def step(self, z_t: Tensor, anchor: Tensor, x_shadow: Tensor, last: bool, loss: Tensor | None = None) -> None:
-        """z_t <- Proj(z_t + alpha * sign(g_t)) in place (unit-norm after the last step if normalize)."""
+    def step(self, z_t: Tensor, anchor: Tensor, x_shadow: Tensor, last: bool, loss: Tensor | None = None,
+             z_low: Tensor | None = None) -> None:
+        """z_t <- Proj(z_t + alpha * sign(g_t)) in place (unit-norm after the last step if normalize).
+
+        ``z_low``: z_t in the decoder's dtype, which the decoder reads instead of casting z_t, and which
+        the step kernel rewrites with the new z_t (one cast kernel less per step)."""
         cfg = self.config
         args = (cfg.alpha, cfg.eps, cfg.norm, cfg.constraint, cfg.normalize and last)
-        grad = self.decoder_gradient(z_t, x_shadow, loss)
+        grad = self.decoder_gradient(z_t if z_low is None else z_low, x_shadow, loss)
+        z_low = None if last else z_low  # nothing reads it after the last step
         if self.plan.first_linear is not None:
             linear_sign_step(grad.reshape(grad.shape[0], -1), self.plan.first_linear.weight, z_t, anchor, *args,
-                             split_k=self.split_k, tf32=self.dtype == "tf32")
+                             split_k=self.split_k, tf32=self.dtype == "tf32", z_low=z_low)
         else:
-            sign_step_project(z_t, grad.reshape(z_t.shape).float(), anchor, *args)
+            sign_step_project(z_t, grad.reshape(z_t.shape).float(), anchor, *args, z_low=z_low)
 
     def protect(self, z: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The whole protection of a batch (no host synchronisation, so it can be captured)."""
         cfg = self.config
         x_shadow, anchor = self.targets(z)
         z_t = anchor + noise if noise is not None else anchor.clone()
+        z_low = z_t.to(self.plan.dtype) if self.plan.dtype != torch.float32 else None  # then kept by the steps
         losses = torch.zeros(cfg.steps, z.shape[0], device=z.device) if self.record_loss else None
         for t in range(cfg.steps):
-            self.step(z_t, anchor, x_shadow, last=t == cfg.steps - 1, loss=None if losses is None else losses[t])
+            self.step(z_t, anchor, x_shadow, last=t == cfg.steps - 1, loss=None if losses is None else losses[t],
+                      z_low=z_low)
         if cfg.steps == 0 and cfg.normalize:
             z_t = F.normalize(z_t, dim=1)
         return z_t, losses
