@@ -176,9 +176,9 @@ class FusedBackend:
     """Triton kernels + CUDA graphs; equals the reference backend up to rare sign flips.
 
     dtype:   decoder precision, "fp32" (default), "tf32", "bf16" or "fp16"; the encoder runs under
-             autocast for bf16/fp16 (a copy of it with its BatchNorm folded and the weights
-             autocast casts stored cast, see _faster_encoder). z, anchor and steps stay float32. On a CPU (Triton's
-             interpreter, for tests) fp32 and fp16 only.
+             autocast for bf16/fp16 (a copy of it with its BatchNorm folded and the weights autocast
+             casts stored cast, see _faster_encoder). z, anchor and steps stay float32. On a CPU
+             (Triton's interpreter, for tests) fp32 and fp16 only.
     graphs:  on a GPU, capture the whole protection once per ``graph_size(B)`` and replay it; a
              batch is padded up to that size (a short last batch reuses the full batches' capture
              when graph_size maps both to it).
@@ -270,11 +270,11 @@ class FusedBackend:
         COPY_COSINE); then the weights autocast casts at every call stored cast (autocast_copy), kept
         only if its features equal those of the copy it was made from to the bit. channels_last: that
         copy (or one of E) laid out NHWC, kept if its features are within rounding of E's (E may
-        flatten with .view, which NHWC activations refuse, or read memory in NCHW order). compile_encoder: the result
-        through torch.compile, kept within rounding too. A second set of E's weights on the device
-        until the next rebuild; made once, so hooks added to E later do not reach it. Whatever fails
-        is said in one warning. The checks run on the first image, compilation on the whole batch
-        (its shape is the one the graph replays)."""
+        flatten with .view, which NHWC activations refuse, or read memory in NCHW order).
+        compile_encoder: the result through torch.compile, kept within rounding too. A second set of
+        E's weights on the device until the next rebuild; made once, so hooks added to E later do not
+        reach it. Whatever fails is said in one warning. The checks run on the first image, compilation
+        on the whole batch (its shape is the one the graph replays)."""
         if first_float(self.encoder) is None:  # nothing to cast or lay out (an ONNX session's encoder)
             return None
         image = x_shadow[:1]
