@@ -150,3 +150,22 @@ def test_gpu_check_shell_script_runs_from_the_source_tree_where_pip_fails(tmp_pa
     assert json.loads((out / "bench.json").read_text())["results"]
     assert "profile exit code 0" in (out / "profile_log.txt").read_text(), (out / "profile_log.txt").read_text()[-2000:]
     assert json.loads((out / "profile_B2.json").read_text())["phases_ms"]
+
+
+def test_count_kernels_counts_a_call_on_cpu():
+    """bench/count_kernels.py on tiny models: a step launches its convolutions and Triton kernels and
+    copies or casts nothing; the call adds up; the split-K finisher counts where asked."""
+    env = os.environ | {"TRITON_INTERPRET": "1"}
+    counts = []
+    for split in ("1", "2"):
+        args = ["--size", "16", "--width", "4", "--encoder", "mobilefacenet", "--steps", "3", "--split-k", split,
+                "--json"]
+        done = subprocess.run([sys.executable, str(ROOT / "bench" / "count_kernels.py"), *args], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        counts.append(json.loads(done.stdout.splitlines()[-1]))
+    one, two = counts
+    assert one["call"] == one["targets"] + 1 + 3 * one["step"]  # fp16: one cast of z before the loop
+    assert one["step_ops"]["convolution"] == 2 and one["step_ops"]["triton._linear_step_kernel"] == 1
+    assert not {"_to_copy", "clone", "copy_"} & set(one["step_ops"]), one["step_ops"]
+    assert two["step"] == one["step"] + 1 and two["step_ops"]["triton._sign_step_kernel"] == 1
