@@ -26,12 +26,11 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
-from gpu_check import calibrate  # noqa: E402
+from gpu_check import benchmark_models  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import advface_engine as afe  # noqa: E402
 from advface_engine.backends.fused import FusedBackend  # noqa: E402
-from advface_engine.models import build_model  # noqa: E402
 from advface_engine.protect import frozen  # noqa: E402
 
 NO_KERNEL = {"view", "_unsafe_view", "_reshape_alias", "reshape", "permute", "t", "transpose", "expand", "slice",
@@ -83,12 +82,7 @@ def count(dtype: str = "fp16", batch: int = 1, steps: int = 20, size: int = 112,
           encoder_arch: str = "iresnet50", split_k: int | None = None, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shadow = build_model("dcgan", feature_dim=512, size=size, width=width).to(device)
-    encoder = build_model(encoder_arch, num_features=512, input_size=size).to(device)
-    z_calib = F.normalize(torch.randn(16, 512, device=device), dim=1)
-    calibrate(shadow, z_calib)
-    with torch.no_grad():
-        calibrate(encoder, shadow(z_calib))
+    shadow, encoder = benchmark_models(device, 512, size, width, encoder_arch)
     z = F.normalize(torch.randn(batch, 512, device=device), dim=1)
     with frozen(shadow, encoder), torch.no_grad():
         backend = FusedBackend(shadow, encoder, afe.ProtectConfig(steps=1), dtype=dtype, graphs=False, split_k=split_k)

@@ -63,6 +63,19 @@ def calibrate(model: nn.Module, inputs: torch.Tensor) -> nn.Module:
     return model.eval()
 
 
+def benchmark_models(device: torch.device, dim: int = 512, size: int = 112, width: int = 32,
+                     encoder: str = "iresnet50") -> tuple[nn.Module, nn.Module]:
+    """The benchmarks' (shadow, encoder): dcgan and ``encoder`` with random weights (from the current
+    seed) and BatchNorm statistics calibrated on 64 random features (the encoder's on their images)."""
+    shadow = build_model("dcgan", feature_dim=dim, size=size, width=width).to(device)
+    enc = build_model(encoder, num_features=dim, input_size=size).to(device)
+    z_calib = F.normalize(torch.randn(64, dim, device=device), dim=1)
+    calibrate(shadow, z_calib)
+    with torch.no_grad():
+        calibrate(enc, shadow(z_calib))
+    return shadow, enc
+
+
 def make_backend(name: str, shadow, encoder, cfg):
     if name == "reference":
         return ReferenceBackend(shadow, encoder, cfg)
@@ -140,13 +153,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     dim = args.feature_dim
-    shadow = build_model("dcgan", feature_dim=dim, size=args.size, width=args.width).to(device)
-    encoder = (build_model("iresnet50", num_features=dim, input_size=args.size) if args.encoder == "iresnet50"
-               else build_model("mobilefacenet", num_features=dim, input_size=args.size)).to(device)
-    z_calib = F.normalize(torch.randn(64, dim, device=device), dim=1)
-    calibrate(shadow, z_calib)
-    with torch.no_grad():
-        calibrate(encoder, shadow(z_calib))
+    shadow, encoder = benchmark_models(device, dim, args.size, args.width, args.encoder)
     cfg = afe.ProtectConfig(eps=0.03, alpha=0.01, steps=args.steps)
 
     with frozen(shadow, encoder):

@@ -26,12 +26,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gpu_check import calibrate, time_ms, write_json
+from gpu_check import benchmark_models, time_ms, write_json
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import advface_engine as afe
 from advface_engine.backends.fused import CompiledEncoder, FusedBackend, _tf32
-from advface_engine.models import build_model
 from advface_engine.protect import frozen
 
 PHASES = ("S(z)", "E(x~)", "steps")
@@ -137,12 +136,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     dim = args.feature_dim
-    shadow = build_model("dcgan", feature_dim=dim, size=args.size, width=args.width).to(device)
-    encoder = build_model(args.encoder, num_features=dim, input_size=args.size).to(device)
-    z_calib = F.normalize(torch.randn(64, dim, device=device), dim=1)
-    calibrate(shadow, z_calib)
-    with torch.no_grad():
-        calibrate(encoder, shadow(z_calib))
+    shadow, encoder = benchmark_models(device, dim, args.size, args.width, args.encoder)
     cfg = afe.ProtectConfig(eps=0.03, alpha=0.01, steps=args.steps)
     layout = {"default": None, "on": True, "off": False}[args.channels_last]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -16,9 +16,11 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def check_device(*tensors: torch.Tensor) -> None:
+def check_device(*tensors: torch.Tensor | None) -> None:
     """A clear error instead of a Triton crash (or a wrong result) when CPU tensors meet the kernels,
-    or tensors on different GPUs (a kernel runs on the current device and reads all its pointers there)."""
+    or tensors on different GPUs (a kernel runs on the current device and reads all its pointers there).
+    None (an optional argument not given) is skipped."""
+    tensors = tuple(t for t in tensors if t is not None)
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise ValueError(f"kernel arguments on different devices: {sorted(map(str, devices))}")

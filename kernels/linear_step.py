@@ -85,7 +85,7 @@ def linear_sign_step(grad_h: torch.Tensor, weight: torch.Tensor, z: torch.Tensor
                          f"got {tuple(grad_h.shape)} and {tuple(weight.shape)}")
     if grad_h.dtype != weight.dtype:
         raise ValueError(f"grad_h and weight must share a dtype, got {grad_h.dtype} and {weight.dtype}")
-    check_device(grad_h, weight, z, anchor, *(() if z_low is None else (z_low,)))
+    check_device(grad_h, weight, z, anchor, z_low)
     if z.numel() == 0:
         return z
     if dim > MAX_FUSED_DIM:

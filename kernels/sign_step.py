@@ -113,7 +113,7 @@ def sign_step_project(z: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor,
     check_step_args(z, anchor, norm, constraint, z_low)
     if grad.shape != z.shape and (grad.dim() != 3 or grad.shape[1:] != z.shape or grad.shape[0] < 1):
         raise ValueError(f"grad must have z's shape {tuple(z.shape)} or (P, *that), got {tuple(grad.shape)}")
-    check_device(z, grad, anchor, *(() if z_low is None else (z_low,)))
+    check_device(z, grad, anchor, z_low)
     if z.numel() == 0:
         return z
     block_m, block_d = blocks(z.shape[1], z.device)

@@ -273,13 +273,17 @@ def test_fold_encoder_batchnorm_folds_only_a_layers_sole_use():
     assert fold_encoder_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).train()) is None
 
 
-class UntraceableEncoder(nn.Module):
-    """Python control flow on a tensor's value: torch.fx cannot trace it."""
+class ConvBatchNormEncoder(nn.Module):
+    """Conv -> BatchNorm -> Linear: a foldable pair, for encoders whose forward a trace cannot keep."""
 
     def __init__(self, size: int = 16, dim: int = 16):
         super().__init__()
         self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
         self.fc = nn.Linear(4 * size * size, dim)
+
+
+class UntraceableEncoder(ConvBatchNormEncoder):
+    """Python control flow on a tensor's value: torch.fx cannot trace it."""
 
     def forward(self, x):
         x = self.bn(self.conv(x))
@@ -288,13 +292,8 @@ class UntraceableEncoder(nn.Module):
         return self.fc(x.flatten(1))
 
 
-class OwnPrecisionBatchNormEncoder(nn.Module):
+class OwnPrecisionBatchNormEncoder(ConvBatchNormEncoder):
     """Its convolution (followed by a BatchNorm) in fp32 with autocast off: a trace keeps no autocast."""
-
-    def __init__(self, size: int = 16, dim: int = 16):
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4 * size * size, dim)
 
     def forward(self, x):
         with torch.autocast("cpu", enabled=False):  # a literal device type, as encoders written for one have

@@ -71,9 +71,8 @@ def fold_encoder_batchnorm(encoder: nn.Module) -> nn.Module | None:
     hooks. Raises when E cannot be traced (Python control flow on tensor values).
 
     Only exact Conv1d/2d/3d -> BatchNorm1d/2d/3d pairs, each layer called at one place and its
-    parameters read nowhere else. The same function up to rounding,
-    not to the bit; a trace keeps no Python context such as E's own autocast (see compute_dtypes):
-    the caller checks both."""
+    parameters read nowhere else. The same function up to rounding, not to the bit; a trace keeps
+    no Python context such as E's own autocast (see compute_dtypes): the caller checks both."""
     if isinstance(encoder, torch.jit.ScriptModule) or any(m._forward_pre_hooks or m._forward_hooks
                                                           for m in encoder.modules()):
         return None  # TorchScript is not traced by torch.fx, and a trace would not keep the hooks
