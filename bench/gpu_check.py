@@ -5,6 +5,8 @@ mobilefacenet(512, 112)), T = 20 steps, B in {1, 64, 1024}. Models are randomly 
 with BatchNorm statistics taken from one pass over random inputs so activations stay in range.
 Fused providers run the backend's default layout (channels_last for bf16 and fp16, NCHW for
 fp32 and tf32); "-nhwc" and "-nchw" ask for one (FusedBackend(channels_last=True / False)).
+On a GPU, "fused-bf16-compile+graph" (FusedBackend(compile_encoder=True), a candidate for small
+batches) is timed last, at B=1 only.
 
 Achieved TFLOP/s counts the reference computation's FLOPs (torch.utils.flop_counter: the
 encoder once and T decoder forward + input-gradient passes) over each provider's time; the
@@ -43,7 +45,10 @@ from advface_engine.protect import frozen
 BF16_DENSE_PEAK = {"H100": 989.4, "H200": 989.4}  # TFLOP/s, SXM datasheets
 PROVIDERS = ("reference", "fused-bf16+graph", "fused-bf16-nchw+graph", "fused-fp32+graph", "fused-bf16", "fused-fp32")
 KEY = PROVIDERS[:2]  # the issue's targets: fused + graph against the reference
+# a candidate timed at B=1 only, on a GPU, last: the compile_encoder option (each batch size compiles anew)
+COMPILED = "fused-bf16-compile+graph"
 SLOW_CALL_MS = 2000.0  # a provider whose first timed call took longer is timed once
+WARM_S = 0.25  # untimed calls after the warm-up, for every provider alike (clocks and caches settle)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -79,10 +84,10 @@ def benchmark_models(device: torch.device, dim: int = 512, size: int = 112, widt
 def make_backend(name: str, shadow, encoder, cfg):
     if name == "reference":
         return ReferenceBackend(shadow, encoder, cfg)
-    spec = name.removeprefix("fused-").removesuffix("+graph")  # fused-<dtype>[-nhwc|-nchw][+graph]
-    dtype, _, layout = spec.partition("-")
+    spec = name.removeprefix("fused-").removesuffix("+graph")  # fused-<dtype>[-nhwc|-nchw|-compile][+graph]
+    dtype, _, option = spec.partition("-")
     return FusedBackend(shadow, encoder, cfg, dtype=dtype, graphs=name.endswith("+graph"),
-                        channels_last={"nhwc": True, "nchw": False}.get(layout))
+                        channels_last={"nhwc": True, "nchw": False}.get(option), compile_encoder=option == "compile")
 
 
 def time_ms(fn, reps: int, device: torch.device) -> list[float]:
@@ -181,6 +186,7 @@ def main() -> None:
         zs = {batch: F.normalize(torch.randn(batch, dim, device=device), dim=1) for batch in args.batches}
         plan = [(batch, provider) for provider in KEY for batch in args.batches]
         plan += [(batch, provider) for provider in PROVIDERS if provider not in KEY for batch in args.batches]
+        plan += [(1, COMPILED)] if device.type == "cuda" and 1 in args.batches else []
         for batch, provider in plan:
             row = {"provider": provider, "batch": batch}
             if time.time() - began > args.budget:
@@ -209,7 +215,8 @@ def main() -> None:
 def measure(backend, provider: str, z: torch.Tensor, reps: int) -> dict:
     """One provider at one batch: median ms, samples/s, peak memory (the warm-up and any capture
     included) and, through NVML, energy per sample and mean power over at least a second of calls.
-    A call slower than SLOW_CALL_MS is timed once."""
+    Timing starts after a warm-up call and WARM_S more seconds of calls (at least one). A call slower
+    than SLOW_CALL_MS is timed once."""
     device = z.device
     tm.reset_peak_memory(device)
     with warnings.catch_warnings(record=True) as caught:
@@ -217,6 +224,11 @@ def measure(backend, provider: str, z: torch.Tensor, reps: int) -> dict:
         backend.run(z)  # warm-up: compilation, cuDNN choices, graph capture
     if provider.endswith("+graph") and not backend.graphs:  # else an eager timing would pass for a graph's
         raise RuntimeError("CUDA graph capture fell back to eager: " + "; ".join(str(w.message) for w in caught))
+    warm_until = time.perf_counter() + WARM_S  # steady state: at least one more call, then WARM_S of them
+    while True:
+        time_ms(lambda: backend.run(z), 1, device)  # (each call waited for, as the timed ones are)
+        if time.perf_counter() >= warm_until:
+            break
     with tm.EnergyMeter(device) as energy:
         times = time_ms(lambda: backend.run(z), 1, device)
         if times[0] < SLOW_CALL_MS:
@@ -246,7 +258,7 @@ def write_table(path: Path, report: dict, args) -> str:
              f"checks: {json.dumps(report['checks'])}",
              f"{'provider':<18}{'B':>6}{'ms':>10}{'samples/s':>12}{'TFLOP/s':>9}{'%bf16pk':>9}{'speedup':>9}"
              f"{'mJ/sample':>11}{'peak MiB':>10}{'rsvd MiB':>10}"]
-    order = {p: i for i, p in enumerate(PROVIDERS)}
+    order = {p: i for i, p in enumerate(PROVIDERS + (COMPILED,))}
     rows = sorted(report["results"], key=lambda r: (r["batch"], order.get(r["provider"], len(order))))
     lines += [row_text(r) for r in rows]
     text = "\n".join(lines) + "\n"

@@ -7,13 +7,16 @@ Writes OUTDIR/profile_B{batch}.json and .txt:
 - ``call``: one ``backend.run`` on the captured graph, host time (until the call returns, the GPU
   work queued) and total time (until the GPU is done), medians; ``protector_call``: the same for
   a Protector call (what an online caller sees: the models frozen and z checked around the run);
+  ``weights_check_host_ms``: the host time of the weights check a call makes (weights_key);
 - ``encoder``: E(x~) alone, each form captured in its own CUDA graph: the caller's encoder under
   autocast (which casts every weight at every call) against the backend's copy of it (BatchNorm
   folded, weights stored cast; NHWC with channels_last), so the copy's gain is measured, not
   assumed; and, as a candidate (the backend's compile_encoder option, off by default), that copy
   through torch.compile, and then a whole call with that option on (``call_compile_encoder``);
 - ``phases``: the loop run eagerly under torch.profiler, device time of S(z), E(x~) and the
-  steps, the number of kernels it launched (what the graph replays) and those that take the most.
+  steps, the number of kernels it launched (what the graph replays) and those that take the most;
+- ``call_cudnn_benchmark`` (a candidate, GPU only): ``call`` for a backend captured under cuDNN's
+  benchmark mode (every convolution algorithm timed, the fastest kept).
 On a CPU (TRITON_INTERPRET=1, small --size) it runs as a smoke test: host clock, eager, no graphs.
 """
 
@@ -30,6 +33,7 @@ from gpu_check import benchmark_models, time_ms, write_json
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import advface_engine as afe
+from advface_engine.backends.decoder import weights_key
 from advface_engine.backends.fused import CompiledEncoder, FusedBackend, _tf32
 from advface_engine.protect import frozen
 
@@ -74,6 +78,28 @@ def call_times(call, z: torch.Tensor, reps: int) -> dict:
             torch.cuda.synchronize(z.device)
         total.append(1e3 * (time.perf_counter() - start))
     return {"host_ms": statistics.median(host), "total_ms": statistics.median(total)}
+
+
+def median_host_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def cudnn_benchmark_call(shadow, encoder, cfg, dtype: str, layout, z: torch.Tensor, reps: int) -> dict:
+    """A whole call (``call_times``) whose capture ran with cuDNN's benchmark mode, which times every
+    algorithm for each convolution's shape and keeps the fastest (the backend does not do this: the
+    choice may differ between processes, and gallery jobs must be repeatable bit for bit)."""
+    cudnn = torch.backends.cudnn
+    backend = FusedBackend(shadow, encoder, cfg, dtype=dtype, channels_last=layout)
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=True, benchmark_limit=0, deterministic=False,
+                     allow_tf32=cudnn.allow_tf32):
+        backend.run(z)  # warm-up and capture
+    return call_times(backend.run, z, reps) | {"graphs": backend.graphs}
 
 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
@@ -153,6 +179,7 @@ def main() -> None:
         backend = FusedBackend(shadow, encoder, cfg, dtype=args.dtype, channels_last=layout)
         report["channels_last"] = backend.channels_last
         report["call"] = call_times(backend.run, z, args.reps)
+        report["weights_check_host_ms"] = median_host_ms(lambda: weights_key(shadow, encoder), args.reps)
         write_json(stem.with_suffix(".json"), report)
 
         x_shadow, _ = backend.plan.forward(z, keep=False)
@@ -184,6 +211,12 @@ def main() -> None:
                 copy = on._encoder_copy[0] if on._encoder_copy else None
                 report["call_compile_encoder"].update(  # graphs False: the capture fell back to eager
                     compiled=isinstance(copy, CompiledEncoder) and copy.failure is None, graphs=on.graphs)
+        if device.type == "cuda":  # a candidate: cuDNN's algorithms chosen by timing them at the capture
+            try:
+                report["call_cudnn_benchmark"] = cudnn_benchmark_call(shadow, encoder, cfg, args.dtype, layout, z,
+                                                                      args.reps)
+            except Exception as err:  # noqa: BLE001 - report it, keep the rest
+                report["call_cudnn_benchmark"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
     write_json(stem.with_suffix(".json"), report)
     call, enc = report["call"], report["encoder"]
     text = (f"{name}  torch {torch.__version__}  {args.encoder}  B={args.batch}  T={args.steps}  {args.dtype}  "
@@ -199,6 +232,10 @@ def main() -> None:
                f"(encoder compiled: {report['call_compile_encoder']['compiled']}, "
                f"graph: {report['call_compile_encoder']['graphs']})\n"
                if "call_compile_encoder" in report else "")
+            + (f"backend.run captured with cuDNN benchmark mode: "
+               f"{_ms(report['call_cudnn_benchmark'].get('total_ms'))} total "
+               f"{report['call_cudnn_benchmark'].get('error', '')}\n" if "call_cudnn_benchmark" in report else "")
+            + f"weights check alone (host): {report['weights_check_host_ms']:.3f} ms\n"
             + "eager phases (device ms): " + ", ".join(f"{k} {v:.3f}" for k, v in report["phases_ms"].items())
             + f"; {report['kernel_launches']} kernel launches"
             + f"\n{table}\n")

@@ -13,6 +13,10 @@ Small batches leave most of the GPU idle, so the reduction over N is then split 
 standalone step kernel (sign_step.py) adds them in a fixed order and finishes: no atomics, so
 the result does not depend on which program finishes first (a resumed gallery job must
 reproduce an interrupted one bit for bit).
+
+When an activation follows the Linear (the decoders' stem: Linear, BatchNorm folded into it,
+ReLU), g_h arrives as the gradient at the activation's output, and the kernel applies the
+activation's backward to each tile of it as it loads it: one pass over g_h fewer per step.
 """
 
 from __future__ import annotations
@@ -22,16 +26,18 @@ import triton
 import triton.language as tl
 
 from . import COMPILE_OPTIONS, check_device
+from .act_backward import ACTS, act_backward
 from .sign_step import check_step_args, sign_step_project, step_project, store_z
 
 MAX_FUSED_DIM = 1024
 
 
 @triton.jit
-def _linear_step_kernel(gh_ptr, w_ptr, z_ptr, anchor_ptr, partial_ptr, low_ptr, n_rows, k_dim, dim, k_chunk, alpha,
-                        eps, L2: tl.constexpr, BALL: tl.constexpr, NORMALIZE: tl.constexpr, SPLIT: tl.constexpr,
-                        HAS_LOW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
+def _linear_step_kernel(gh_ptr, w_ptr, z_ptr, anchor_ptr, partial_ptr, low_ptr, pre_ptr, slope_ptr, scale_ptr,
+                        n_rows, k_dim, dim, k_chunk, channels, inner, alpha, eps, L2: tl.constexpr,
+                        BALL: tl.constexpr, NORMALIZE: tl.constexpr, SPLIT: tl.constexpr, HAS_LOW: tl.constexpr,
+                        ACT: tl.constexpr, HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     row_ok, col_ok = rows < n_rows, cols < dim
@@ -41,7 +47,20 @@ def _linear_step_kernel(gh_ptr, w_ptr, z_ptr, anchor_ptr, partial_ptr, low_ptr, 
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < k_end
-        a = tl.load(gh_ptr + rows[:, None] * k_dim + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        a_offs = rows[:, None] * k_dim + ks[None, :]
+        a_mask = row_ok[:, None] & k_ok[None, :]
+        a = tl.load(gh_ptr + a_offs, mask=a_mask, other=0.0)
+        if ACT > 0:  # the stem activation's backward on the gradient as it is loaded, as act_backward computes it
+            pre = tl.load(pre_ptr + a_offs, mask=a_mask, other=0.0).to(tl.float32)
+            g = a.to(tl.float32)
+            channel = (ks // inner) % channels
+            if ACT == 2:
+                g = tl.where(pre > 0, g, g * tl.load(slope_ptr + channel, mask=k_ok, other=0.0).to(tl.float32)[None, :])
+            else:
+                g = tl.where(pre > 0, g, 0.0)
+            if HAS_SCALE:
+                g = g * tl.load(scale_ptr + channel, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            a = g.to(gh_ptr.dtype.element_ty)
         b = tl.load(w_ptr + ks[:, None].to(tl.int64) * dim + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
                     other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -73,11 +92,53 @@ def pick_split_k(batch: int, k_dim: int, block_m: int, block_k: int, device: tor
     return max(1, min(sms // programs_m, triton.cdiv(k_dim, 8 * block_k)))
 
 
+def _check_act(act: str | None, pre, slope, scale, grad_h: torch.Tensor, channels: int, inner: int) -> None:
+    if act is None:
+        if pre is not None or slope is not None or scale is not None:
+            raise ValueError("pre, slope and scale belong to an activation: give act too")
+        return
+    if act not in ACTS:
+        raise ValueError(f"act must be one of {ACTS} or None, got {act!r}")
+    if pre is None or pre.shape != grad_h.shape or pre.dtype != grad_h.dtype:
+        raise ValueError(f"{act} needs its saved pre-activation with grad_h's shape {tuple(grad_h.shape)} and dtype")
+    width = grad_h.shape[1]
+    if channels < 1 or inner < 1 or (width % channels if inner == 1 else channels * inner != width):
+        raise ValueError(f"channels x inner must be grad_h's width {width} (or, with inner 1, divide it), "
+                         f"got {channels} x {inner}")
+    if act != "relu" and (slope is None or slope.numel() != channels):
+        raise ValueError(f"{act} needs a slope per channel ({channels})")
+    if scale is not None and scale.numel() != channels:
+        raise ValueError(f"scale must have one value per channel ({channels}), got {scale.numel()}")
+
+
+def _as_image(flat: torch.Tensor, channels: int, inner: int) -> torch.Tensor:
+    """(B, N) as (B, C, ...) with value k in channel (k // inner) % C: NHWC (B, C, P, 1) when inner is 1,
+    else (B, C, inner); views both."""
+    if inner == 1:
+        return flat.view(flat.shape[0], -1, 1, channels).permute(0, 3, 1, 2)
+    return flat.view(flat.shape[0], channels, inner)
+
+
+def _flat(image: torch.Tensor, inner: int) -> torch.Tensor:
+    """_as_image undone (act_backward lays its result out like its input)."""
+    if inner == 1:
+        return image.permute(0, 2, 3, 1).reshape(image.shape[0], -1)
+    return image.reshape(image.shape[0], -1)
+
+
 def linear_sign_step(grad_h: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, anchor: torch.Tensor,
                      alpha: float, eps: float, norm: str = "linf", constraint: str = "ball", normalize: bool = False,
-                     split_k: int | None = None, tf32: bool = False, z_low: torch.Tensor | None = None) -> torch.Tensor:
+                     split_k: int | None = None, tf32: bool = False, z_low: torch.Tensor | None = None,
+                     act: str | None = None, pre: torch.Tensor | None = None, slope: torch.Tensor | None = None,
+                     scale: torch.Tensor | None = None, channels: int | None = None, inner: int = 1) -> torch.Tensor:
     """z (B, D) fp32 <- Proj(z + alpha * dir(grad_h @ weight)) in place; ``weight`` is the Linear's (N, D).
-    ``z_low``: also gets the new z in its dtype (see sign_step_project)."""
+    ``z_low``: also gets the new z in its dtype (see sign_step_project).
+
+    ``act`` (with ``pre`` (B, N), ``slope`` and ``scale`` per channel, as act_backward takes them):
+    ``grad_h`` is the gradient at the output of the activation after the Linear, whose backward
+    the kernel runs on each tile it loads (the same bits as act_backward, without its pass). Value k
+    of a row belongs to channel (k // inner) % channels: inner 1 for an NHWC image (k % C) or a flat
+    feature, H * W for an NCHW one (channels * inner is then the width)."""
     check_step_args(z, anchor, norm, constraint, z_low)
     batch, dim = z.shape
     if grad_h.dim() != 2 or grad_h.shape[0] != batch or weight.shape != (grad_h.shape[1], dim):
@@ -85,10 +146,15 @@ def linear_sign_step(grad_h: torch.Tensor, weight: torch.Tensor, z: torch.Tensor
                          f"got {tuple(grad_h.shape)} and {tuple(weight.shape)}")
     if grad_h.dtype != weight.dtype:
         raise ValueError(f"grad_h and weight must share a dtype, got {grad_h.dtype} and {weight.dtype}")
-    check_device(grad_h, weight, z, anchor, z_low)
+    channels = grad_h.shape[1] if channels is None else channels
+    _check_act(act, pre, slope, scale, grad_h, channels, inner)
+    check_device(grad_h, weight, z, anchor, z_low, pre, slope, scale)
     if z.numel() == 0:
         return z
-    if dim > MAX_FUSED_DIM:
+    if dim > MAX_FUSED_DIM:  # the gradient through cuBLAS (and act_backward first)
+        if act is not None:
+            image = _as_image(grad_h, channels, inner), _as_image(pre, channels, inner)
+            grad_h = _flat(act_backward(*image, act, slope, scale), inner)
         return sign_step_project(z, grad_h.float() @ weight.float(), anchor, alpha, eps, norm, constraint, normalize,
                                  z_low)
     grad_h, weight = grad_h.contiguous(), weight.contiguous()
@@ -100,10 +166,14 @@ def linear_sign_step(grad_h: torch.Tensor, weight: torch.Tensor, z: torch.Tensor
     partial = z.new_empty((split, batch, dim)) if split > 1 else z
     precision = "tf32" if (tf32 and weight.dtype == torch.float32) else "ieee"
     fused_low = z_low if split == 1 else None  # split: the finisher writes it
+    has_slope = act in ("leaky_relu", "prelu")
     _linear_step_kernel[(triton.cdiv(batch, block_m), split)](
-        grad_h, weight, z, anchor, partial, z if fused_low is None else fused_low, batch, k_dim, dim, k_chunk,
+        grad_h, weight, z, anchor, partial, z if fused_low is None else fused_low,
+        grad_h if act is None else pre.contiguous(), slope.contiguous() if has_slope else grad_h,
+        scale.contiguous() if scale is not None else grad_h, batch, k_dim, dim, k_chunk, channels, inner,
         float(alpha), float(eps), L2=norm == "l2", BALL=constraint == "ball", NORMALIZE=bool(normalize),
-        SPLIT=split > 1, HAS_LOW=fused_low is not None, PRECISION=precision, BLOCK_M=block_m, BLOCK_K=block_k,
+        SPLIT=split > 1, HAS_LOW=fused_low is not None, ACT=0 if act is None else 2 if has_slope else 1,
+        HAS_SCALE=scale is not None and act is not None, PRECISION=precision, BLOCK_M=block_m, BLOCK_K=block_k,
         BLOCK_D=block_d, num_warps=num_warps, **COMPILE_OPTIONS,
     )
     if split > 1:

@@ -44,12 +44,6 @@ def step_project(z, g, anchor, alpha, eps, L2: tl.constexpr, BALL: tl.constexpr,
 
 
 @triton.jit
-def _part_offsets(part, n_rows, rows, cols, dim):
-    """Offsets of rows' partial sums number ``part`` in the (P, B, D) buffer (rows is int64: no overflow)."""
-    return (part * n_rows + rows)[:, None] * dim + cols[None, :]
-
-
-@triton.jit
 def store_z(z_ptr, low_ptr, offs, z, mask, HAS_LOW: tl.constexpr):
     """z (fp32) back in place and, if asked, its copy in the decoder's dtype (the next step's input)."""
     tl.store(z_ptr + offs, z, mask=mask)
@@ -60,23 +54,20 @@ def store_z(z_ptr, low_ptr, offs, z, mask, HAS_LOW: tl.constexpr):
 @triton.jit
 def _sign_step_kernel(z_ptr, g_ptr, anchor_ptr, low_ptr, n_rows, dim, n_parts, alpha, eps, L2: tl.constexpr,
                       BALL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_LOW: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+                      BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < n_rows)[:, None] & (cols < dim)[None, :]
     offs = rows[:, None] * dim + cols[None, :]
     z = tl.load(z_ptr + offs, mask=mask, other=0.0)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    for first in range(1, n_parts, 4):  # split-K partial sums added in a fixed order, four loads in flight
-        index = first + 0 * cols[None, :]  # a tensor, for the masks below
-        g0 = tl.load(g_ptr + _part_offsets(first, n_rows, rows, cols, dim), mask=mask, other=0.0)
-        g1 = tl.load(g_ptr + _part_offsets(first + 1, n_rows, rows, cols, dim), mask=mask & (index + 1 < n_parts),
-                     other=0.0)
-        g2 = tl.load(g_ptr + _part_offsets(first + 2, n_rows, rows, cols, dim), mask=mask & (index + 2 < n_parts),
-                     other=0.0)
-        g3 = tl.load(g_ptr + _part_offsets(first + 3, n_rows, rows, cols, dim), mask=mask & (index + 3 < n_parts),
-                     other=0.0)
-        g = (((g + g0.to(tl.float32)) + g1.to(tl.float32)) + g2.to(tl.float32)) + g3.to(tl.float32)
+    # split-K partial sums 1..P-1, BLOCK_P at a time (their loads in flight together), in a fixed order:
+    # each group's tree sum, added to g group by group
+    parts = tl.arange(0, BLOCK_P).to(tl.int64)[:, None, None]
+    for first in range(1, n_parts, BLOCK_P):
+        part_mask = (first + parts < n_parts) & mask[None, :, :]
+        tile = tl.load(g_ptr + (first + parts) * n_rows * dim + offs[None, :, :], mask=part_mask, other=0.0)
+        g = g + tl.sum(tile.to(tl.float32), axis=0)
     anchor = tl.load(anchor_ptr + offs, mask=mask, other=0.0)
     z = step_project(z, g, anchor, alpha, eps, L2, BALL, NORMALIZE)
     store_z(z_ptr, low_ptr, offs, z, mask, HAS_LOW)
@@ -95,10 +86,17 @@ def check_step_args(z: torch.Tensor, anchor: torch.Tensor, norm: str, constraint
                          f"got {tuple(z_low.shape)} {z_low.dtype}")
 
 
-def blocks(dim: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_D): whole rows per program; about 4096 values per program on a GPU."""
+def blocks(dim: int, device: torch.device, batch: int | None = None, parts: int = 1) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_P, BLOCK_D): whole rows per program, about 4096 values per program on a GPU; with
+    split-K partial sums, as many of them loaded at once as keep a program's tile near 8192 values
+    (with B=1 and D=512, 16 per load: the sum's loads are latency-bound, not bandwidth-bound)."""
     block_d = max(16, triton.next_power_of_2(dim))
-    return (max(1, min(16, 4096 // block_d)) if device.type == "cuda" else 64), block_d
+    block_m = max(1, min(16, 4096 // block_d)) if device.type == "cuda" else 64
+    if batch is not None:  # no program wider than the batch (a B=1 finisher reads one row, not 8)
+        block_m = min(block_m, triton.next_power_of_2(max(batch, 1)))
+    tile = 8192 if device.type == "cuda" else 16384
+    block_p = max(1, min(triton.next_power_of_2(max(parts - 1, 1)), tile // (block_m * block_d)))
+    return block_m, block_p, block_d
 
 
 def sign_step_project(z: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor, alpha: float, eps: float,
@@ -106,7 +104,8 @@ def sign_step_project(z: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor,
                       z_low: torch.Tensor | None = None) -> torch.Tensor:
     """z (B, D) fp32 <- Proj(z + alpha * dir(grad)) in place, then unit-norm rows if ``normalize``; returns z.
 
-    ``grad`` is (B, D), or (P, B, D) partial sums whose total is the gradient (added in order 0..P-1).
+    ``grad`` is (B, D), or (P, B, D) partial sums whose total is the gradient (added in a fixed order:
+    part 0, then the tree sum of each group of BLOCK_P parts in turn).
     ``z_low``: also gets the new z, cast to its dtype (the decoder's input at the next step: no cast
     kernel of its own).
     """
@@ -116,10 +115,11 @@ def sign_step_project(z: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor,
     check_device(z, grad, anchor, z_low)
     if z.numel() == 0:
         return z
-    block_m, block_d = blocks(z.shape[1], z.device)
+    parts = grad.numel() // z.numel()
+    block_m, block_p, block_d = blocks(z.shape[1], z.device, z.shape[0], parts)
     _sign_step_kernel[(triton.cdiv(z.shape[0], block_m),)](
-        z, grad.contiguous(), anchor, z if z_low is None else z_low, z.shape[0], z.shape[1], grad.numel() // z.numel(),
+        z, grad.contiguous(), anchor, z if z_low is None else z_low, z.shape[0], z.shape[1], parts,
         float(alpha), float(eps), L2=norm == "l2", BALL=constraint == "ball", NORMALIZE=bool(normalize),
-        HAS_LOW=z_low is not None, BLOCK_M=block_m, BLOCK_D=block_d, **COMPILE_OPTIONS,
+        HAS_LOW=z_low is not None, BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d, **COMPILE_OPTIONS,
     )
     return z

@@ -45,7 +45,14 @@ def sign_step_project(z: Tensor, grad: Tensor, anchor: Tensor, alpha: float, eps
 
 def linear_sign_step(grad_h: Tensor, weight: Tensor, z: Tensor, anchor: Tensor, alpha: float, eps: float,
                      norm: str = "linf", constraint: str = "ball", normalize: bool = False, split_k=None,
-                     tf32: bool = False, z_low: Tensor | None = None) -> Tensor:
+                     tf32: bool = False, z_low: Tensor | None = None, act: str | None = None, pre: Tensor | None = None,
+                     slope: Tensor | None = None, scale: Tensor | None = None, channels: int | None = None,
+                     inner: int = 1) -> Tensor:
+    if act is not None:  # grad_h is at the stem activation's output: its backward first
+        channel = (torch.arange(grad_h.shape[1], device=grad_h.device) // inner) % channels
+        g = grad_h.float()
+        g = torch.where(pre.float() > 0, g, g * slope.float()[channel] if slope is not None else torch.zeros_like(g))
+        grad_h = (g * scale.float()[channel] if scale is not None else g).to(grad_h.dtype)
     return sign_step_project(z, grad_h.float() @ weight.float(), anchor, alpha, eps, norm, constraint, normalize,
                              z_low)
 
@@ -72,7 +79,10 @@ HEADS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda y: y}
 
 
 def head_conv(a: Tensor, weight: Tensor, bias: Tensor | None, head: str = "tanh", target: Tensor | None = None,
-              loss: Tensor | None = None, tf32: bool = False) -> Tensor:
+              loss: Tensor | None = None, tf32: bool = False, act: str | None = None, slope: Tensor | None = None,
+              scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+    if act is not None:  # a is the activation's input
+        a = bias_act(a, act, slope, scale, shift)[0]
     padding = (weight.shape[2] // 2, weight.shape[3] // 2)
     y = HEADS[head](F.conv2d(a.float(), weight.float(), None if bias is None else bias.float(), padding=padding))
     y = y.to(a.dtype).contiguous()
@@ -80,7 +90,10 @@ def head_conv(a: Tensor, weight: Tensor, bias: Tensor | None, head: str = "tanh"
 
 
 def head_conv_backward(grad: Tensor, weight: Tensor, pre: Tensor | None = None, act: str | None = None,
-                       slope: Tensor | None = None, scale: Tensor | None = None, tf32: bool = False) -> Tensor:
+                       slope: Tensor | None = None, scale: Tensor | None = None, tf32: bool = False,
+                       shift: Tensor | None = None, from_input: bool = False) -> Tensor:
+    if from_input:  # pre is the activation's input
+        pre = bias_act(pre, act, slope, scale, shift, save_pre=True)[1]
     padding = (weight.shape[2] // 2, weight.shape[3] // 2)
     g = F.conv_transpose2d(grad.float(), weight.float(), padding=padding)
     if act is not None:

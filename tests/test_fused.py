@@ -6,7 +6,9 @@ Criteria (issue 3): per-step sign agreement of g >= 99.9%; final |z_fused - z_re
 
 from __future__ import annotations
 
+import collections
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -559,7 +561,7 @@ def test_stem_image_in_nhwc_equals_nchw(shape):
     with torch.no_grad():
         for plan in plans:
             torch.testing.assert_close(plan.forward(z)[0], shadow(z), rtol=1e-5, atol=1e-6)
-        grads = [plan.l1_gradient(z, target).reshape(3, -1) @ plan.first_linear.weight for plan in plans]
+        grads = [plan.l1_gradient(z, target)[0].reshape(3, -1) @ plan.first_linear.weight for plan in plans]
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
     shadow[1] = nn.Unflatten(1, (5, -1, 4))  # 64 outputs are not 5 * H * 4: named, not a shape error later
     with pytest.raises(backends.UnsupportedModelError, match=r"Unflatten.*after a Linear with 64 outputs"):
@@ -715,7 +717,36 @@ def test_generic_backward_equals_l1_gradient_with_a_fused_head(models):
     x_shadow = plan.forward(features(4, seed=2), keep=False)[0]
     y, saved = plan.forward(z)
     general = plan.backward(plan_module.l1_sign_backward(y, x_shadow, plan.head), saved)
-    torch.testing.assert_close(general, plan.l1_gradient(z, x_shadow), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(general, plan.l1_gradient(z, x_shadow)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["dcgan", "upconv"])
+def test_activation_before_the_head_runs_in_its_kernels(monkeypatch, family, models):
+    """The head convolution is given the activation's input and activates it itself (forward and
+    backward): a step runs bias_act for every activation but that one, and act_backward for every
+    one but that and the stem's (Linear, BatchNorm, activation), whose backward the step kernel runs."""
+    backend = FusedBackend(shadow_variant(family), models[1], CFG)
+    plan = backend.plan
+    acts = [op for op in plan.ops if isinstance(op, plan_module.Act)]
+    assert plan.head_conv is not None and plan.head_conv.act is acts[-1]
+    calls = collections.Counter()
+    for name in ("bias_act", "act_backward"):
+        kernel = getattr(plan_module, name)
+        monkeypatch.setattr(plan_module, name, lambda *a, _k=kernel, _n=name, **kw: calls.update([_n]) or _k(*a, **kw))
+    z, x_shadow = features(4), plan.forward(features(4, seed=2), keep=False)[0]
+    assert calls["bias_act"] == len(acts) - 1
+    calls.clear()
+    got = backend.gradient(z, x_shadow)
+    assert calls == {"bias_act": len(acts) - 1, "act_backward": len(acts) - 1}
+    torch.testing.assert_close(got, reference_gradient(backend.shadow, z, x_shadow), rtol=1e-4, atol=1e-5)
+    # in a step, the stem activation's backward runs in the step kernel too (kernels/linear_step.py)
+    assert plan.stem_act is acts[0]
+    calls.clear()
+    z_t = z.clone()
+    backend.step(z_t, z.clone(), x_shadow, last=False)
+    assert (calls["bias_act"], calls["act_backward"]) == (len(acts) - 1, len(acts) - 2)
+    want = z + CFG.alpha * torch.sign(reference_gradient(backend.shadow, z, x_shadow))
+    assert agreement(z_t, want, CFG.alpha / 2) == 1.0  # every sign as the reference's
 
 
 def test_unsupported_module_is_named_and_auto_falls_back(monkeypatch, models):
@@ -803,6 +834,54 @@ def test_graph_sizes_padding_noise_and_eviction(monkeypatch, models):
         shadow[0].weight.mul_(-1.0)
     both(z[:2])  # new weights: plan rebuilt, captures dropped
     assert list(graphed._graphs) == [2]
+
+
+def test_replay_comes_before_the_weights_check_when_it_reads_only_its_own_memory(monkeypatch, models):
+    """A replay reads the plan and the encoder's copy, never the caller's tensors (fp16 here: E's copy
+    has its own weights), so the call replays first and checks the weights while the GPU works; a
+    change found then drops that result and runs again. E itself in the graph (fp32: no copy) or a
+    copy that shares E's memory: the check comes first, as a freed weight must not be read."""
+    shadow, encoder = shadow_variant("dcgan"), models[1]
+    calls: list[str] = []
+    key = fused_module.weights_key
+    monkeypatch.setattr(fused_module, "weights_key", lambda *m: calls.append("key") or key(*m))
+
+    class Recorded(EagerGraph):
+        def replay(self):
+            calls.append("replay")
+            super().replay()
+
+    def order(backend, z):
+        _run(backend, z)  # the first call captures
+        calls.clear()
+        got = _run(backend, z)
+        return calls.copy(), got
+
+    z = features(4)
+    fp16 = FusedBackend(shadow, encoder, CFG, dtype="fp16")
+    fp16.graph_type = Recorded
+    seen, before = order(fp16, z)
+    assert seen == ["replay", "key"] and fp16._own_memory
+    with torch.no_grad():
+        shadow[0].weight.mul_(-1.0)
+    calls.clear()
+    got = _run(fp16, z)
+    # replayed, the change found, the plan rebuilt (its key), the new key checked, captured and replayed
+    assert calls == ["replay", "key", "key", "key", "replay"], calls
+    want = _run(FusedBackend(shadow, encoder, CFG, dtype="fp16", graphs=False), z)
+    assert torch.equal(got, want) and not torch.equal(before, want)
+
+    fp32 = FusedBackend(shadow, encoder, CFG)
+    fp32.graph_type = Recorded
+    assert order(fp32, z)[0] == ["key", "replay"] and fp32._own_memory is False
+    shared = FusedBackend(shadow, encoder, CFG, dtype="fp16")
+    shared.graph_type = Recorded
+    _run(shared, z)
+    shared._encoder_copy, shared._own_memory = (copy.copy(encoder), True), None  # a copy holding E's tensors
+    assert order(shared, z)[0] == ["key", "replay"]
+    no_encoder = FusedBackend(shadow, encoder, dataclasses.replace(CFG, anchor="original"))  # E is not run at all
+    no_encoder.graph_type = Recorded
+    assert order(no_encoder, z)[0] == ["replay", "key"]
 
 
 def test_weights_key_sees_every_change():
@@ -1054,6 +1133,27 @@ def test_gpu_bf16_graph_with_noise_and_losses_equals_eager():
         want, n = _run(eager, padded)[:len(rows)], len(rows)
         assert ((got - want).abs() > 2 * cfg.alpha).sum() <= 1
         torch.testing.assert_close(graphed.losses, eager.losses[:, :n], rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_replay_first_still_follows_weights_changed_between_calls():
+    """bf16: the graph reads only the backend's copies, so a call replays before checking the weights;
+    a change to the shadow or to the encoder is still found, and the call answers with the new weights."""
+    shadow, encoder = _gpu_models()
+    z = features(8).cuda()
+    graphed = FusedBackend(shadow, encoder, CFG, dtype="bf16", graphs=True)
+    _run(graphed, z)  # captures
+    before = _run(graphed, z)  # replays first
+    assert graphed._own_memory
+    for model in (shadow, encoder):
+        with torch.no_grad():
+            for param in model.parameters():
+                param.mul_(-1.0)
+        got = _run(graphed, z)
+        want = _run(FusedBackend(shadow, encoder, CFG, dtype="bf16", graphs=False), z)
+        assert graphed.graphs and agreement(got, want, CFG.alpha) >= 0.99  # bf16: a sign flip or so
+        assert agreement(before, want, CFG.alpha) < 0.9, "the change must matter"
+        before = got
 
 
 class HostSyncingEncoder(nn.Module):

@@ -16,6 +16,8 @@ import pytest
 import torch
 from conftest import HAS_CXX
 
+import advface_engine as afe
+
 pytestmark = pytest.mark.interpreter  # gpu-marked tests excepted (conftest)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +68,7 @@ def test_profile_script_runs_on_cpu(tmp_path):
     assert report["protector_call"]["total_ms"] >= report["protector_call"]["host_ms"] > 0
     assert set(report["phases_ms"]) == {"S(z)", "E(x~)", "steps"} and min(report["phases_ms"].values()) > 0
     assert report["kernel_launches"] == 0  # host-side launches of CUDA kernels: none on a CPU
+    assert report["weights_check_host_ms"] > 0 and "call_cudnn_benchmark" not in report  # that one: GPU only
     assert "E(x~) alone" in (tmp_path / "profile_B2.txt").read_text()
 
 
@@ -94,6 +97,20 @@ def test_gpu_check_refuses_an_eager_timing_for_a_graph_provider():
         gpu_check.measure(FallingBackToEager(), "fused-bf16+graph", torch.zeros(2, 4), reps=1)
     row = gpu_check.measure(FallingBackToEager(), "fused-bf16", torch.zeros(2, 4), reps=2)  # eager: fine
     assert len(row["ms_all"]) == 2 and row["samples_per_s"] > 0
+
+
+def test_gpu_check_provider_names_set_the_backend_options():
+    from advface_engine.models import build_model
+
+    gpu_check = _gpu_check_module()
+    shadow = build_model("dcgan", feature_dim=16, size=16, width=4).eval()
+    encoder = build_model("mobilefacenet", num_features=16, input_size=16).eval()
+    cfg = afe.ProtectConfig(steps=1)
+    for name, options in [("fused-fp16+graph", (True, True, False)), ("fused-fp16-nchw", (False, False, False)),
+                          ("fused-fp32-nhwc", (False, True, False)), ("fused-fp16-compile+graph", (True, True, True))]:
+        backend = gpu_check.make_backend(name, shadow, encoder, cfg)
+        assert (backend.graphs, backend.channels_last, backend.compile_encoder) == options, name
+    assert gpu_check.COMPILED not in gpu_check.PROVIDERS  # timed apart: at B=1, on a GPU, last
 
 
 ONLY_THE_COPY = """

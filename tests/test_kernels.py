@@ -14,6 +14,7 @@ from torch import nn
 
 import advface_engine.kernels.act_backward as act_backward_module
 import advface_engine.kernels.head_conv as head_conv_module
+import advface_engine.kernels.sign_step as sign_step
 from advface_engine.backends.reference import project, step_direction
 from advface_engine.config import ProtectConfig
 from advface_engine.kernels import is_nhwc
@@ -291,6 +292,40 @@ def test_head_conv_backward_equals_autograd(case, act, nhwc):
     torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize("act,affine", [("relu", "shift"), ("leaky_relu", "both"), ("prelu", "scale")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("nhwc", [False, True])
+def test_head_conv_runs_the_activation_in_front_equal_to_the_bit(act, affine, dtype, nhwc):
+    """Given the activation's input x, head_conv applies a = act(scale x + shift) on load and the
+    backward computes act' from x: the same bits as bias_act's a (and its saved a or pre-activation)
+    through the kernels without an activation, targets, steps, loss and gradient; the padding stays 0."""
+    batch, channels = 2, 20
+    x, weight, bias = (t.to(dtype) for t in _head_conv_case((batch, channels, 6, 7, 3, 3), seed=15))
+    gen = _gen(16)
+    x[torch.rand(x.shape, generator=gen) < 0.1] = 0.0
+    slope = (torch.rand(channels, generator=gen) - 0.3).to(dtype) if act != "relu" else None  # some < 0: pre saved
+    scale = (torch.rand(channels, generator=gen) + 0.5).to(dtype) if affine in ("scale", "both") else None
+    shift = torch.randn(channels, generator=gen).to(dtype) if affine in ("shift", "both") else None
+    given = _nhwc(x) if nhwc else x
+    a, pre = bias_act(given, act, slope, scale, shift, save_pre=True)
+    saved = a if act == "relu" else pre  # what the plan's Act saves (a when slopes >= 0, else pre)
+    fused = dict(act=act, slope=slope, scale=scale, shift=shift)
+    assert torch.equal(head_conv(given, weight, bias, "tanh", **fused), head_conv(a, weight, bias, "tanh"))
+    target = torch.tanh(torch.randn(batch, 3, 6, 7, generator=gen)).to(dtype)
+    losses = torch.zeros(batch), torch.zeros(batch)
+    got = head_conv(given, weight, bias, "tanh", target, losses[0], **fused)
+    assert torch.equal(got, head_conv(a, weight, bias, "tanh", target, losses[1]))
+    assert torch.equal(losses[0], losses[1])
+    grad = torch.randn(batch, 3, 6, 7, generator=gen).to(dtype)
+    want = head_conv_backward(grad, weight, saved, act, slope, scale)
+    got = head_conv_backward(grad, weight, given, act, slope, scale, shift=shift, from_input=True)
+    assert is_nhwc(got) == nhwc and torch.equal(got, want)
+    with pytest.raises(ValueError, match="give act"):
+        head_conv(given, weight, bias, "tanh", scale=scale if scale is not None else shift)
+    with pytest.raises(ValueError, match="from_input"):
+        head_conv_backward(grad, weight, given, act, slope, scale, shift=torch.zeros(channels, dtype=dtype))
+
+
 def test_head_conv_with_64_bit_offsets(monkeypatch):
     """The 64-bit offsets of tensors past 2**31 elements, taken here on a small one: same results."""
     a, weight, bias = _head_conv_case(HEAD_CONV_CASES[0])
@@ -364,19 +399,21 @@ def test_sign_step_equals_reference_ops(norm, constraint, normalize):
         assert (dist <= cfg.eps * (1 + 1e-6)).all(), dist
 
 
-def test_sign_step_adds_partial_sums_in_order():
-    """(P, B, D) partials (split-K): the step of their total, summed 0..P-1 as the kernel does."""
-    z, anchor, gen = _step_case(6, 37, 8)
-    parts = torch.randn(6, 6, 37, generator=gen)  # six: a group of four loads, then a partial one
-    cfg = ProtectConfig(eps=0.05, alpha=0.02, norm="l2")
-    total = parts[0].clone()
-    for part in parts[1:]:
-        total += part
-    want = _reference_step(z, total, anchor, cfg, True)
-    got = sign_step_project(z.clone(), parts, anchor, cfg.alpha, cfg.eps, "l2", "ball", True)
+@pytest.mark.parametrize("batch,parts,dim,norm", [(6, 6, 37, "l2"), (1, 40, 600, "linf"), (3, 40, 600, "l2")])
+def test_sign_step_adds_partial_sums(batch, parts, dim, norm):
+    """(P, B, D) partials (split-K): the step of their total. Six parts fit one group of loads; forty
+    over 1024-wide rows take several groups, the last one ragged (at B=1, 16 per group)."""
+    z, anchor, gen = _step_case(batch, dim, 8)
+    partials = torch.randn(parts, batch, dim, generator=gen)
+    cfg = ProtectConfig(eps=0.05, alpha=0.02, norm=norm)
+    want = _reference_step(z, partials.double().sum(0).float(), anchor, cfg, True)
+    got = sign_step_project(z.clone(), partials, anchor, cfg.alpha, cfg.eps, norm, "ball", True)
     torch.testing.assert_close(got, want, **TOL[torch.float32])
+    block_p = sign_step.blocks(dim, z.device, batch, parts)[1]
+    assert block_p >= parts - 1 if parts == 6 else (block_p < parts - 1 and (parts - 1) % block_p)
+    assert batch > 1 or block_p == 16
     with pytest.raises(ValueError, match="shape"):
-        sign_step_project(z.clone(), parts[:, :5], anchor, cfg.alpha, cfg.eps)
+        sign_step_project(z.clone(), partials[:, :, :5], anchor, cfg.alpha, cfg.eps)
 
 
 @pytest.mark.parametrize("norm,constraint,normalize", STEP_CASES)
@@ -392,6 +429,44 @@ def test_linear_step_equals_matmul_then_step(norm, constraint, normalize, batch,
     got = linear_sign_step(grad_h, weight, z.clone(), anchor, cfg.alpha, cfg.eps, norm, constraint, normalize,
                            split_k=split_k)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("act,scaled,channels,inner", [("relu", False, 96, 1), ("leaky_relu", True, 8, 12),
+                                                        ("prelu", False, 8, 1), ("prelu", True, 8, 1)])
+@pytest.mark.parametrize("batch,split_k,dim", [(5, 1, 37), (5, 3, 37), (3, 1, 1100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_linear_step_runs_the_stem_activation_backward_equal_to_the_bit(act, scaled, channels, inner, batch, split_k,
+                                                                          dim, dtype):
+    """grad_h at the output of the activation after the Linear, with what it saved: the same z, to
+    the bit, as act_backward first and then the step, fused (split or not) and on the wide rows'
+    cuBLAS path (D > MAX_FUSED_DIM); value k's channel is (k // inner) % C: a flat feature (C = N),
+    an NCHW image (C * inner = N) or an NHWC one (inner 1, C divides N)."""
+    z, anchor, gen = _step_case(batch, dim, 17)
+    grad_h = torch.randn(batch, 96, generator=gen).to(dtype)
+    pre = torch.randn(batch, 96, generator=gen).to(dtype)
+    pre[:, ::7] = 0.0  # the boundary: no gradient through relu
+    weight = (torch.randn(96, dim, generator=gen) / 10).to(dtype)
+    slope = (torch.rand(channels, generator=gen) - 0.3).to(dtype) if act != "relu" else None
+    scale = (torch.rand(channels, generator=gen) + 0.5).to(dtype) if scaled else None
+
+    def as_image(flat):  # value k of a row in channel (k // inner) % C, channels on dim 1
+        if inner == 1:
+            return flat.view(batch, -1, 1, channels).permute(0, 3, 1, 2)
+        return flat.view(batch, channels, inner)
+
+    through = act_backward(as_image(grad_h), as_image(pre), act, slope, scale)
+    through = through.permute(0, 2, 3, 1).reshape(batch, -1) if inner == 1 else through.reshape(batch, -1)
+    want = linear_sign_step(through.contiguous(), weight, z.clone(), anchor, 0.02, 0.05, split_k=split_k)
+    got = linear_sign_step(grad_h, weight, z.clone(), anchor, 0.02, 0.05, split_k=split_k, act=act, pre=pre,
+                           slope=slope, scale=scale, channels=channels, inner=inner)
+    assert torch.equal(got, want)
+    plain = linear_sign_step(grad_h, weight, z.clone(), anchor, 0.02, 0.05, split_k=split_k)
+    assert not torch.equal(plain, want), "the activation must matter for the check to mean something"
+    with pytest.raises(ValueError, match="channels x inner"):
+        linear_sign_step(grad_h, weight, z.clone(), anchor, 0.02, 0.05, act=act, pre=pre, slope=slope, channels=5,
+                         inner=inner)
+    with pytest.raises(ValueError, match="give act"):
+        linear_sign_step(grad_h, weight, z.clone(), anchor, 0.02, 0.05, pre=pre)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

@@ -193,6 +193,15 @@ def own_parameters(modules: list[nn.Module]) -> list[Tensor]:
     return [p for m in modules for p in m._parameters.values() if p is not None]
 
 
+def storages(*modules: nn.Module) -> set[int]:
+    """Addresses of the memory that the tensors of ``modules`` use: parameters, buffers and tensors
+    held as plain attributes (what a forward can read besides its input)."""
+    found = submodules(*modules)
+    tensors = own_parameters(found) + [b for m in found for b in m._buffers.values() if b is not None]
+    tensors += [v for m in found for v in vars(m).values() if isinstance(v, Tensor)]
+    return {ptr for t in tensors if (ptr := t.untyped_storage().data_ptr())}
+
+
 def weights_key(*modules: nn.Module) -> tuple:
     """Changes whenever a parameter or buffer of ``modules`` is replaced (even by a view of its own
     storage), moved or modified in place, or a mode flips. (Edits through ``.data`` bypass the version

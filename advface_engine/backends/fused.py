@@ -24,7 +24,15 @@ from ..kernels import interpreted
 from ..kernels.linear_step import linear_sign_step
 from ..kernels.sign_step import sign_step_project
 from . import FUSED_DTYPES, check_fused_options
-from .decoder import as_input_of, autocast_copy, compute_dtypes, first_float, fold_encoder_batchnorm, weights_key
+from .decoder import (
+    as_input_of,
+    autocast_copy,
+    compute_dtypes,
+    first_float,
+    fold_encoder_batchnorm,
+    storages,
+    weights_key,
+)
 from .plan import build_plan
 from .reference import random_start
 
@@ -231,6 +239,7 @@ class FusedBackend:
         self._graphs.clear()
         self._capture_stream = self._pool = None  # made at the first capture, on the models' device
         self._encoder_copy: tuple[nn.Module, bool] | None | bool = False  # False: not tried yet (_encoder_for)
+        self._own_memory: bool | None = None  # whether the graphs read only the backend's tensors (_check_later)
         self._key = weights_key(self.shadow, self.encoder)
 
     # -- the algorithm, written once for eager runs and graph capture --------------------------
@@ -342,13 +351,16 @@ class FusedBackend:
             warnings.warn(f"the encoder runs {runs}; left out: {'; '.join(problems)}", stacklevel=5)
         return chosen
 
-    def decoder_gradient(self, z_t: Tensor, x_shadow: Tensor, loss: Tensor | None = None) -> Tensor:
-        """The L1 gradient carried back to the first Linear's output (or to z if there is none)."""
-        return self.plan.l1_gradient(z_t, x_shadow, loss)
+    def decoder_gradient(self, z_t: Tensor, x_shadow: Tensor, loss: Tensor | None = None,
+                         stem: bool = False) -> tuple[Tensor, Tensor | None]:
+        """The L1 gradient carried back to the first Linear's output (or to z if there is none), and
+        None; with ``stem``, DecoderPlan.l1_gradient's (gradient, saved) of the stem activation left
+        to the step kernel."""
+        return self.plan.l1_gradient(z_t, x_shadow, loss, stem=stem)
 
     def gradient(self, z_t: Tensor, x_shadow: Tensor) -> Tensor:
         """g_t of Eq. 4 with respect to z (materialised: for tests and inspection, not the loop)."""
-        grad = self.decoder_gradient(z_t, x_shadow)
+        grad, _ = self.decoder_gradient(z_t, x_shadow)
         if self.plan.first_linear is not None:
             grad = grad.reshape(grad.shape[0], -1).float() @ self.plan.first_linear.weight.float()
         return grad.float()
@@ -359,13 +371,14 @@ class FusedBackend:
 
         ``z_low``: z_t in the decoder's dtype, which the decoder reads instead of casting z_t, and which
         the step kernel rewrites with the new z_t (one cast kernel less per step)."""
-        cfg = self.config
+        cfg, plan = self.config, self.plan
         args = (cfg.alpha, cfg.eps, cfg.norm, cfg.constraint, cfg.normalize and last)
-        grad = self.decoder_gradient(z_t if z_low is None else z_low, x_shadow, loss)
+        grad, stem_saved = self.decoder_gradient(z_t if z_low is None else z_low, x_shadow, loss, stem=True)
         z_low = None if last else z_low  # nothing reads it after the last step
-        if self.plan.first_linear is not None:
-            linear_sign_step(grad.reshape(grad.shape[0], -1), self.plan.first_linear.weight, z_t, anchor, *args,
-                             split_k=self.split_k, tf32=self.dtype == "tf32", z_low=z_low)
+        if plan.first_linear is not None:
+            linear_sign_step(grad.reshape(grad.shape[0], -1), plan.first_linear.weight, z_t, anchor, *args,
+                             split_k=self.split_k, tf32=self.dtype == "tf32", z_low=z_low,
+                             **({} if stem_saved is None else plan.stem_backward(stem_saved)))
         else:
             sign_step_project(z_t, grad.reshape(z_t.shape).float(), anchor, *args, z_low=z_low)
 
@@ -386,7 +399,8 @@ class FusedBackend:
     # -- entry point --------------------------------------------------------------------------
 
     def run(self, z: Tensor) -> Tensor:
-        if weights_key(self.shadow, self.encoder) != self._key:
+        later = self._check_later(z)
+        if not later and weights_key(self.shadow, self.encoder) != self._key:
             self._build()
         if z.shape[0] == 0:
             self.losses = None
@@ -400,8 +414,28 @@ class FusedBackend:
                 z_adv, losses = self._replay(z32, noise)
             else:
                 z_adv, losses = self.protect(z32, noise)
+        if later and weights_key(self.shadow, self.encoder) != self._key:
+            # the models changed since the capture: that replay's result is dropped (once it is done,
+            # as its memory is released), and the call runs again on a new plan and capture
+            if z32.is_cuda:
+                torch.cuda.current_stream(z32.device).synchronize()
+            self._build()
+            return self.run(z)
         self.losses = losses
         return z_adv.to(z.dtype)
+
+    def _check_later(self, z: Tensor) -> bool:
+        """Whether this call may replay a captured graph first and check the models' weights while the
+        GPU runs it: the graph for z's batch size exists and reads no tensor of the caller's models
+        (the plan holds its own; the encoder must be the backend's copy, sharing no memory with E, or
+        not run at all). A replay on changed weights then reads only stale copies, and is redone."""
+        if z.shape[0] == 0 or not self.graphs or graph_size(z.shape[0]) not in self._graphs:
+            return False
+        if self._own_memory is None:  # the encoder's copy is chosen at the first capture
+            encoder = self._encoder_copy[0] if self._encoder_copy else None
+            self._own_memory = self.config.anchor != "shadow" or (
+                encoder is not None and not storages(encoder) & storages(self.encoder))
+        return self._own_memory
 
     # -- CUDA graphs --------------------------------------------------------------------------
 

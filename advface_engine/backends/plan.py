@@ -185,24 +185,31 @@ class Act:
 
 class HeadConv:
     """The last Conv2d (few output channels, stride 1, "same" padding) with the head: y = head(conv(x)),
-    and in the steps the L1 sign at its output, one Triton kernel; its backward also runs the backward
-    of the activation in front of it (``act``, whose saved tensor it is given)."""
+    and in the steps the L1 sign at its output, one Triton kernel. The activation in front of it
+    (``act``), if any, runs inside its kernels: the forward is given the activation's input and
+    activates it as it loads it, the backward computes the activation's gradient from that input
+    (which is what the plan saves for it)."""
 
     def __init__(self, conv: Conv, head: str, act: Act | None, tf32: bool = False):
         self.weight, self.bias, self.head, self.act, self.tf32 = conv.weight, conv.bias, head, act, tf32
 
-    def forward(self, x: Tensor) -> tuple[Tensor, None]:
-        return head_conv(x, self.weight, self.bias, self.head, tf32=self.tf32), None
-
-    def gradient(self, x: Tensor, target: Tensor, loss: Tensor | None) -> Tensor:
-        return head_conv(x, self.weight, self.bias, self.head, target, loss, tf32=self.tf32)
-
-    def backward(self, grad: Tensor, act_saved: Tensor | None) -> Tensor:
+    def _act(self) -> dict:
         act = self.act
         if act is None:
-            return head_conv_backward(grad, self.weight, tf32=self.tf32)
+            return {}
         slopes = None if act.slope is None else act.slopes(self.weight.shape[1])
-        return head_conv_backward(grad, self.weight, act_saved, act.kind, slopes, act.scale, tf32=self.tf32)
+        return dict(act=act.kind, slope=slopes, scale=act.scale, shift=act.shift)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        return head_conv(x, self.weight, self.bias, self.head, tf32=self.tf32, **self._act()), None
+
+    def gradient(self, x: Tensor, target: Tensor, loss: Tensor | None) -> Tensor:
+        return head_conv(x, self.weight, self.bias, self.head, target, loss, tf32=self.tf32, **self._act())
+
+    def backward(self, grad: Tensor, act_input: Tensor | None) -> Tensor:
+        if self.act is None:
+            return head_conv_backward(grad, self.weight, tf32=self.tf32)
+        return head_conv_backward(grad, self.weight, act_input, tf32=self.tf32, from_input=True, **self._act())
 
 
 class Affine:
@@ -327,6 +334,12 @@ class DecoderPlan:
                     setattr(part, name, value)
         self.first_linear = ops[0] if ops and isinstance(ops[0], Linear) else None
         self.head_conv = ops[-1] if ops and isinstance(ops[-1], HeadConv) else None
+        # the activation right after the first Linear (past a reshape), whose backward the step kernel
+        # can run on the gradient it loads (l1_gradient(stem=True)); not the head's own
+        i = 2 if len(ops) > 2 and isinstance(ops[1], Reshape) else 1
+        stem = ops[i] if self.first_linear is not None and len(ops) > i and isinstance(ops[i], Act) else None
+        self.stem_act = stem if stem is not None and (self.head_conv is None or self.head_conv.act is not stem) \
+            else None
 
     def forward(self, z: Tensor, keep: bool = True) -> tuple[Tensor, list]:
         """The decoder output y = S(z) in the plan's dtype, and what the backward needs (if ``keep``)."""
@@ -336,27 +349,58 @@ class DecoderPlan:
             return y, saved + [s] if keep else saved
         return HEAD_FUNCTIONS[self.head](x), saved
 
-    def l1_gradient(self, z: Tensor, target: Tensor, loss: Tensor | None = None) -> Tensor:
+    def l1_gradient(self, z: Tensor, target: Tensor, loss: Tensor | None = None,
+                    stem: bool = False) -> tuple[Tensor, Tensor | None]:
         """The gradient of sum |S(z) - target| at the first Linear's output (or at z); ``loss`` (B,)
-        fp32, if given, gets += the per-sample L1 loss."""
+        fp32, if given, gets += the per-sample L1 loss.
+
+        Returns (gradient, None); with ``stem`` and a ``stem_act``, (gradient at that activation's
+        output, what it saved), both flat (B, N) like the Linear's output: its backward is left to
+        the step kernel (kernels/linear_step.py), as act_backward(gradient, saved) would run it."""
         if self.head_conv is None:
             y, saved = self.forward(z)
-            return self.backward(l1_sign_backward(y, target, self.head, loss), saved)
-        x, saved = self.hidden(z)
-        return self.backward(self.head_conv.gradient(x, target, loss), saved + [None])
+            grad = l1_sign_backward(y, target, self.head, loss)
+        else:
+            x, saved = self.hidden(z)
+            grad = self.head_conv.gradient(x, target, loss)
+            saved = saved + [None]
+        if not (stem and self.stem_act is not None):
+            return self.backward(grad, saved), None
+        grad = self.backward(grad, saved, skip=self.stem_act)
+        stem_saved = saved[self.ops.index(self.stem_act)]
+        if isinstance(self.ops[1], Reshape):  # flat as the gradient is (both views)
+            stem_saved = self.ops[1].backward(stem_saved, saved[1])
+        return grad, stem_saved
+
+    def stem_backward(self, stem_saved: Tensor) -> dict:
+        """linear_sign_step's arguments for the stem activation's backward, given what it saved (flat)."""
+        act, reshape = self.stem_act, self.ops[1]
+        image = isinstance(reshape, Reshape) and len(reshape.shape) > 1
+        channels = reshape.shape[0] if image else stem_saved.shape[1]
+        inner = 1 if not image or reshape.nhwc else math.prod(reshape.shape[1:])
+        slopes = None if act.slope is None else act.slopes(channels)
+        return dict(act=act.kind, pre=stem_saved, slope=slopes, scale=act.scale, channels=channels, inner=inner)
 
     def hidden(self, z: Tensor, keep: bool = True) -> tuple[Tensor, list]:
-        """The input of the fused head convolution (or of the head), and what the ops before saved."""
+        """The input of the fused head convolution (or of the head), and what the ops before saved.
+        The head convolution runs the activation in front of it: ``x`` is then that activation's input,
+        and it is also what is saved for the activation (its backward runs in the head's)."""
+        ops = self.ops
+        if self.head_conv is not None:
+            ops = ops[:-2] if self.head_conv.act is not None else ops[:-1]
         x, saved = z.to(self.dtype), []
-        for op in self.ops[:-1] if self.head_conv is not None else self.ops:
+        for op in ops:
             x, s = op.forward(x)
             if keep:
                 saved.append(s)
+        if keep and self.head_conv is not None and self.head_conv.act is not None:
+            saved.append(x)
         return x, saved
 
-    def backward(self, grad: Tensor, saved: list) -> Tensor:
+    def backward(self, grad: Tensor, saved: list, skip: Act | None = None) -> Tensor:
         """From the gradient at the head's input back to the first Linear's output (or to z). A fused
-        head convolution's backward carries the activation before it, which is then skipped."""
+        head convolution's backward carries the activation before it, which is then skipped; so is
+        ``skip`` (the stem activation, whose backward the step kernel runs)."""
         end = len(self.ops)
         if self.head_conv is not None:
             act = self.head_conv.act
@@ -364,7 +408,8 @@ class DecoderPlan:
             end -= 2 if act is not None else 1
         stop = 1 if self.first_linear is not None else 0
         for op, s in zip(reversed(self.ops[stop:end]), reversed(saved[stop:end]), strict=True):
-            grad = op.backward(grad, s)
+            if op is not skip:
+                grad = op.backward(grad, s)
         return grad
 
 
