@@ -147,8 +147,8 @@ def variants(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3
     for dim in dims:
         # B=1024 with 1 or 4 parts (split-K at large B), and B=1's finisher of many parts (one row)
         for batch, parts in ((1024, 1), (1024, 4), (1, 98)):
-            block_m, block_p, block_d = step_blocks(dim, GPU, batch, parts)
-            sizes = dict(BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d)
+            block_m, block_p, block_d, warps = step_blocks(dim, GPU, batch, parts)
+            sizes = dict(BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=warps)
             split = f"{' split-K sum' if parts > 1 else ''}{' B=1' if batch == 1 else ''}"
             for norm in ("linf", "l2") if parts == 1 else ("linf",):
                 out.append(_variant(f"sign_step fp32 D={dim} {norm}{split}", "sign_step", "_sign_step_kernel",
@@ -164,9 +164,8 @@ def variants(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3
 
 def head_and_act_variants(heads: list[str], acts: list[tuple[str, bool]]) -> list[Variant]:
     """The fused head convolution (families' RGB layer: 3 outputs, 3x3, from 32 channels at 112 px),
-    forward for the targets and the steps, alone and with each activation in front of it inside,
-    its backward with each activation, and the activation forward with its bias / BatchNorm; each
-    dtype and layout."""
+    forward for the targets and the steps, its backward with each activation, and the activation
+    forward with its bias / BatchNorm; each dtype and layout."""
     from ..backends import FUSED_DTYPES as DTYPES
     from .head_conv import ACTS as HEAD_ACTS
     from .head_conv import LAUNCH, MAX_OUT_CHANNELS, _blocks
@@ -182,23 +181,18 @@ def head_and_act_variants(heads: list[str], acts: list[tuple[str, bool]]) -> lis
         strides = [1, channels] if nhwc else [side * side, 1]
         layout = " nhwc" if nhwc else ""
         precision = "tf32" if dname == "tf32" else "ieee"
-        tensors = [_t(dtype)] * 9
-        # the head alone (any head), and with the activation in front run inside it (the families' tanh)
-        forms = [(head, None, False) for head in heads] + [("tanh", kind, has_scale) for kind, has_scale in acts]
-        for (head, kind, has_scale), (grad, loss) in itertools.product(forms, ((False, False), (True, False),
-                                                                               (True, True))):
+        tensors = [_t(dtype)] * 6
+        for head, (grad, loss) in itertools.product(heads, ((False, False), (True, False), (True, True))):
             what = ("step" + (" +loss" if loss else "")) if grad else "targets"
-            act = f" {kind}{' +bn' if has_scale else ''} in" if kind else ""
-            args = tensors[:5] + [_t(f32) if loss else _t(dtype)] + tensors[6:] + [n, channels, side, side, *strides]
-            out.append(_variant(f"head_conv {dname} {head}{act}{layout} {what}", "head_conv", "_head_conv_kernel",
-                                args, COUT=3, KH=3, KW=3, HEAD=HEADS[head], GRAD=grad, HAS_BIAS=True, HAS_LOSS=loss,
-                                IN_ACT=HEAD_ACTS[kind], HAS_SCALE=has_scale, HAS_SHIFT=kind is not None,
+            args = tensors[:5] + [_t(f32) if loss else _t(dtype), n, channels, side, side, *strides]
+            out.append(_variant(f"head_conv {dname} {head}{layout} {what}", "head_conv", "_head_conv_kernel", args,
+                                COUT=3, KH=3, KW=3, HEAD=HEADS[head], GRAD=grad, HAS_BIAS=True, HAS_LOSS=loss,
                                 PRECISION=precision, **blocks))
-        for kind, has_scale in acts:  # the activation's gradient from its input (what the plan saves)
-            args = tensors[:7] + [n, channels, side, side, *strides]
+        for kind, has_scale in acts:
+            args = tensors + [n, channels, side, side, *strides]
             out.append(_variant(f"head_conv_backward {dname} {kind}{' +bn' if has_scale else ''}{layout}", "head_conv",
                                 "_head_conv_backward_kernel", args, COUT=3, KH=3, KW=3, ACT=HEAD_ACTS[kind],
-                                HAS_SCALE=has_scale, FROM_INPUT=True, HAS_SHIFT=True, PRECISION=precision, **blocks))
+                                HAS_SCALE=has_scale, PRECISION=precision, **blocks))
         if dname == "tf32":  # the elementwise kernel is fp32's
             continue
         for (kind, has_scale), has_shift in itertools.product(acts, (False, True)):

@@ -12,10 +12,6 @@ pixels of one sample:
                         and optionally loss += sum |y - x~|     (y never goes to memory)
     backward:           g_a = act'(pre) * scale * conv^T(g)     (the gradient at the activation's input)
 
-and the activation in front, a = act(scale * x + shift), can run inside both: the forward is
-given x and activates each tile it loads, the backward computes the pre-activation again from x.
-The pass that would write a (the decoder's largest activation) and read it back is gone.
-
 Both are implicit GEMMs over the kernel taps, the few output channels padded to 16 (the
 smallest tl.dot tile): per tap, a (16, C) weight slice times a (C, pixels) block of ``a``.
 Stride 1, no dilation, one group, "same" padding; ``a`` and the gradient in NCHW or NHWC.
@@ -67,39 +63,10 @@ def _pixels(n, height, width, WIDE: tl.constexpr, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _channel_affine(slope_ptr, scale_ptr, shift_ptr, c, c_ok, ACT: tl.constexpr, HAS_SCALE: tl.constexpr,
-                    HAS_SHIFT: tl.constexpr):
-    """Per channel c (fp32): the negative slope (ACT == 2), and the scale and shift of the affine map
-    in front of the activation (1 and 0 when absent)."""
-    slope = tl.zeros(c.shape, dtype=tl.float32)
-    scale, shift = slope + 1.0, slope
-    if ACT == 2:
-        slope = tl.load(slope_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-    if HAS_SHIFT:
-        shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-    return slope, scale, shift
-
-
-@triton.jit
-def _affine(x, scale, shift, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
-    """scale_c x + shift_c on a (C, pixels) tile, in fp32 and in bias_act's order (the same bits)."""
-    x = x.to(tl.float32)
-    if HAS_SCALE:
-        x = x * scale[:, None]
-    if HAS_SHIFT:
-        x = x + shift[:, None]
-    return x
-
-
-@triton.jit
-def _head_conv_kernel(a_ptr, w_ptr, b_ptr, target_ptr, out_ptr, loss_ptr, slope_ptr, scale_ptr, shift_ptr, n,
-                      channels, height, width, stride_c, stride_p, COUT: tl.constexpr, KH: tl.constexpr,
-                      KW: tl.constexpr, HEAD: tl.constexpr, GRAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      HAS_LOSS: tl.constexpr, IN_ACT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                      PRECISION: tl.constexpr, WIDE: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_C: tl.constexpr,
-                      BLOCK_P: tl.constexpr):
+def _head_conv_kernel(a_ptr, w_ptr, b_ptr, target_ptr, out_ptr, loss_ptr, n, channels, height, width, stride_c,
+                      stride_p, COUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HEAD: tl.constexpr,
+                      GRAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOSS: tl.constexpr, PRECISION: tl.constexpr,
+                      WIDE: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     sample, p, p_ok, h, w = _pixels(n, height, width, WIDE, BLOCK_P)
     pixels = height * width
     co = tl.arange(0, BLOCK_CO)
@@ -109,22 +76,12 @@ def _head_conv_kernel(a_ptr, w_ptr, b_ptr, target_ptr, out_ptr, loss_ptr, slope_
     for c0 in range(0, channels, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < channels
-        if IN_ACT > 0:
-            slope, scale, shift = _channel_affine(slope_ptr, scale_ptr, shift_ptr, c, c_ok, IN_ACT, HAS_SCALE,
-                                                  HAS_SHIFT)
         for kh in tl.static_range(KH):
             for kw in tl.static_range(KW):
                 hh, ww = h + (kh - KH // 2), w + (kw - KW // 2)
                 inside = p_ok & (hh >= 0) & (hh < height) & (ww >= 0) & (ww < width)
                 x = tl.load(a_ptr + a_base[None, :] + c[:, None] * stride_c + (hh * width + ww)[None, :] * stride_p,
                             mask=c_ok[:, None] & inside[None, :], other=0.0)
-                if IN_ACT > 0:  # x is the activation's input: a = act(scale x + shift), 0 in the padding
-                    pre = _affine(x, scale, shift, HAS_SCALE, HAS_SHIFT)
-                    if IN_ACT == 2:
-                        act = tl.where(pre > 0, pre, pre * slope[:, None])
-                    else:
-                        act = tl.where(pre > 0, pre, 0.0)
-                    x = tl.where(c_ok[:, None] & inside[None, :], act, 0.0).to(a_ptr.dtype.element_ty)
                 wt = tl.load(w_ptr + ((co[:, None] * channels + c[None, :]) * KH + kh) * KW + kw,
                              mask=co_ok[:, None] & c_ok[None, :], other=0.0)
                 acc = tl.dot(wt, x, acc, input_precision=PRECISION)
@@ -153,10 +110,9 @@ def _head_conv_kernel(a_ptr, w_ptr, b_ptr, target_ptr, out_ptr, loss_ptr, slope_
 
 
 @triton.jit
-def _head_conv_backward_kernel(g_ptr, w_ptr, pre_ptr, slope_ptr, scale_ptr, shift_ptr, out_ptr, n, channels, height,
-                               width, stride_c, stride_p, COUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                               ACT: tl.constexpr, HAS_SCALE: tl.constexpr, FROM_INPUT: tl.constexpr,
-                               HAS_SHIFT: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
+def _head_conv_backward_kernel(g_ptr, w_ptr, pre_ptr, slope_ptr, scale_ptr, out_ptr, n, channels, height, width,
+                               stride_c, stride_p, COUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                               ACT: tl.constexpr, HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
                                BLOCK_CO: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     sample, p, p_ok, h, w = _pixels(n, height, width, WIDE, BLOCK_P)
     pixels = height * width
@@ -178,18 +134,15 @@ def _head_conv_backward_kernel(g_ptr, w_ptr, pre_ptr, slope_ptr, scale_ptr, shif
             acc = tl.dot(wt, g, acc, input_precision=PRECISION)
     offs = (sample * channels * pixels + p * stride_p)[None, :] + c[:, None] * stride_c
     mask = c_ok[:, None] & p_ok[None, :]
-    slope, scale, shift = _channel_affine(slope_ptr, scale_ptr, shift_ptr, c, c_ok, ACT, HAS_SCALE, HAS_SHIFT)
     if ACT > 0:
-        pre = tl.load(pre_ptr + offs, mask=mask, other=0.0)
-        if FROM_INPUT:  # the activation's input was saved: its pre-activation again, rounded as bias_act stores it
-            pre = _affine(pre, scale, shift, HAS_SCALE, HAS_SHIFT).to(pre_ptr.dtype.element_ty)
-        pre = pre.to(tl.float32)
+        pre = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if ACT == 2:
+            slope = tl.load(slope_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
             acc = tl.where(pre > 0, acc, acc * slope[:, None])
         else:
             acc = tl.where(pre > 0, acc, 0.0)
     if HAS_SCALE:
-        acc = acc * scale[:, None]
+        acc = acc * tl.load(scale_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -236,27 +189,20 @@ def _check(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 
 def head_conv(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: str = "tanh",
-              target: torch.Tensor | None = None, loss: torch.Tensor | None = None, tf32: bool = False,
-              act: str | None = None, slope: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-              shift: torch.Tensor | None = None) -> torch.Tensor:
+              target: torch.Tensor | None = None, loss: torch.Tensor | None = None, tf32: bool = False) -> torch.Tensor:
     """Without ``target``: y = head(conv(a, weight, padding k//2) + bias). With it: the L1 sign
     gradient at the convolution's output, g = sign(y - target) * head'(y), and ``loss`` (B,) fp32,
-    if given, gets += sum |y - target|. (B, Cout, H, W), contiguous, in a's dtype.
-
-    ``act`` (with ``slope``, ``scale`` and ``shift`` per channel, as bias_act takes them): ``a`` is the
-    input of the activation in front, which the kernel applies as it loads ``a``, rounded to a's
-    dtype as bias_act would store it (the same result, without that pass over the image)."""
+    if given, gets += sum |y - target|. (B, Cout, H, W), contiguous, in a's dtype."""
     if head not in HEADS:
         raise ValueError(f"head must be one of {sorted(HEADS)}, got {head!r}")
     _check(a, weight, bias)
-    _check_act(act, slope, scale, shift, a.shape[1])
     batch, channels, height, width = a.shape
     shape = (batch, weight.shape[0], height, width)
     if target is not None and target.shape != shape:
         raise ValueError(f"target must have the output's shape {shape}, got {tuple(target.shape)}")
     if loss is not None and (loss.shape != (batch,) or loss.dtype != torch.float32):
         raise ValueError(f"loss must be a float32 tensor of shape ({batch},), got {loss.dtype} {tuple(loss.shape)}")
-    check_device(a, weight, bias, target, loss, slope, scale, shift)
+    check_device(*(t for t in (a, weight, bias, target, loss) if t is not None))
     (a,), nhwc = same_layout(a)
     out = a.new_empty(shape)
     if out.numel() == 0:
@@ -267,44 +213,23 @@ def head_conv(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     block_c, block_p = _blocks(channels, n, a.dtype, a.device)
     _head_conv_kernel[(triton.cdiv(n, block_p),)](
         a, weight, bias if bias is not None else weight, target if target is not None else out,
-        out, loss if loss is not None else out, *_per_channel(out, slope, scale, shift), n, channels, height, width,
+        out, loss if loss is not None else out, n, channels, height, width,
         1 if nhwc else height * width, channels if nhwc else 1,
         COUT=weight.shape[0], KH=weight.shape[2], KW=weight.shape[3], HEAD=HEADS[head], GRAD=target is not None,
-        HAS_BIAS=bias is not None, HAS_LOSS=loss is not None, IN_ACT=ACTS[act], HAS_SCALE=scale is not None,
-        HAS_SHIFT=shift is not None, PRECISION=_precision(a, tf32), WIDE=_wide(block_p, a, out),
-        BLOCK_CO=MAX_OUT_CHANNELS, BLOCK_C=block_c, BLOCK_P=block_p, **LAUNCH,
+        HAS_BIAS=bias is not None, HAS_LOSS=loss is not None, PRECISION=_precision(a, tf32),
+        WIDE=_wide(block_p, a, out), BLOCK_CO=MAX_OUT_CHANNELS, BLOCK_C=block_c, BLOCK_P=block_p, **LAUNCH,
     )
     return out
 
 
-def _check_act(act: str | None, slope, scale, shift, channels: int) -> None:
-    if act not in ACTS:
-        raise ValueError(f"act must be one of {sorted(a for a in ACTS if a)} or None, got {act!r}")
-    if ACTS[act] == 2 and (slope is None or slope.numel() != channels):
-        raise ValueError(f"{act} needs a slope per channel ({channels})")
-    for name, t in (("scale", scale), ("shift", shift)):
-        if t is not None and t.numel() != channels:
-            raise ValueError(f"{name} must have one value per channel ({channels}), got {t.numel()}")
-    if act is None and (scale is not None or shift is not None or slope is not None):
-        raise ValueError("slope, scale and shift belong to an activation: give act too")
-
-
-def _per_channel(placeholder: torch.Tensor, *tensors: torch.Tensor | None) -> list[torch.Tensor]:
-    """Per-channel arguments for a launch, contiguous; ``placeholder`` where one is absent (never read)."""
-    return [placeholder if t is None else t.contiguous() for t in tensors]
-
-
 def head_conv_backward(grad: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor | None = None,
                        act: str | None = None, slope: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                       tf32: bool = False, shift: torch.Tensor | None = None,
-                       from_input: bool = False) -> torch.Tensor:
+                       tf32: bool = False) -> torch.Tensor:
     """The gradient at the input of the activation in front of the convolution: conv^T(grad),
     times act'(pre) (relu; leaky_relu / prelu with ``slope`` per channel) and ``scale`` per channel
-    (an unfolded BatchNorm before the activation). Laid out like ``pre`` (or contiguous).
-
-    ``from_input``: ``pre`` is the activation's input x (what head_conv(act=...) was given), and the
-    pre-activation scale x + shift is computed again, rounded to x's dtype as bias_act stores it."""
-    _check_act(act, slope, None, None, weight.shape[1] if weight.dim() == 4 else 0)
+    (an unfolded BatchNorm before the activation). Laid out like ``pre`` (or contiguous)."""
+    if act not in ACTS:
+        raise ValueError(f"act must be one of {sorted(a for a in ACTS if a)} or None, got {act!r}")
     if grad.dim() != 4 or weight.dim() != 4 or grad.shape[1] != weight.shape[0]:
         raise ValueError(f"need grad (B, Cout, H, W) and weight (Cout, C, kh, kw), got {tuple(grad.shape)} and "
                          f"{tuple(weight.shape)}")
@@ -313,13 +238,12 @@ def head_conv_backward(grad: torch.Tensor, weight: torch.Tensor, pre: torch.Tens
     shape = (batch, channels, height, width)
     if act is not None and (pre is None or pre.shape != shape):
         raise ValueError(f"{act} needs the saved pre-activation of shape {shape}")
-    for name, t in (("scale", scale), ("shift", shift)):
-        if t is not None and t.numel() != channels:
-            raise ValueError(f"{name} must have one value per channel ({channels}), got {t.numel()}")
-    if (shift is not None or from_input) and (act is None or not from_input):
-        raise ValueError("shift is for from_input=True, which needs act and the activation's input as pre")
+    if ACTS[act] == 2 and (slope is None or slope.numel() != channels):
+        raise ValueError(f"{act} needs a slope per channel ({channels})")
+    if scale is not None and scale.numel() != channels:
+        raise ValueError(f"scale must have one value per channel ({channels}), got {scale.numel()}")
     _check_weight(weight, grad)
-    check_device(grad, weight, pre, slope, scale, shift)
+    check_device(*(t for t in (grad, weight, pre, slope, scale) if t is not None))
     nhwc = pre is not None and is_nhwc(pre)
     out = torch.empty(shape, dtype=grad.dtype, device=grad.device,
                       memory_format=torch.channels_last if nhwc else torch.contiguous_format)
@@ -331,11 +255,11 @@ def head_conv_backward(grad: torch.Tensor, weight: torch.Tensor, pre: torch.Tens
     block_c, block_p = _blocks(channels, n, grad.dtype, grad.device)
     _head_conv_backward_kernel[(triton.cdiv(n, block_p), triton.cdiv(channels, block_c))](
         grad.contiguous(), weight.contiguous(), pre if pre is not None else out,
-        *_per_channel(out, slope if ACTS[act] == 2 else None, scale, shift), out,
+        slope.contiguous() if ACTS[act] == 2 else out, scale.contiguous() if scale is not None else out, out,
         n, channels, height, width, 1 if nhwc else height * width, channels if nhwc else 1,
         COUT=weight.shape[0], KH=weight.shape[2], KW=weight.shape[3], ACT=ACTS[act], HAS_SCALE=scale is not None,
-        FROM_INPUT=from_input, HAS_SHIFT=shift is not None, PRECISION=_precision(grad, tf32),
-        WIDE=_wide(block_p, out, grad), BLOCK_CO=MAX_OUT_CHANNELS, BLOCK_C=block_c, BLOCK_P=block_p, **LAUNCH,
+        PRECISION=_precision(grad, tf32), WIDE=_wide(block_p, out, grad), BLOCK_CO=MAX_OUT_CHANNELS, BLOCK_C=block_c,
+        BLOCK_P=block_p, **LAUNCH,
     )
     return out
 

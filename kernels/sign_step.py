@@ -86,17 +86,18 @@ def check_step_args(z: torch.Tensor, anchor: torch.Tensor, norm: str, constraint
                          f"got {tuple(z_low.shape)} {z_low.dtype}")
 
 
-def blocks(dim: int, device: torch.device, batch: int | None = None, parts: int = 1) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_P, BLOCK_D): whole rows per program, about 4096 values per program on a GPU; with
-    split-K partial sums, as many of them loaded at once as keep a program's tile near 8192 values
-    (with B=1 and D=512, 16 per load: the sum's loads are latency-bound, not bandwidth-bound)."""
+def blocks(dim: int, device: torch.device, batch: int | None = None,
+           parts: int = 1) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_P, BLOCK_D, num_warps): whole rows per program, about 4096 values per program on
+    a GPU; with split-K partial sums, as many of them loaded at once as keep a program's tile near
+    16384 values, with 8 warps (B=1, D=512: 32 parts per load; the sum's loads are latency-bound,
+    one group after the other)."""
     block_d = max(16, triton.next_power_of_2(dim))
     block_m = max(1, min(16, 4096 // block_d)) if device.type == "cuda" else 64
     if batch is not None:  # no program wider than the batch (a B=1 finisher reads one row, not 8)
         block_m = min(block_m, triton.next_power_of_2(max(batch, 1)))
-    tile = 8192 if device.type == "cuda" else 16384
-    block_p = max(1, min(triton.next_power_of_2(max(parts - 1, 1)), tile // (block_m * block_d)))
-    return block_m, block_p, block_d
+    block_p = max(1, min(triton.next_power_of_2(max(parts - 1, 1)), 16384 // (block_m * block_d)))
+    return block_m, block_p, block_d, 8 if block_p > 1 else 4
 
 
 def sign_step_project(z: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor, alpha: float, eps: float,
@@ -116,10 +117,11 @@ def sign_step_project(z: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor,
     if z.numel() == 0:
         return z
     parts = grad.numel() // z.numel()
-    block_m, block_p, block_d = blocks(z.shape[1], z.device, z.shape[0], parts)
+    block_m, block_p, block_d, num_warps = blocks(z.shape[1], z.device, z.shape[0], parts)
     _sign_step_kernel[(triton.cdiv(z.shape[0], block_m),)](
         z, grad.contiguous(), anchor, z if z_low is None else z_low, z.shape[0], z.shape[1], parts,
         float(alpha), float(eps), L2=norm == "l2", BALL=constraint == "ball", NORMALIZE=bool(normalize),
-        HAS_LOW=z_low is not None, BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d, **COMPILE_OPTIONS,
+        HAS_LOW=z_low is not None, BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=num_warps,
+        **COMPILE_OPTIONS,
     )
     return z

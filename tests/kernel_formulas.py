@@ -79,10 +79,7 @@ HEADS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda y: y}
 
 
 def head_conv(a: Tensor, weight: Tensor, bias: Tensor | None, head: str = "tanh", target: Tensor | None = None,
-              loss: Tensor | None = None, tf32: bool = False, act: str | None = None, slope: Tensor | None = None,
-              scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
-    if act is not None:  # a is the activation's input
-        a = bias_act(a, act, slope, scale, shift)[0]
+              loss: Tensor | None = None, tf32: bool = False) -> Tensor:
     padding = (weight.shape[2] // 2, weight.shape[3] // 2)
     y = HEADS[head](F.conv2d(a.float(), weight.float(), None if bias is None else bias.float(), padding=padding))
     y = y.to(a.dtype).contiguous()
@@ -90,10 +87,7 @@ def head_conv(a: Tensor, weight: Tensor, bias: Tensor | None, head: str = "tanh"
 
 
 def head_conv_backward(grad: Tensor, weight: Tensor, pre: Tensor | None = None, act: str | None = None,
-                       slope: Tensor | None = None, scale: Tensor | None = None, tf32: bool = False,
-                       shift: Tensor | None = None, from_input: bool = False) -> Tensor:
-    if from_input:  # pre is the activation's input
-        pre = bias_act(pre, act, slope, scale, shift, save_pre=True)[1]
+                       slope: Tensor | None = None, scale: Tensor | None = None, tf32: bool = False) -> Tensor:
     padding = (weight.shape[2] // 2, weight.shape[3] // 2)
     g = F.conv_transpose2d(grad.float(), weight.float(), padding=padding)
     if act is not None:

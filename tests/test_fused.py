@@ -721,30 +721,25 @@ def test_generic_backward_equals_l1_gradient_with_a_fused_head(models):
 
 
 @pytest.mark.parametrize("family", ["dcgan", "upconv"])
-def test_activation_before_the_head_runs_in_its_kernels(monkeypatch, family, models):
-    """The head convolution is given the activation's input and activates it itself (forward and
-    backward): a step runs bias_act for every activation but that one, and act_backward for every
-    one but that and the stem's (Linear, BatchNorm, activation), whose backward the step kernel runs."""
+def test_stem_activation_backward_runs_in_the_step_kernel(monkeypatch, family, models):
+    """The activation right after the first Linear (and its folded BatchNorm) has its backward run by
+    the step kernel on the gradient it loads: a step runs act_backward for every activation but that
+    one and the one before the head (in head_conv_backward), with the reference's signs."""
     backend = FusedBackend(shadow_variant(family), models[1], CFG)
     plan = backend.plan
     acts = [op for op in plan.ops if isinstance(op, plan_module.Act)]
-    assert plan.head_conv is not None and plan.head_conv.act is acts[-1]
+    assert plan.stem_act is acts[0] and plan.head_conv.act is acts[-1]
     calls = collections.Counter()
-    for name in ("bias_act", "act_backward"):
-        kernel = getattr(plan_module, name)
-        monkeypatch.setattr(plan_module, name, lambda *a, _k=kernel, _n=name, **kw: calls.update([_n]) or _k(*a, **kw))
+    kernel = plan_module.act_backward
+    monkeypatch.setattr(plan_module, "act_backward", lambda *a, **kw: calls.update(["call"]) or kernel(*a, **kw))
     z, x_shadow = features(4), plan.forward(features(4, seed=2), keep=False)[0]
-    assert calls["bias_act"] == len(acts) - 1
-    calls.clear()
-    got = backend.gradient(z, x_shadow)
-    assert calls == {"bias_act": len(acts) - 1, "act_backward": len(acts) - 1}
+    got = backend.gradient(z, x_shadow)  # materialised: the stem's backward by act_backward
+    assert calls["call"] == len(acts) - 1
     torch.testing.assert_close(got, reference_gradient(backend.shadow, z, x_shadow), rtol=1e-4, atol=1e-5)
-    # in a step, the stem activation's backward runs in the step kernel too (kernels/linear_step.py)
-    assert plan.stem_act is acts[0]
     calls.clear()
     z_t = z.clone()
     backend.step(z_t, z.clone(), x_shadow, last=False)
-    assert (calls["bias_act"], calls["act_backward"]) == (len(acts) - 1, len(acts) - 2)
+    assert calls["call"] == len(acts) - 2
     want = z + CFG.alpha * torch.sign(reference_gradient(backend.shadow, z, x_shadow))
     assert agreement(z_t, want, CFG.alpha / 2) == 1.0  # every sign as the reference's
 

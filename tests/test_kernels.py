@@ -292,40 +292,6 @@ def test_head_conv_backward_equals_autograd(case, act, nhwc):
     torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
 
 
-@pytest.mark.parametrize("act,affine", [("relu", "shift"), ("leaky_relu", "both"), ("prelu", "scale")])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("nhwc", [False, True])
-def test_head_conv_runs_the_activation_in_front_equal_to_the_bit(act, affine, dtype, nhwc):
-    """Given the activation's input x, head_conv applies a = act(scale x + shift) on load and the
-    backward computes act' from x: the same bits as bias_act's a (and its saved a or pre-activation)
-    through the kernels without an activation, targets, steps, loss and gradient; the padding stays 0."""
-    batch, channels = 2, 20
-    x, weight, bias = (t.to(dtype) for t in _head_conv_case((batch, channels, 6, 7, 3, 3), seed=15))
-    gen = _gen(16)
-    x[torch.rand(x.shape, generator=gen) < 0.1] = 0.0
-    slope = (torch.rand(channels, generator=gen) - 0.3).to(dtype) if act != "relu" else None  # some < 0: pre saved
-    scale = (torch.rand(channels, generator=gen) + 0.5).to(dtype) if affine in ("scale", "both") else None
-    shift = torch.randn(channels, generator=gen).to(dtype) if affine in ("shift", "both") else None
-    given = _nhwc(x) if nhwc else x
-    a, pre = bias_act(given, act, slope, scale, shift, save_pre=True)
-    saved = a if act == "relu" else pre  # what the plan's Act saves (a when slopes >= 0, else pre)
-    fused = dict(act=act, slope=slope, scale=scale, shift=shift)
-    assert torch.equal(head_conv(given, weight, bias, "tanh", **fused), head_conv(a, weight, bias, "tanh"))
-    target = torch.tanh(torch.randn(batch, 3, 6, 7, generator=gen)).to(dtype)
-    losses = torch.zeros(batch), torch.zeros(batch)
-    got = head_conv(given, weight, bias, "tanh", target, losses[0], **fused)
-    assert torch.equal(got, head_conv(a, weight, bias, "tanh", target, losses[1]))
-    assert torch.equal(losses[0], losses[1])
-    grad = torch.randn(batch, 3, 6, 7, generator=gen).to(dtype)
-    want = head_conv_backward(grad, weight, saved, act, slope, scale)
-    got = head_conv_backward(grad, weight, given, act, slope, scale, shift=shift, from_input=True)
-    assert is_nhwc(got) == nhwc and torch.equal(got, want)
-    with pytest.raises(ValueError, match="give act"):
-        head_conv(given, weight, bias, "tanh", scale=scale if scale is not None else shift)
-    with pytest.raises(ValueError, match="from_input"):
-        head_conv_backward(grad, weight, given, act, slope, scale, shift=torch.zeros(channels, dtype=dtype))
-
-
 def test_head_conv_with_64_bit_offsets(monkeypatch):
     """The 64-bit offsets of tensors past 2**31 elements, taken here on a small one: same results."""
     a, weight, bias = _head_conv_case(HEAD_CONV_CASES[0])

@@ -200,12 +200,16 @@ class FusedBackend:
              faster at B=1, 1.56x at B=64, 1.57x at B=1024.
     compile_encoder: run the encoder (its copy, above) through torch.compile, which fuses its
              BatchNorm, PReLU and residual additions into fewer kernels; kept where its features are
-             within rounding of E's. Off by default: a candidate for small batches, not yet timed on
-             a GPU (bench/profile_fused.py times it). The first call compiles (about a minute for
-             iresnet50), a second batch size once more (then dynamic), outside the CUDA graph; a
-             compile that fails later warns and leaves E uncompiled. A CPU needs a C++ compiler.
+             within rounding of E's. Off by default: a candidate for small batches (on an H200 at
+             B=1 with iresnet50, E alone 0.61 ms against 0.88, a whole call 0-10% faster, in two
+             measurements that disagree: bench/profile_fused.py). The first call compiles (about a
+             minute for iresnet50), a second batch size once more (then dynamic), outside the CUDA
+             graph; a compile that fails later warns and leaves E uncompiled. A CPU needs a C++
+             compiler.
 
-    The plan and the captured graphs are rebuilt when the models' weights change or move.
+    The plan and the captured graphs are rebuilt when the models' weights change or move. When the
+    graphs read only the backend's own tensors (the encoder as its copy, or not run), a call
+    replays first and checks the weights while the GPU works (``_check_later``).
     """
 
     name = "fused"

@@ -185,31 +185,24 @@ class Act:
 
 class HeadConv:
     """The last Conv2d (few output channels, stride 1, "same" padding) with the head: y = head(conv(x)),
-    and in the steps the L1 sign at its output, one Triton kernel. The activation in front of it
-    (``act``), if any, runs inside its kernels: the forward is given the activation's input and
-    activates it as it loads it, the backward computes the activation's gradient from that input
-    (which is what the plan saves for it)."""
+    and in the steps the L1 sign at its output, one Triton kernel; its backward also runs the backward
+    of the activation in front of it (``act``, whose saved tensor it is given)."""
 
     def __init__(self, conv: Conv, head: str, act: Act | None, tf32: bool = False):
         self.weight, self.bias, self.head, self.act, self.tf32 = conv.weight, conv.bias, head, act, tf32
 
-    def _act(self) -> dict:
-        act = self.act
-        if act is None:
-            return {}
-        slopes = None if act.slope is None else act.slopes(self.weight.shape[1])
-        return dict(act=act.kind, slope=slopes, scale=act.scale, shift=act.shift)
-
     def forward(self, x: Tensor) -> tuple[Tensor, None]:
-        return head_conv(x, self.weight, self.bias, self.head, tf32=self.tf32, **self._act()), None
+        return head_conv(x, self.weight, self.bias, self.head, tf32=self.tf32), None
 
     def gradient(self, x: Tensor, target: Tensor, loss: Tensor | None) -> Tensor:
-        return head_conv(x, self.weight, self.bias, self.head, target, loss, tf32=self.tf32, **self._act())
+        return head_conv(x, self.weight, self.bias, self.head, target, loss, tf32=self.tf32)
 
-    def backward(self, grad: Tensor, act_input: Tensor | None) -> Tensor:
-        if self.act is None:
+    def backward(self, grad: Tensor, act_saved: Tensor | None) -> Tensor:
+        act = self.act
+        if act is None:
             return head_conv_backward(grad, self.weight, tf32=self.tf32)
-        return head_conv_backward(grad, self.weight, act_input, tf32=self.tf32, from_input=True, **self._act())
+        slopes = None if act.slope is None else act.slopes(self.weight.shape[1])
+        return head_conv_backward(grad, self.weight, act_saved, act.kind, slopes, act.scale, tf32=self.tf32)
 
 
 class Affine:
@@ -382,19 +375,12 @@ class DecoderPlan:
         return dict(act=act.kind, pre=stem_saved, slope=slopes, scale=act.scale, channels=channels, inner=inner)
 
     def hidden(self, z: Tensor, keep: bool = True) -> tuple[Tensor, list]:
-        """The input of the fused head convolution (or of the head), and what the ops before saved.
-        The head convolution runs the activation in front of it: ``x`` is then that activation's input,
-        and it is also what is saved for the activation (its backward runs in the head's)."""
-        ops = self.ops
-        if self.head_conv is not None:
-            ops = ops[:-2] if self.head_conv.act is not None else ops[:-1]
+        """The input of the fused head convolution (or of the head), and what the ops before saved."""
         x, saved = z.to(self.dtype), []
-        for op in ops:
+        for op in self.ops[:-1] if self.head_conv is not None else self.ops:
             x, s = op.forward(x)
             if keep:
                 saved.append(s)
-        if keep and self.head_conv is not None and self.head_conv.act is not None:
-            saved.append(x)
         return x, saved
 
     def backward(self, grad: Tensor, saved: list, skip: Act | None = None) -> Tensor:
