@@ -158,19 +158,33 @@ class Protector:
         like = first_float(self.shadow)
         device = like.device if like is not None else z.device
         dtype = like.dtype if like is not None else torch.float32
-        # the caller's autocast must not change the precision asked for, nor its no_grad or
-        # inference_mode switch off the gradient with respect to z that the steps need
-        with self._lock, frozen(self.shadow, self.encoder), torch.inference_mode(False), torch.enable_grad(), \
-                torch.autocast(device.type, enabled=False):
-            work = z.detach().to(device=device, dtype=dtype)
-            if work.is_inference():  # made under inference_mode: autograd refuses to record it
-                work = work.clone()
-            key = (z.shape[1], dtype, device)
-            if key not in self._checked:
-                check_models(z.shape[1], self.shadow, self.encoder, work)
-                self._checked.add(key)
-            z_adv = work.clone() if z.shape[0] == 0 else self.backend.run(work)
+        key = (z.shape[1], dtype, device)
+        with self._lock:
+            # a captured graph that touches no tensor of the models replays without freezing them
+            # (FusedBackend.run_replay): the walks over their modules are then not in the way
+            replay = getattr(self.backend, "run_replay", None)
+            if replay is not None and key in self._checked and z.shape[0] > 0:
+                with torch.inference_mode(False), torch.no_grad(), torch.autocast(device.type, enabled=False):
+                    z_adv = replay(self._work(z, device, dtype))
+                if z_adv is not None:
+                    return z_adv.to(device=z.device, dtype=z.dtype)
+            # the caller's autocast must not change the precision asked for, nor its no_grad or
+            # inference_mode switch off the gradient with respect to z that the steps need
+            with frozen(self.shadow, self.encoder), torch.inference_mode(False), torch.enable_grad(), \
+                    torch.autocast(device.type, enabled=False):
+                work = self._work(z, device, dtype)
+                if key not in self._checked:
+                    check_models(z.shape[1], self.shadow, self.encoder, work)
+                    self._checked.add(key)
+                z_adv = work.clone() if z.shape[0] == 0 else self.backend.run(work)
         return z_adv.to(device=z.device, dtype=z.dtype)
+
+    @staticmethod
+    def _work(z: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+        work = z.detach().to(device=device, dtype=dtype)
+        if work.is_inference():  # made under inference_mode: autograd refuses to record it
+            work = work.clone()
+        return work
 
 
 def protect(

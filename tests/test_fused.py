@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import sys
 import warnings
 
 import pytest
@@ -879,6 +880,39 @@ def test_replay_comes_before_the_weights_check_when_it_reads_only_its_own_memory
     assert order(no_encoder, z)[0] == ["replay", "key"]
 
 
+def test_protector_replays_without_freezing_the_models(monkeypatch, models):
+    """A Protector whose backend can replay first (fp16: the encoder runs as the backend's copy) does
+    not freeze the models for later calls of a captured size, so their walks are not in the way; a
+    model its owner left in train mode stays so, with the result frozen would give, and changed
+    weights still send the call down the frozen path. fp32 (E itself in the graph) always freezes."""
+    shadow, encoder = shadow_variant("dcgan"), models[1]
+    protect_module = sys.modules["advface_engine.protect"]  # (the package's name protect is the function)
+    entered = []
+    real = protect_module.frozen
+    monkeypatch.setattr(protect_module, "frozen", lambda *m: entered.append(m) or real(*m))
+    z = features(4)
+    protector = afe.Protector(shadow, encoder, CFG, backend="fused", backend_options={"dtype": "fp16"})
+    protector.backend.graph_type = EagerGraph
+    first = protector(z)  # checks the models and captures, frozen
+    assert len(entered) == 1
+    shadow.train()
+    again = protector(z)
+    assert len(entered) == 1 and torch.equal(again, first) and shadow.training
+    with torch.no_grad():
+        for param in shadow.parameters():
+            param.mul_(-1.0)
+    got = protector(z)
+    assert len(entered) == 2 and shadow.training  # the change found after the replay: run again, frozen
+    want = afe.Protector(shadow, encoder, CFG, backend="fused", backend_options={"dtype": "fp16"})(z)
+    assert torch.equal(got, want) and not torch.equal(got, first)
+    shadow.eval()
+    fp32 = afe.Protector(shadow, encoder, CFG, backend="fused")
+    fp32.backend.graph_type = EagerGraph
+    entered.clear()
+    fp32(z), fp32(z)
+    assert len(entered) == 2
+
+
 def test_weights_key_sees_every_change():
     """The rebuild trigger: in-place edits, replacement (even by a view of the same storage), new
     submodules, dtype moves and mode flips change it; a forward and requires_grad do not."""
@@ -1149,6 +1183,17 @@ def test_gpu_replay_first_still_follows_weights_changed_between_calls():
         assert graphed.graphs and agreement(got, want, CFG.alpha) >= 0.99  # bf16: a sign flip or so
         assert agreement(before, want, CFG.alpha) < 0.9, "the change must matter"
         before = got
+
+
+@pytest.mark.gpu
+def test_gpu_protector_replays_without_freezing():
+    """bf16 on a GPU: a Protector's later calls take the backend's replay without the models frozen."""
+    shadow, encoder = _gpu_models()
+    z = features(8).cuda()
+    protector = afe.Protector(shadow, encoder, CFG, backend="fused", backend_options={"dtype": "bf16"})
+    first = protector(z)
+    assert protector.backend.graphs and protector.backend.run_replay(z) is not None
+    assert agreement(protector(z), first, CFG.alpha) >= 0.99
 
 
 class HostSyncingEncoder(nn.Module):

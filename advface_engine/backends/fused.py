@@ -409,6 +409,30 @@ class FusedBackend:
         if z.shape[0] == 0:
             self.losses = None
             return z.clone()
+        z_adv = self._run(z)
+        if later and weights_key(self.shadow, self.encoder) != self._key:
+            # the models changed since the capture: that replay's result is dropped, and the call
+            # runs again on a new plan and capture
+            self._build_after(z)
+            return self.run(z)
+        return z_adv
+
+    def run_replay(self, z: Tensor) -> Tensor | None:
+        """``run`` for callers that freeze the models around every call (a Protector), where they can
+        replay first (``_check_later``): the replay, then a check of the weights' tensors but not of
+        the modules' modes (which frozen would make eval anyway), all without the models frozen. None
+        (nothing left to wait for) where a replay cannot come first, or the tensors changed: then the
+        caller runs ``run`` under frozen, which rebuilds."""
+        if not self._check_later(z):
+            return None
+        z_adv = self._run(z)
+        if weights_key(self.shadow, self.encoder)[0] != self._key[0]:
+            self._build_after(z)
+            return None
+        return z_adv
+
+    def _run(self, z: Tensor) -> Tensor:
+        """The protection of a non-empty batch on the current plan: replayed, or eager; sets losses."""
         z32 = z.float().contiguous()
         noise = None
         if self.config.random_start:  # seeded from z's rows as the caller gave them, like the reference
@@ -418,15 +442,14 @@ class FusedBackend:
                 z_adv, losses = self._replay(z32, noise)
             else:
                 z_adv, losses = self.protect(z32, noise)
-        if later and weights_key(self.shadow, self.encoder) != self._key:
-            # the models changed since the capture: that replay's result is dropped (once it is done,
-            # as its memory is released), and the call runs again on a new plan and capture
-            if z32.is_cuda:
-                torch.cuda.current_stream(z32.device).synchronize()
-            self._build()
-            return self.run(z)
         self.losses = losses
         return z_adv.to(z.dtype)
+
+    def _build_after(self, z: Tensor) -> None:
+        """A new plan once the replay in flight is done (its graph's memory is released with it)."""
+        if z.is_cuda:
+            torch.cuda.current_stream(z.device).synchronize()
+        self._build()
 
     def _check_later(self, z: Tensor) -> bool:
         """Whether this call may replay a captured graph first and check the models' weights while the
