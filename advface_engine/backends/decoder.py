@@ -193,12 +193,16 @@ def own_parameters(modules: list[nn.Module]) -> list[Tensor]:
     return [p for m in modules for p in m._parameters.values() if p is not None]
 
 
+def own_tensors(modules: list[nn.Module]) -> list[Tensor]:
+    """The parameters and buffers registered on each of ``modules`` (pass submodules())."""
+    return own_parameters(modules) + [b for m in modules for b in m._buffers.values() if b is not None]
+
+
 def storages(*modules: nn.Module) -> set[int]:
     """Addresses of the memory that the tensors of ``modules`` use: parameters, buffers and tensors
     held as plain attributes (what a forward can read besides its input)."""
     found = submodules(*modules)
-    tensors = own_parameters(found) + [b for m in found for b in m._buffers.values() if b is not None]
-    tensors += [v for m in found for v in vars(m).values() if isinstance(v, Tensor)]
+    tensors = own_tensors(found) + [v for m in found for v in vars(m).values() if isinstance(v, Tensor)]
     return {ptr for t in tensors if (ptr := t.untyped_storage().data_ptr())}
 
 
@@ -207,5 +211,4 @@ def weights_key(*modules: nn.Module) -> tuple:
     storage), moved or modified in place, or a mode flips. (Edits through ``.data`` bypass the version
     counters: build a new backend after them.)"""
     found = submodules(*modules)
-    tensors = own_parameters(found) + [b for m in found for b in m._buffers.values() if b is not None]
-    return tuple((id(t), t.data_ptr(), t._version) for t in tensors), tuple(m.training for m in found)
+    return tuple((id(t), t.data_ptr(), t._version) for t in own_tensors(found)), tuple(m.training for m in found)

@@ -403,33 +403,36 @@ class FusedBackend:
     # -- entry point --------------------------------------------------------------------------
 
     def run(self, z: Tensor) -> Tensor:
-        later = self._check_later(z)
-        if not later and weights_key(self.shadow, self.encoder) != self._key:
+        if self._check_later(z):
+            z_adv = self._replay_first(z, lambda key: key != self._key)
+            if z_adv is not None:
+                return z_adv
+        elif weights_key(self.shadow, self.encoder) != self._key:
             self._build()
         if z.shape[0] == 0:
             self.losses = None
             return z.clone()
-        z_adv = self._run(z)
-        if later and weights_key(self.shadow, self.encoder) != self._key:
-            # the models changed since the capture: that replay's result is dropped, and the call
-            # runs again on a new plan and capture
-            self._build_after(z)
-            return self.run(z)
-        return z_adv
+        return self._run(z)
 
     def run_replay(self, z: Tensor) -> Tensor | None:
         """``run`` for callers that freeze the models around every call (a Protector), where they can
         replay first (``_check_later``): the replay, then a check of the weights' tensors but not of
         the modules' modes (which frozen would make eval anyway), all without the models frozen. None
         (nothing left to wait for) where a replay cannot come first, or the tensors changed: then the
-        caller runs ``run`` under frozen, which rebuilds."""
-        if not self._check_later(z):
-            return None
+        caller runs ``run`` under frozen, which captures anew."""
+        return self._replay_first(z, lambda key: key[0] != self._key[0]) if self._check_later(z) else None
+
+    def _replay_first(self, z: Tensor, changed) -> Tensor | None:
+        """The replay, then the weights checked while the GPU runs it; None when ``changed(weights_key)``
+        says they changed: that result is dropped and the plan rebuilt (after the replay is done, as
+        its graph's memory is released with it), for the call to run again."""
         z_adv = self._run(z)
-        if weights_key(self.shadow, self.encoder)[0] != self._key[0]:
-            self._build_after(z)
-            return None
-        return z_adv
+        if not changed(weights_key(self.shadow, self.encoder)):
+            return z_adv
+        if z.is_cuda:
+            torch.cuda.current_stream(z.device).synchronize()
+        self._build()
+        return None
 
     def _run(self, z: Tensor) -> Tensor:
         """The protection of a non-empty batch on the current plan: replayed, or eager; sets losses."""
@@ -444,12 +447,6 @@ class FusedBackend:
                 z_adv, losses = self.protect(z32, noise)
         self.losses = losses
         return z_adv.to(z.dtype)
-
-    def _build_after(self, z: Tensor) -> None:
-        """A new plan once the replay in flight is done (its graph's memory is released with it)."""
-        if z.is_cuda:
-            torch.cuda.current_stream(z.device).synchronize()
-        self._build()
 
     def _check_later(self, z: Tensor) -> bool:
         """Whether this call may replay a captured graph first and check the models' weights while the

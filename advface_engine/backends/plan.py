@@ -328,11 +328,18 @@ class DecoderPlan:
         self.first_linear = ops[0] if ops and isinstance(ops[0], Linear) else None
         self.head_conv = ops[-1] if ops and isinstance(ops[-1], HeadConv) else None
         # the activation right after the first Linear (past a reshape), whose backward the step kernel
-        # can run on the gradient it loads (l1_gradient(stem=True)); not the head's own
-        i = 2 if len(ops) > 2 and isinstance(ops[1], Reshape) else 1
+        # can run on the gradient it loads (l1_gradient(stem=True)); not the head's own. Value k of the
+        # Linear's output is in its channel (k // inner) % channels (stem_backward)
+        reshape = ops[1] if len(ops) > 2 and isinstance(ops[1], Reshape) else None
+        i = 1 if reshape is None else 2
         stem = ops[i] if self.first_linear is not None and len(ops) > i and isinstance(ops[i], Act) else None
         self.stem_act = stem if stem is not None and (self.head_conv is None or self.head_conv.act is not stem) \
             else None
+        self._stem_index = i
+        if reshape is not None and len(reshape.shape) > 1:  # an image: NHWC (reordered Linear) or NCHW
+            self._stem_layout = reshape.shape[0], 1 if reshape.nhwc else math.prod(reshape.shape[1:])
+        elif self.first_linear is not None:  # flat features
+            self._stem_layout = self.first_linear.weight.shape[0], 1
 
     def forward(self, z: Tensor, keep: bool = True) -> tuple[Tensor, list]:
         """The decoder output y = S(z) in the plan's dtype, and what the backward needs (if ``keep``)."""
@@ -360,17 +367,14 @@ class DecoderPlan:
         if not (stem and self.stem_act is not None):
             return self.backward(grad, saved), None
         grad = self.backward(grad, saved, skip=self.stem_act)
-        stem_saved = saved[self.ops.index(self.stem_act)]
-        if isinstance(self.ops[1], Reshape):  # flat as the gradient is (both views)
+        stem_saved = saved[self._stem_index]
+        if self._stem_index == 2:  # through the reshape: flat as the gradient is (both views)
             stem_saved = self.ops[1].backward(stem_saved, saved[1])
         return grad, stem_saved
 
     def stem_backward(self, stem_saved: Tensor) -> dict:
         """linear_sign_step's arguments for the stem activation's backward, given what it saved (flat)."""
-        act, reshape = self.stem_act, self.ops[1]
-        image = isinstance(reshape, Reshape) and len(reshape.shape) > 1
-        channels = reshape.shape[0] if image else stem_saved.shape[1]
-        inner = 1 if not image or reshape.nhwc else math.prod(reshape.shape[1:])
+        act, (channels, inner) = self.stem_act, self._stem_layout
         slopes = None if act.slope is None else act.slopes(channels)
         return dict(act=act.kind, pre=stem_saved, slope=slopes, scale=act.scale, channels=channels, inner=inner)
 
