@@ -108,20 +108,9 @@ def _fit(modules: dict[str, nn.Module], loss_fn: Callable[[Tensor, torch.Generat
         "modules": {k: [getattr(m, "arch", type(m).__name__), getattr(m, "arch_kwargs", None)]
                     for k, m in modules.items()}, **(settings or {})}, sort_keys=True))
     if path is not None and path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if "settings" in state:
-            old = json.loads(state["settings"])
-            differ = sorted(k for k in settings.keys() | old.keys() if settings.get(k) != old.get(k))
-            if differ:
-                raise ValueError(f"{path} was written for another training run ({', '.join(differ)} differ); "
-                                 "rerun with the same settings to resume it, or delete it to start over")
+        start, history = _resume(path, settings, modules, optimizer, schedule, epochs)
         if progress:
-            print(f"{desc}: resuming from {path} at epoch {state['epoch']} of {epochs}", file=sys.stderr)
-        for name, module in modules.items():
-            module.load_state_dict(state["modules"][name])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        start, history = state["epoch"], list(state["history"])
+            print(f"{desc}: resuming from {path} at epoch {start} of {epochs}", file=sys.stderr)
     for m in modules.values():
         m.train()
     steps_per_epoch = math.ceil(n / batch_size)
@@ -156,6 +145,66 @@ def _fit(modules: dict[str, nn.Module], loss_fn: Callable[[Tensor, torch.Generat
     for m in modules.values():
         m.eval()
     return history
+
+
+CHECKPOINT_FIELDS = {"modules": dict, "optimizer": dict, "schedule": dict, "epoch": int, "history": list}
+
+
+def _resume(path: Path, settings: dict, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+            schedule, epochs: int) -> tuple[int, list[float]]:
+    """Load the training checkpoint at ``path`` into the modules, optimiser and schedule; returns (epoch,
+    history). The file is untrusted: anything but a checkpoint of this run is one ValueError naming it."""
+    from .models.io import load_weights_only
+
+    state = load_weights_only(path, "training checkpoint")
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a training checkpoint (it holds a {type(state).__name__})")
+    missing = [k for k in CHECKPOINT_FIELDS if k not in state]
+    if missing:
+        raise ValueError(f"{path}: not a complete training checkpoint (missing {', '.join(missing)})")
+    for key, kind in CHECKPOINT_FIELDS.items():
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise ValueError(f"{path}: damaged training checkpoint ({key} is of type {type(state[key]).__name__}, "
+                             f"expected {kind.__name__})")
+    if "settings" in state:
+        try:
+            old = json.loads(state["settings"])
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except (TypeError, ValueError, RecursionError) as err:
+            raise ValueError(f"{path}: damaged training checkpoint (settings: {err})") from None
+        differ = sorted(k for k in settings.keys() | old.keys() if settings.get(k) != old.get(k))
+        if differ:
+            raise ValueError(f"{path} was written for another training run ({', '.join(differ)} differ); "
+                             "rerun with the same settings to resume it, or delete it to start over")
+    epoch, history = state["epoch"], state["history"]
+    if not 0 <= epoch <= epochs:
+        raise ValueError(f"{path}: damaged training checkpoint (epoch {epoch} of a {epochs}-epoch run)")
+    if len(history) != epoch or not all(isinstance(x, float) for x in history):
+        raise ValueError(f"{path}: damaged training checkpoint (a history of {len(history)} items for epoch {epoch})")
+    if sorted(state["modules"]) != sorted(modules):
+        raise ValueError(f"{path}: holds modules {sorted(state['modules'])}, this run trains {sorted(modules)}")
+    own = schedule.state_dict()  # load_state_dict takes any dict: every value it knows must keep its type
+    wrong = sorted(k for k, v in state["schedule"].items() if k in own and type(v) is not type(own[k]))
+    if wrong or "last_epoch" not in state["schedule"]:
+        raise ValueError(f"{path}: damaged training checkpoint (schedule: {', '.join(wrong) or 'no last_epoch'})")
+    part = "modules"
+    try:
+        for part, module in modules.items():
+            module.load_state_dict(state["modules"][part])
+        part = "optimizer"
+        optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                for value in optimizer.state.get(p, {}).values():
+                    if isinstance(value, Tensor) and value.dim() and value.shape != p.shape:
+                        raise ValueError(f"a state of shape {list(value.shape)} for a parameter of {list(p.shape)}")
+        part = "schedule"
+        schedule.load_state_dict(state["schedule"])
+    except Exception as err:  # torch's load_state_dict raises several types for state of another shape
+        raise ValueError(f"{path}: damaged training checkpoint ({part}: {' '.join(str(err).split())[:300]})") \
+            from err
+    return epoch, list(history)
 
 
 def train_decoder(decoder: nn.Module, encoder: nn.Module, images: Images, epochs: int = 10, batch_size: int = 64,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,43 @@ import torch
 from torch import Tensor
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")  # what PIL may decode: no format that runs a helper program
+MAX_IMAGE_PIXELS = 4096 * 4096  # far above any face crop; a larger image is refused before it is decoded
+
+
+@contextmanager
+def open_image(source, name) -> Iterator:
+    """A PIL image of ``source`` (a path or a file object) opened lazily: only its header is read. A file
+    that is no image of IMAGE_FORMATS, or whose header names more than MAX_IMAGE_PIXELS pixels, is a
+    ValueError naming ``name``, before anything is decoded (a small file can decode into gigabytes)."""
+    from PIL import Image
+
+    try:
+        image = Image.open(source, formats=IMAGE_FORMATS)
+    except Exception as err:  # PIL raises many types for a file that is not an image it may read
+        raise ValueError(f"{name}: not a readable image ({err})") from err
+    with image:
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"{name}: an image of {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} "
+                             "pixels allowed; refused before decoding")
+        yield image
+
+
+def read_image(source, size: int | None, name) -> np.ndarray:
+    """``source`` (see ``open_image``) decoded as (size, size, 3) uint8 RGB, or at its own size when ``size``
+    is None. It is resized as it is decoded (a JPEG is decoded at the smallest scale that still covers
+    ``size``), so only the bounded image itself is ever held at full size."""
+    from PIL import Image
+
+    with open_image(source, name) as image:
+        try:
+            if size is None:
+                return np.asarray(image.convert("RGB"))
+            image.draft("RGB", (size, size))
+            return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
+        except Exception as err:  # PIL raises many types for damaged image data
+            raise ValueError(f"{name}: not a readable image ({err})") from err
 
 
 def images_from_array(array: np.ndarray, size: int | None = None) -> Tensor:
@@ -60,13 +99,7 @@ class ImageFolder:
         return len(self.paths)
 
     def _read(self, path: Path) -> np.ndarray:
-        from PIL import Image
-
-        try:
-            with Image.open(path) as im:
-                return np.asarray(im.convert("RGB").resize((self.size, self.size), Image.BILINEAR))
-        except OSError as err:  # PIL's UnidentifiedImageError is one: a damaged or foreign file
-            raise ValueError(f"{path}: not a readable image ({err})") from err
+        return read_image(path, self.size, path)
 
     def batch(self, indices) -> Tensor:
         """Images ``indices`` as (B, 3, size, size) float32 in [-1, 1], decoded in threads."""

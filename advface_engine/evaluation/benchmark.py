@@ -192,7 +192,12 @@ def _encoder_fields(path: str) -> dict:
 
 
 def _check_inputs(s: EvalSettings) -> None:
-    """One-line errors, before any training, for the files, folders and device the settings name."""
+    """One-line errors, before any training, for the files, folders and device the settings name: a .bin
+    through the restricted reader with its images' headers (nothing decoded), the pair file, and the
+    shadow checkpoint's header and tensors (the encoder checkpoint is loaded before any training)."""
+    from ..models.io import check_checkpoint
+    from .datasets import check_bin, read_pair_file
+
     if s.bin and s.folder:
         raise ValueError("give --bin or --folder, not both")
     if s.pairs and not s.folder:
@@ -201,6 +206,10 @@ def _check_inputs(s: EvalSettings) -> None:
                                ("--pairs", s.pairs, os.path.isfile)):
         if path and not exists(path):
             raise ValueError(f"{flag}: no {'folder' if flag == '--folder' else 'file'} at {path}")
+    if s.bin:
+        check_bin(s.bin)
+    if s.pairs:
+        read_pair_file(s.pairs)
     if s.shadow_checkpoint:
         arch, kwargs = _header("--shadow-checkpoint", s.shadow_checkpoint)
         if arch not in DECODERS:
@@ -211,6 +220,7 @@ def _check_inputs(s: EvalSettings) -> None:
         if (kwargs["feature_dim"], kwargs["size"]) != (s.feature_dim, s.size):
             raise ValueError(f"--shadow-checkpoint {s.shadow_checkpoint} has feature_dim {kwargs['feature_dim']}, "
                              f"size {kwargs['size']}, but the encoder has feature_dim {s.feature_dim}, size {s.size}")
+        check_checkpoint(s.shadow_checkpoint)
     try:
         resolve_device(s.device)
     except ValueError as err:

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data import images_from_array, load_image_folder, synthetic_faces
+from ..data import images_from_array, load_image_folder, read_image, synthetic_faces
+from ..data.folders import open_image
 
 
 @dataclass
@@ -76,30 +77,39 @@ def load_bin_payload(data: bytes) -> tuple[list[bytes], list[bool]]:
     """Unpickle a .bin's bytes with the restricted unpickler and check every element's type."""
     try:
         payload = RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
+    except Exception as err:  # damaged pickle data fails in many ways; nothing in it has run
         raise ValueError(f"not a valid verification .bin: {err}") from err
     return _check_bin_payload(payload)
 
 
-def read_bin(path: str | os.PathLike, size: int | None = None) -> VerificationSet:
-    """An insightface verification ``.bin`` (LFW, CFP-FP, AgeDB-30 ...) as a VerificationSet."""
-    from PIL import Image
-
-    path = Path(path)
+def _bin_payload(path: Path) -> tuple[list[bytes], list[bool]]:
+    """``load_bin_payload`` of the file at ``path``, its errors naming the file."""
     if not path.is_file():
         raise FileNotFoundError(f"no verification .bin at {path}")
-    bins, issame = load_bin_payload(path.read_bytes())
-    arrays = []
+    try:
+        return load_bin_payload(path.read_bytes())
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def check_bin(path: str | os.PathLike) -> None:
+    """Check a .bin as ``read_bin`` reads it (the restricted unpickler, every element's type, every image's
+    format and pixel count from its header) without decoding the images: a ValueError naming the file."""
+    path = Path(path)
+    bins, _ = _bin_payload(path)
     for k, blob in enumerate(bins):
-        try:
-            with Image.open(io.BytesIO(blob)) as im:
-                arrays.append(np.asarray(im.convert("RGB")))
-        except Exception as err:  # PIL raises many types for corrupt data
-            raise ValueError(f"image {k} of {path} cannot be decoded: {err}") from err
+        with open_image(io.BytesIO(blob), f"{path}: image {k}"):
+            pass
+
+
+def read_bin(path: str | os.PathLike, size: int | None = None) -> VerificationSet:
+    """An insightface verification ``.bin`` (LFW, CFP-FP, AgeDB-30 ...) as a VerificationSet; each image is
+    resized to ``size`` as it is decoded (``read_image``), at most MAX_IMAGE_PIXELS pixels."""
+    path = Path(path)
+    bins, issame = _bin_payload(path)
+    arrays = [read_image(io.BytesIO(blob), size, f"{path}: image {k}") for k, blob in enumerate(bins)]
     if len({a.shape for a in arrays}) > 1 and size is None:
         raise ValueError(f"{path} holds images of different sizes; pass size= to resize them")
-    if size is not None:
-        arrays = [np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR)) for a in arrays]
     images = images_from_array(np.stack(arrays)) if arrays else torch.zeros(0, 3, size or 1, size or 1)
     n = len(issame)
     return VerificationSet(path.stem, images, np.arange(0, 2 * n, 2), np.arange(1, 2 * n, 2), np.array(issame, bool))
@@ -206,8 +216,6 @@ def read_pair_file(path: str | os.PathLike) -> list[tuple[str, str, bool]]:
 def folder_set(root: str | os.PathLike, size: int = 112, pair_file: str | os.PathLike | None = None,
                pairs_per_fold: int = 300, seed: int = 0, folds: int = 10) -> VerificationSet:
     """Faces under ``root/<identity>/``, with the pairs of ``pair_file`` or pairs drawn from the identities."""
-    from PIL import Image
-
     root = Path(root)
     if pair_file is None:
         images, labels, _ = load_image_folder(root, size)
@@ -221,8 +229,7 @@ def folder_set(root: str | os.PathLike, size: int = 112, pair_file: str | os.Pat
         path = (root / name).resolve()
         if not path.is_relative_to(root.resolve()) or not path.is_file():
             raise FileNotFoundError(f"pair file names {name!r}, not an image under {root}")
-        with Image.open(path) as im:
-            arrays.append(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)))
+        arrays.append(read_image(path, size, path))
     left = [index[a] for a, _, _ in rows]
     right = [index[b] for _, b, _ in rows]
     return VerificationSet(root.name, images_from_array(np.stack(arrays)), left, right, [s for _, _, s in rows])

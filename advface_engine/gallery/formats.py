@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -31,6 +32,8 @@ FAISS_FLAT = {b"IxFI": 0, b"IxF2": 1}  # fourcc -> metric (0 inner product, 1 L2
 FAISS_IDMAP = (b"IxMp", b"IxM2")
 FAISS_HEADER = struct.Struct("<iqqq?i")  # d, ntotal, dummy, dummy, is_trained, metric_type
 FAISS_DUMMY = 1 << 20
+NPY_LENGTH = {(1, 0): "<H", (2, 0): "<I"}  # .npy versions read, and the format of their header length
+NPY_MAX_HEADER = 10_000  # numpy's own limit on a .npy header
 
 
 def format_of(path: str | os.PathLike) -> str | None:
@@ -154,20 +157,30 @@ class RawGallery(Gallery):
 
 
 def open_npy(path: Path) -> RawGallery:
-    """Header checked by ``np.load(mmap_mode="r")`` (which also catches truncation); rows read at its offset."""
+    """The header parsed with numpy's reader (nothing mapped or allocated from it), checked, and the rows
+    read at its offset; ``RawGallery`` checks that the file holds exactly the data the header describes."""
     with open(path, "rb") as f:
         if f.read(6) != b"\x93NUMPY":  # else np.load takes it for a pickle and says so
             raise ValueError(f"{path}: not a .npy file (no NumPy header)")
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise ValueError(f"{path}: not a readable .npy file ({err})") from err
-    if not isinstance(array, np.memmap) or array.ndim != 2:
-        raise ValueError(f"{path}: a gallery .npy must hold one (N, D) array, got shape {getattr(array, 'shape', '?')}")
-    if not array.flags.c_contiguous and array.size:
+        f.seek(0)
+        try:
+            version = np.lib.format.read_magic(f)
+            if version not in NPY_LENGTH:  # 3.0 only adds unicode field names, which no float array has
+                raise ValueError(f"unsupported .npy format version {version}")
+            (length,) = struct.unpack(NPY_LENGTH[version], f.read(struct.calcsize(NPY_LENGTH[version])))
+            if length > NPY_MAX_HEADER:  # numpy would read (allocate) that much before refusing it
+                raise ValueError(f"a header of {length} bytes, more than the {NPY_MAX_HEADER} numpy reads")
+            f.seek(8)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(f, max_header_size=NPY_MAX_HEADER)
+        except Exception as err:  # numpy's header parser raises several types for a damaged header
+            raise ValueError(f"{path}: not a readable .npy file ({type(err).__name__}: {err})") from err
+        offset = f.tell()
+    if len(shape) != 2 or any(n < 0 for n in shape):
+        raise ValueError(f"{path}: a gallery .npy must hold one (N, D) array, got shape {shape}")
+    if fortran_order and min(shape) > 1:
         raise ValueError(f"{path}: Fortran-ordered arrays are not supported; save np.ascontiguousarray(rows)")
-    shape, dtype, offset = array.shape, array.dtype, array.offset
-    del array  # unmap: rows are read with pread
     return RawGallery(path, "npy", shape[0], shape[1], dtype, offset)
 
 
@@ -182,49 +195,59 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
             raise ValueError(f"{path}: not a safetensors file, or truncated (header of {length} bytes, file {size})")
         try:
             header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: corrupt safetensors header ({err})") from err
+        except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, nested too deep, numbers too long
+            raise ValueError(f"{path}: corrupt safetensors header ({type(err).__name__}: {err})") from err
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
     return header, 8 + length
 
 
+def _safetensors_entry(path: Path, key: str, entry) -> tuple[np.dtype, list[int], int, int]:
+    """(dtype, shape, begin, end) of one tensor of a safetensors header, every field checked."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (tensor {key!r} is {str(entry)[:100]!r}, not an object)")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+            and all(type(x) is int and x >= 0 for x in [*shape, *offsets]) and isinstance(dtype, str)):
+        raise ValueError(f"{path}: corrupt safetensors header (tensor {key!r}: shape {shape!r}, "
+                         f"data_offsets {offsets!r}, dtype {dtype!r})")
+    if dtype not in ST_DTYPES:
+        raise ValueError(f"{path}: unsupported dtype {dtype} of tensor {key!r}")
+    dtype = np.dtype(ST_DTYPES[dtype])
+    begin, end = offsets
+    if end - begin != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"{path}: corrupt safetensors header (tensor {key!r} size does not match its shape)")
+    return dtype, shape, begin, end
+
+
 def open_safetensors(path: Path, embedding_key: str | None, id_key: str | None) -> RawGallery:
-    """An embeddings tensor (``embedding_key``, else the only 2-D tensor) and optionally an ids tensor."""
+    """An embeddings tensor (``embedding_key``, else the only 2-D tensor) and optionally an ids tensor. Every
+    tensor's entry is checked, and their data must lie end to end from the start of the data, as
+    safetensors writes them (no overlap, no gap)."""
     header, data_start = _safetensors_header(path)
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
-    try:
-        if embedding_key is None:
-            matrices = [k for k, v in header.items() if len(v["shape"]) == 2]
-            if len(matrices) != 1:
-                raise ValueError(f"{path}: cannot tell which tensor holds the embeddings ({sorted(header)}); "
-                                 "name it with --embedding-key")
-            embedding_key = matrices[0]
-        id_key = id_key or "ids"
-        unknown = set(header) - {embedding_key, id_key}
-        if embedding_key not in header:
-            raise ValueError(f"{path}: no tensor {embedding_key!r} (tensors: {sorted(header)})")
-        if unknown:
-            raise ValueError(f"{path}: unsupported extra tensors {sorted(unknown)}; a gallery file holds the "
-                             f"embeddings and optionally ids ({id_key!r})")
-        entries = {}
-        for key in header:
-            entry = header[key]
-            if entry["dtype"] not in ST_DTYPES:
-                raise ValueError(f"{path}: unsupported dtype {entry['dtype']} of tensor {key!r}")
-            dtype = np.dtype(ST_DTYPES[entry["dtype"]])
-            shape, offsets = entry["shape"], entry["data_offsets"]
-            if not all(type(x) is int and x >= 0 for x in [*shape, *offsets]) or len(offsets) != 2:
-                raise ValueError(f"{path}: corrupt safetensors header (tensor {key!r}: shape {shape}, "
-                                 f"data_offsets {offsets})")
-            begin, end = offsets
-            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-                raise ValueError(f"{path}: corrupt safetensors header (tensor {key!r} size does not match its shape)")
-            entries[key] = (dtype, list(shape), begin, end)
-    except (KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"{path}: corrupt safetensors header ({err!r})") from err
+    entries = {key: _safetensors_entry(path, key, entry) for key, entry in header.items()}
+    position = 0
+    for key, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if begin != position:
+            raise ValueError(f"{path}: corrupt safetensors header (tensor {key!r} starts at byte {begin} of the data, "
+                             f"expected {position}: tensors overlap or leave a gap)")
+        position = end
+    if embedding_key is None:
+        matrices = [k for k, (_, shape, _, _) in entries.items() if len(shape) == 2]
+        if len(matrices) != 1:
+            raise ValueError(f"{path}: cannot tell which tensor holds the embeddings ({sorted(header)}); "
+                             "name it with --embedding-key")
+        embedding_key = matrices[0]
+    id_key = id_key or "ids"
+    unknown = set(header) - {embedding_key, id_key}
+    if embedding_key not in header:
+        raise ValueError(f"{path}: no tensor {embedding_key!r} (tensors: {sorted(header)})")
+    if unknown:
+        raise ValueError(f"{path}: unsupported extra tensors {sorted(unknown)}; a gallery file holds the "
+                         f"embeddings and optionally ids ({id_key!r})")
     dtype, shape, begin, end = entries[embedding_key]
     if len(shape) != 2:
         raise ValueError(f"{path}: tensor {embedding_key!r} must be (N, D), got {shape}")
@@ -237,8 +260,7 @@ def open_safetensors(path: Path, embedding_key: str | None, id_key: str | None) 
         ids_offset = data_start + ids_begin
     _check_dtype(dtype, path)
     return RawGallery(path, "safetensors", shape[0], shape[1], dtype, data_start + begin, ids_offset, ids_dtype,
-                      end=data_start + max(e for *_, e in entries.values()), metadata=metadata,
-                      embedding_key=embedding_key, id_key=id_key)
+                      end=data_start + position, metadata=metadata, embedding_key=embedding_key, id_key=id_key)
 
 
 def open_faiss(path: Path) -> RawGallery:
@@ -332,7 +354,11 @@ class ParquetGallery(Gallery):
             return field_type.list_size
         if self.num_rows == 0:
             return 0
-        first = next(self._file.iter_batches(batch_size=1, columns=[self.embedding_key])).column(0)[0]
+        pa = _need("pyarrow", "gallery")
+        try:
+            first = next(self._file.iter_batches(batch_size=1, columns=[self.embedding_key])).column(0)[0]
+        except (pa.ArrowException, OSError, StopIteration) as err:
+            raise ValueError(f"{self.path}: corrupt Parquet data in row 0: {str(err) or 'no rows'}") from err
         if not first.is_valid:
             raise ValueError(f"{self.path}: row 0 has a null embedding")
         return len(first)
@@ -362,7 +388,15 @@ class ParquetGallery(Gallery):
         return table.slice(0, stop - start)
 
     def scan_ids(self, block: int = 1 << 20):
-        for batch in self._file.iter_batches(batch_size=block, columns=[self.id_key], use_threads=False):
+        pa = _need("pyarrow", "gallery")
+        batches = self._file.iter_batches(batch_size=block, columns=[self.id_key], use_threads=False)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as err:
+                raise ValueError(f"{self.path}: corrupt Parquet data in the id column: {err}") from err
+            if batch is None:
+                return
             yield _ids_array(batch.column(0))
 
     def read(self, start: int, stop: int, rows: bool = True) -> Chunk:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+import numbers
+
 from torch import nn
 
-from .decoders import DCGANDecoder, DenseBlock, NbNetDecoder, UpConvDecoder
-from .io import load_model, save_model
+from .decoders import ACTIVATIONS, HEADS, MODES, DCGANDecoder, DenseBlock, NbNetDecoder, UpConvDecoder
+from .io import NotACheckpoint, load_model, save_model
 from .iresnet import IResNet, iresnet
 from .mobilefacenet import MobileFaceNet
 
@@ -18,12 +21,38 @@ ENCODERS = {
     "mobilefacenet": MobileFaceNet,
 }
 ARCHITECTURES = {**DECODERS, **ENCODERS}
+# Inclusive bounds of the integer architecture arguments (README, Models and checkpoints): far above any
+# face model, and low enough that a checkpoint's header cannot ask for an absurd model.
+ARGUMENT_BOUNDS = {"feature_dim": (1, 8192), "num_features": (1, 8192), "size": (4, 1024), "input_size": (16, 1024),
+                   "width": (1, 512), "growth": (1, 256), "n_layers": (0, 32)}
+ARGUMENT_CHOICES = {"act": tuple(ACTIVATIONS), "head": tuple(HEADS), "mode": MODES}
+
+
+def check_arguments(arch: str, kwargs: dict) -> None:
+    """Refuse an unknown architecture, an argument it does not take, and values outside ``ARGUMENT_BOUNDS``
+    and ``ARGUMENT_CHOICES``: a checkpoint's header names them, and a model is built from them."""
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
+    factory = IResNet if arch.startswith("iresnet") else ARCHITECTURES[arch]
+    names = [n for n in inspect.signature(factory).parameters if n != "layers"]  # iresnetN fixes its layers
+    for name, value in kwargs.items():
+        if name not in names:
+            raise ValueError(f"{arch} takes no argument {name!r} (its arguments: {', '.join(names)})")
+        if name in ARGUMENT_BOUNDS:
+            low, high = ARGUMENT_BOUNDS[name]
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+                raise ValueError(f"{arch} argument {name}={value!r} is out of bounds: an integer from {low} to {high}")
+        elif name in ARGUMENT_CHOICES and (not isinstance(value, str) or value not in ARGUMENT_CHOICES[name]):
+            raise ValueError(f"{arch} argument {name}={value!r} must be one of {ARGUMENT_CHOICES[name]}")
+        elif name == "dropout" and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                    or not 0 <= value < 1):
+            raise ValueError(f"{arch} argument dropout={value!r} must be a number in [0, 1)")
 
 
 def build_model(arch: str, **kwargs) -> nn.Module:
-    """Build architecture ``arch``; the name and kwargs are kept so ``save_model`` can record them."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
+    """Build architecture ``arch`` (arguments checked by ``check_arguments``); the name and kwargs are kept so
+    ``save_model`` can record them."""
+    check_arguments(arch, kwargs)
     model = ARCHITECTURES[arch](**kwargs)
     model.arch, model.arch_kwargs = arch, dict(kwargs)
     return model
@@ -46,7 +75,7 @@ def load_encoder(path, arch: str | None = None, device="cpu", **kwargs) -> nn.Mo
     if arch is None:
         try:
             meta = read_metadata(path)
-        except ValueError as err:
+        except NotACheckpoint as err:  # a damaged advface header is reported as it is
             raise ValueError(f"{path} is not an advface checkpoint, so it has no architecture header: pass arch= "
                              f"(e.g. 'iresnet50') for a plain state dict ({err})") from err
         if meta["arch"] not in ENCODERS:
@@ -65,6 +94,7 @@ def load_encoder(path, arch: str | None = None, device="cpu", **kwargs) -> nn.Mo
 
 
 __all__ = [
-    "ARCHITECTURES", "DECODERS", "ENCODERS", "DCGANDecoder", "DenseBlock", "IResNet", "MobileFaceNet",
-    "NbNetDecoder", "UpConvDecoder", "build_model", "iresnet", "load_encoder", "load_model", "save_model",
+    "ARCHITECTURES", "ARGUMENT_BOUNDS", "ARGUMENT_CHOICES", "DECODERS", "ENCODERS", "DCGANDecoder", "DenseBlock",
+    "IResNet", "MobileFaceNet", "NbNetDecoder", "UpConvDecoder", "build_model", "check_arguments", "iresnet",
+    "load_encoder", "load_model", "save_model",
 ]

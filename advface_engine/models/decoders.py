@@ -15,6 +15,7 @@ ACTIVATIONS = {
     "prelu": lambda c: nn.PReLU(c),
 }
 HEADS = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "identity": nn.Identity}
+MODES = ("nearest", "bilinear")  # UpConvDecoder's upsampling
 
 
 def upsampling_plan(size: int, max_start: int = 8) -> tuple[int, int]:
@@ -97,8 +98,8 @@ class UpConvDecoder(nn.Sequential):
 
     def __init__(self, feature_dim: int = 512, size: int = 112, width: int = 32, mode: str = "nearest",
                  act: str = "leaky_relu", head: str = "tanh"):
-        if mode not in ("nearest", "bilinear"):
-            raise ValueError(f"mode must be 'nearest' or 'bilinear', got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         side, n_up = upsampling_plan(size)
         layers = _stem(feature_dim, _channels(width, n_up, 0), side, act)
         for i in range(n_up):

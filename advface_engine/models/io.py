@@ -33,59 +33,133 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = N
         tmp.unlink(missing_ok=True)  # nothing left behind when the write or the rename failed
 
 
+class NotACheckpoint(ValueError):
+    """The file is no advface-engine checkpoint at all (another safetensors file, a .pth, other bytes)."""
+
+
+def _check_readable(path: str | os.PathLike) -> None:
+    """Open ``path`` once: safetensors reports a file it may not read as missing, ``open`` says why."""
+    with open(path, "rb"):
+        pass
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The checkpoint's header: {"arch", "kwargs", "extra"}."""
+    """The checkpoint's header: {"arch", "kwargs", "extra"}, the architecture and its arguments checked
+    (``check_arguments``: known names, documented bounds) before anything is built from them."""
     from safetensors import safe_open
 
+    from . import check_arguments
+
+    _check_readable(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except OSError:
         raise
     except Exception as err:  # safetensors raises its own error type for a file that is not one
-        raise ValueError(f"{path}: not a readable safetensors checkpoint ({err})") from err
+        raise NotACheckpoint(f"{path}: not a readable safetensors checkpoint ({err})") from err
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an advface-engine checkpoint (no '{FORMAT}' header)")
+        raise NotACheckpoint(f"{path} is not an advface-engine checkpoint (no '{FORMAT}' header)")
     try:
-        return {"arch": meta["arch"], "kwargs": json.loads(meta["kwargs"]),
-                "extra": json.loads(meta.get("extra", "{}"))}
-    except (KeyError, ValueError) as err:
+        arch, kwargs, extra = meta["arch"], json.loads(meta["kwargs"]), json.loads(meta.get("extra", "{}"))
+    except (KeyError, ValueError, RecursionError) as err:
         raise ValueError(f"{path}: damaged advface-engine checkpoint header ({type(err).__name__}: {err})") from err
+    if not isinstance(kwargs, dict) or not isinstance(extra, dict):
+        raise ValueError(f"{path}: damaged advface-engine checkpoint header (kwargs and extra must be JSON objects)")
+    try:
+        check_arguments(arch, kwargs)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return {"arch": arch, "kwargs": kwargs, "extra": extra}
+
+
+ST_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+            torch.bool: "BOOL"}  # safetensors' dtype names
+FLOAT_NAMES = {"F16", "BF16", "F32", "F64"}  # the floating types load_state_dict copies into float32
+
+
+def check_checkpoint(path: str | os.PathLike) -> dict:
+    """``read_metadata``, then the names, shapes and dtypes of the file's tensors (from its header, nothing
+    read) compared with the architecture's, built on the meta device (nothing allocated): a header can then
+    never make the loader build more than the file holds. A floating tensor may have any floating dtype (a
+    model saved in half precision loads in float32). Returns the metadata."""
+    from safetensors import safe_open
+
+    from . import build_model
+
+    meta = read_metadata(path)
+    arch, kwargs = meta["arch"], meta["kwargs"]
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(arch, **kwargs)
+        expected = {k: (list(v.shape), ST_NAMES.get(v.dtype, str(v.dtype))) for k, v in skeleton.state_dict().items()}
+    except (TypeError, ValueError, RuntimeError) as err:  # arguments the architecture refuses (a bad size ...)
+        raise ValueError(f"{path}: its header's {arch} arguments {kwargs} are not valid: {err}") from err
+    with safe_open(str(path), framework="pt") as f:
+        found = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    problems = [f"missing {k}" for k in expected if k not in found]
+    problems += [f"unexpected {k}" for k in found if k not in expected]
+    for k, (shape, dtype) in found.items():
+        need = expected.get(k)
+        if need and (shape != need[0] or (dtype != need[1] and not {dtype, need[1]} <= FLOAT_NAMES)):
+            problems.append(f"{k} has shape {shape} {dtype}, the architecture needs {need[0]} {need[1]}")
+    if problems:
+        listed = "; ".join(problems[:3]) + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise ValueError(f"{path}: its tensors do not fit its header ({arch} {kwargs}): {listed}")
+    return meta
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the module recorded in ``path`` and load its weights, in eval mode."""
+    """Rebuild the module recorded in ``path`` and load its weights, in eval mode; the header and the
+    tensors' shapes are checked first (``check_checkpoint``)."""
     from . import build_model
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    meta = read_metadata(path)
+    meta = check_checkpoint(path)
+    model = build_model(meta["arch"], **meta["kwargs"])
     try:
-        model = build_model(meta["arch"], **meta["kwargs"])
         model.load_state_dict(load_file(str(path)))
-    except (TypeError, RuntimeError) as err:  # arguments the arch does not take, weights that do not fit
-        first = " ".join(str(err).strip().splitlines()[:3])[:500]
+    except (TypeError, RuntimeError) as err:  # weights that do not fit after all
+        first = " ".join(str(err).split())[:500]
         raise ValueError(f"{path}: its weights do not fit its header ({meta['arch']} {meta['kwargs']}): {first}") \
             from err
     model.checkpoint_extra = meta["extra"]
     return model.to(device).eval()
 
 
+def load_weights_only(path: str | os.PathLike, what: str = "weights file"):
+    """``torch.load(weights_only=True)`` of an untrusted file; anything it refuses is a one-line ValueError
+    naming the file and why, never torch's advice to load it unsafely."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # the weights-only unpickler's refusal, or not a checkpoint at all
+        boilerplate = ("weights only load failed", "weights_only", "check the documentation", "please file an issue")
+        reason = " ".join(line.strip() for line in str(err).splitlines()
+                          if line.strip() and not any(b in line.lower() for b in boilerplate))[:300]
+        if isinstance(err, pickle.UnpicklingError) and "global" in reason.lower():
+            raise ValueError(f"{path}: not a readable {what}: it holds objects other than tensors, refused because "
+                             f"loading them could run code ({reason})") from err
+        raise ValueError(f"{path}: not a readable {what} ({type(err).__name__}{': ' + reason if reason else ''})") \
+            from err
+
+
 def load_state_dict_file(path: str | os.PathLike) -> dict:
     """A user's state dict from .safetensors, or .pth/.pt through ``torch.load(weights_only=True)``."""
     path = str(path)
-    try:
-        if path.endswith(".safetensors"):
+    if path.endswith(".safetensors"):
+        _check_readable(path)
+        try:
             return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except pickle.UnpicklingError as err:  # torch's weights-only unpickler met something else
-        raise ValueError(f"{path}: not a readable weights file: it holds objects other than tensors, "
-                         "refused because loading them could run code") from err
-    except Exception as err:  # not a checkpoint at all
-        raise ValueError(f"{path}: not a readable weights file ({type(err).__name__}: {str(err)[:200]})") from err
+        except OSError:
+            raise
+        except Exception as err:
+            raise ValueError(f"{path}: not a readable weights file ({type(err).__name__}: {str(err)[:200]})") from err
+    state = load_weights_only(path)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict")
     return state.get("state_dict", state)
