@@ -12,6 +12,7 @@ NORMS = ("linf", "l2")
 CONSTRAINTS = ("ball", "per_step")
 ANCHORS = ("shadow", "original")
 MAX_BUDGET = 1e30  # eps and alpha beyond this overflow the float32 step arithmetic
+MAX_STEPS = 10_000  # far beyond any useful T (eps / alpha steps cross the ball): a typo, not a week's run
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,13 @@ class ProtectConfig:
     random_start: start from a uniform point in the ball, drawn from ``seed`` and
                   the row's content, so a row's result never depends on batching.
     seed:         seed of the random start (a non-negative integer).
+    min_cosine:   the utility guard: every output row has cos(z_adv, z) >= min_cosine, z the caller's
+                  feature. The anchor, the start and every step's iterate are rotated toward z onto
+                  that cap (ALGORITHM.md). None switches the guard off.
     """
 
-    eps: float = 0.05
-    alpha: float = 0.0125
+    eps: float = 0.2
+    alpha: float = 0.05
     steps: int = 10
     norm: str = "linf"
     constraint: str = "ball"
@@ -44,6 +48,7 @@ class ProtectConfig:
     normalize: bool = True
     random_start: bool = False
     seed: int = 0
+    min_cosine: float | None = 0.8
 
     def __post_init__(self) -> None:
         for name in ("eps", "alpha"):
@@ -58,6 +63,15 @@ class ProtectConfig:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
             object.__setattr__(self, name, int(value))
+        if self.steps > MAX_STEPS:
+            raise ValueError(f"steps must be at most {MAX_STEPS}, got {self.steps}")
+        if self.min_cosine is not None:
+            value = self.min_cosine
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"min_cosine must be a number in (-1, 1) or None, got {type(value).__name__}")
+            if not -1 < value < 1:  # NaN fails too
+                raise ValueError(f"min_cosine must be in (-1, 1) or None (no guard), got {value}")
+            object.__setattr__(self, "min_cosine", float(value))
         for name, allowed in (("norm", NORMS), ("constraint", CONSTRAINTS), ("anchor", ANCHORS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -8,8 +8,21 @@ import dataclasses
 from .config import ANCHORS, CONSTRAINTS, NORMS, ProtectConfig
 
 
+def min_cosine_arg(text: str) -> float | None:
+    """--min-cosine's value: a number in (-1, 1), or "none" (no guard)."""
+    if text.strip().lower() in ("none", "off"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (-1, 1) or 'none', got {text!r}") from None
+    if not -1 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (-1, 1) or 'none', got {text!r}")
+    return value
+
+
 def add_protect_args(parser: argparse.ArgumentParser) -> None:
-    """--eps --alpha --steps --norm --constraint --anchor --no-normalize --random-start --seed."""
+    """--eps --alpha --steps --norm --constraint --anchor --no-normalize --random-start --seed --min-cosine."""
     d = ProtectConfig()
     g = parser.add_argument_group("protection")
     g.add_argument("--eps", type=float, default=d.eps, help=f"perturbation budget (default {d.eps})")
@@ -21,6 +34,9 @@ def add_protect_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-normalize", dest="normalize", action="store_false", help="features are not unit-norm")
     g.add_argument("--random-start", action="store_true")
     g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--min-cosine", type=min_cosine_arg, default=d.min_cosine, metavar="C",
+                   help=f"utility guard: every protected row keeps cos(protected, original) >= C; 'none' turns it "
+                        f"off (default {d.min_cosine})")
 
 
 def config_from_args(args: argparse.Namespace) -> ProtectConfig:

@@ -107,6 +107,7 @@ def demo(s: DemoSettings, out: Path, progress: bool = True) -> dict:
     start = time.perf_counter()
     z_adv = protector(z)
     protect_seconds = time.perf_counter() - start
+    stats = protector.stats(z, z_adv).summary()
     done("protect gallery")
 
     stage("evaluate")
@@ -129,6 +130,7 @@ def demo(s: DemoSettings, out: Path, progress: bool = True) -> dict:
         "attack": {"clean": attack_clean, "protected": attack_prot},
         "reconstruction": {"clean": reconstruction_quality(recon_clean, gallery_x),
                            "protected": reconstruction_quality(recon_prot, gallery_x)},
+        "stats": stats,
         "embeddings_per_second": len(z) / protect_seconds,
         "seconds": timings,
     }
@@ -149,11 +151,11 @@ def save_grid(original: torch.Tensor, clean: torch.Tensor, protected: torch.Tens
 
 def format_table(r: dict) -> str:
     """The demo's clean vs protected table (Markdown)."""
-    v, a, q = r["verification"], r["attack"], r["reconstruction"]
+    v, a, q, s = r["verification"], r["attack"], r["reconstruction"], r["stats"]
     c = r["config"]
     lines = [
         f"AdvFace demo on synthetic faces (eps={c['eps']}, alpha={c['alpha']}, steps={c['steps']}, "
-        f"backend {r['backend']})",
+        f"min_cosine={c['min_cosine']}, backend {r['backend']})",
         "",
         "| figure | clean | protected |",
         "| --- | --- | --- |",
@@ -164,6 +166,9 @@ def format_table(r: dict) -> str:
         f"| attacker reconstruction L1 (lower = better attack) | {q['clean']['l1']:.3f} | {q['protected']['l1']:.3f} |",
         f"| attacker reconstruction PSNR (dB) | {q['clean']['psnr']:.2f} | {q['protected']['psnr']:.2f} |",
         "",
+        f"cos(feature, protected feature): min {s['cosine']['min']:.3f}, median {s['cosine']['median']:.3f}; "
+        f"shadow anchor cos(E(S(z)), z): median {s['anchor_cosine']['median']:.3f}; guard held "
+        f"{100 * s['guard_active']:.0f}% of rows",
         f"protection speed: {r['embeddings_per_second']:.0f} embeddings/s; stage seconds: "
         + ", ".join(f"{k} {t:.1f}" for k, t in r["seconds"].items()),
     ]

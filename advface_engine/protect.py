@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .backends import make_backend
 from .backends.decoder import as_input_of, first_float, own_parameters, submodules
 from .config import ProtectConfig
+from .stats import FIT_ROWS, FitReport, ProtectionStats, fit_report, protection_stats, sample_rows
 
 _FROZEN_LOCK = threading.Lock()
 _FROZEN: dict[int, list] = {}  # id(module) -> [entries, [(submodule, training)] if any trained, [grad params]]
@@ -76,18 +77,23 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
 
 
 def check_features(z: Tensor) -> None:
-    """A (B, D) floating tensor with only finite values, else a ValueError naming bad rows."""
+    """A (B, D) floating tensor whose rows are finite and not all zero, else a ValueError naming the bad
+    rows. A zero row has no direction (a placeholder such as a failed enrolment): protected, every such
+    row would become the same vector and match the others; the gallery job refuses them alike."""
     if not isinstance(z, Tensor):
         raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
     if z.dim() != 2:
         raise ValueError(f"z must have shape (B, D), got {tuple(z.shape)}")
     if not z.is_floating_point():
         raise ValueError(f"z must be a floating tensor, got {z.dtype}")
-    bad = (~torch.isfinite(z)).any(dim=1).nonzero().flatten()
-    if bad.numel():
-        shown = bad[:10].tolist()
-        more = f" and {bad.numel() - 10} more" if bad.numel() > 10 else ""
-        raise ValueError(f"z has NaN or Inf in rows {shown}{more}")
+    nonfinite = (~torch.isfinite(z)).any(dim=1)
+    if not (nonfinite | ~z.any(dim=1)).any():  # one host sync when all is well
+        return
+    for name, bad in (("NaN or Inf in", nonfinite), ("all-zero", ~z.any(dim=1))):
+        rows = bad.nonzero().flatten()
+        if rows.numel():
+            more = f" and {rows.numel() - 10} more" if rows.numel() > 10 else ""
+            raise ValueError(f"z has {name} rows {rows[:10].tolist()}{more}")
 
 
 def check_models(dim: int, shadow: nn.Module, encoder: nn.Module, like: Tensor) -> None:
@@ -125,6 +131,9 @@ class Protector:
     ``backend_options`` go to the fused backend, e.g. ``{"dtype": "bf16"}``. Calls from several
     threads are safe and run one at a time (a backend holds per-batch buffers and CUDA graphs).
     The config is fixed for a Protector's life: build another for other settings.
+
+    ``return_stats``: a call returns ``(z_adv, ProtectionStats)``, per-row figures computed after the
+    protection (four forward passes more); ``check_fit(z)`` tells whether the shadow fits before any.
     """
 
     def __init__(
@@ -134,9 +143,13 @@ class Protector:
         config: ProtectConfig | None = None,
         backend: str = "auto",
         backend_options: dict | None = None,
+        return_stats: bool = False,
     ):
         if not isinstance(shadow, nn.Module) or not isinstance(encoder, nn.Module):
             raise TypeError("shadow and encoder must be torch.nn.Module instances")
+        if not isinstance(return_stats, bool):
+            raise ValueError(f"return_stats must be True or False, got {return_stats!r}")
+        self.return_stats = return_stats
         config = config if config is not None else ProtectConfig()
         if not isinstance(config, ProtectConfig):
             raise TypeError(f"config must be a ProtectConfig, got {type(config).__name__}")
@@ -153,11 +166,40 @@ class Protector:
     def backend_name(self) -> str:
         return self.backend.name
 
-    def __call__(self, z: Tensor) -> Tensor:
+    def __call__(self, z: Tensor) -> Tensor | tuple[Tensor, ProtectionStats]:
+        z_adv = self._protect(z)
+        return (z_adv, self.stats(z, z_adv)) if self.return_stats else z_adv
+
+    def stats(self, z: Tensor, z_adv: Tensor) -> ProtectionStats:
+        """ProtectionStats of this Protector's config for features z and their protected z_adv."""
+        device, dtype = self._place(z)
+        with self._lock, frozen(self.shadow, self.encoder), torch.inference_mode(False), \
+                torch.autocast(device.type, enabled=False):
+            return protection_stats(self._work(z, device, dtype), z_adv, self.shadow, self.encoder, self._config)
+
+    def check_fit(self, z: Tensor, rows: int = FIT_ROWS, seed: int = 0) -> FitReport:
+        """How near the shadow's anchor E(S(z)) is to z, on a seeded sample of ``rows`` rows of z (all of
+        them when fewer): ``.fits()`` is False when the shadow does not fit this encoder and these
+        features, and ``.message()`` says so with the figure and the remedies."""
         check_features(z)
+        if z.shape[0] == 0:
+            raise ValueError("check_fit needs at least one feature row")
+        picked = torch.as_tensor(sample_rows(z.shape[0], rows, seed), device=z.device)
+        device, dtype = self._place(z)
+        with self._lock, frozen(self.shadow, self.encoder), torch.inference_mode(False), \
+                torch.autocast(device.type, enabled=False):
+            work = self._work(z[picked], device, dtype)
+            check_models(z.shape[1], self.shadow, self.encoder, work)
+            return fit_report(work, self.shadow, self.encoder, self._config)
+
+    def _place(self, z: Tensor) -> tuple[torch.device, torch.dtype]:
+        """Where and in what precision the work runs: the shadow's device and dtype."""
         like = first_float(self.shadow)
-        device = like.device if like is not None else z.device
-        dtype = like.dtype if like is not None else torch.float32
+        return (like.device, like.dtype) if like is not None else (z.device, torch.float32)
+
+    def _protect(self, z: Tensor) -> Tensor:
+        check_features(z)
+        device, dtype = self._place(z)
         key = (z.shape[1], dtype, device)
         with self._lock:
             # a captured graph that touches no tensor of the models replays without freezing them
@@ -193,6 +235,8 @@ def protect(
     encoder: nn.Module,
     config: ProtectConfig | None = None,
     backend: str = "reference",
-) -> Tensor:
-    """Replace features z (B, D) by adversarial features (ALGORITHM.md, Eq. 2-5)."""
-    return Protector(shadow=shadow, encoder=encoder, config=config, backend=backend)(z)
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, ProtectionStats]:
+    """Replace features z (B, D) by adversarial features (ALGORITHM.md, Eq. 2-5); with ``return_stats``,
+    ``(z_adv, ProtectionStats)``."""
+    return Protector(shadow=shadow, encoder=encoder, config=config, backend=backend, return_stats=return_stats)(z)

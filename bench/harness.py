@@ -59,7 +59,7 @@ def make_protector(name: str, shadow: nn.Module, encoder: nn.Module, config: Pro
     return protector
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -70,7 +70,7 @@ def warm_up(protect: Callable, z: Tensor, calls: int) -> float:
     for _ in range(calls):
         start = time.perf_counter()
         protect(z)
-        _synchronize(z.device)
+        synchronize(z.device)
         took = time.perf_counter() - start
     return took
 
@@ -128,7 +128,8 @@ def measure(benchmark, name: str, models: tuple, batch: int, steps: int, mode: s
     flops = targets + steps * one_step
     tflops = flops / (ms * 1e-3) / 1e12
     info = {
-        "backend": name, "mode": mode, "batch": batch, "steps": steps, "device": tm.device_name(device),
+        "backend": name, "mode": mode, "batch": batch, "steps": steps, "min_cosine": config.min_cosine,
+        "device": tm.device_name(device),
         "embeddings_per_s": batch / (ms * 1e-3), "ms_per_batch": ms,
         "ms_source": "cuda events (median)" if event_ms else "benchmark timer (median)",
         "step_flops": one_step, "protect_flops": flops, "tflops": tflops, "threads": torch.get_num_threads(),

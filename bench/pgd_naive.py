@@ -4,8 +4,8 @@ Eager autograd every step, the models' weight gradients left on (``requires_grad
 so every forward records what a weight gradient would need), fresh tensors every step and two
 clamps (the ball, then the value range: torchattacks clamps images to [0, 1]; unit-norm features
 lie in [-1, 1], so this clamp never binds). It computes the reference backend's default
-protection (L-inf ball around the shadow anchor, normalised features): a benchmark baseline,
-not part of the engine.
+protection (L-inf ball around the shadow anchor, the utility guard, normalised features): a
+benchmark baseline, not part of the engine.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advface_engine import ProtectConfig
+from advface_engine.backends.reference import guard, guard_frame
 
 
 class NaivePGD:
@@ -42,10 +43,10 @@ class NaivePGD:
     def attack(self, z: Tensor) -> Tensor:
         self.shadow.eval()
         self.encoder.eval()
-        eps, alpha = self.config.eps, self.config.alpha
+        eps, alpha, min_cosine = self.config.eps, self.config.alpha, self.config.min_cosine
         with torch.no_grad():
             x_shadow = self.shadow(z)
-            anchor = F.normalize(self.encoder(x_shadow), dim=1)
+            anchor = guard(F.normalize(self.encoder(x_shadow), dim=1), guard_frame(z), min_cosine)
         adv = anchor.clone().detach()
         for _ in range(self.config.steps):
             adv.requires_grad = True
@@ -53,5 +54,5 @@ class NaivePGD:
             grad = torch.autograd.grad(cost, adv, retain_graph=False, create_graph=False)[0]
             adv = adv.detach() + alpha * grad.sign()
             delta = torch.clamp(adv - anchor, min=-eps, max=eps)
-            adv = torch.clamp(anchor + delta, min=-1, max=1).detach()
+            adv = torch.clamp(guard(anchor + delta, guard_frame(z), min_cosine), min=-1, max=1).detach()
         return F.normalize(adv, dim=1)

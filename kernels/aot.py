@@ -92,7 +92,7 @@ def variants(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3
     (and every output head: tanh is the families' default, sigmoid and identity are options)."""
     from ..backends import FUSED_DTYPES as DTYPES  # the fused backend's dtype options, each compiled
     from .l1_sign import HEADS
-    from .linear_step import MAX_FUSED_DIM
+    from .linear_step import MAX_FUSED_DIM, MAX_GUARDED_DIM
     from .linear_step import blocks as linear_blocks
     from .sign_step import blocks as step_blocks
 
@@ -127,19 +127,23 @@ def variants(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3
                 block_m, block_k, block_d, warps = linear_blocks(batch, dim)
                 # the stem activation's backward in the A-tile loads (relu; a slope per channel) at D=512
                 stems = [None, "relu", "leaky_relu"] if dim == 512 else [None]
-                for (norm, constraint, normalize, split), stem in itertools.product(
-                        epilogues if dim == 512 else epilogues[:1], stems):
-                    if stem and (norm, constraint) != ("linf", "ball"):
+                # the guard (the default config's) on every variant it runs in, one without it at D=512; wider
+                # guarded rows take the standalone step kernel
+                guards = [g for g in ((True, False) if dim >= 512 else (True,)) if dim <= MAX_GUARDED_DIM or not g]
+                for (norm, constraint, normalize, split), stem, guard in itertools.product(
+                        epilogues if dim == 512 else epilogues[:1], stems, guards):
+                    if (stem and (norm, constraint) != ("linf", "ball")) or (not guard and (stem or split)):
                         continue
                     out.append(_variant(
                         f"linear_step {dname} D={dim} B={batch} {norm} {constraint}"
                         f"{' normalize' if normalize else ''}{' split-K' if split else ''}"
-                        f"{f' {stem} in' if stem else ''}",
+                        f"{f' {stem} in' if stem else ''}{'' if guard else ' unguarded'}",
                         "linear_step", "_linear_step_kernel",
                         [_t(dtype), _t(dtype), _t(f32), _t(f32), _t(f32), _t(dtype), _t(dtype), _t(dtype), _t(dtype),
-                         batch, 8 * dim, dim, 8 * dim, 64, 1, 0.01, 0.03],  # z_low in the decoder's dtype: written
-                        L2=norm == "l2", BALL=constraint == "ball", NORMALIZE=normalize, SPLIT=split,  # by unsplit
-                        HAS_LOW=dtype != f32 and not split and not normalize,  # steps but the last (it normalises)
+                         _t(f32), _t(f32), batch, 8 * dim, dim, 8 * dim, 64, 1, 0.01, 0.03, 0.8],  # z_low in the
+                        L2=norm == "l2", BALL=constraint == "ball", NORMALIZE=normalize, SPLIT=split,  # decoder's
+                        HAS_LOW=dtype != f32 and not split and not normalize,  # dtype: written by unsplit steps but
+                        GUARD=guard,  # the last (it normalises)
                         ACT={None: 0, "relu": 1}.get(stem, 2), HAS_SCALE=False,
                         PRECISION="tf32" if dname == "tf32" else "ieee", BLOCK_M=block_m, BLOCK_K=block_k,
                         BLOCK_D=block_d, num_warps=warps))
@@ -150,15 +154,16 @@ def variants(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3
             block_m, block_p, block_d, warps = step_blocks(dim, GPU, batch, parts)
             sizes = dict(BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=warps)
             split = f"{' split-K sum' if parts > 1 else ''}{' B=1' if batch == 1 else ''}"
-            for norm in ("linf", "l2") if parts == 1 else ("linf",):
-                out.append(_variant(f"sign_step fp32 D={dim} {norm}{split}", "sign_step", "_sign_step_kernel",
-                                    [_t(f32)] * 4 + [batch, dim, parts, 0.01, 0.03], L2=norm == "l2", BALL=True,
-                                    NORMALIZE=True, HAS_LOW=False, **sizes))
+            for norm, guard in itertools.product(("linf", "l2") if parts == 1 else ("linf",), (True, False)):
+                out.append(_variant(f"sign_step fp32 D={dim} {norm}{split}{'' if guard else ' unguarded'}",
+                                    "sign_step", "_sign_step_kernel",
+                                    [_t(f32)] * 6 + [batch, dim, parts, 0.01, 0.03, 0.8], L2=norm == "l2", BALL=True,
+                                    NORMALIZE=True, HAS_LOW=False, GUARD=guard, **sizes))
             for dname in ("bf16", "fp16"):  # the steps before the last also write z in the decoder's dtype
                 out.append(_variant(f"sign_step fp32 D={dim} linf -> {dname}{split}", "sign_step",
-                                    "_sign_step_kernel", [_t(f32)] * 3 + [_t(DTYPES[dname]), batch, dim, parts, 0.01,
-                                                                         0.03],
-                                    L2=False, BALL=True, NORMALIZE=False, HAS_LOW=True, **sizes))
+                                    "_sign_step_kernel", [_t(f32)] * 3 + [_t(DTYPES[dname])] + [_t(f32)] * 2
+                                    + [batch, dim, parts, 0.01, 0.03, 0.8],
+                                    L2=False, BALL=True, NORMALIZE=False, HAS_LOW=True, GUARD=True, **sizes))
     return out
 
 

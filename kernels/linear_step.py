@@ -6,7 +6,8 @@ last-step L2 normalisation) and writes only z (and, optionally, z in the decoder
 next step): the gradient never goes to memory.
 
 Rows wider than MAX_FUSED_DIM would not fit the accumulator in registers (it spills: see
-aot.py), so those take a cuBLAS matmul and the standalone step kernel instead.
+aot.py), so those take a cuBLAS matmul and the standalone step kernel instead; with the utility
+guard, whose epilogue holds two more row tiles, rows wider than MAX_GUARDED_DIM do.
 
 Small batches leave most of the GPU idle, so the reduction over N is then split over
 ``split_k`` programs that write their partial sums to a float32 (split_k, B, D) buffer, and the
@@ -27,17 +28,19 @@ import triton.language as tl
 
 from . import COMPILE_OPTIONS, check_device
 from .act_backward import ACTS, act_backward
-from .sign_step import check_step_args, sign_step_project, step_project, store_z
+from .sign_step import check_step_args, guard_args, load_guard, sign_step_project, step_project, store_z
 
 MAX_FUSED_DIM = 1024
+MAX_GUARDED_DIM = 512
 
 
 @triton.jit
 def _linear_step_kernel(gh_ptr, w_ptr, z_ptr, anchor_ptr, partial_ptr, low_ptr, pre_ptr, slope_ptr, scale_ptr,
-                        n_rows, k_dim, dim, k_chunk, channels, inner, alpha, eps, L2: tl.constexpr,
-                        BALL: tl.constexpr, NORMALIZE: tl.constexpr, SPLIT: tl.constexpr, HAS_LOW: tl.constexpr,
-                        ACT: tl.constexpr, HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                        hat_ptr, fallback_ptr, n_rows, k_dim, dim, k_chunk, channels, inner, alpha, eps, min_cos,
+                        L2: tl.constexpr, BALL: tl.constexpr, NORMALIZE: tl.constexpr, SPLIT: tl.constexpr,
+                        HAS_LOW: tl.constexpr, GUARD: tl.constexpr, ACT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     row_ok, col_ok = rows < n_rows, cols < dim
@@ -71,7 +74,8 @@ def _linear_step_kernel(gh_ptr, w_ptr, z_ptr, anchor_ptr, partial_ptr, low_ptr, 
     else:
         z = tl.load(z_ptr + offs, mask=mask, other=0.0)
         anchor = tl.load(anchor_ptr + offs, mask=mask, other=0.0)
-        z = step_project(z, acc, anchor, alpha, eps, L2, BALL, NORMALIZE)
+        z_hat, fallback = load_guard(hat_ptr, fallback_ptr, offs, mask, GUARD)
+        z = step_project(z, acc, anchor, alpha, eps, L2, BALL, NORMALIZE, z_hat, fallback, min_cos, GUARD)
         store_z(z_ptr, low_ptr, offs, z, mask, HAS_LOW)
 
 
@@ -130,16 +134,18 @@ def linear_sign_step(grad_h: torch.Tensor, weight: torch.Tensor, z: torch.Tensor
                      alpha: float, eps: float, norm: str = "linf", constraint: str = "ball", normalize: bool = False,
                      split_k: int | None = None, tf32: bool = False, z_low: torch.Tensor | None = None,
                      act: str | None = None, pre: torch.Tensor | None = None, slope: torch.Tensor | None = None,
-                     scale: torch.Tensor | None = None, channels: int | None = None, inner: int = 1) -> torch.Tensor:
+                     scale: torch.Tensor | None = None, channels: int | None = None, inner: int = 1,
+                     guard: tuple | None = None) -> torch.Tensor:
     """z (B, D) fp32 <- Proj(z + alpha * dir(grad_h @ weight)) in place; ``weight`` is the Linear's (N, D).
-    ``z_low``: also gets the new z in its dtype (see sign_step_project).
+    ``z_low``: also gets the new z in its dtype; ``guard``: the utility guard after the projection (see
+    sign_step_project).
 
     ``act`` (with ``pre`` (B, N), ``slope`` and ``scale`` per channel, as act_backward takes them):
     ``grad_h`` is the gradient at the output of the activation after the Linear, whose backward
     the kernel runs on each tile it loads (the same bits as act_backward, without its pass). Value k
     of a row belongs to channel (k // inner) % channels: inner 1 for an NHWC image (k % C) or a flat
     feature, H * W for an NCHW one (channels * inner is then the width)."""
-    check_step_args(z, anchor, norm, constraint, z_low)
+    check_step_args(z, anchor, norm, constraint, z_low, guard)
     batch, dim = z.shape
     if grad_h.dim() != 2 or grad_h.shape[0] != batch or weight.shape != (grad_h.shape[1], dim):
         raise ValueError(f"need grad_h (B, N) and weight (N, D) for z {tuple(z.shape)}, "
@@ -148,15 +154,15 @@ def linear_sign_step(grad_h: torch.Tensor, weight: torch.Tensor, z: torch.Tensor
         raise ValueError(f"grad_h and weight must share a dtype, got {grad_h.dtype} and {weight.dtype}")
     channels = grad_h.shape[1] if channels is None else channels
     _check_act(act, pre, slope, scale, grad_h, channels, inner)
-    check_device(grad_h, weight, z, anchor, z_low, pre, slope, scale)
+    check_device(grad_h, weight, z, anchor, z_low, pre, slope, scale, *(guard or (None, None))[:2])
     if z.numel() == 0:
         return z
-    if dim > MAX_FUSED_DIM:  # the gradient through cuBLAS (and act_backward first)
+    if dim > (MAX_FUSED_DIM if guard is None else MAX_GUARDED_DIM):  # the gradient through cuBLAS (act_backward first)
         if act is not None:
             image = _as_image(grad_h, channels, inner), _as_image(pre, channels, inner)
             grad_h = _flat(act_backward(*image, act, slope, scale), inner)
         return sign_step_project(z, grad_h.float() @ weight.float(), anchor, alpha, eps, norm, constraint, normalize,
-                                 z_low)
+                                 z_low, guard)
     grad_h, weight = grad_h.contiguous(), weight.contiguous()
     k_dim = grad_h.shape[1]
     block_m, block_k, block_d, num_warps = blocks(batch, dim)
@@ -167,15 +173,17 @@ def linear_sign_step(grad_h: torch.Tensor, weight: torch.Tensor, z: torch.Tensor
     precision = "tf32" if (tf32 and weight.dtype == torch.float32) else "ieee"
     fused_low = z_low if split == 1 else None  # split: the finisher writes it
     has_slope = act in ("leaky_relu", "prelu")
+    hat, fallback, min_cos = guard_args(guard, z)
     _linear_step_kernel[(triton.cdiv(batch, block_m), split)](
         grad_h, weight, z, anchor, partial, z if fused_low is None else fused_low,
         grad_h if act is None else pre.contiguous(), slope.contiguous() if has_slope else grad_h,
-        scale.contiguous() if scale is not None else grad_h, batch, k_dim, dim, k_chunk, channels, inner,
-        float(alpha), float(eps), L2=norm == "l2", BALL=constraint == "ball", NORMALIZE=bool(normalize),
-        SPLIT=split > 1, HAS_LOW=fused_low is not None, ACT=0 if act is None else 2 if has_slope else 1,
+        scale.contiguous() if scale is not None else grad_h, hat, fallback, batch, k_dim, dim, k_chunk, channels,
+        inner, float(alpha), float(eps), min_cos, L2=norm == "l2", BALL=constraint == "ball",
+        NORMALIZE=bool(normalize), SPLIT=split > 1, HAS_LOW=fused_low is not None, GUARD=guard is not None,
+        ACT=0 if act is None else 2 if has_slope else 1,
         HAS_SCALE=scale is not None and act is not None, PRECISION=precision, BLOCK_M=block_m, BLOCK_K=block_k,
         BLOCK_D=block_d, num_warps=num_warps, **COMPILE_OPTIONS,
     )
     if split > 1:
-        sign_step_project(z, partial, anchor, alpha, eps, norm, constraint, normalize, z_low)
+        sign_step_project(z, partial, anchor, alpha, eps, norm, constraint, normalize, z_low, guard)
     return z

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from advface_engine.backends.reference import guard as cap
 from advface_engine.backends.reference import project, step_direction
 from advface_engine.config import ProtectConfig
 
@@ -33,10 +34,13 @@ def act_backward(grad: Tensor, pre: Tensor, act: str = "relu", slope: Tensor | N
 
 
 def sign_step_project(z: Tensor, grad: Tensor, anchor: Tensor, alpha: float, eps: float, norm: str = "linf",
-                      constraint: str = "ball", normalize: bool = False, z_low: Tensor | None = None) -> Tensor:
+                      constraint: str = "ball", normalize: bool = False, z_low: Tensor | None = None,
+                      guard: tuple | None = None) -> Tensor:
     cfg = ProtectConfig(eps=eps, alpha=alpha, norm=norm, constraint=constraint)
     grad = grad.float() if grad.dim() == 2 else grad.float().sum(0)
     z_next = project(z + alpha * step_direction(grad, norm), z, anchor, cfg)
+    if guard is not None:
+        z_next = cap(z_next, guard[:2], guard[2])
     z.copy_(F.normalize(z_next, dim=1) if normalize else z_next)
     if z_low is not None:
         z_low.copy_(z)
@@ -47,14 +51,14 @@ def linear_sign_step(grad_h: Tensor, weight: Tensor, z: Tensor, anchor: Tensor, 
                      norm: str = "linf", constraint: str = "ball", normalize: bool = False, split_k=None,
                      tf32: bool = False, z_low: Tensor | None = None, act: str | None = None, pre: Tensor | None = None,
                      slope: Tensor | None = None, scale: Tensor | None = None, channels: int | None = None,
-                     inner: int = 1) -> Tensor:
+                     inner: int = 1, guard: tuple | None = None) -> Tensor:
     if act is not None:  # grad_h is at the stem activation's output: its backward first
         channel = (torch.arange(grad_h.shape[1], device=grad_h.device) // inner) % channels
         g = grad_h.float()
         g = torch.where(pre.float() > 0, g, g * slope.float()[channel] if slope is not None else torch.zeros_like(g))
         grad_h = (g * scale.float()[channel] if scale is not None else g).to(grad_h.dtype)
     return sign_step_project(z, grad_h.float() @ weight.float(), anchor, alpha, eps, norm, constraint, normalize,
-                             z_low)
+                             z_low, guard)
 
 
 def _per_channel(t: Tensor | None, like: Tensor) -> Tensor | None:

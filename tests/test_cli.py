@@ -75,7 +75,7 @@ def test_protect_command_matches_api(trained, capsys):
     out = trained / "protected.npy"
     rc = main(["protect", "--input", str(trained / "gallery.npy"), "--output", str(out),
                "--shadow", str(trained / "shadow.safetensors"), "--encoder", str(trained / "enc.safetensors"),
-               "--batch-size", "4", "--steps", "3", "--eps", "0.02", "--alpha", "0.01", "--device", "cpu"])
+               "--batch-size", "4", "--steps", "3", "--eps", "0.02", "--alpha", "0.01", "--device", "cpu", "--force"])
     assert rc == 0 and "10 of 10 rows" in capsys.readouterr().out  # protect is protect-gallery
     want = afe.protect(torch.from_numpy(z), afe.load_model(trained / "shadow.safetensors"),
                        afe.load_model(trained / "enc.safetensors"), afe.ProtectConfig(eps=0.02, alpha=0.01, steps=3))
@@ -108,6 +108,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["data"] == "synthetic"
     assert 0 <= results["verification"]["protected_offline"]["accuracy"] <= 1
+    assert results["stats"]["cosine"]["min"] >= results["config"]["min_cosine"] - 1e-6 and "guard held" in out
     from PIL import Image
 
     with Image.open(tmp_path / "grid.png") as im:

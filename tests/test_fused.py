@@ -26,7 +26,13 @@ import advface_engine.backends.plan as plan_module
 from advface_engine.backends import UnsupportedModelError
 from advface_engine.backends.decoder import autocast_copy, fold_encoder_batchnorm, weights_key
 from advface_engine.backends.fused import CompiledEncoder, EagerGraph, FusedBackend
-from advface_engine.backends.reference import ReferenceBackend, project, shadow_targets, step_direction
+from advface_engine.backends.reference import (
+    ReferenceBackend,
+    guard_frame,
+    project,
+    shadow_targets,
+    step_direction,
+)
 from advface_engine.kernels import is_nhwc
 from advface_engine.models import build_model
 from advface_engine.protect import frozen
@@ -42,7 +48,9 @@ VARIANTS = [
     ("upconv", {"mode": "nearest"}),
     ("upconv", {"mode": "bilinear", "act": "relu"}),
 ]
-CFG = afe.ProtectConfig(eps=0.05, alpha=0.01, steps=5)
+CFG = afe.ProtectConfig(eps=0.05, alpha=0.01, steps=5)  # the default guard on: with these random models it
+# holds nearly every row on its cap, where a rotation spreads one flipped sign over the whole row
+UNGUARDED = CFG.replace(min_cosine=None)  # for entry-by-entry precision checks of the steps themselves
 
 
 def _ids(variant):
@@ -537,12 +545,13 @@ def test_half_precision_steps_read_z_without_a_cast(variant):
     with frozen(shadow, encoder), torch.no_grad():
         backend = FusedBackend(shadow, encoder, CFG, dtype="fp16", graphs=False)
         got, _ = backend.protect(z, None)
-        x_shadow, anchor = backend.targets(z)
+        frame = guard_frame(z)
+        x_shadow, anchor = backend.targets(z, frame)
         want, z_low = anchor.clone(), anchor.half()
         for t in range(CFG.steps):
-            backend.step(want, anchor, x_shadow, last=t == CFG.steps - 1)  # casts z at every step
+            backend.step(want, anchor, x_shadow, last=t == CFG.steps - 1, frame=frame)  # casts z at every step
         with OpNames() as ops:
-            backend.step(anchor.clone(), anchor, x_shadow, last=False, z_low=z_low)
+            backend.step(anchor.clone(), anchor, x_shadow, last=False, z_low=z_low, frame=frame)
     assert torch.equal(got, want)
     assert "_to_copy" not in ops.names, ops.names
 
@@ -578,11 +587,11 @@ def test_fp16_decoder_stays_close_to_the_fp32_reference(variant):
     """
     shadow, encoder = shadow_variant(variant[0], **variant[1]), tiny_models()[1]
     z = features(32)
-    got = _run(FusedBackend(shadow, encoder, CFG, dtype="fp16", graphs=False), z)
-    want = afe.protect(z, shadow, encoder, CFG, backend="reference")
+    got = _run(FusedBackend(shadow, encoder, UNGUARDED, dtype="fp16", graphs=False), z)
+    want = afe.protect(z, shadow, encoder, UNGUARDED, backend="reference")
     assert got.dtype == torch.float32
     assert agreement(got, want, CFG.alpha) >= 0.98, agreement(got, want, CFG.alpha)
-    assert (want - afe.protect(z, shadow, encoder, CFG.replace(steps=0))).abs().max() > CFG.alpha
+    assert (want - afe.protect(z, shadow, encoder, UNGUARDED.replace(steps=0))).abs().max() > CFG.alpha
 
 
 def _formula_kernels(monkeypatch, dtypes=("fp32", "fp16", "bf16")) -> None:
@@ -617,10 +626,10 @@ def test_bf16_decoder_stays_close_to_the_fp32_reference(variant, monkeypatch):
     _formula_kernels(monkeypatch)
     shadow, encoder = shadow_variant(variant[0], **variant[1]), tiny_models()[1]
     z = features(32)
-    backend = FusedBackend(shadow, encoder, CFG, dtype="bf16")
+    backend = FusedBackend(shadow, encoder, UNGUARDED, dtype="bf16")
     assert backend.plan.dtype == torch.bfloat16
     got = _run(backend, z)
-    want = afe.protect(z, shadow, encoder, CFG, backend="reference")
+    want = afe.protect(z, shadow, encoder, UNGUARDED, backend="reference")
     assert got.dtype == torch.float32
     assert agreement(got, want, CFG.alpha) >= 0.95, agreement(got, want, CFG.alpha)
 
@@ -633,6 +642,9 @@ CONFIGS = [
     dict(norm="l2", random_start=True, eps=0.2, alpha=0.08, normalize=False),
     dict(steps=0),
     dict(steps=1),
+    dict(min_cosine=None),
+    dict(min_cosine=0.3, norm="l2", eps=0.2, alpha=0.08),
+    dict(min_cosine=0.95, anchor="original", random_start=True, seed=3),
 ]
 
 
@@ -762,10 +774,10 @@ def test_protector_fused_defaults_and_loss_record(models):
     protector = afe.Protector(shadow, encoder, CFG, backend="fused")
     assert protector.backend_name == "fused"
     assert protector(z).shape == z.shape
-    backend = FusedBackend(shadow, encoder, CFG, record_loss=True)
+    backend = FusedBackend(shadow, encoder, UNGUARDED, record_loss=True)
     with frozen(shadow, encoder):
         backend.run(z)
-        x_shadow, anchor = shadow_targets(z, shadow, encoder, CFG)
+        x_shadow, anchor = shadow_targets(z, shadow, encoder, UNGUARDED)
         first = (shadow(anchor) - x_shadow).abs().flatten(1).sum(1)
     assert backend.losses.shape == (CFG.steps, 6)
     torch.testing.assert_close(backend.losses[0], first, rtol=1e-4, atol=1e-4)
@@ -1064,7 +1076,7 @@ def _run(backend, z):
         return backend.run(z)
 
 
-def _reference_fp32(shadow, encoder, z, cfg=CFG):
+def _reference_fp32(shadow, encoder, z, cfg=UNGUARDED):
     with fused_module._tf32(False):  # the reference in IEEE fp32 (cuDNN allows TF32 by default)
         return afe.protect(z, shadow, encoder, cfg)
 
@@ -1075,7 +1087,7 @@ def _reference_fp32(shadow, encoder, z, cfg=CFG):
 def test_gpu_fp32_equals_reference(variant, graphs):
     shadow, encoder = _gpu_models(variant[0], **variant[1])
     z = features(64).cuda()  # 1024 entries: 99.9% leaves room for one late sign flip (2 alpha / ||z||)
-    backend = FusedBackend(shadow, encoder, CFG, graphs=graphs)
+    backend = FusedBackend(shadow, encoder, UNGUARDED, graphs=graphs)
     got = _run(backend, z)
     assert backend.graphs == graphs, "the capture fell back to eager"
     assert agreement(got, _reference_fp32(shadow, encoder, z), CFG.alpha) >= 0.999
@@ -1086,7 +1098,7 @@ def test_gpu_fp32_equals_reference(variant, graphs):
 def test_gpu_reduced_precision_close_to_reference(dtype):
     shadow, encoder = _gpu_models()
     z = features(64).cuda()
-    got = _run(FusedBackend(shadow, encoder, CFG, dtype=dtype), z)
+    got = _run(FusedBackend(shadow, encoder, UNGUARDED, dtype=dtype), z)
     assert got.dtype == torch.float32
     # calibrated on the CPU with the same tiny models (fp16 99.1-99.8 %, bf16 97.2-99.5 %)
     assert agreement(got, _reference_fp32(shadow, encoder, z), CFG.alpha) >= (0.95 if dtype == "bf16" else 0.98)
@@ -1098,7 +1110,7 @@ def test_gpu_channels_last_close_to_reference(dtype):
     """NHWC convolutions (channels_last): fp32 as exact as NCHW, bf16 within bf16's tolerance; captured."""
     shadow, encoder = _gpu_models("nbnet")  # dense blocks: channel slices of NHWC gradients
     z = features(64).cuda()
-    backend = FusedBackend(shadow, encoder, CFG, dtype=dtype, channels_last=True, graphs=True)
+    backend = FusedBackend(shadow, encoder, UNGUARDED, dtype=dtype, channels_last=True, graphs=True)
     got = _run(backend, z)
     assert backend.graphs and is_nhwc(backend.plan.hidden(z, keep=False)[0])
     assert backend._encoder_copy[1]  # the anchor came from the encoder's channels_last copy
@@ -1110,7 +1122,7 @@ def test_gpu_compiled_encoder_is_captured():
     """compile_encoder on a GPU: compiled before each capture (warm-up), replayed in the graph."""
     shadow, encoder = _gpu_models()
     z = features(64).cuda()
-    backend = FusedBackend(shadow, encoder, CFG, dtype="bf16", compile_encoder=True, graphs=True)
+    backend = FusedBackend(shadow, encoder, UNGUARDED, dtype="bf16", compile_encoder=True, graphs=True)
     for rows in (z, z[:8]):  # the second size recompiles in its capture's first warm-up
         got = _run(backend, rows)
         assert backend.graphs, "the capture fell back to eager"
@@ -1120,13 +1132,29 @@ def test_gpu_compiled_encoder_is_captured():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_gpu_guard_holds_in_the_captured_graph(dtype):
+    """The utility guard in the step kernels' epilogue on a GPU, captured: every row on or inside its cap,
+    and each row close to the reference's (a flipped sign moves a row along the cap's edge)."""
+    shadow, encoder = _gpu_models()
+    z = features(64).cuda()
+    cfg = CFG.replace(min_cosine=0.9, steps=10)
+    backend = FusedBackend(shadow, encoder, cfg, dtype=dtype, graphs=True)
+    got = _run(backend, z)
+    assert backend.graphs, "the capture fell back to eager"
+    assert (F.cosine_similarity(got.double(), z.double(), dim=1) >= 0.9 - 1e-6).all()
+    want = _reference_fp32(shadow, encoder, z, cfg)
+    assert F.cosine_similarity(got, want, dim=1).min() >= 0.98
+
+
+@pytest.mark.gpu
 def test_gpu_graph_replay_equals_eager_and_pads_last_batch():
     from advface_engine.gallery.job import deterministic_cudnn
 
     shadow, encoder = _gpu_models()
     z = features(8).cuda()
-    graphed = FusedBackend(shadow, encoder, CFG, graphs=True)
-    eager = FusedBackend(shadow, encoder, CFG, graphs=False)
+    graphed = FusedBackend(shadow, encoder, UNGUARDED, graphs=True)
+    eager = FusedBackend(shadow, encoder, UNGUARDED, graphs=False)
     with deterministic_cudnn():  # captured with cuDNN's deterministic algorithms: replays are bit-exact
         full = _run(graphed, z)
         short = _run(graphed, z[:5])  # 5 rows replay the 8-row graph, padded
@@ -1134,12 +1162,12 @@ def test_gpu_graph_replay_equals_eager_and_pads_last_batch():
     assert torch.equal(short, full[:5]), "rows are independent: padding must not change the real rows"
     graphed._graphs.clear()  # the rest under PyTorch's default settings
     full = _run(graphed, z)
-    assert agreement(full, _run(eager, z), CFG.alpha) >= 0.999
+    assert agreement(full, _run(eager, z), UNGUARDED.alpha) >= 0.999
     short = _run(graphed, z[:5])
-    assert agreement(short, _run(eager, z[:5]), CFG.alpha) >= 0.999
+    assert agreement(short, _run(eager, z[:5]), UNGUARDED.alpha) >= 0.999
     # a second size shares the first's memory pool: alternating replays must not disturb each other
     for rows in (z[:3], z, z[:3], z):
-        assert agreement(_run(graphed, rows), _run(eager, rows), CFG.alpha) >= 0.999
+        assert agreement(_run(graphed, rows), _run(eager, rows), UNGUARDED.alpha) >= 0.999
     assert list(graphed._graphs) == [8, 4]
 
 
@@ -1170,7 +1198,7 @@ def test_gpu_replay_first_still_follows_weights_changed_between_calls():
     a change to the shadow or to the encoder is still found, and the call answers with the new weights."""
     shadow, encoder = _gpu_models()
     z = features(8).cuda()
-    graphed = FusedBackend(shadow, encoder, CFG, dtype="bf16", graphs=True)
+    graphed = FusedBackend(shadow, encoder, UNGUARDED, dtype="bf16", graphs=True)
     _run(graphed, z)  # captures
     before = _run(graphed, z)  # replays first
     assert graphed._own_memory
@@ -1179,9 +1207,9 @@ def test_gpu_replay_first_still_follows_weights_changed_between_calls():
             for param in model.parameters():
                 param.mul_(-1.0)
         got = _run(graphed, z)
-        want = _run(FusedBackend(shadow, encoder, CFG, dtype="bf16", graphs=False), z)
-        assert graphed.graphs and agreement(got, want, CFG.alpha) >= 0.99  # bf16: a sign flip or so
-        assert agreement(before, want, CFG.alpha) < 0.9, "the change must matter"
+        want = _run(FusedBackend(shadow, encoder, UNGUARDED, dtype="bf16", graphs=False), z)
+        assert graphed.graphs and agreement(got, want, UNGUARDED.alpha) >= 0.99  # bf16: a sign flip or so
+        assert agreement(before, want, UNGUARDED.alpha) < 0.9, "the change must matter"
         before = got
 
 
@@ -1190,10 +1218,10 @@ def test_gpu_protector_replays_without_freezing():
     """bf16 on a GPU: a Protector's later calls take the backend's replay without the models frozen."""
     shadow, encoder = _gpu_models()
     z = features(8).cuda()
-    protector = afe.Protector(shadow, encoder, CFG, backend="fused", backend_options={"dtype": "bf16"})
+    protector = afe.Protector(shadow, encoder, UNGUARDED, backend="fused", backend_options={"dtype": "bf16"})
     first = protector(z)
     assert protector.backend.graphs and protector.backend.run_replay(z) is not None
-    assert agreement(protector(z), first, CFG.alpha) >= 0.99
+    assert agreement(protector(z), first, UNGUARDED.alpha) >= 0.99
 
 
 class HostSyncingEncoder(nn.Module):
@@ -1213,13 +1241,13 @@ class HostSyncingEncoder(nn.Module):
 def test_gpu_uncapturable_encoder_runs_eagerly_and_leaves_cuda_usable():
     shadow, encoder = _gpu_models()
     z = features(8).cuda()
-    graphed = FusedBackend(shadow, HostSyncingEncoder(encoder), CFG, graphs=True)
+    graphed = FusedBackend(shadow, HostSyncingEncoder(encoder), UNGUARDED, graphs=True)
     with pytest.warns(UserWarning, match="capture failed"):
         got = _run(graphed, z)
     assert not graphed.graphs and not graphed._graphs
-    assert agreement(got, _run(FusedBackend(shadow, encoder, CFG, graphs=False), z), CFG.alpha) >= 0.999
+    assert agreement(got, _run(FusedBackend(shadow, encoder, UNGUARDED, graphs=False), z), UNGUARDED.alpha) >= 0.999
     torch.cuda.empty_cache()  # the allocator is not left mid-capture
-    other = FusedBackend(shadow, encoder, CFG, graphs=True)
+    other = FusedBackend(shadow, encoder, UNGUARDED, graphs=True)
     _run(other, z)
     assert list(other._graphs) == [8]
 
@@ -1228,9 +1256,9 @@ def test_gpu_uncapturable_encoder_runs_eagerly_and_leaves_cuda_usable():
 def test_gpu_split_k_equals_single_pass():
     shadow, encoder = _gpu_models()
     z = features(4).cuda()
-    one = _run(FusedBackend(shadow, encoder, CFG, graphs=False, split_k=1), z)
-    four = _run(FusedBackend(shadow, encoder, CFG, graphs=False, split_k=4), z)
-    assert agreement(one, four, CFG.alpha) >= 0.999
+    one = _run(FusedBackend(shadow, encoder, UNGUARDED, graphs=False, split_k=1), z)
+    four = _run(FusedBackend(shadow, encoder, UNGUARDED, graphs=False, split_k=4), z)
+    assert agreement(one, four, UNGUARDED.alpha) >= 0.999
 
 
 @pytest.mark.gpu

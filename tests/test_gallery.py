@@ -108,8 +108,9 @@ SUFFIX = {"npy": ".npy", "safetensors": ".safetensors", "parquet": ".parquet", "
 
 
 def run(src, dst, ckpt, **kw):
-    """The job on the CPU (what these tests compare with is the CPU reference; the GPU has its own test)."""
-    kw = {"batch_size": BATCH, "chunk_rows": CHUNK, "progress": False, "device": "cpu", **kw}
+    """The job on the CPU (what these tests compare with is the CPU reference; the GPU has its own test),
+    forced past the preflight: these untrained models do not fit any gallery (tests/test_guard.py has it)."""
+    kw = {"batch_size": BATCH, "chunk_rows": CHUNK, "progress": False, "device": "cpu", "force": True, **kw}
     return protect_gallery(src, dst, ckpt["shadow"], ckpt["encoder"], kw.pop("config", CONFIG), **kw)
 
 
@@ -289,7 +290,9 @@ def test_all_zero_rows_are_bad_rows(tmp_path, ckpt):
     assert copied.bad_rows == 3 and not out[[4, 90, 120]].any()
     assert np.linalg.norm(out[7]) == pytest.approx(1.0, abs=1e-5)  # protected (and unit norm)
     good = np.setdiff1d(np.arange(ROWS), [4, 90, 120])
-    np.testing.assert_array_equal(out[good], reference(rows, ckpt)[good])
+    filled = rows.copy()
+    filled[[4, 90, 120]] = rows[0]  # the API refuses zero rows (as fail does): any row in their place
+    np.testing.assert_array_equal(out[good], reference(filled, ckpt)[good])
 
 
 def test_cosine_summary_needs_no_float64_copy_of_a_chunk():
@@ -299,14 +302,19 @@ def test_cosine_summary_needs_no_float64_copy_of_a_chunk():
     z, protected = (rng.standard_normal((65536, 64)).astype(np.float32) for _ in range(2))
     tracemalloc.start()
     try:
-        stats = job_module.cosine_stats(z, protected)
+        cosines = job_module.Cosines()
+        cosines.add(z, protected)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert peak < z.nbytes, peak  # whole-chunk float64 copies took several times z.nbytes
     a, b = z.astype(np.float64), protected.astype(np.float64)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    assert stats == [float(cos.sum()), float(cos.min()), 65536]  # the same figures, bit for bit
+    summary = cosines.summary()
+    assert (cosines.total, summary["min"], summary["max"], cosines.count) == \
+        (float(cos.sum()), float(cos.min()), float(cos.max()), 65536)  # the same figures, bit for bit
+    for name, p in (("p05", 5), ("median", 50), ("p95", 95)):  # from the histogram: within a bin
+        assert summary[name] == pytest.approx(np.percentile(cos, p), abs=2 / job_module.COSINE_BINS)
 
 
 def test_interrupted_job_resumes_with_another_policy(tmp_path, ckpt):
@@ -480,13 +488,13 @@ def test_a_different_onnx_encoder_is_a_different_job(tmp_path, ckpt):
     dst = tmp_path / "out.safetensors"
     with killed_at_chunk():
         protect_gallery(src, dst, ckpt["shadow"], encoders[0], CONFIG, batch_size=BATCH, chunk_rows=CHUNK,
-                        on_bad_rows="copy", progress=False)
+                        on_bad_rows="copy", progress=False, force=True)
     for encoder in (encoders[1], load_encoder(encoders[1])):  # a path or the loaded module
         with pytest.raises(ValueError, match=r"belongs to a different job \(encoder"):
             protect_gallery(src, dst, ckpt["shadow"], encoder, CONFIG, batch_size=BATCH, chunk_rows=CHUNK,
-                            on_bad_rows="copy", progress=False)
+                            on_bad_rows="copy", progress=False, force=True)
     resumed = protect_gallery(src, dst, ckpt["shadow"], encoders[0], CONFIG, batch_size=BATCH, chunk_rows=CHUNK,
-                              on_bad_rows="copy", progress=False)
+                              on_bad_rows="copy", progress=False, force=True)
     assert resumed.resumed_chunks == 2
 
 
@@ -564,7 +572,7 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, ckpt):
     rows = gallery_rows(n=960)
     np.save(tmp_path / "in.npy", rows)
     args = ["--input", str(tmp_path / "in.npy"), "--shadow", ckpt["shadow"], "--encoder", ckpt["encoder"],
-            "--batch-size", "16", "--chunk-rows", "32", "--steps", "4", "--random-start", "--no-progress"]
+            "--batch-size", "16", "--chunk-rows", "32", "--steps", "4", "--random-start", "--no-progress", "--force"]
     cmd = [sys.executable, "-m", "advface_engine.cli", "protect-gallery", *args, "--output", str(tmp_path / "out.npy")]
     manifest = tmp_path / "out.npy.job" / "manifest.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -693,7 +701,7 @@ def test_second_process_on_the_same_output_is_refused(tmp_path, ckpt):
 def test_cli_reports_errors(tmp_path, ckpt, capsys):
     np.save(tmp_path / "in.npy", gallery_rows())
     args = ["protect-gallery", "--input", str(tmp_path / "in.npy"), "--shadow", ckpt["shadow"],
-            "--encoder", ckpt["encoder"], "--no-progress"]
+            "--encoder", ckpt["encoder"], "--no-progress", "--force"]
     assert main([*args, "--output", str(tmp_path / "in.npy")]) == 2
     assert "the output path is the input path" in capsys.readouterr().err
     (tmp_path / "folder").mkdir()
@@ -726,7 +734,7 @@ def test_cli_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path, ckpt, capsys, mo
     np.save(tmp_path / "in.npy", gallery_rows())
     args = ["protect", "--input", str(tmp_path / "in.npy"), "--output", str(tmp_path / "out.npy"), "--shadow",
             ckpt["shadow"], "--encoder", ckpt["encoder"], "--batch-size", str(BATCH), "--chunk-rows", str(CHUNK),
-            "--device", "cpu", "--no-progress"]
+            "--device", "cpu", "--no-progress", "--force"]
     compute = job_module.ChunkJob.compute
 
     def ctrl_c(self, k, *a, **kw):

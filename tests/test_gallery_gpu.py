@@ -30,7 +30,7 @@ def test_cuda_job_equals_engine_on_cuda(tmp_path):
     np.save(tmp_path / "in.npy", rows)
     protect_gallery(tmp_path / "in.npy", tmp_path / "out.npy", tmp_path / "shadow.safetensors",
                     tmp_path / "encoder.safetensors", CONFIG, batch_size=128, chunk_rows=256, device="cuda",
-                    backend="reference", progress=False)
+                    backend="reference", progress=False, force=True)
     protector = afe.Protector(shadow.cuda(), encoder.cuda(), config=CONFIG, backend="reference")
     with deterministic_cudnn():  # as the job runs: cuDNN's choice of algorithm may change the last bits
         expected = torch.cat([protector(torch.from_numpy(rows[i:i + 128]).cuda()).cpu()

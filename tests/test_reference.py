@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,8 +14,21 @@ import advface_engine as afe
 from advface_engine.protect import _FROZEN, frozen
 
 
+def cap(u, z, min_cosine):
+    """The guard, written as a great-circle interpolation (slerp) from u toward z that stops where
+    cos(u, z) = min_cosine, the norm of u kept."""
+    if min_cosine is None:
+        return u
+    u_hat, z_hat = u / u.norm(), z / z.norm()
+    phi = torch.arccos((u_hat * z_hat).sum().clamp(-1, 1))
+    if torch.cos(phi) >= min_cosine:
+        return u
+    t = (phi - math.acos(min_cosine)) / phi  # the fraction of the way from u to z
+    return u.norm() * (torch.sin((1 - t) * phi) * u_hat + torch.sin(t * phi) * z_hat) / torch.sin(phi)
+
+
 def equations(z, S, E, eps, alpha, steps, norm="linf", constraint="ball", anchor="shadow", normalize=True,
-              start=None):
+              start=None, min_cosine=None):
     """ALGORITHM.md written again, row by row, in float64. ``start``: a given random start per row."""
     out = []
     for i, row in enumerate(z):
@@ -22,7 +37,8 @@ def equations(z, S, E, eps, alpha, steps, norm="linf", constraint="ball", anchor
         z0 = E(x_shadow).detach() if anchor == "shadow" else row.clone()  # z~ = E(x~)
         if normalize:
             z0 = z0 / z0.norm()
-        zt = z0.clone() if start is None else z0 + start[i]
+        z0 = cap(z0, row, min_cosine)                                # the guard
+        zt = z0.clone() if start is None else cap(z0 + start[i], row, min_cosine)
         for _ in range(steps):
             delta = torch.zeros_like(zt, requires_grad=True)
             loss = (S(zt + delta) - x_shadow).abs().sum()             # ||S(z_t + d) - x~||_1 (4)
@@ -37,7 +53,7 @@ def equations(z, S, E, eps, alpha, steps, norm="linf", constraint="ball", anchor
                 d = torch.clamp(d, -eps, eps)
             elif d.norm() > eps:
                 d = d * eps / d.norm()
-            zt = (center + d).detach()
+            zt = cap(center + d, row, min_cosine).detach()
         if normalize:
             zt = zt / zt.norm()
         out.append(zt)
@@ -47,21 +63,24 @@ def equations(z, S, E, eps, alpha, steps, norm="linf", constraint="ball", anchor
 @pytest.mark.parametrize("family", ["dcgan", "nbnet", "upconv"])
 @pytest.mark.parametrize("norm,constraint,anchor", [("linf", "ball", "shadow"), ("l2", "ball", "original"),
                                                     ("linf", "per_step", "original"), ("l2", "per_step", "shadow")])
-def test_reference_equals_equations_float64(family, norm, constraint, anchor):
+@pytest.mark.parametrize("min_cosine", [None, 0.3, 0.995])
+def test_reference_equals_equations_float64(family, norm, constraint, anchor, min_cosine):
     S, E = tiny_models(family, dtype=torch.float64)
     z = F.normalize(torch.randn(4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3)), dim=1)
     eps, alpha = (0.05, 0.02) if norm == "linf" else (0.2, 0.08)
     # anchored at z itself, S(z_0) == x~ and the L1 gradient is exactly 0: only a random start moves
     random_start = anchor == "original"
     cfg = afe.ProtectConfig(eps=eps, alpha=alpha, steps=4, norm=norm, constraint=constraint, anchor=anchor,
-                            random_start=random_start)
+                            random_start=random_start, min_cosine=min_cosine)
     got = afe.protect(z, shadow=S, encoder=E, config=cfg)
     start = None
     if random_start:
-        start = afe.protect(z, S, E, cfg.replace(steps=0, normalize=False)) - z
-    want = equations(z, S, E, eps, alpha, 4, norm, constraint, anchor, start=start)
+        start = afe.protect(z, S, E, cfg.replace(steps=0, normalize=False, min_cosine=None)) - z
+    want = equations(z, S, E, eps, alpha, 4, norm, constraint, anchor, start=start, min_cosine=min_cosine)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     assert not torch.allclose(got, z)
+    if min_cosine is not None:
+        assert (F.cosine_similarity(got, z, dim=1) >= min_cosine - 1e-9).all()
 
 
 def _trace(z, S, E, cfg):
@@ -85,7 +104,7 @@ def test_ball_constraint_after_every_step(norm, features):
 
 def test_steps_zero_returns_normalised_anchor(models, features):
     S, E = models
-    cfg = afe.ProtectConfig(steps=0)
+    cfg = afe.ProtectConfig(steps=0, min_cosine=None)  # the guard on it: tests/test_guard.py
     got = afe.protect(features, S, E, cfg)
     want = F.normalize(E(S(features)), dim=1)
     torch.testing.assert_close(got, want)
@@ -105,7 +124,7 @@ def test_normalize_off_keeps_raw_scale(models, features):
 
 def test_steps_move_the_feature_and_raise_reconstruction_error(models, features):
     S, E = models
-    cfg = afe.ProtectConfig(eps=0.05, alpha=0.01, steps=5, normalize=False)
+    cfg = afe.ProtectConfig(eps=0.05, alpha=0.01, steps=5, normalize=False, min_cosine=None)
     anchor = E(S(features)).detach()
     x_shadow = S(features).detach()
     z_adv = afe.protect(features, S, E, cfg)

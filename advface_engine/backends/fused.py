@@ -4,9 +4,9 @@ convolutions, and (on a GPU) the whole protection of a batch captured once as a 
 Per step: y = S(z_t) (plan forward, saving only what the backward needs); g = sign(y - x~) *
 head'(y) (kernels/head_conv.py with the last convolution, or kernels/l1_sign.py); the plan's
 backward down to the first Linear; then g_h @ W with the sign step, the projection and, on the
-last step, the L2 normalisation in the matmul's epilogue (kernels/linear_step.py). z, the anchor
-and the step arithmetic are float32 whatever the decoder's dtype. Same semantics as reference.py:
-shadow_targets, random_start, project.
+last step, the L2 normalisation in the matmul's epilogue (kernels/linear_step.py), the utility
+guard between the two. z, the anchor and the step arithmetic are float32 whatever the decoder's
+dtype. Same semantics as reference.py: shadow_targets, random_start, project, guard.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .decoder import (
     weights_key,
 )
 from .plan import build_plan
-from .reference import random_start
+from .reference import guard, guard_frame, random_start
 
 MAX_GRAPHS = 8
 COPY_COSINE = 0.99  # least cosine between E's features and its faster copy's, on the first image
@@ -248,8 +248,9 @@ class FusedBackend:
 
     # -- the algorithm, written once for eager runs and graph capture --------------------------
 
-    def targets(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """x~ = S(z) (through the plan, so that z_t == z gives exact ties) and the fp32 anchor (Eq. 3)."""
+    def targets(self, z: Tensor, frame: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """x~ = S(z) (through the plan, so that z_t == z gives exact ties) and the fp32 anchor (Eq. 3), on the
+        guard's cap when ``frame`` (guard_frame(z)) is given."""
         x_shadow, _ = self.plan.forward(z, keep=False)
         if self.config.anchor == "shadow":
             anchor = self._encode(x_shadow, *self._encoder_for(x_shadow)).float()
@@ -257,6 +258,8 @@ class FusedBackend:
             anchor = z.float().clone()
         if self.config.normalize:
             anchor = F.normalize(anchor, dim=1)
+        if frame is not None:
+            anchor = guard(anchor, frame, self.config.min_cosine)
         return x_shadow, anchor.contiguous()
 
     def _encode(self, x_shadow: Tensor, encoder: nn.Module, nhwc: bool = False) -> Tensor:
@@ -370,32 +373,35 @@ class FusedBackend:
         return grad.float()
 
     def step(self, z_t: Tensor, anchor: Tensor, x_shadow: Tensor, last: bool, loss: Tensor | None = None,
-             z_low: Tensor | None = None) -> None:
-        """z_t <- Proj(z_t + alpha * sign(g_t)) in place (unit-norm after the last step if normalize).
+             z_low: Tensor | None = None, frame: tuple[Tensor, Tensor] | None = None) -> None:
+        """z_t <- Cap(Proj(z_t + alpha * sign(g_t))) in place (unit-norm after the last step if normalize).
 
         ``z_low``: z_t in the decoder's dtype, which the decoder reads instead of casting z_t, and which
-        the step kernel rewrites with the new z_t (one cast kernel less per step)."""
+        the step kernel rewrites with the new z_t (one cast kernel less per step). ``frame``: the guard's
+        guard_frame(z), None without the guard."""
         cfg, plan = self.config, self.plan
         args = (cfg.alpha, cfg.eps, cfg.norm, cfg.constraint, cfg.normalize and last)
+        cap = None if frame is None else (*frame, cfg.min_cosine)
         grad, stem_saved = self.decoder_gradient(z_t if z_low is None else z_low, x_shadow, loss, stem=True)
         z_low = None if last else z_low  # nothing reads it after the last step
         if plan.first_linear is not None:
             linear_sign_step(grad.reshape(grad.shape[0], -1), plan.first_linear.weight, z_t, anchor, *args,
-                             split_k=self.split_k, tf32=self.dtype == "tf32", z_low=z_low,
+                             split_k=self.split_k, tf32=self.dtype == "tf32", z_low=z_low, guard=cap,
                              **({} if stem_saved is None else plan.stem_backward(stem_saved)))
         else:
-            sign_step_project(z_t, grad.reshape(z_t.shape).float(), anchor, *args, z_low=z_low)
+            sign_step_project(z_t, grad.reshape(z_t.shape).float(), anchor, *args, z_low=z_low, guard=cap)
 
     def protect(self, z: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The whole protection of a batch (no host synchronisation, so it can be captured)."""
         cfg = self.config
-        x_shadow, anchor = self.targets(z)
-        z_t = anchor + noise if noise is not None else anchor.clone()
+        frame = None if cfg.min_cosine is None else tuple(t.contiguous() for t in guard_frame(z))
+        x_shadow, anchor = self.targets(z, frame)
+        z_t = guard(anchor + noise, frame, cfg.min_cosine) if noise is not None else anchor.clone()
         z_low = z_t.to(self.plan.dtype) if self.plan.dtype != torch.float32 else None  # then kept by the steps
         losses = torch.zeros(cfg.steps, z.shape[0], device=z.device) if self.record_loss else None
         for t in range(cfg.steps):
             self.step(z_t, anchor, x_shadow, last=t == cfg.steps - 1, loss=None if losses is None else losses[t],
-                      z_low=z_low)
+                      z_low=z_low, frame=frame)
         if cfg.steps == 0 and cfg.normalize:
             z_t = F.normalize(z_t, dim=1)
         return z_t, losses

@@ -3,6 +3,8 @@
     x~ = S(z),  z~ = E(x~)                                   (3)
     g_t = d/dz || S(z_t) - x~ ||_1                           (4)
     z_{t+1} = Proj_eps(z_t + alpha * sign(g_t)),  z_0 = z~   (2, 5)
+
+and the utility guard after each of them: Cap(u) moves u onto {u : cos(u, z) >= min_cosine}.
 """
 
 from __future__ import annotations
@@ -46,6 +48,36 @@ def random_start(anchor: Tensor, z: Tensor, config: ProtectConfig) -> Tensor:
             direction /= np.linalg.norm(direction) + 1e-12
             noise[i] = direction * config.eps * rng.uniform() ** (1.0 / rows.shape[1])
     return anchor + torch.from_numpy(noise).to(anchor)
+
+
+def guard_frame(z: Tensor) -> tuple[Tensor, Tensor]:
+    """(z_hat, fallback) per row, what the guard needs of the caller's feature z: its direction, and a
+    unit vector orthogonal to it (e_k made orthogonal to z, k the index of z's smallest |coordinate|,
+    the first on ties) along which a row pointing exactly away from z turns. z has no zero row."""
+    z_hat = F.normalize(z, dim=1)
+    k = z_hat.abs().argmin(dim=1, keepdim=True)
+    fallback = -z_hat.gather(1, k) * z_hat
+    fallback.scatter_add_(1, k, torch.ones_like(k, dtype=z_hat.dtype))
+    return z_hat, F.normalize(fallback, dim=1)
+
+
+def guard(u: Tensor, frame: tuple[Tensor, Tensor], min_cosine: float | None) -> Tensor:
+    """The utility guard: each row of u with cos(u, z) < min_cosine rotated toward z, in the plane of u
+    and z, to cos = min_cosine, its norm kept (the cap's nearest point of that norm); other rows as they
+    are. A row within 1e-6 radian of -z turns along ``frame``'s fallback; a zero row is taken as norm 1."""
+    if min_cosine is None:
+        return u
+    z_hat, fallback = frame
+    along = (u * z_hat).sum(1, keepdim=True)
+    norm = u.norm(dim=1, keepdim=True)
+    outside = (along < min_cosine * norm) | (norm == 0)
+    radius = torch.where(norm > 0, norm, torch.ones_like(norm))
+    across = u - along * z_hat
+    across = across - (across * z_hat).sum(1, keepdim=True) * z_hat  # twice: exact even when u is near -z
+    across_norm = across.norm(dim=1, keepdim=True)
+    turn = torch.where(across_norm > 1e-6 * radius, across / across_norm.clamp_min(1e-30), fallback)
+    edge = radius * (min_cosine * z_hat + (1 - min_cosine ** 2) ** 0.5 * turn)
+    return torch.where(outside, edge, u)
 
 
 def step_direction(grad: Tensor, norm: str) -> Tensor:
@@ -98,7 +130,9 @@ class ReferenceBackend:
         cfg = self.config
         shadow = self.step_shadow()
         x_shadow, anchor = shadow_targets(z, shadow, self.encoder, cfg)
-        z_t = random_start(anchor, z, cfg) if cfg.random_start else anchor.clone()
+        frame = guard_frame(z) if cfg.min_cosine is not None else None
+        anchor = guard(anchor, frame, cfg.min_cosine)
+        z_t = guard(random_start(anchor, z, cfg), frame, cfg.min_cosine) if cfg.random_start else anchor.clone()
         z_t.requires_grad_(True)
         for _ in range(cfg.steps):
             loss = (shadow(z_t) - x_shadow).abs().sum()  # per-sample sums; rows independent
@@ -106,6 +140,6 @@ class ReferenceBackend:
             with torch.no_grad():
                 z_prev = z_t.detach().clone() if cfg.constraint == "per_step" else None
                 z_t.add_(step_direction(grad, cfg.norm), alpha=cfg.alpha)
-                z_t.copy_(project(z_t, z_prev, anchor, cfg))
+                z_t.copy_(guard(project(z_t, z_prev, anchor, cfg), frame, cfg.min_cosine))
         z_t = z_t.detach()
         return F.normalize(z_t, dim=1) if cfg.normalize else z_t

@@ -8,8 +8,22 @@ from pathlib import Path
 
 from ..backends import BACKEND_NAMES
 from ..config_args import add_protect_args, config_from_args
+from ..stats import FIT_ROWS, MIN_ANCHOR_COSINE
 from .formats import FORMATS
 from .job import ENGINES, POLICIES
+
+
+def _threshold(text: str) -> float | None:
+    """--min-anchor-cosine's value: a number in [-1, 1], or "none" (no preflight refusal)."""
+    if text.strip().lower() in ("none", "off"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not -1 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [-1, 1] or 'none', got {text!r}")
+    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embedding-key", help="embedding tensor / column (default: the only 2-D tensor / list column)")
     p.add_argument("--id-key", help="ids tensor / column (default: 'ids' in safetensors, 'id' in Parquet)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output when the job completes")
+    p.add_argument("--min-anchor-cosine", type=_threshold, default=MIN_ANCHOR_COSINE, metavar="C",
+                   help=f"preflight: refuse (exit 2, nothing written) when the median cos(E(S(z)), z) over "
+                        f"{FIT_ROWS} rows is below C, i.e. the shadow does not fit this encoder and gallery "
+                        f"(default {MIN_ANCHOR_COSINE}; 'none': never refuse)")
+    p.add_argument("--force", action="store_true", help="run even when the preflight finds the shadow does not fit")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     add_protect_args(p)
     p.set_defaults(func=run)
@@ -54,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
             chunk_rows=args.chunk_rows, device=args.device, backend=args.backend, format=args.format,
             on_bad_rows=args.on_bad_rows, engine=args.engine, workers=args.workers, ray_address=args.ray_address,
             embedding_key=args.embedding_key, id_key=args.id_key, encoder_arch=args.encoder_arch,
-            overwrite=args.overwrite, progress=args.progress)
+            overwrite=args.overwrite, progress=args.progress, min_anchor_cosine=args.min_anchor_cosine,
+            force=args.force)
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback through torch
         work = Path(f"{args.output}.job")
         kept = f"; finished chunks are kept in {work}: rerun the same command to resume" if work.is_dir() else ""
@@ -65,6 +85,29 @@ def run(args: argparse.Namespace) -> int:
     rate = "" if result.resumed_chunks else f", {result.rows / max(elapsed, 1e-9):.0f} rows/s"
     print(f"wrote {result.output} ({result.format}): {result.rows_written} of {result.rows} rows, "
           f"{result.chunks} chunks ({result.resumed_chunks} resumed){bad}, {elapsed:.1f} s{rate}")
-    if result.cosine:  # a gross misconfiguration (another encoder's features) shows as cosines near 0
-        print(f"cos(feature, protected feature): mean {result.cosine['mean']:.3f}, min {result.cosine['min']:.3f}")
+    for line in summary_lines(result):
+        print(line)
     return 0
+
+
+def summary_lines(result) -> list[str]:
+    """What the job did to the features, for an operator to check: cos(feature, protected feature) over every
+    protected row (a gross misconfiguration, another encoder's features, shows as cosines near 0), and the
+    preflight's and the sample's figures."""
+    lines = []
+    if result.cosine:
+        c = result.cosine
+        lines.append(f"cos(feature, protected feature): min {c['min']:.3f}, median {c['median']:.3f}, "
+                     f"mean {c['mean']:.3f}, max {c['max']:.3f}")
+    stats = result.stats or {}
+    if "fit" in stats:
+        fit = stats["fit"]
+        lines.append(f"shadow fit (preflight, {fit['rows']} rows): median cos(E(S(z)), z) "
+                     f"{fit['anchor_cosine']['median']:.3f}")
+    if "sample" in stats:
+        s = stats["sample"]
+        gain = s["l1_gain"]["median"]
+        lines.append(f"sample of {s['rows']} protected rows: guard held {100 * s['guard_active']:.0f}%, "
+                     f"anchor cosine median {s['anchor_cosine']['median']:.3f}"
+                     + ("" if gain != gain else f", shadow L1 gain median {gain:.2f}"))  # NaN: no gain to speak of
+    return lines

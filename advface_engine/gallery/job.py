@@ -1,20 +1,36 @@
 """Re-protect a stored gallery: streamed, resumable after ``kill -9``, byte-identical, refusing foreign manifests.
 
 The gallery is cut into chunks of ``chunk_rows`` rows, protected in batches of ``batch_size``. Each
-finished chunk is written to ``<output>.job/parts/<k>.bin`` (temporary file + fsync + rename) and
-recorded in ``<output>.job/manifest.json`` (rewritten atomically) with the sha256 of its input rows
-and of its output bytes. When every chunk is done the output is assembled from the parts in the
-target format, in a temporary file renamed onto ``output``; then the job folder is removed.
+finished chunk is written to ``<output>.job/parts/<k>.bin`` (``write_atomic``: temporary file, fsync,
+rename) and recorded in ``<output>.job/manifest.json`` (rewritten atomically) with the sha256 of its
+input rows and of its output bytes. When every chunk is done the output is assembled from the parts
+in the target format, in a temporary file renamed onto ``output``; then the job folder is removed.
 
-A rerun of the same command checks the recorded parts against their checksums, skips them and
-computes the rest with the same chunk and batch layout, so its output is byte-identical to an
-uninterrupted run. On a GPU that needs deterministic kernels: cuDNN is held to its deterministic
-algorithms for the job (``deterministic_cudnn``; the fused kernels use no atomics).
+The job folder is the job's own: made by it, with a marker file (``MARKER``) in it, and locked while
+the job runs. The job refuses a folder it cannot take as its own (a link, a folder holding anything
+it does not write, or one with neither marker nor the manifest of an older version) and deletes only
+the files it writes there, by name, never following a link (``_check_workspace``, ``_remove_job``).
+
+A rerun of the same command checks the recorded chunks (``ChunkJob.holds``), skips them and computes
+the rest with the same chunk and batch layout, so its output is byte-identical to an uninterrupted
+run. On a GPU that needs deterministic kernels: cuDNN is held to its deterministic algorithms for
+the job (``deterministic_cudnn``; the fused kernels use no atomics).
 
 The manifest holds a fingerprint of the input (size and a hash of its header and sampled blocks),
 the models (checksums of their architecture and weights), the config, the engine and the layout; a rerun
-whose fingerprint differs is refused. If the input's size or mtime changed
-since the job began, every chunk's input checksum is checked again before the output is written.
+whose fingerprint differs is refused, and a malformed manifest is refused naming the field
+(``_check_manifest``). Nothing in it is taken on trust that the input can check: a resumed chunk's
+input rows are read again and must match their checksum (else the input changed since the job
+began: refused), its recorded bad rows must be the input's, and at assembly the input's rows are
+checked again and, with the parts, give the summary's figures.
+
+What a manifest and parts can forge: checksums need no secret, so whoever can write the job folder
+can give a part any bytes and its matching sha256. The cheap checks (bad rows kept byte for byte,
+protected rows finite and not zero) catch damage; a locally computed job also recomputes one batch of
+each resumed chunk, chosen at random, and compares it bit for bit, which catches a part replaced
+wholesale (zeros, the unprotected rows, another chunk). A few rows altered in a part, or any forgery
+on Ray (the driver's CPU model would not reproduce a GPU actor's bits, so it does not recompute), can
+pass: only recomputing everything would catch them, and then there is nothing to resume.
 
 Bad rows, with NaN or Inf or all zero (no direction to protect), follow ``on_bad_rows``: "fail"
 reads the whole input first and, before any work, stops with an error naming them, "skip"
@@ -32,8 +48,11 @@ import json
 import math
 import os
 import queue
-import shutil
+import re
+import secrets
+import stat
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +67,20 @@ from ..models import load_encoder
 from ..models.io import load_model, model_checksum
 from ..progress import progress_bar
 from ..protect import Protector
-from .formats import Chunk, Gallery, GalleryWriter, check_convertible, format_of, open_gallery
+from ..stats import FIT_ROWS, MIN_ANCHOR_COSINE, sample_rows
+from .formats import FORMATS, Chunk, Gallery, GalleryWriter, check_convertible, format_of, open_gallery
 
 POLICIES = ("fail", "skip", "copy")
 ENGINES = ("local", "ray")
 CHUNK_BYTES = 32 << 20  # default chunk: about 32 MiB of rows, a multiple of the batch size
+STATS_ROWS = 1024  # protected rows whose ProtectionStats the summary reports (four forward passes each)
+COSINE_BINS = 20_000  # histogram of cos(z, protected z) over [-1, 1]: the summary's quantiles within 1e-4
+MARKER = "advface-job.json"  # written in the job folder when the job makes it: only such a folder is the job's
+CREATED_BY = "advface-engine protect-gallery"
+# every file the job writes in its folder (GalleryWriter's ids.tmp and output.<format> included), and its parts
+JOB_FILES = frozenset({MARKER, MARKER + ".tmp", "lock", "manifest.json", "manifest.json.tmp", "bad-rows.json.tmp",
+                       "ids.tmp", *(f"output.{fmt}" for fmt in FORMATS)})
+PART = re.compile(r"\d{6,}\.bin(\.tmp)?")
 
 
 @dataclass
@@ -85,7 +113,13 @@ class GalleryResult:
     chunks: int
     resumed_chunks: int
     bad_rows_file: Path | None = None
-    cosine: dict | None = None  # {"mean", "min"} of cos(z, protected z) over the protected rows: a sanity check
+    # cos(z, protected z) over the protected rows, computed at assembly from the input and the output: "mean",
+    # "min", "max" exact, quantiles "p05" ... "p95" within 1e-4 (``Cosines``); None without protected rows,
+    # or when a rerun only finished the cleanup of a job already assembled
+    cosine: dict | None = None
+    # "fit": the preflight's FitReport (rows, anchor_cosine quantiles); "sample": ProtectionStats.summary() of
+    # a seeded sample of up to STATS_ROWS protected rows, computed at assembly from the input and the output
+    stats: dict | None = None
 
 
 BAD_ROWS = "NaN, Inf or all zero"  # in the fingerprint: a job is resumed only under the same rule
@@ -141,10 +175,10 @@ class ChunkJob:
         return start, min(start + self.spec.chunk_rows, self.gallery.num_rows)
 
     def check_dim(self) -> None:
-        """One zero row through the Protector: models that do not fit the gallery (or each other: a
+        """One unit row through the Protector: models that do not fit the gallery (or each other: a
         decoder given as the encoder) fail here, before any work."""
         try:
-            self.protector(torch.zeros(1, self.gallery.dim, device=self.device))
+            self.protector(torch.eye(1, self.gallery.dim, device=self.device))
         except (ValueError, RuntimeError) as err:
             raise ValueError(f"{self.gallery.path}: the shadow decoder and encoder cannot protect the gallery's "
                              f"{self.gallery.dim}-d rows: {err}") from err
@@ -172,22 +206,50 @@ class ChunkJob:
         loaded = loaded or self.read(k)
         rows = loaded.chunk.rows
         start, stop = self.bounds(k)
-        bad = bad_rows_of(rows)
-        good = np.ones(len(rows), dtype=bool)
-        good[bad] = False
+        bad, good = _bad_and_good(rows)
         record = {"start": start, "stop": stop, "input_sha256": loaded.input_sha256, "bad": bad.tolist()}
         if bad.size and fail:  # found before any work (_refuse_bad_rows): here only if the input changed since
             return record, None
         if not bad.size:
             out = np.empty_like(rows)
-            self.protect(loaded.z, out, progress)
-            return {**record, "cosine": cosine_stats(rows, out)}, out
+            self.protect(_good_z(loaded, good), out, progress)
+            return record, out
         out, protected = rows.copy(), np.empty((len(rows) - bad.size, rows.shape[1]), rows.dtype)
-        self.protect(loaded.z[torch.from_numpy(good)], protected, progress)
+        self.protect(_good_z(loaded, good), protected, progress)
         out[good] = protected
         if progress is not None:
             progress(bad.size)  # bad rows are kept unchanged
-        return {**record, "cosine": cosine_stats(rows[good], protected)}, out
+        return record, out
+
+    def holds(self, k: int, record: dict, recompute: bool = True) -> bool:
+        """Whether chunk k's part is what ``compute`` wrote, as far as a check short of redoing it can tell.
+
+        The part must match its checksum, hold the input's bad rows byte for byte (they are the input's:
+        recorded ones that are not, or unrecorded ones, fail) and protected rows that are finite and not
+        zero; with ``recompute``, one batch of its protected rows, chosen at random, is recomputed (the
+        same rows in the same batch as ``compute`` gives them) and must equal the part's bit for bit.
+        Input rows that no longer match their recorded checksum are refused (ValueError): the input
+        changed since the job began.
+        """
+        start, stop = self.bounds(k)
+        part = read_part(self.parts / f"{k:06d}.bin", (stop - start, self.gallery.dim), self.gallery.dtype)
+        if part is None or sha256_of(part) != record["sha256"]:
+            return False
+        loaded = self.read(k)
+        if loaded.input_sha256 != record["input_sha256"]:
+            raise _changed_error(self.gallery.path, record, self.parts.parent)
+        rows = loaded.chunk.rows
+        bad, good = _bad_and_good(rows)
+        if bad.tolist() != record["bad"] or part[bad].tobytes() != rows[bad].tobytes() or bad_rows_of(part[good]).size:
+            return False
+        if not recompute or not good.any():
+            return True
+        size = self.spec.batch_size
+        i = secrets.randbelow(-(-int(good.sum()) // size)) * size
+        batch = _good_z(loaded, good)[i:i + size]
+        out = np.empty((len(batch), rows.shape[1]), rows.dtype)
+        self.protect(batch, out)
+        return out.tobytes() == part[good][i:i + size].tobytes()
 
     def save(self, k: int, record: dict, rows: np.ndarray) -> dict:
         """Write chunk k's part file; the record gains its sha256."""
@@ -208,34 +270,79 @@ class Loaded:
     input_sha256: str
 
 
-def cosine_stats(z: np.ndarray, protected: np.ndarray) -> list:
-    """[sum, min, count] of cos(z_i, protected_i) over the rows, for the job's summary (in float64,
-    a block of rows at a time: whole-chunk float64 copies would be the job's largest allocation)."""
-    if not len(z):
-        return [0.0, None, 0]
-    cos, block = np.empty(len(z)), 4096
-    for i in range(0, len(z), block):
-        a, b = z[i:i + block].astype(np.float64), protected[i:i + block].astype(np.float64)
-        cos[i:i + block] = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-    return [float(cos.sum()), float(cos.min()), len(cos)]
+def _bad_and_good(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The bad rows' indices (``bad_rows_of``) and a mask of the others."""
+    bad = bad_rows_of(rows)
+    good = np.ones(len(rows), dtype=bool)
+    good[bad] = False
+    return bad, good
 
 
-def _cosine_summary(records: list[dict]) -> dict | None:
-    stats = [r["cosine"] for r in records if r.get("cosine") and r["cosine"][2]]
-    if not stats:
-        return None
-    return {"mean": sum(s[0] for s in stats) / sum(s[2] for s in stats), "min": min(s[1] for s in stats)}
+def _good_z(loaded: Loaded, good: np.ndarray) -> torch.Tensor:
+    """The rows to protect, laid out as the batches are cut from them (a recomputed batch must match)."""
+    return loaded.z if good.all() else loaded.z[torch.from_numpy(good)]
 
 
-def write_part(path: Path, rows: np.ndarray) -> str:
-    """Write rows' bytes to ``path`` (temporary file, fsync, rename); return their sha256."""
-    data = memoryview(np.ascontiguousarray(rows)).cast("B")
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+class Cosines:
+    """cos(z_i, protected_i) over the protected rows, gathered a chunk at a time in flat memory for the job's
+    summary: count, mean, min and max exact, quantiles from a histogram of COSINE_BINS bins over [-1, 1]."""
+
+    def __init__(self):
+        self.total, self.count, self.low, self.high = 0.0, 0, math.inf, -math.inf
+        self.hist = np.zeros(COSINE_BINS, np.int64)
+
+    def add(self, z: np.ndarray, protected: np.ndarray) -> None:
+        """The rows' cosines, in float64 a block of rows at a time (whole-chunk float64 copies would be the
+        job's largest allocation)."""
+        if not len(z):
+            return
+        cos, block = np.empty(len(z)), 4096
+        for i in range(0, len(z), block):
+            a, b = z[i:i + block].astype(np.float64), protected[i:i + block].astype(np.float64)
+            cos[i:i + block] = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1),
+                                                           1e-30)
+        self.total += float(cos.sum())
+        self.count += len(cos)
+        self.low, self.high = min(self.low, float(cos.min())), max(self.high, float(cos.max()))
+        bins = np.clip(((cos + 1) * (COSINE_BINS / 2)).astype(np.int64), 0, COSINE_BINS - 1)
+        self.hist += np.bincount(bins, minlength=COSINE_BINS)
+
+    def summary(self) -> dict | None:
+        """{"mean", "min", "p05", "p25", "median", "p75", "p95", "max"}; None when no row was protected."""
+        if not self.count:
+            return None
+        cumulative = np.cumsum(self.hist)
+
+        def quantile(p: float) -> float:  # the bin holding the value of rank p (n - 1), at its centre
+            k = int(np.searchsorted(cumulative, p * (self.count - 1), side="right"))
+            return min(max((k + 0.5) * 2 / COSINE_BINS - 1, self.low), self.high)
+
+        return {"mean": self.total / self.count, "min": self.low,
+                **{name: quantile(p) for name, p in (("p05", 0.05), ("p25", 0.25), ("median", 0.5), ("p75", 0.75),
+                                                     ("p95", 0.95))},
+                "max": self.high}
+
+
+def _open_nofollow(path, flags: int) -> int:
+    """``open``'s opener that does not follow a link (the job's files are its own, never a link)."""
+    return os.open(path, flags | os.O_NOFOLLOW, 0o666)
+
+
+def write_atomic(path: Path, data, tmp: Path | None = None) -> None:
+    """Write ``data`` (bytes-like) to ``path`` through ``tmp`` (default ``<path>.tmp``), fsynced and renamed, so a
+    reader finds the old file or the new one, never a part. The temporary file is opened without following a link."""
+    tmp = tmp or path.with_name(path.name + ".tmp")
+    with open(tmp, "wb", opener=_open_nofollow) as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_part(path: Path, rows: np.ndarray) -> str:
+    """Write rows' bytes to ``path`` (``write_atomic``); return their sha256."""
+    data = memoryview(np.ascontiguousarray(rows)).cast("B")
+    write_atomic(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -243,7 +350,7 @@ def read_part(path: Path, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray
     """A part's rows, or None when it is missing or has the wrong size."""
     rows = np.empty(shape, dtype)
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", opener=_open_nofollow) as f:
             if os.fstat(f.fileno()).st_size != rows.nbytes or f.readinto(memoryview(rows).cast("B")) != rows.nbytes:
                 return None
     except FileNotFoundError:
@@ -268,60 +375,131 @@ def _differences(new: dict, old: dict) -> list[str]:
     return out
 
 
+def _is_int(value, low: int, high: int) -> bool:
+    """An integer (not a bool, not 1.0) in [low, high]."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
+
+
+def _check_manifest(data: dict, fingerprint: dict) -> str | None:
+    """The first malformed entry of a manifest whose fingerprint is this job's, as "field: expected ...";
+    None when there is none.
+
+    The manifest's schema, in one place (a new field is a line here): ``chunks`` maps chunk numbers of this
+    layout to records of the rows they cover (``start``, ``stop``), the sha256 of those input rows
+    (``input_sha256``) and of the part (``sha256``), and the bad rows, chunk-local and ascending (``bad``);
+    ``final`` is null, or the assembled output's identity (``ino``, ``size``, ``mtime_ns``) and ``result``.
+    Other keys (an older version's ``input_stat`` and per-chunk ``cosine``) are ignored: nothing reads them.
+    """
+    rows, size = fingerprint["input"]["rows"], fingerprint["layout"]["chunk_rows"]
+    chunks = data.get("chunks")
+    if not isinstance(chunks, dict):
+        return "chunks: expected an object of chunk records"
+    for key, rec in chunks.items():
+        field = f"chunks.{key}"
+        if not (key.isdecimal() and len(key) < 20 and key == str(int(key)) and int(key) * size < rows):
+            return f"{field}: expected a chunk number, 0 to {-(-rows // size) - 1}"
+        start = int(key) * size
+        stop = min(start + size, rows)
+        if not isinstance(rec, dict):
+            return f"{field}: expected a chunk record"
+        for name, ok, what in [
+            ("start", _is_int(rec.get("start"), start, start), f"{start}"),
+            ("stop", _is_int(rec.get("stop"), stop, stop), f"{stop}"),
+            ("input_sha256", _is_sha256(rec.get("input_sha256")), "a sha256 hex digest"),
+            ("sha256", _is_sha256(rec.get("sha256")), "a sha256 hex digest"),
+            ("bad", isinstance(rec.get("bad"), list) and all(_is_int(i, 0, stop - start - 1) for i in rec["bad"])
+             and all(a < b for a, b in zip(rec["bad"], rec["bad"][1:])),
+             f"ascending row numbers, 0 to {stop - start - 1}"),
+        ]:
+            if not ok:
+                return f"{field}.{name}: expected {what}"
+    final = data.get("final")
+    if final is None:
+        return None
+    result = final.get("result") if isinstance(final, dict) else None
+    if not isinstance(result, dict):
+        return "final: expected null, or the output's ino, size, mtime_ns and result"
+    for name, ok, what in [
+        *((name, _is_int(final.get(name), 0, 2**64), "a non-negative integer") for name in ("ino", "size", "mtime_ns")),
+        ("result.format", result.get("format") in FORMATS, f"one of {FORMATS}"),
+        ("result.policy", result.get("policy") in POLICIES, f"one of {POLICIES}"),
+        ("result.rows_written", _is_int(result.get("rows_written"), 0, rows), f"0 to {rows}"),
+        ("result.bad_rows", _is_int(result.get("bad_rows"), 0, rows), f"0 to {rows}"),
+        ("result.bad_rows_file", result.get("bad_rows_file") in (None, []) or isinstance(result["bad_rows_file"], str),
+         "null or a path"),  # [] for none: an older version's
+    ]:
+        if not ok:
+            return f"final.{name}: expected {what}"
+    return None
+
+
+def _read_manifest(work: Path, fingerprint: dict) -> dict | None:
+    """The job folder's manifest (``_check_manifest``), None when it has none; a ValueError when it is not
+    readable JSON, is malformed (naming the field) or belongs to another job (naming what differs)."""
+    path = work / "manifest.json"
+    try:
+        with open(path, "rb", opener=_open_nofollow) as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{path} is not readable JSON ({err}); delete {work} to start over") from None
+    if not isinstance(data, dict):
+        problem = "expected a JSON object"
+    elif not isinstance(data.get("fingerprint"), dict):
+        problem = "fingerprint: expected an object"
+    else:
+        differ = _differences(fingerprint, data["fingerprint"])
+        if differ:
+            raise ValueError(f"{path} belongs to a different job ({', '.join(differ)} differ); rerun with the "
+                             f"same input, models and settings to resume it, or delete {work} to start over")
+        problem = _check_manifest(data, fingerprint)
+    if problem:
+        raise ValueError(f"{path} is malformed ({problem}); delete {work} to start over")
+    return data
+
+
 class Manifest:
     """``manifest.json``: the job's fingerprint and its finished chunks, rewritten atomically on every change."""
 
-    def __init__(self, work: Path, fingerprint: dict, input_stat: dict, chunks: dict | None = None,
-                 final: dict | None = None):
+    def __init__(self, work: Path, fingerprint: dict, chunks: dict | None = None, final: dict | None = None):
         self.work, self.path = work, work / "manifest.json"
-        self.fingerprint, self.input_stat, self.chunks, self.final = fingerprint, input_stat, chunks or {}, final
+        self.fingerprint, self.chunks, self.final = fingerprint, chunks or {}, final
 
     @classmethod
-    def open(cls, work: Path, fingerprint: dict, input_path: Path) -> Manifest:
-        """The job's manifest, created if new; one written for a different fingerprint is refused.
+    def open(cls, work: Path, fingerprint: dict) -> Manifest:
+        """The job's manifest, created if new; one that is malformed or another job's is refused.
 
-        A new manifest also keeps the input's size and mtime, which tell at assembly whether the input
-        may have changed since the job began (then every chunk's input checksum is checked again).
+        The folder is claimed (``_claim``) before anything is written: an older version's folder (its
+        manifest, no marker) becomes this job's only once its manifest is found valid for this job.
         """
         fingerprint = _plain(fingerprint)
-        path = work / "manifest.json"
-        if not path.exists():
-            (work / "parts").mkdir(parents=True, exist_ok=True)
-            manifest = cls(work, fingerprint, _input_stat(input_path))
+        data = _read_manifest(work, fingerprint)
+        _claim(work)
+        (work / "parts").mkdir(exist_ok=True)
+        if data is None:
+            manifest = cls(work, fingerprint)
             manifest.save()
             return manifest
-        try:
-            data = json.loads(path.read_text())
-            chunks = {int(k): v for k, v in data["chunks"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{path} is corrupt ({err!r}); delete {work} to start over") from err
-        differ = _differences(fingerprint, data.get("fingerprint") or {})
-        if differ:
-            raise ValueError(f"{path} belongs to a different job ({', '.join(differ)} differ); rerun with the same "
-                             f"input, models and settings to resume it, or delete {work} to start over")
-        (work / "parts").mkdir(exist_ok=True)
-        return cls(work, fingerprint, data.get("input_stat"), chunks, data.get("final"))
+        return cls(work, fingerprint, {int(k): v for k, v in data["chunks"].items()}, data.get("final"))
 
     def save(self) -> None:
-        tmp = self.path.with_name("manifest.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump({"fingerprint": self.fingerprint, "input_stat": self.input_stat, "chunks": self.chunks,
-                       "final": self.final}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps({"fingerprint": self.fingerprint, "chunks": self.chunks,
+                                            "final": self.final}).encode())
 
     def add(self, k: int, record: dict) -> None:
         self.chunks[k] = record
         self.save()
 
-    def drop_broken_parts(self, dim: int, dtype: np.dtype) -> int:
-        """Forget finished chunks whose part file is missing or fails its checksum (they are recomputed)."""
-        broken = []
-        for k, rec in self.chunks.items():
-            rows = read_part(self.work / "parts" / f"{k:06d}.bin", (rec["stop"] - rec["start"], dim), dtype)
-            if rows is None or sha256_of(rows) != rec["sha256"]:
-                broken.append(k)
+    def drop_broken_parts(self, job: ChunkJob, recompute: bool) -> int:
+        """Forget finished chunks that do not hold up (``ChunkJob.holds``): they are recomputed."""
+        broken = [k for k, rec in self.chunks.items() if not job.holds(k, rec, recompute)]
         for k in broken:
             del self.chunks[k]
         if broken:
@@ -429,7 +607,7 @@ def _write_bad_rows(output: Path, gallery: Gallery, policy: str, rows: list[int]
     """``<output>.bad-rows.json``: the policy, the bad rows and (where the gallery has ids) their ids."""
     side = output.with_name(output.name + ".bad-rows.json")
     report = {"policy": policy, "rows": rows, **({"ids": ids} if gallery.ids_dtype is not None else {})}
-    _write_json(side, report, tmp or side.with_name(side.name + ".tmp"))
+    write_atomic(side, json.dumps(report).encode(), tmp)
     return side
 
 
@@ -444,52 +622,52 @@ def _json_id(value):
     return str(value)
 
 
-def _write_json(path: Path, data: dict, tmp: Path) -> None:
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _changed_error(path: Path, record: dict, work: Path) -> ValueError:
+    return ValueError(f"{path}: rows {record['start']}..{record['stop'] - 1} changed after they were protected "
+                      f"(the input was modified during the job, or its manifest altered); delete {work} to start over")
 
 
 def assemble(gallery: Gallery, manifest: Manifest, num_chunks: int, fmt: str, output: Path, policy: str,
-             progress: bool = True) -> GalleryResult:
+             progress: bool = True, stats_of=None, fit: dict | None = None) -> GalleryResult:
     """Write the output from the parts, rename it onto ``output``, remove the job folder.
 
-    Parts were checksummed when written or when the job resumed. The input is read again only for
-    what the output carries along (ids, Parquet columns), unless it may have changed since the job
-    began: then every chunk's rows are read and checked against their recorded checksum.
+    Parts were checked when written or when the job resumed (``ChunkJob.holds``). The input is read
+    again, chunk by chunk: its rows must still match their recorded checksum (else it changed during
+    the job), and with the parts they give the summary's figures, so no figure comes from the manifest:
+    the cosines of every protected row and ``stats_of(z, protected)`` (Protector.stats) of a seeded
+    sample of up to STATS_ROWS of them. ``fit``: the preflight's figures, reported with them.
     """
     work, records = manifest.work, [manifest.chunks[k] for k in range(num_chunks)]
-    changed = _input_stat(gallery.path) != manifest.input_stat
-    carried = gallery.ids_dtype is not None or gallery.format == "parquet"
     num_bad = sum(len(r["bad"]) for r in records)
     tmp = work / f"output.{fmt}"
     writer = GalleryWriter(fmt, tmp, gallery, gallery.num_rows - (num_bad if policy == "skip" else 0), work)
-    bad_rows, bad_ids = [], []
+    bad_rows, bad_ids, cosines = [], [], Cosines()
+    sample, picked = sample_rows(gallery.num_rows, STATS_ROWS), []
     for k, rec in enumerate(progress_bar(records, progress=progress, desc="assemble", unit="chunk")):
         rows = read_part(work / "parts" / f"{k:06d}.bin", (rec["stop"] - rec["start"], gallery.dim), gallery.dtype)
         if rows is None:
             manifest.chunks.pop(k)
             manifest.save()
             raise ValueError(f"{work}/parts/{k:06d}.bin is missing or truncated; rerun to recompute that chunk")
-        chunk = gallery.read(rec["start"], rec["stop"], rows=changed) if changed or carried else Chunk(None)
-        if changed and sha256_of(chunk.rows) != rec["input_sha256"]:
-            raise ValueError(f"{gallery.path}: rows {rec['start']}..{rec['stop'] - 1} changed after they were "
-                             f"protected (the input was modified during the job); delete {work} to start over")
+        chunk = gallery.read(rec["start"], rec["stop"])
+        if sha256_of(chunk.rows) != rec["input_sha256"]:
+            raise _changed_error(gallery.path, rec, work)
+        bad = np.asarray(rec["bad"], dtype=np.int64)
+        good = np.ones(len(rows), dtype=bool)
+        good[bad] = False
+        cosines.add(chunk.rows[good], rows[good]) if bad.size else cosines.add(chunk.rows, rows)
+        mine = sample[(sample >= rec["start"]) & (sample < rec["stop"])] - rec["start"]
+        mine = mine[good[mine]]
+        picked.append((chunk.rows[mine], rows[mine]))
         chunk = Chunk(rows, chunk.ids, chunk.table)
-        if rec["bad"]:
-            bad = np.asarray(rec["bad"], dtype=np.int64)
+        if bad.size:
             bad_rows += (rec["start"] + bad).tolist()
             if chunk.ids is not None:
                 bad_ids += [_json_id(i) for i in chunk.ids[bad].tolist()]
             if policy == "skip":
-                keep = np.ones(len(rows), dtype=bool)
-                keep[bad] = False
-                chunk = chunk.take(keep)
+                chunk = chunk.take(good)
             else:
-                chunk.unchanged = np.zeros(len(rows), dtype=bool)
-                chunk.unchanged[bad] = True
+                chunk.unchanged = ~good
         writer.write(chunk)
     writer.finish()
     side = output.with_name(output.name + ".bad-rows.json")
@@ -497,21 +675,20 @@ def assemble(gallery: Gallery, manifest: Manifest, num_chunks: int, fmt: str, ou
         _write_bad_rows(output, gallery, policy, bad_rows, bad_ids, work / "bad-rows.json.tmp")
     elif side.exists():
         side.unlink()
-    cosine = _cosine_summary(records)
+    stats = {"fit": fit} if fit is not None else {}
+    z, protected = (np.concatenate(parts) for parts in zip(*picked)) if picked else (np.zeros((0, 0)),) * 2
+    if stats_of is not None and len(z):
+        stats["sample"] = stats_of(torch.from_numpy(z), torch.from_numpy(protected)).summary()
     result = GalleryResult(output, fmt, gallery.num_rows, writer.num_rows, len(bad_rows), num_chunks, 0,
-                           side if bad_rows else None, cosine)
+                           side if bad_rows else None, cosines.summary(), stats or None)
     manifest.final = {**_stat(tmp), "result": {"format": fmt, "policy": policy, "rows_written": writer.num_rows,
-                                               "bad_rows": len(bad_rows), "bad_rows_file": bad_rows and str(side),
-                                               "cosine": cosine}}
+                                               "bad_rows": len(bad_rows),
+                                               "bad_rows_file": str(side) if bad_rows else None,
+                                               "cosine": result.cosine, "stats": result.stats}}
     manifest.save()
     os.replace(tmp, output)
     _remove_job(work)
     return result
-
-
-def _input_stat(path: Path) -> dict:
-    st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def _stat(path: Path) -> dict:
@@ -519,24 +696,125 @@ def _stat(path: Path) -> dict:
     return {"ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _remove_job(work: Path) -> None:
-    """Parts first, the manifest (which knows the output is final) last, so an interrupted cleanup can finish."""
-    shutil.rmtree(work / "parts", ignore_errors=True)
-    for path in sorted(work.iterdir(), key=lambda p: p.name == "manifest.json"):
-        if path.is_dir():
-            shutil.rmtree(path)
+def _check_workspace(work: Path) -> None:
+    """Refuse (ValueError) a job folder the job may not take as its own, before it writes or deletes anything.
+
+    Taken: no folder yet; a real folder (not a link) holding only what the job writes (``JOB_FILES``,
+    ``parts/`` of part files), as regular files, and the job's marker. A folder an older version left
+    has no marker: it is taken when it holds this job's valid manifest (``Manifest.open`` checks it and
+    then writes the marker) or no data at all (an empty lock file, an empty ``parts/``: a job stopped
+    before its manifest was written).
+    """
+    try:
+        st = os.lstat(work)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        problem = "is a symbolic link"
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = "is not a folder"
+    else:
+        names, unknown, data = set(), [], False  # data: anything but an empty lock file and an empty parts/
+        for entry in os.scandir(work):
+            if entry.name == "parts" and entry.is_dir(follow_symlinks=False):
+                for part in os.scandir(entry.path):
+                    data = True
+                    if not (PART.fullmatch(part.name) and part.is_file(follow_symlinks=False)):
+                        unknown.append(f"parts/{part.name}")
+            elif entry.name in JOB_FILES and entry.is_file(follow_symlinks=False):
+                names.add(entry.name)
+                data |= entry.name != "lock" or entry.stat(follow_symlinks=False).st_size > 0
+            else:
+                unknown.append(entry.name)
+        if unknown:
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            problem = f"holds {', '.join(sorted(unknown)[:5])}{more}, which the job did not write"
+        elif MARKER in names and not _is_marker(work / MARKER):
+            problem = f"has a {MARKER} that this tool did not write"
+        elif MARKER not in names and data and "manifest.json" not in names:
+            problem = f"has neither the job's marker ({MARKER}) nor a manifest"
         else:
-            path.unlink()
-    work.rmdir()
+            return
+    raise ValueError(f"{work} {problem}: the job works only in a folder it made, and deletes only its own files "
+                     "there; move that away (or choose another output) and rerun")
+
+
+def _is_marker(path: Path) -> bool:
+    try:
+        with open(path, "rb", opener=_open_nofollow) as f:
+            data = json.loads(f.read(4096))
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("created_by") == CREATED_BY
+
+
+def _claim(work: Path) -> None:
+    """Write the marker that makes ``work`` the job's folder (``_check_workspace``), where it has none."""
+    if not os.path.lexists(work / MARKER):
+        write_atomic(work / MARKER, json.dumps({"created_by": CREATED_BY, "output": work.name[:-len(".job")]}).encode())
+
+
+def _remove_job(work: Path) -> None:
+    """Delete the job's own files from its folder, then the folder if that leaves it empty.
+
+    Parts first, then the manifest (which knows the output is final, so an interrupted cleanup can
+    finish), the marker last. The folder is opened without following a link and must hold the marker;
+    only regular files under the names the job gives them are deleted. Anything else found there is
+    left, with the folder, and named in a warning (the output is complete all the same).
+    """
+    try:
+        fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as err:
+        raise ValueError(f"{work} is not the job's folder ({err.strerror}); nothing in it was deleted") from None
+    try:
+        if not _is_file(MARKER, fd):
+            raise ValueError(f"{work} has no job marker ({MARKER}); nothing in it was deleted")
+        try:
+            parts = os.open("parts", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        except OSError:  # none, or not a folder: left, and named below
+            parts = None
+        if parts is not None:
+            try:
+                for name in os.listdir(parts):
+                    if PART.fullmatch(name) and _is_file(name, parts):
+                        os.unlink(name, dir_fd=parts)
+            finally:
+                os.close(parts)
+            with contextlib.suppress(OSError):  # not empty: left, and named below
+                os.rmdir("parts", dir_fd=fd)
+        last = ["manifest.json", MARKER]
+        for name in [*sorted(JOB_FILES - set(last)), *last]:
+            if _is_file(name, fd):
+                os.unlink(name, dir_fd=fd)
+        left = os.listdir(fd)
+    finally:
+        os.close(fd)
+    if left:
+        warnings.warn(f"{work} was left in place: the job deleted its own files, and it still holds "
+                      f"{', '.join(sorted(left))}", stacklevel=2)
+    else:
+        os.rmdir(work)
+
+
+def _is_file(name: str, dir_fd: int) -> bool:
+    """Whether ``name`` in the folder ``dir_fd`` is a regular file (a link is not followed)."""
+    try:
+        return stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 @contextlib.contextmanager
-def _locked(work: Path):
-    """An exclusive lock on the job folder: a second process on the same output stops with a clear error."""
+def _workspace(work: Path):
+    """The job folder, made if new or checked (``_check_workspace``), and locked while the job runs: a second
+    process on the same output stops with a clear error."""
     import fcntl
 
-    work.mkdir(parents=True, exist_ok=True)
-    with open(work / "lock", "w") as f:
+    work.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        work.mkdir()
+    _check_workspace(work)
+    with open(work / "lock", "a", opener=_open_nofollow) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -565,6 +843,8 @@ def protect_gallery(
     encoder_arch: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    min_anchor_cosine: float | None = MIN_ANCHOR_COSINE,
+    force: bool = False,
 ) -> GalleryResult:
     """Replace every embedding of a stored gallery by its protected feature (ALGORITHM.md), streamed and resumable.
 
@@ -573,6 +853,9 @@ def protect_gallery(
     by default the output's suffix, else the input's. ``chunk_rows``: rows per checkpointed chunk
     (default: about 32 MiB of rows, a multiple of ``batch_size``). ``engine="ray"``: Ray Data
     actors, ``workers`` of them (default one per GPU, else per CPU), on ``ray_address`` or a local Ray.
+    ``min_anchor_cosine``: the preflight (``_preflight``) refuses a shadow whose anchors E(S(z)) have a
+    median cosine to the gallery's features below it, before anything is written; None or ``force`` runs
+    anyway.
     """
     if on_bad_rows not in POLICIES:
         raise ValueError(f"on_bad_rows must be one of {POLICIES}, got {on_bad_rows!r}")
@@ -586,6 +869,11 @@ def protect_gallery(
         raise ValueError("workers and ray_address are for Ray: they need engine 'ray' (--engine ray)")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    if min_anchor_cosine is not None and (isinstance(min_anchor_cosine, bool) or not isinstance(
+            min_anchor_cosine, (int, float)) or not -1 <= min_anchor_cosine <= 1):
+        raise ValueError(f"min_anchor_cosine must be a number in [-1, 1] or None, got {min_anchor_cosine!r}")
+    if not isinstance(force, bool):
+        raise ValueError(f"force must be True or False, got {force!r}")
     src, dst = Path(input), Path(output)
     if not src.is_file():
         raise FileNotFoundError(f"no gallery file at {src}")
@@ -597,6 +885,7 @@ def protect_gallery(
         raise ValueError(f"the output's suffix {dst.suffix!r} names {format_of(dst)}, not {format}: "
                          "give the output a matching suffix")
     work = dst.with_name(dst.name + ".job")
+    _check_workspace(work)  # before any work; checked again when the job takes the folder
     gallery = open_gallery(src, embedding_key, id_key)
     try:
         fmt = format or format_of(dst) or gallery.format
@@ -614,6 +903,7 @@ def protect_gallery(
 
                 ray = stack.enter_context(ray_session(ray_address, workers))
             job, fingerprint = _prepare(spec, gallery, ray)
+            fit = _preflight(job, min_anchor_cosine, force)
             if dst.exists():
                 finished = _finished(work, fingerprint, dst, fmt, on_bad_rows)
                 if finished is not None:
@@ -622,13 +912,14 @@ def protect_gallery(
                     raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")
             if on_bad_rows == "fail":
                 _refuse_bad_rows(gallery, chunk_rows, dst, progress)
-            stack.enter_context(_locked(work))
-            manifest = Manifest.open(work, fingerprint, src)
-            manifest.drop_broken_parts(gallery.dim, gallery.dtype)
+            stack.enter_context(_workspace(work))
+            manifest = Manifest.open(work, fingerprint)
+            manifest.drop_broken_parts(job, recompute=ray is None)  # the Ray driver's model is not the actors'
             resumed = len(manifest.chunks)
             try:
                 _compute(job, spec, manifest, on_bad_rows, ray, workers, progress)
-                result = assemble(gallery, manifest, job.num_chunks, fmt, dst, on_bad_rows, progress)
+                result = assemble(gallery, manifest, job.num_chunks, fmt, dst, on_bad_rows, progress,
+                                  job.protector.stats, fit)
             except OSError as err:
                 if err.filename is None:  # e.g. a full disk while writing: say where
                     raise OSError(err.errno, f"{err.strerror} (writing {work} or {dst}; finished chunks are "
@@ -660,6 +951,27 @@ def _prepare(spec: JobSpec, gallery: Gallery, ray) -> tuple[ChunkJob, dict]:
         "layout": {"chunk_rows": spec.chunk_rows, "batch_size": spec.batch_size}, "bad_rows": BAD_ROWS,
     }
     return job, fingerprint
+
+
+def _preflight(job: ChunkJob, min_anchor_cosine: float | None, force: bool) -> dict | None:
+    """The shadow-fit check (Protector.check_fit) on a seeded sample of FIT_ROWS rows of the first chunk (one
+    read), before anything is written: its figures, or a ValueError naming them and the remedies when the
+    median cos(E(S(z)), z) is below ``min_anchor_cosine``. Not refused: with ``force``, without a threshold,
+    or with anchor "original" (the steps then start from z itself, the remedy the message names); the
+    figures are reported all the same. None for a gallery without a good row in its first chunk."""
+    if not job.gallery.num_rows:
+        return None
+    rows = job.gallery.read(0, min(job.gallery.num_rows, job.spec.chunk_rows)).rows
+    rows = np.delete(rows, bad_rows_of(rows), axis=0)
+    if not len(rows):
+        return None
+    picked = torch.from_numpy(np.ascontiguousarray(rows[sample_rows(len(rows), FIT_ROWS)]))
+    report = job.protector.check_fit(picked.to(job.device), rows=len(picked))
+    refuse = min_anchor_cosine is not None and not force and job.spec.config.anchor == "shadow"
+    if refuse and not report.fits(min_anchor_cosine):
+        raise ValueError(f"{job.gallery.path}: {report.message(min_anchor_cosine)}. To run anyway: --force "
+                         "(force=True)")
+    return dataclasses.asdict(report)
 
 
 def _kernel_versions(engine: dict) -> dict:
@@ -699,18 +1011,19 @@ def _compute(job: ChunkJob, spec: JobSpec, manifest: Manifest, on_bad_rows: str,
 
 def _finished(work: Path, fingerprint: dict, output: Path, fmt: str, policy: str) -> GalleryResult | None:
     """This very job's result when only its cleanup was interrupted (``output`` is its final file, written
-    in this format under this bad-rows policy), else None."""
+    in this format under this bad-rows policy), else None. The figures are the manifest's, checked for
+    form only; the cosines are not kept (the run that assembled the output reported them)."""
     try:
-        data = json.loads((work / "manifest.json").read_text())
-        final = data["final"]
-        same_file = {k: final[k] for k in ("ino", "size", "mtime_ns")} == _stat(output)
-        same_output = final["result"]["format"] == fmt and final["result"].get("policy") == policy
-        if data["fingerprint"] != _plain(fingerprint) or not same_file or not same_output:
-            return None
-    except (OSError, ValueError, KeyError, TypeError):
+        data = _read_manifest(work, _plain(fingerprint))
+    except ValueError:  # another job's, or malformed: refused by the caller (or by Manifest.open, to overwrite)
         return None
+    final = data and data.get("final")
+    if not final or {k: final[k] for k in ("ino", "size", "mtime_ns")} != _stat(output) \
+            or (final["result"]["format"], final["result"]["policy"]) != (fmt, policy):
+        return None
+    _claim(work)  # an older version's folder: its manifest is this job's
     _remove_job(work)
     r, chunks = final["result"], len(data["chunks"])
     side = Path(r["bad_rows_file"]) if r["bad_rows_file"] else None
     return GalleryResult(output, r["format"], fingerprint["input"]["rows"], r["rows_written"], r["bad_rows"], chunks,
-                         chunks, side, r.get("cosine"))
+                         chunks, side)

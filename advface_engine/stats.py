@@ -1,0 +1,134 @@
+"""What a protection did to each row, and whether the shadow fits the encoder and the data.
+
+The protection is only as good as its anchor E(S(z)): a shadow trained for another encoder or other
+faces gives anchors far from z, and then either recognition (without the guard) or protection (with
+it) is lost. ``protection_stats`` measures each row after the fact; ``fit_report`` measures the anchor
+on a sample before any work, so a gallery job can refuse a shadow that does not fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backends.reference import guard, guard_frame, shadow_targets
+from .config import ProtectConfig
+
+QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+MIN_ANCHOR_COSINE = 0.5  # the preflight's default: trained shadows sit well above, mismatched ones near 0
+FIT_ROWS = 256  # rows of the preflight's sample
+AT_EDGE = 1e-5  # a row within this of min_cosine is held by the guard
+
+
+def quantiles(values: np.ndarray | Tensor) -> dict[str, float]:
+    """{"min", "p05", "p25", "median", "p75", "p95", "max"} of the finite values (NaN where none are)."""
+    values = np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    names = ("min", "p05", "p25", "median", "p75", "p95", "max")
+    if values.size == 0:
+        return dict.fromkeys(names, float("nan"))
+    return {name: float(v) for name, v in zip(names, np.quantile(values, QUANTILES))}
+
+
+@dataclass
+class ProtectionStats:
+    """Per-row figures of one protection (tensors of shape (B,), on the CPU).
+
+    anchor_cosine: cos(z_0, z), z_0 the anchor before the guard (E(S(z)), or z itself).
+    cosine:        cos(z_adv, z), what recognition keeps.
+    guard_active:  the guard moved the anchor or holds the output on its cap's edge.
+    l1_gain:       |S(z_adv) - x~|_1 / |S(z_0') - x~|_1, z_0' the guarded anchor: how much further the
+                   steps took the shadow's reconstruction from x~ = S(z) (NaN where S(z_0') is x~ itself
+                   to rounding, as with anchor "original").
+    """
+
+    anchor_cosine: Tensor
+    cosine: Tensor
+    guard_active: Tensor
+    l1_gain: Tensor
+
+    def summary(self) -> dict:
+        """Quantiles of each figure and the fraction of rows the guard held (JSON-ready)."""
+        return {"rows": int(self.cosine.numel()),
+                "anchor_cosine": quantiles(self.anchor_cosine), "cosine": quantiles(self.cosine),
+                "guard_active": float(self.guard_active.float().mean()) if self.cosine.numel() else 0.0,
+                "l1_gain": quantiles(self.l1_gain)}
+
+    def __getitem__(self, rows) -> ProtectionStats:
+        return ProtectionStats(**{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)})
+
+    @staticmethod
+    def cat(parts: list[ProtectionStats]) -> ProtectionStats:
+        return ProtectionStats(**{f.name: torch.cat([getattr(p, f.name) for p in parts])
+                                  for f in dataclasses.fields(ProtectionStats)})
+
+
+def _l1(shadow: nn.Module, z: Tensor, target: Tensor) -> Tensor:
+    return (shadow(z) - target).abs().flatten(1).sum(1)
+
+
+def protection_stats(z: Tensor, z_adv: Tensor, shadow: nn.Module, encoder: nn.Module,
+                     config: ProtectConfig) -> ProtectionStats:
+    """ProtectionStats of z -> z_adv, computed with the reference functions (S(z), E(S(z)), S(z_0') and
+    S(z_adv): four forward passes, no gradient). z and z_adv in the models' dtype and device, the models
+    frozen by the caller."""
+    with torch.no_grad():
+        z_adv = z_adv.to(z)
+        x_shadow, anchor = shadow_targets(z, shadow, encoder, config)
+        anchor_cosine = F.cosine_similarity(anchor, z, dim=1)
+        cosine = F.cosine_similarity(z_adv, z, dim=1)
+        c = config.min_cosine
+        start = anchor if c is None else guard(anchor, guard_frame(z), c)
+        before = _l1(shadow, start, x_shadow)
+        gain = _l1(shadow, z_adv, x_shadow) / before
+        exact = before <= 1e-4 * x_shadow.abs().flatten(1).sum(1)  # the start gives x~ itself, to rounding
+        gain = torch.where(exact, torch.full_like(gain, float("nan")), gain)
+        active = torch.zeros_like(cosine, dtype=torch.bool) if c is None else \
+            (anchor_cosine < c) | (cosine <= c + AT_EDGE)
+    return ProtectionStats(*(t.detach().float().cpu() for t in (anchor_cosine, cosine, active, gain)))
+
+
+@dataclass
+class FitReport:
+    """How near the shadow's anchor E(S(z)) is to z on a sample of features (Protector.check_fit)."""
+
+    rows: int
+    anchor_cosine: dict  # quantiles (``quantiles``)
+
+    @property
+    def median(self) -> float:
+        return self.anchor_cosine["median"]
+
+    def fits(self, min_anchor_cosine: float = MIN_ANCHOR_COSINE) -> bool:
+        return self.median >= min_anchor_cosine
+
+    def message(self, min_anchor_cosine: float = MIN_ANCHOR_COSINE) -> str:
+        """One line: the figure, and what to do when it is too low."""
+        figure = (f"median cos(E(S(z)), z) = {self.median:.3f} on {self.rows} rows "
+                  f"(p05 {self.anchor_cosine['p05']:.3f}, p95 {self.anchor_cosine['p95']:.3f})")
+        if self.fits(min_anchor_cosine):
+            return f"the shadow fits: {figure}"
+        return (f"the shadow does not fit this encoder and these features: {figure}, below {min_anchor_cosine}. "
+                "Its anchors are far from the features, so the protection would spend its budget pulling them "
+                "back. Train the shadow for this encoder on data like the gallery's (advface train-shadow "
+                "--encoder ...), or protect around the features themselves (--anchor original --random-start)")
+
+
+def sample_rows(n: int, rows: int = FIT_ROWS, seed: int = 0) -> np.ndarray:
+    """Indices of a seeded sample of ``rows`` of n rows (all of them, in order, when n <= rows)."""
+    if n <= rows:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=rows, replace=False))
+
+
+def fit_report(z: Tensor, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig) -> FitReport:
+    """FitReport of the features z (already sampled), the models frozen by the caller."""
+    with torch.no_grad():
+        _, anchor = shadow_targets(z, shadow, encoder, config.replace(anchor="shadow"))
+        cosine = F.cosine_similarity(anchor, z, dim=1)
+    return FitReport(rows=int(z.shape[0]), anchor_cosine=quantiles(cosine))
