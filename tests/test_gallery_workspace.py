@@ -259,3 +259,25 @@ def test_fuzzed_manifests_give_the_right_output_or_a_value_error(tmp_path, ckpt,
             dst.unlink()
         assert {k: v for k, v in tree(tmp_path).items() if not k.startswith(dst.name)} == outside, (i, raw)
     assert min(outcomes.values()) >= 20, outcomes  # both kinds of outcome were exercised
+
+
+@pytest.mark.parametrize("fmt", ["npy", "parquet"])
+def test_the_writer_never_writes_through_a_link(tmp_path, fmt):
+    """The assembled output and its ids scratch file live in the job's folder: a link put in their place
+    is an error, and the file it points to is left as it was."""
+    import errno
+
+    from advface_engine.gallery.formats import GalleryWriter, open_gallery
+
+    np.save(tmp_path / "in.npy", gallery_rows())
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    (tmp_path / f"output.{fmt}").symlink_to(target)
+    gallery = open_gallery(tmp_path / "in.npy")
+    try:
+        with pytest.raises(OSError) as err:
+            GalleryWriter(fmt, tmp_path / f"output.{fmt}", gallery, gallery.num_rows, tmp_path)
+        assert err.value.errno == errno.ELOOP
+    finally:
+        gallery.close()
+    assert target.read_text() == "keep me"

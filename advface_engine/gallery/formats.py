@@ -489,8 +489,15 @@ def _check_ids_fit(gallery: Gallery, fmt: str) -> None:
         start += len(ids)
 
 
+def open_nofollow(path, flags: int) -> int:
+    """``open``'s opener that does not follow a link: the job's own files in its folder are never links, so a
+    link put in their place (to a file elsewhere) is an error, not a file written or read through."""
+    return os.open(path, flags | os.O_NOFOLLOW, 0o666)
+
+
 class GalleryWriter:
-    """Writes a gallery of ``num_rows`` rows shaped like ``like`` to ``path``, one chunk at a time."""
+    """Writes a gallery of ``num_rows`` rows shaped like ``like`` to ``path``, one chunk at a time (its files
+    opened without following a link: they live in the job's folder)."""
 
     def __init__(self, fmt: str, path: Path, like: Gallery, num_rows: int, scratch: Path):
         self.fmt, self.path, self.like, self.num_rows = fmt, path, like, num_rows
@@ -500,8 +507,8 @@ class GalleryWriter:
         if fmt == "parquet":
             self._open_parquet()
             return
-        self._file = open(path, "wb")
-        self._ids_file = open(self._ids_path, "wb") if self.has_ids else None
+        self._file = open(path, "wb", opener=open_nofollow)
+        self._ids_file = open(self._ids_path, "wb", opener=open_nofollow) if self.has_ids else None
         row_bytes = num_rows * like.dim * like.dtype.itemsize
         if fmt == "npy":
             np.lib.format.write_array_header_1_0(self._file, {
@@ -550,7 +557,8 @@ class GalleryWriter:
             schema = pa.schema(fields + [pa.field("embedding", pa.list_(value, self.like.dim))])
             self._key = "embedding"
         self._schema = schema
-        self._writer = pq.ParquetWriter(self.path, schema)
+        self._sink = open(self.path, "wb", opener=open_nofollow)
+        self._writer = pq.ParquetWriter(self._sink, schema)
 
     def write(self, chunk: Chunk) -> None:
         rows = np.ascontiguousarray(chunk.rows, dtype=self.like.dtype)
@@ -583,14 +591,15 @@ class GalleryWriter:
         """Complete the file (ids after the rows where the format wants them) and fsync it."""
         if self.fmt == "parquet":
             self._writer.close()
-            with open(self.path, "rb") as f:
-                os.fsync(f.fileno())
+            self._sink.flush()
+            os.fsync(self._sink.fileno())
+            self._sink.close()
             return
         if self._ids_file is not None:
             self._ids_file.close()
             if self.fmt == "faiss":
                 self._file.write(struct.pack("<Q", self.num_rows))
-            with open(self._ids_path, "rb") as ids:
+            with open(self._ids_path, "rb", opener=open_nofollow) as ids:
                 shutil.copyfileobj(ids, self._file, 1 << 22)
             self._ids_path.unlink()
         self._file.flush()

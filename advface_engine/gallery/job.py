@@ -68,7 +68,16 @@ from ..models.io import load_model, model_checksum
 from ..progress import progress_bar
 from ..protect import Protector
 from ..stats import FIT_ROWS, MIN_ANCHOR_COSINE, sample_rows
-from .formats import FORMATS, Chunk, Gallery, GalleryWriter, check_convertible, format_of, open_gallery
+from .formats import (
+    FORMATS,
+    Chunk,
+    Gallery,
+    GalleryWriter,
+    check_convertible,
+    format_of,
+    open_gallery,
+    open_nofollow,
+)
 
 POLICIES = ("fail", "skip", "copy")
 ENGINES = ("local", "ray")
@@ -323,16 +332,11 @@ class Cosines:
                 "max": self.high}
 
 
-def _open_nofollow(path, flags: int) -> int:
-    """``open``'s opener that does not follow a link (the job's files are its own, never a link)."""
-    return os.open(path, flags | os.O_NOFOLLOW, 0o666)
-
-
 def write_atomic(path: Path, data, tmp: Path | None = None) -> None:
     """Write ``data`` (bytes-like) to ``path`` through ``tmp`` (default ``<path>.tmp``), fsynced and renamed, so a
     reader finds the old file or the new one, never a part. The temporary file is opened without following a link."""
     tmp = tmp or path.with_name(path.name + ".tmp")
-    with open(tmp, "wb", opener=_open_nofollow) as f:
+    with open(tmp, "wb", opener=open_nofollow) as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -350,7 +354,7 @@ def read_part(path: Path, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray
     """A part's rows, or None when it is missing or has the wrong size."""
     rows = np.empty(shape, dtype)
     try:
-        with open(path, "rb", opener=_open_nofollow) as f:
+        with open(path, "rb", opener=open_nofollow) as f:
             if os.fstat(f.fileno()).st_size != rows.nbytes or f.readinto(memoryview(rows).cast("B")) != rows.nbytes:
                 return None
     except FileNotFoundError:
@@ -442,7 +446,7 @@ def _read_manifest(work: Path, fingerprint: dict) -> dict | None:
     readable JSON, is malformed (naming the field) or belongs to another job (naming what differs)."""
     path = work / "manifest.json"
     try:
-        with open(path, "rb", opener=_open_nofollow) as f:
+        with open(path, "rb", opener=open_nofollow) as f:
             raw = f.read()
     except FileNotFoundError:
         return None
@@ -741,7 +745,7 @@ def _check_workspace(work: Path) -> None:
 
 def _is_marker(path: Path) -> bool:
     try:
-        with open(path, "rb", opener=_open_nofollow) as f:
+        with open(path, "rb", opener=open_nofollow) as f:
             data = json.loads(f.read(4096))
     except ValueError:
         return False
@@ -814,7 +818,7 @@ def _workspace(work: Path):
     with contextlib.suppress(FileExistsError):
         work.mkdir()
     _check_workspace(work)
-    with open(work / "lock", "a", opener=_open_nofollow) as f:
+    with open(work / "lock", "a", opener=open_nofollow) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
