@@ -11,6 +11,7 @@ from dataclasses import dataclass
 NORMS = ("linf", "l2")
 CONSTRAINTS = ("ball", "per_step")
 ANCHORS = ("shadow", "original")
+OBJECTIVES = ("pixel", "identity", "pixel+identity")
 MAX_BUDGET = 1e30  # eps and alpha beyond this overflow the float32 step arithmetic
 MAX_STEPS = 10_000  # far beyond any useful T (eps / alpha steps cross the ball): a typo, not a week's run
 
@@ -37,6 +38,11 @@ class ProtectConfig:
     min_cosine:   the utility guard: every output row has cos(z_adv, z) >= min_cosine, z the caller's
                   feature. The anchor, the start and every step's iterate are rotated toward z onto
                   that cap (ALGORITHM.md). None switches the guard off.
+    objective:    what each step ascends: "pixel", the shadow's L1 reconstruction error (Eq. 4);
+                  "identity", 1 - cos(E(S(z_t)), z), how far the shadow's reconstruction is from the
+                  person to the encoder (needs a differentiable torch encoder; reference backend);
+                  "pixel+identity", the per-pixel mean L1 error + identity_weight * that.
+    identity_weight: the identity term's weight in "pixel+identity" (>= 0).
     """
 
     eps: float = 0.2
@@ -49,6 +55,8 @@ class ProtectConfig:
     random_start: bool = False
     seed: int = 0
     min_cosine: float | None = 0.8
+    objective: str = "pixel"
+    identity_weight: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("eps", "alpha"):
@@ -72,7 +80,14 @@ class ProtectConfig:
             if not -1 < value < 1:  # NaN fails too
                 raise ValueError(f"min_cosine must be in (-1, 1) or None (no guard), got {value}")
             object.__setattr__(self, "min_cosine", float(value))
-        for name, allowed in (("norm", NORMS), ("constraint", CONSTRAINTS), ("anchor", ANCHORS)):
+        weight = self.identity_weight
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+            raise TypeError(f"identity_weight must be a number, got {type(weight).__name__}")
+        if not math.isfinite(weight) or not 0 <= weight <= MAX_BUDGET:
+            raise ValueError(f"identity_weight must be a finite number >= 0, got {weight}")
+        object.__setattr__(self, "identity_weight", float(weight))
+        for name, allowed in (("norm", NORMS), ("constraint", CONSTRAINTS), ("anchor", ANCHORS),
+                              ("objective", OBJECTIVES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("normalize", "random_start"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from .config import ANCHORS, CONSTRAINTS, NORMS, ProtectConfig
+from .config import ANCHORS, CONSTRAINTS, NORMS, OBJECTIVES, ProtectConfig
 
 
 def min_cosine_arg(text: str) -> float | None:
@@ -22,7 +22,8 @@ def min_cosine_arg(text: str) -> float | None:
 
 
 def add_protect_args(parser: argparse.ArgumentParser) -> None:
-    """--eps --alpha --steps --norm --constraint --anchor --no-normalize --random-start --seed --min-cosine."""
+    """One flag per ProtectConfig field: --eps --alpha --steps --norm --constraint --anchor --no-normalize
+    --random-start --seed --min-cosine --objective --objective-weight."""
     d = ProtectConfig()
     g = parser.add_argument_group("protection")
     g.add_argument("--eps", type=float, default=d.eps, help=f"perturbation budget (default {d.eps})")
@@ -37,6 +38,12 @@ def add_protect_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--min-cosine", type=min_cosine_arg, default=d.min_cosine, metavar="C",
                    help=f"utility guard: every protected row keeps cos(protected, original) >= C; 'none' turns it "
                         f"off (default {d.min_cosine})")
+    g.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
+                   help=f"what the steps ascend: the shadow's pixel error, or how far its reconstruction is from "
+                        f"the person to the encoder (default {d.objective})")
+    g.add_argument("--objective-weight", dest="identity_weight", type=float, default=d.identity_weight,
+                   metavar="W", help=f"weight of the identity term of --objective pixel+identity (default "
+                                     f"{d.identity_weight}; not train-shadow's --identity-weight, a training term)")
 
 
 def config_from_args(args: argparse.Namespace) -> ProtectConfig:

@@ -22,7 +22,8 @@ class NaivePGD:
     """``NaivePGD(shadow, encoder, config)(z) -> z_adv``, like ``torchattacks.PGD(model, eps, alpha, steps)``."""
 
     def __init__(self, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig):
-        wanted = dict(norm="linf", constraint="ball", anchor="shadow", normalize=True, random_start=False)
+        wanted = dict(norm="linf", constraint="ball", anchor="shadow", normalize=True, random_start=False,
+                      objective="pixel")
         other = {k: getattr(config, k) for k, v in wanted.items() if getattr(config, k) != v}
         if other:
             raise ValueError(f"the naive baseline implements only the default L-inf protection, not {other}")

@@ -79,6 +79,19 @@ def tiny_models(family: str = "dcgan", feature_dim: int = 16, size: int = 16, se
     return shadow.to(dtype).eval(), encoder.to(dtype).eval()
 
 
+def fitting_models(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A random tiny shadow and a linear encoder fitted to invert it (least squares on 4096 features):
+    E(S(z)) near z, as for a shadow trained for its encoder."""
+    shadow, _ = tiny_models(seed=seed)
+    z = torch.nn.functional.normalize(torch.randn(4096, 16, generator=torch.Generator().manual_seed(seed)), dim=1)
+    with torch.no_grad():
+        images = shadow(z).flatten(1)
+    weight = torch.linalg.lstsq(images.double(), z.double()).solution.T.float()
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(images.shape[1], 16, bias=False))
+    encoder[1].weight.data.copy_(weight)
+    return shadow, encoder.eval()
+
+
 @pytest.fixture
 def models():
     return tiny_models()

@@ -9,8 +9,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_models
-from torch import nn
+from conftest import fitting_models, tiny_models
 
 import advface_engine as afe
 from advface_engine.backends.reference import guard, guard_frame
@@ -26,19 +25,6 @@ def _ids(settings: dict) -> str:
 
 def cosines(z_adv: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(z_adv.double(), z.double(), dim=1)
-
-
-def fitting_models(seed: int = 0) -> tuple[nn.Module, nn.Module]:
-    """A random tiny shadow and a linear encoder fitted to invert it (least squares on 4096 features):
-    E(S(z)) near z, as for a shadow trained for its encoder."""
-    shadow, _ = tiny_models(seed=seed)
-    z = F.normalize(torch.randn(4096, 16, generator=torch.Generator().manual_seed(seed)), dim=1)
-    with torch.no_grad():
-        images = shadow(z).flatten(1)
-    weight = torch.linalg.lstsq(images.double(), z.double()).solution.T.float()
-    encoder = nn.Sequential(nn.Flatten(), nn.Linear(images.shape[1], 16, bias=False))
-    encoder[1].weight.data.copy_(weight)
-    return shadow, encoder.eval()
 
 
 def features(batch: int = 12, seed: int = 1, scale: float = 1.0) -> torch.Tensor:

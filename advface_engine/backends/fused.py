@@ -23,7 +23,7 @@ from ..config import ProtectConfig
 from ..kernels import interpreted
 from ..kernels.linear_step import linear_sign_step
 from ..kernels.sign_step import sign_step_project
-from . import FUSED_DTYPES, check_fused_options
+from . import FUSED_DTYPES, UnsupportedModelError, check_fused_options
 from .decoder import (
     as_input_of,
     autocast_copy,
@@ -219,6 +219,9 @@ class FusedBackend:
                  channels_last: bool | None = None, compile_encoder: bool = False):
         check_fused_options(dict(dtype=dtype, graphs=graphs, split_k=split_k, record_loss=record_loss,
                                  channels_last=channels_last, compile_encoder=compile_encoder))
+        if config.objective != "pixel":  # "auto" falls back to the reference backend, with a warning
+            raise UnsupportedModelError(f"the fused backend steps on the pixel objective (Eq. 4) only, not "
+                                        f"objective={config.objective!r}: use backend 'reference'")
         self.shadow, self.encoder, self.config = shadow, encoder, config
         self.dtype, self.graphs, self.split_k, self.record_loss = dtype, graphs, split_k, record_loss
         self.compile_encoder = compile_encoder

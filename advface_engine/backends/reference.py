@@ -1,7 +1,7 @@
 """Reference backend: ALGORITHM.md written out in PyTorch. It is the specification.
 
     x~ = S(z),  z~ = E(x~)                                   (3)
-    g_t = d/dz || S(z_t) - x~ ||_1                           (4)
+    g_t = d/dz || S(z_t) - x~ ||_1                           (4)  (objective "pixel"; see objective)
     z_{t+1} = Proj_eps(z_t + alpha * sign(g_t)),  z_0 = z~   (2, 5)
 
 and the utility guard after each of them: Cap(u) moves u onto {u : cos(u, z) >= min_cosine}.
@@ -80,6 +80,24 @@ def guard(u: Tensor, frame: tuple[Tensor, Tensor], min_cosine: float | None) -> 
     return torch.where(outside, edge, u)
 
 
+def objective(shadow: nn.Module, encoder: nn.Module, z_t: Tensor, x_shadow: Tensor, z: Tensor,
+              config: ProtectConfig) -> Tensor:
+    """What each step ascends, summed over the rows (each row's gradient is its own term's):
+    "pixel" ||S(z_t) - x~||_1 (Eq. 4); "identity" 1 - cos(E(S(z_t)), z), the encoder's verdict on the
+    shadow's reconstruction; "pixel+identity" the mean per-pixel L1 + identity_weight * that."""
+    x_t = shadow(z_t)
+    if config.objective == "pixel":
+        return (x_t - x_shadow).abs().sum()
+    feature = encoder(as_input_of(encoder, x_t))
+    if not feature.requires_grad:  # an ONNX session, or an encoder that detaches its output
+        raise ValueError(f"objective {config.objective!r} takes its gradient through the encoder, and this "
+                         f"encoder ({type(encoder).__name__}) gives none: use a torch encoder, or objective 'pixel'")
+    away = 1 - F.cosine_similarity(feature.to(z.dtype), z, dim=1)
+    if config.objective == "identity":
+        return away.sum()
+    return ((x_t - x_shadow).abs().flatten(1).mean(1) + config.identity_weight * away).sum()
+
+
 def step_direction(grad: Tensor, norm: str) -> Tensor:
     """sign(g) for L-inf; g / ||g||_2 per row for L2 (a zero gradient gives no step)."""
     if norm == "linf":
@@ -135,7 +153,7 @@ class ReferenceBackend:
         z_t = guard(random_start(anchor, z, cfg), frame, cfg.min_cosine) if cfg.random_start else anchor.clone()
         z_t.requires_grad_(True)
         for _ in range(cfg.steps):
-            loss = (shadow(z_t) - x_shadow).abs().sum()  # per-sample sums; rows independent
+            loss = objective(shadow, self.encoder, z_t, x_shadow, z, cfg)  # per-sample sums; rows independent
             (grad,) = torch.autograd.grad(loss, z_t)
             with torch.no_grad():
                 z_prev = z_t.detach().clone() if cfg.constraint == "per_step" else None
