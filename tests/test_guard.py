@@ -120,11 +120,11 @@ def test_zero_rows_are_refused_by_the_api():
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("pair", ["fitting", "random"])
-@pytest.mark.parametrize("settings", SETTINGS[::3], ids=_ids)
+@pytest.mark.parametrize("settings", SETTINGS, ids=_ids)
 def test_guard_holds_on_every_row_fused(settings, pair):
     shadow, encoder = (fitting_models() if pair == "fitting" else tiny_models())
     z = features(scale=1.0 if settings["normalize"] else 3.0)
-    for c, steps in ((0.8, 0), (0.8, 3), (0.97, 3)):
+    for c, steps in ((0.8, 0), (0.95, 3)):
         cfg = afe.ProtectConfig(eps=0.1, alpha=0.03, steps=steps, min_cosine=c, **settings)
         got = afe.protect(z, shadow, encoder, cfg, backend="fused")
         want = afe.protect(z, shadow, encoder, cfg, backend="reference")
