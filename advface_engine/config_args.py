@@ -8,17 +8,28 @@ import dataclasses
 from .config import ANCHORS, CONSTRAINTS, NORMS, OBJECTIVES, ProtectConfig
 
 
-def min_cosine_arg(text: str) -> float | None:
-    """--min-cosine's value: a number in (-1, 1), or "none" (no guard)."""
+def _cosine_or_none(text: str, closed: bool) -> float | None:
+    """A cosine from the command line: a number in (-1, 1), or [-1, 1] when ``closed``; "none" is None."""
     if text.strip().lower() in ("none", "off"):
         return None
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (-1, 1) or 'none', got {text!r}") from None
-    if not -1 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (-1, 1) or 'none', got {text!r}")
+        value = float("nan")
+    if not (-1 <= value <= 1 if closed else -1 < value < 1):  # NaN fails too
+        span = "[-1, 1]" if closed else "(-1, 1)"
+        raise argparse.ArgumentTypeError(f"expected a number in {span} or 'none', got {text!r}")
     return value
+
+
+def min_cosine_arg(text: str) -> float | None:
+    """--min-cosine's value: a number in (-1, 1), or "none" (no guard)."""
+    return _cosine_or_none(text, closed=False)
+
+
+def threshold_arg(text: str) -> float | None:
+    """A cosine threshold such as --min-anchor-cosine: a number in [-1, 1], or "none" (no threshold)."""
+    return _cosine_or_none(text, closed=True)
 
 
 def add_protect_args(parser: argparse.ArgumentParser) -> None:

@@ -7,23 +7,10 @@ import sys
 from pathlib import Path
 
 from ..backends import BACKEND_NAMES
-from ..config_args import add_protect_args, config_from_args
+from ..config_args import add_protect_args, config_from_args, threshold_arg
 from ..stats import FIT_ROWS, MIN_ANCHOR_COSINE
 from .formats import FORMATS
 from .job import ENGINES, POLICIES
-
-
-def _threshold(text: str) -> float | None:
-    """--min-anchor-cosine's value: a number in [-1, 1], or "none" (no preflight refusal)."""
-    if text.strip().lower() in ("none", "off"):
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not -1 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [-1, 1] or 'none', got {text!r}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embedding-key", help="embedding tensor / column (default: the only 2-D tensor / list column)")
     p.add_argument("--id-key", help="ids tensor / column (default: 'ids' in safetensors, 'id' in Parquet)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output when the job completes")
-    p.add_argument("--min-anchor-cosine", type=_threshold, default=MIN_ANCHOR_COSINE, metavar="C",
+    p.add_argument("--min-anchor-cosine", type=threshold_arg, default=MIN_ANCHOR_COSINE, metavar="C",
                    help=f"preflight: refuse (exit 2, nothing written) when the median cos(E(S(z)), z) over "
                         f"{FIT_ROWS} rows is below C, i.e. the shadow does not fit this encoder and gallery "
                         f"(default {MIN_ANCHOR_COSINE}; 'none': never refuse)")
