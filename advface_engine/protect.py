@@ -1,4 +1,7 @@
-"""Public entry points: ``protect`` (one call) and ``Protector`` (configured once, called often)."""
+"""Public entry points: ``protect`` (one call) and ``Protector`` (configured once, called often).
+
+Features are a (B, D) tensor, or a NumPy array (float16, float32 or float64), returned as they came.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,15 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .backends import make_backend
+from .backends import ReplayingBackend, make_backend
 from .backends.decoder import as_input_of, first_float, own_parameters, submodules
 from .config import ProtectConfig
+from .errors import ModelMismatchError
+from .features import as_tensor, check_features, warn_far_from_unit
 from .stats import FIT_ROWS, FitReport, ProtectionStats, fit_report, protection_stats, sample_rows
 
 _FROZEN_LOCK = threading.Lock()
@@ -76,48 +82,29 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
                 _thaw(module)
 
 
-def check_features(z: Tensor) -> None:
-    """A (B, D) floating tensor whose rows are finite and not all zero, else a ValueError naming the bad
-    rows. A zero row has no direction (a placeholder such as a failed enrolment): protected, every such
-    row would become the same vector and match the others; the gallery job refuses them alike."""
-    if not isinstance(z, Tensor):
-        raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
-    if z.dim() != 2:
-        raise ValueError(f"z must have shape (B, D), got {tuple(z.shape)}")
-    if not z.is_floating_point():
-        raise ValueError(f"z must be a floating tensor, got {z.dtype}")
-    nonfinite = (~torch.isfinite(z)).any(dim=1)
-    if not (nonfinite | ~z.any(dim=1)).any():  # one host sync when all is well
-        return
-    for name, bad in (("NaN or Inf in", nonfinite), ("all-zero", ~z.any(dim=1))):
-        rows = bad.nonzero().flatten()
-        if rows.numel():
-            more = f" and {rows.numel() - 10} more" if rows.numel() > 10 else ""
-            raise ValueError(f"z has {name} rows {rows[:10].tolist()}{more}")
-
-
 def check_models(dim: int, shadow: nn.Module, encoder: nn.Module, like: Tensor) -> None:
     """Run one row through S and E to check that their dimensions agree with z's."""
     enc = first_float(encoder)
     if enc is not None and enc.device != like.device:
-        raise ValueError(f"the shadow decoder is on {like.device} and the encoder on {enc.device}: "
+        raise ModelMismatchError(f"the shadow decoder is on {like.device} and the encoder on {enc.device}: "
                          "put both on one device")
     probe = torch.zeros(1, dim, dtype=like.dtype, device=like.device)
     with torch.no_grad():
         try:
             image = shadow(probe)
         except RuntimeError as err:
-            raise ValueError(f"the shadow decoder does not take features of dim {dim}: {err}") from err
+            raise ModelMismatchError(f"the shadow decoder does not take features of dim {dim}: {err}") from err
         if image.dim() != 4 or image.shape[1] != 3:
-            raise ValueError(f"the shadow decoder must output (B, 3, H, W) images, got {tuple(image.shape)}")
+            raise ModelMismatchError(f"the shadow decoder must output (B, 3, H, W) images, got "
+                                     f"{tuple(image.shape)}")
         try:
             feature = encoder(as_input_of(encoder, image))
         except RuntimeError as err:
-            raise ValueError(
+            raise ModelMismatchError(
                 f"the encoder does not take the shadow decoder's {tuple(image.shape[1:])} images: {err}"
             ) from err
     if feature.dim() != 2 or feature.shape[1] != dim:
-        raise ValueError(
+        raise ModelMismatchError(
             f"the encoder outputs features of shape {tuple(feature.shape[1:])} but z has dim {dim}"
         )
 
@@ -125,15 +112,18 @@ def check_models(dim: int, shadow: nn.Module, encoder: nn.Module, like: Tensor) 
 class Protector:
     """A configured protection: ``Protector(shadow=S, encoder=E, config=cfg)(z) -> z_adv``.
 
-    The output has z's shape, dtype and device; the work runs on the models' device in the shadow's
-    dtype (the encoder may have another; an enclosing ``torch.autocast``, ``no_grad`` or
-    ``inference_mode`` does not change the computation). Model checks run once per feature dim.
-    ``backend_options`` go to the fused backend, e.g. ``{"dtype": "bf16"}``. Calls from several
+    z is a (B, D) tensor or NumPy array; the output has its type, shape, dtype and device. The work runs
+    on the models' device in the shadow's dtype (the encoder may have another; an enclosing
+    ``torch.autocast``, ``no_grad`` or ``inference_mode`` does not change the computation). Model checks
+    run once per feature dim. ``backend_options`` go to the fused backend, e.g. ``{"dtype": "bf16"}``, or
+    to a plugin's factory (``advface_engine.backends.register``). Calls from several
     threads are safe and run one at a time (a backend holds per-batch buffers and CUDA graphs).
     The config is fixed for a Protector's life: build another for other settings.
 
     ``return_stats``: a call returns ``(z_adv, ProtectionStats)``, per-row figures computed after the
-    protection (four forward passes more); ``check_fit(z)`` tells whether the shadow fits before any.
+    protection (four forward passes more; CPU tensors, also for NumPy input); ``check_fit(z)`` tells
+    whether the shadow fits before any. Rows far from unit norm under ``normalize=True`` are protected
+    with a ``FeatureNormWarning``, given once per Protector.
     """
 
     def __init__(
@@ -155,7 +145,9 @@ class Protector:
             raise TypeError(f"config must be a ProtectConfig, got {type(config).__name__}")
         self.shadow, self.encoder, self._config = shadow, encoder, config
         self.backend = make_backend(backend, shadow, encoder, config, **(backend_options or {}))
+        self._replay = self.backend.run_replay if isinstance(self.backend, ReplayingBackend) else None
         self._checked: set[tuple] = set()
+        self._warned = False
         self._lock = threading.Lock()
 
     @property
@@ -166,21 +158,27 @@ class Protector:
     def backend_name(self) -> str:
         return self.backend.name
 
-    def __call__(self, z: Tensor) -> Tensor | tuple[Tensor, ProtectionStats]:
-        z_adv = self._protect(z)
-        return (z_adv, self.stats(z, z_adv)) if self.return_stats else z_adv
+    def __call__(self, z: Tensor | np.ndarray) -> Tensor | np.ndarray | tuple[Tensor | np.ndarray, ProtectionStats]:
+        features = as_tensor(z)
+        z_adv = self._protect(features)
+        stats = self.stats(features, z_adv) if self.return_stats else None
+        if isinstance(z, np.ndarray):
+            z_adv = z_adv.detach().numpy().astype(z.dtype, copy=False)
+        return (z_adv, stats) if self.return_stats else z_adv
 
-    def stats(self, z: Tensor, z_adv: Tensor) -> ProtectionStats:
+    def stats(self, z: Tensor | np.ndarray, z_adv: Tensor | np.ndarray) -> ProtectionStats:
         """ProtectionStats of this Protector's config for features z and their protected z_adv."""
+        z, z_adv = as_tensor(z), as_tensor(z_adv)
         device, dtype = self._place(z)
         with self._lock, frozen(self.shadow, self.encoder), torch.inference_mode(False), \
                 torch.autocast(device.type, enabled=False):
             return protection_stats(self._work(z, device, dtype), z_adv, self.shadow, self.encoder, self._config)
 
-    def check_fit(self, z: Tensor, rows: int = FIT_ROWS, seed: int = 0) -> FitReport:
+    def check_fit(self, z: Tensor | np.ndarray, rows: int = FIT_ROWS, seed: int = 0) -> FitReport:
         """How near the shadow's anchor E(S(z)) is to z, on a seeded sample of ``rows`` rows of z (all of
         them when fewer): ``.fits()`` is False when the shadow does not fit this encoder and these
         features, and ``.message()`` says so with the figure and the remedies."""
+        z = as_tensor(z)
         check_features(z)
         if z.shape[0] == 0:
             raise ValueError("check_fit needs at least one feature row")
@@ -198,16 +196,22 @@ class Protector:
         return (like.device, like.dtype) if like is not None else (z.device, torch.float32)
 
     def _protect(self, z: Tensor) -> Tensor:
-        check_features(z)
+        far = check_features(z, normalize=self._config.normalize)
+        z_adv = self._run(z)
+        if far and not self._warned:  # once per Protector: a gallery job calls it batch after batch
+            self._warned = True
+            warn_far_from_unit(far, z.shape[0])
+        return z_adv
+
+    def _run(self, z: Tensor) -> Tensor:
         device, dtype = self._place(z)
         key = (z.shape[1], dtype, device)
         with self._lock:
             # a captured graph that touches no tensor of the models replays without freezing them
-            # (FusedBackend.run_replay): the walks over their modules are then not in the way
-            replay = getattr(self.backend, "run_replay", None)
-            if replay is not None and key in self._checked and z.shape[0] > 0:
+            # (ReplayingBackend): the walks over their modules are then not in the way
+            if self._replay is not None and key in self._checked and z.shape[0] > 0:
                 with torch.inference_mode(False), torch.no_grad(), torch.autocast(device.type, enabled=False):
-                    z_adv = replay(self._work(z, device, dtype))
+                    z_adv = self._replay(self._work(z, device, dtype))
                 if z_adv is not None:
                     return z_adv.to(device=z.device, dtype=z.dtype)
             # the caller's autocast must not change the precision asked for, nor its no_grad or
@@ -230,13 +234,13 @@ class Protector:
 
 
 def protect(
-    z: Tensor,
+    z: Tensor | np.ndarray,
     shadow: nn.Module,
     encoder: nn.Module,
     config: ProtectConfig | None = None,
     backend: str = "reference",
     return_stats: bool = False,
-) -> Tensor | tuple[Tensor, ProtectionStats]:
-    """Replace features z (B, D) by adversarial features (ALGORITHM.md, Eq. 2-5); with ``return_stats``,
-    ``(z_adv, ProtectionStats)``."""
+) -> Tensor | np.ndarray | tuple[Tensor | np.ndarray, ProtectionStats]:
+    """Replace features z (B, D), a tensor or a NumPy array, by adversarial features of the same type,
+    dtype and shape (ALGORITHM.md, Eq. 2-5); with ``return_stats``, ``(z_adv, ProtectionStats)``."""
     return Protector(shadow=shadow, encoder=encoder, config=config, backend=backend, return_stats=return_stats)(z)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data.folders import ImageFolder, NpyImages, take
+from .errors import IncompatibleCheckpointError, RefusedFileError
 from .models.io import model_checksum, save_model
 from .progress import progress_bar
 from .protect import frozen
@@ -153,41 +154,45 @@ CHECKPOINT_FIELDS = {"modules": dict, "optimizer": dict, "schedule": dict, "epoc
 def _resume(path: Path, settings: dict, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
             schedule, epochs: int) -> tuple[int, list[float]]:
     """Load the training checkpoint at ``path`` into the modules, optimiser and schedule; returns (epoch,
-    history). The file is untrusted: anything but a checkpoint of this run is one ValueError naming it."""
+    history). The file is untrusted: anything but a checkpoint of this run is one error naming it
+    (``RefusedFileError``, or ``IncompatibleCheckpointError`` for another run's)."""
     from .models.io import load_weights_only
 
     state = load_weights_only(path, "training checkpoint")
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a training checkpoint (it holds a {type(state).__name__})")
+        raise RefusedFileError(f"{path}: not a training checkpoint (it holds a {type(state).__name__})")
     missing = [k for k in CHECKPOINT_FIELDS if k not in state]
     if missing:
-        raise ValueError(f"{path}: not a complete training checkpoint (missing {', '.join(missing)})")
+        raise RefusedFileError(f"{path}: not a complete training checkpoint (missing {', '.join(missing)})")
     for key, kind in CHECKPOINT_FIELDS.items():
         if not isinstance(state[key], kind) or isinstance(state[key], bool):
-            raise ValueError(f"{path}: damaged training checkpoint ({key} is of type {type(state[key]).__name__}, "
-                             f"expected {kind.__name__})")
+            raise RefusedFileError(f"{path}: damaged training checkpoint ({key} is of type "
+                                   f"{type(state[key]).__name__}, expected {kind.__name__})")
     if "settings" in state:
         try:
             old = json.loads(state["settings"])
             if not isinstance(old, dict):
                 raise ValueError("not a JSON object")
         except (TypeError, ValueError, RecursionError) as err:
-            raise ValueError(f"{path}: damaged training checkpoint (settings: {err})") from None
+            raise RefusedFileError(f"{path}: damaged training checkpoint (settings: {err})") from None
         differ = sorted(k for k in settings.keys() | old.keys() if settings.get(k) != old.get(k))
         if differ:
-            raise ValueError(f"{path} was written for another training run ({', '.join(differ)} differ); "
-                             "rerun with the same settings to resume it, or delete it to start over")
+            raise IncompatibleCheckpointError(f"{path} was written for another training run ({', '.join(differ)} "
+                                              "differ); rerun with the same settings to resume it, or delete it to "
+                                              "start over")
     epoch, history = state["epoch"], state["history"]
     if not 0 <= epoch <= epochs:
-        raise ValueError(f"{path}: damaged training checkpoint (epoch {epoch} of a {epochs}-epoch run)")
+        raise RefusedFileError(f"{path}: damaged training checkpoint (epoch {epoch} of a {epochs}-epoch run)")
     if len(history) != epoch or not all(isinstance(x, float) for x in history):
-        raise ValueError(f"{path}: damaged training checkpoint (a history of {len(history)} items for epoch {epoch})")
+        raise RefusedFileError(f"{path}: damaged training checkpoint (a history of {len(history)} items for epoch "
+                               f"{epoch})")
     if sorted(state["modules"]) != sorted(modules):
-        raise ValueError(f"{path}: holds modules {sorted(state['modules'])}, this run trains {sorted(modules)}")
+        raise IncompatibleCheckpointError(f"{path}: holds modules {sorted(state['modules'])}, this run trains "
+                                          f"{sorted(modules)}")
     own = schedule.state_dict()  # load_state_dict takes any dict: every value it knows must keep its type
     wrong = sorted(k for k, v in state["schedule"].items() if k in own and type(v) is not type(own[k]))
     if wrong or "last_epoch" not in state["schedule"]:
-        raise ValueError(f"{path}: damaged training checkpoint (schedule: {', '.join(wrong) or 'no last_epoch'})")
+        raise RefusedFileError(f"{path}: damaged training checkpoint (schedule: {', '.join(wrong) or 'no last_epoch'})")
     part = "modules"
     try:
         for part, module in modules.items():
@@ -202,7 +207,7 @@ def _resume(path: Path, settings: dict, modules: dict[str, nn.Module], optimizer
         part = "schedule"
         schedule.load_state_dict(state["schedule"])
     except Exception as err:  # torch's load_state_dict raises several types for state of another shape
-        raise ValueError(f"{path}: damaged training checkpoint ({part}: {' '.join(str(err).split())[:300]})") \
+        raise RefusedFileError(f"{path}: damaged training checkpoint ({part}: {' '.join(str(err).split())[:300]})") \
             from err
     return epoch, list(history)
 

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import RefusedFileError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")  # what PIL may decode: no format that runs a helper program
 MAX_IMAGE_PIXELS = 4096 * 4096  # far above any face crop; a larger image is refused before it is decoded
@@ -22,18 +24,18 @@ MAX_IMAGE_PIXELS = 4096 * 4096  # far above any face crop; a larger image is ref
 def open_image(source, name) -> Iterator:
     """A PIL image of ``source`` (a path or a file object) opened lazily: only its header is read. A file
     that is no image of IMAGE_FORMATS, or whose header names more than MAX_IMAGE_PIXELS pixels, is a
-    ValueError naming ``name``, before anything is decoded (a small file can decode into gigabytes)."""
+    ``RefusedFileError`` naming ``name``, before anything is decoded (a small file can decode into gigabytes)."""
     from PIL import Image
 
     try:
         image = Image.open(source, formats=IMAGE_FORMATS)
     except Exception as err:  # PIL raises many types for a file that is not an image it may read
-        raise ValueError(f"{name}: not a readable image ({err})") from err
+        raise RefusedFileError(f"{name}: not a readable image ({err})") from err
     with image:
         width, height = image.size
         if width * height > MAX_IMAGE_PIXELS:
-            raise ValueError(f"{name}: an image of {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} "
-                             "pixels allowed; refused before decoding")
+            raise RefusedFileError(f"{name}: an image of {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} "
+                                   "pixels allowed; refused before decoding")
         yield image
 
 
@@ -50,7 +52,7 @@ def read_image(source, size: int | None, name) -> np.ndarray:
             image.draft("RGB", (size, size))
             return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
         except Exception as err:  # PIL raises many types for damaged image data
-            raise ValueError(f"{name}: not a readable image ({err})") from err
+            raise RefusedFileError(f"{name}: not a readable image ({err})") from err
 
 
 def images_from_array(array: np.ndarray, size: int | None = None) -> Tensor:

@@ -6,11 +6,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..backends import BACKEND_NAMES
+from ..backends import available
 from ..config_args import add_protect_args, config_from_args, threshold_arg
 from ..stats import FIT_ROWS, MIN_ANCHOR_COSINE
 from .formats import FORMATS
 from .job import ENGINES, POLICIES
+
+
+def _per_channel(text: str) -> float | list[float]:
+    """--encoder-mean / --encoder-std: a number, or three separated by commas (one per channel)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"expected a number or three separated by commas, got {text!r}")
+    return values[0] if len(values) == 1 else values
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,11 +35,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shadow", required=True, help="shadow decoder checkpoint")
     p.add_argument("--encoder", required=True, help="encoder: advface .safetensors, .onnx, or .pth with --encoder-arch")
     p.add_argument("--encoder-arch", help="architecture of a plain state-dict encoder, e.g. iresnet50")
+    p.add_argument("--encoder-channel-order", choices=("rgb", "bgr"), default="rgb",
+                   help="an ONNX encoder's input channel order (default rgb)")
+    p.add_argument("--encoder-mean", type=_per_channel, default=127.5, metavar="M",
+                   help="an ONNX encoder's input is (pixel - M) / S, pixel values 0..255: a number or three "
+                        "(one per channel, in the model's order; default 127.5, insightface's ArcFace convention)")
+    p.add_argument("--encoder-std", type=_per_channel, default=127.5, metavar="S",
+                   help="see --encoder-mean (default 127.5)")
     p.add_argument("--format", choices=FORMATS, help="output format (default: the output's suffix, else the input's)")
     p.add_argument("--batch-size", type=int, default=1024, help="rows per engine call (default 1024)")
     p.add_argument("--chunk-rows", type=int, help="rows per checkpointed chunk (default: ~32 MiB of rows)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
-    p.add_argument("--backend", choices=BACKEND_NAMES, default="auto")
+    p.add_argument("--backend", choices=available(), default="auto",
+                   help="auto, reference, fused, or an installed plugin's (default auto)")
     p.add_argument("--on-bad-rows", choices=POLICIES, default="fail",
                    help="rows with NaN/Inf or all zero: fail (before any work, an error naming them), skip "
                         "(drop), copy (keep unchanged); all three list them in OUTPUT.bad-rows.json")
@@ -60,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
             chunk_rows=args.chunk_rows, device=args.device, backend=args.backend, format=args.format,
             on_bad_rows=args.on_bad_rows, engine=args.engine, workers=args.workers, ray_address=args.ray_address,
             embedding_key=args.embedding_key, id_key=args.id_key, encoder_arch=args.encoder_arch,
+            encoder_options={"channel_order": args.encoder_channel_order, "mean": args.encoder_mean,
+                             "std": args.encoder_std},
             overwrite=args.overwrite, progress=args.progress, min_anchor_cosine=args.min_anchor_cosine,
             force=args.force)
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback through torch

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import RefusedFileError
+
 FORMATS = ("npy", "safetensors", "parquet", "faiss")
 SUFFIXES = {".npy": "npy", ".safetensors": "safetensors", ".parquet": "parquet", ".pq": "parquet",
             ".faiss": "faiss", ".index": "faiss"}
@@ -117,7 +119,7 @@ def _pread(fd: int, out: np.ndarray, offset: int, path: Path) -> np.ndarray:
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)
         if n == 0:
-            raise ValueError(f"{path}: file is truncated (ends inside the data)")
+            raise RefusedFileError(f"{path}: file is truncated (ends inside the data)")
         done += n
     return out
 
@@ -135,9 +137,9 @@ class RawGallery(Gallery):
         size = path.stat().st_size
         end = end if end is not None else rows_offset + self.num_rows * self.dim * self.dtype.itemsize
         if size < end:
-            raise ValueError(f"{path}: file is truncated ({size} bytes, the header describes {end})")
+            raise RefusedFileError(f"{path}: file is truncated ({size} bytes, the header describes {end})")
         if size > end:
-            raise ValueError(f"{path}: file is corrupt ({size - end} bytes beyond what the header describes)")
+            raise RefusedFileError(f"{path}: file is corrupt ({size - end} bytes beyond what the header describes)")
         self._fd = os.open(path, os.O_RDONLY)
 
     def read(self, start: int, stop: int, rows: bool = True) -> Chunk:
@@ -161,7 +163,7 @@ def open_npy(path: Path) -> RawGallery:
     read at its offset; ``RawGallery`` checks that the file holds exactly the data the header describes."""
     with open(path, "rb") as f:
         if f.read(6) != b"\x93NUMPY":  # else np.load takes it for a pickle and says so
-            raise ValueError(f"{path}: not a .npy file (no NumPy header)")
+            raise RefusedFileError(f"{path}: not a .npy file (no NumPy header)")
         f.seek(0)
         try:
             version = np.lib.format.read_magic(f)
@@ -175,7 +177,7 @@ def open_npy(path: Path) -> RawGallery:
                 np.lib.format.read_array_header_2_0
             shape, fortran_order, dtype = read_header(f, max_header_size=NPY_MAX_HEADER)
         except Exception as err:  # numpy's header parser raises several types for a damaged header
-            raise ValueError(f"{path}: not a readable .npy file ({type(err).__name__}: {err})") from err
+            raise RefusedFileError(f"{path}: not a readable .npy file ({type(err).__name__}: {err})") from err
         offset = f.tell()
     if len(shape) != 2 or any(n < 0 for n in shape):
         raise ValueError(f"{path}: a gallery .npy must hold one (N, D) array, got shape {shape}")
@@ -189,34 +191,36 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            raise RefusedFileError(f"{path}: not a safetensors file (shorter than 8 bytes)")
         (length,) = struct.unpack("<Q", head)
         if length > min(size - 8, 100 << 20):
-            raise ValueError(f"{path}: not a safetensors file, or truncated (header of {length} bytes, file {size})")
+            raise RefusedFileError(f"{path}: not a safetensors file, or truncated (header of {length} bytes, "
+                                   f"file {size})")
         try:
             header = json.loads(f.read(length))
         except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, nested too deep, numbers too long
-            raise ValueError(f"{path}: corrupt safetensors header ({type(err).__name__}: {err})") from err
+            raise RefusedFileError(f"{path}: corrupt safetensors header ({type(err).__name__}: {err})") from err
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
+        raise RefusedFileError(f"{path}: corrupt safetensors header (not a JSON object)")
     return header, 8 + length
 
 
 def _safetensors_entry(path: Path, key: str, entry) -> tuple[np.dtype, list[int], int, int]:
     """(dtype, shape, begin, end) of one tensor of a safetensors header, every field checked."""
     if not isinstance(entry, dict):
-        raise ValueError(f"{path}: corrupt safetensors header (tensor {key!r} is {str(entry)[:100]!r}, not an object)")
+        raise RefusedFileError(f"{path}: corrupt safetensors header (tensor {key!r} is {str(entry)[:100]!r}, "
+                               "not an object)")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
             and all(type(x) is int and x >= 0 for x in [*shape, *offsets]) and isinstance(dtype, str)):
-        raise ValueError(f"{path}: corrupt safetensors header (tensor {key!r}: shape {shape!r}, "
-                         f"data_offsets {offsets!r}, dtype {dtype!r})")
+        raise RefusedFileError(f"{path}: corrupt safetensors header (tensor {key!r}: shape {shape!r}, "
+                               f"data_offsets {offsets!r}, dtype {dtype!r})")
     if dtype not in ST_DTYPES:
         raise ValueError(f"{path}: unsupported dtype {dtype} of tensor {key!r}")
     dtype = np.dtype(ST_DTYPES[dtype])
     begin, end = offsets
     if end - begin != math.prod(shape) * dtype.itemsize:
-        raise ValueError(f"{path}: corrupt safetensors header (tensor {key!r} size does not match its shape)")
+        raise RefusedFileError(f"{path}: corrupt safetensors header (tensor {key!r} size does not match its shape)")
     return dtype, shape, begin, end
 
 
@@ -227,13 +231,13 @@ def open_safetensors(path: Path, embedding_key: str | None, id_key: str | None) 
     header, data_start = _safetensors_header(path)
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ValueError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+        raise RefusedFileError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     entries = {key: _safetensors_entry(path, key, entry) for key, entry in header.items()}
     position = 0
     for key, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
         if begin != position:
-            raise ValueError(f"{path}: corrupt safetensors header (tensor {key!r} starts at byte {begin} of the data, "
-                             f"expected {position}: tensors overlap or leave a gap)")
+            raise RefusedFileError(f"{path}: corrupt safetensors header (tensor {key!r} starts at byte {begin} of "
+                                   f"the data, expected {position}: tensors overlap or leave a gap)")
         position = end
     if embedding_key is None:
         matrices = [k for k, (_, shape, _, _) in entries.items() if len(shape) == 2]
@@ -270,34 +274,35 @@ def open_faiss(path: Path) -> RawGallery:
         def header(fourccs) -> tuple[bytes, int, int, int]:
             raw = f.read(4 + FAISS_HEADER.size)
             if len(raw) < 4 + FAISS_HEADER.size:
-                raise ValueError(f"{path}: not a FAISS index, or truncated")
+                raise RefusedFileError(f"{path}: not a FAISS index, or truncated")
             if raw[:4] not in fourccs:
                 raise ValueError(f"{path}: unsupported FAISS index type {raw[:4]!r}; supported: IndexFlatIP, "
                                  "IndexFlatL2, optionally in IndexIDMap / IndexIDMap2")
             d, ntotal, _, _, _, metric = FAISS_HEADER.unpack(raw[4:])
             if d <= 0 or ntotal < 0:
-                raise ValueError(f"{path}: corrupt FAISS header (d={d}, ntotal={ntotal})")
+                raise RefusedFileError(f"{path}: corrupt FAISS header (d={d}, ntotal={ntotal})")
             return raw[:4], d, ntotal, metric
 
         outer = header((*FAISS_FLAT, *FAISS_IDMAP))
         flat = header(tuple(FAISS_FLAT)) if outer[0] in FAISS_IDMAP else outer
         if flat[1:] != outer[1:] or FAISS_FLAT[flat[0]] != flat[3]:
-            raise ValueError(f"{path}: corrupt FAISS index (the ID map and its flat index disagree)")
+            raise RefusedFileError(f"{path}: corrupt FAISS index (the ID map and its flat index disagree)")
         _, d, ntotal, metric = flat
         raw = f.read(8)
         count = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
         if count != ntotal * d:
-            raise ValueError(f"{path}: corrupt or truncated FAISS index (code size {count}, expected {ntotal * d})")
+            raise RefusedFileError(f"{path}: corrupt or truncated FAISS index (code size {count}, "
+                                   f"expected {ntotal * d})")
         rows_offset = f.tell()
     ids_offset, end = None, rows_offset + ntotal * d * 4
     if outer[0] in FAISS_IDMAP:
         if size < end + 8:
-            raise ValueError(f"{path}: FAISS index is truncated")
+            raise RefusedFileError(f"{path}: FAISS index is truncated")
         with open(path, "rb") as f:
             f.seek(end)
             (n_ids,) = struct.unpack("<Q", f.read(8))
         if n_ids != ntotal:
-            raise ValueError(f"{path}: corrupt FAISS ID map ({n_ids} ids for {ntotal} vectors)")
+            raise RefusedFileError(f"{path}: corrupt FAISS ID map ({n_ids} ids for {ntotal} vectors)")
         ids_offset, end = end + 8, end + 8 + 8 * ntotal
     return RawGallery(path, "faiss", ntotal, d, np.float32, rows_offset, ids_offset,
                       np.int64 if ids_offset else None, end=end, metric=metric, idmap=outer[0])
@@ -320,7 +325,7 @@ class ParquetGallery(Gallery):
         try:
             self._file = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as err:
-            raise ValueError(f"{path}: not a readable Parquet file ({err})") from err
+            raise RefusedFileError(f"{path}: not a readable Parquet file ({err})") from err
         schema = self._file.schema_arrow
         lists = [f.name for f in schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)
                  or pa.types.is_fixed_size_list(f.type)]
@@ -358,7 +363,7 @@ class ParquetGallery(Gallery):
         try:
             first = next(self._file.iter_batches(batch_size=1, columns=[self.embedding_key])).column(0)[0]
         except (pa.ArrowException, OSError, StopIteration) as err:
-            raise ValueError(f"{self.path}: corrupt Parquet data in row 0: {str(err) or 'no rows'}") from err
+            raise RefusedFileError(f"{self.path}: corrupt Parquet data in row 0: {str(err) or 'no rows'}") from err
         if not first.is_valid:
             raise ValueError(f"{self.path}: row 0 has a null embedding")
         return len(first)
@@ -376,12 +381,12 @@ class ParquetGallery(Gallery):
             while self._at + have < stop:
                 batch = next(self._batches, None)
                 if batch is None:
-                    raise ValueError(f"{self.path}: file ends at row {self._at + have}, expected {self.num_rows}")
+                    raise RefusedFileError(f"{self.path}: file ends at row {self._at + have}, expected {self.num_rows}")
                 self._buffer.append(batch)
                 have += len(batch)
         except (pa.ArrowException, OSError) as err:
             at, self._at = self._at + have, None
-            raise ValueError(f"{self.path}: corrupt Parquet data near row {at}: {err}") from err
+            raise RefusedFileError(f"{self.path}: corrupt Parquet data near row {at}: {err}") from err
         table = pa.Table.from_batches(self._buffer, self._file.schema_arrow).slice(start - self._at)
         rest = table.slice(stop - start)
         self._buffer, self._at = rest.to_batches(), stop
@@ -394,7 +399,7 @@ class ParquetGallery(Gallery):
             try:
                 batch = next(batches, None)
             except (pa.ArrowException, OSError) as err:
-                raise ValueError(f"{self.path}: corrupt Parquet data in the id column: {err}") from err
+                raise RefusedFileError(f"{self.path}: corrupt Parquet data in the id column: {err}") from err
             if batch is None:
                 return
             yield _ids_array(batch.column(0))

@@ -63,6 +63,8 @@ from torch import nn
 
 from ..config import ProtectConfig
 from ..devices import resolve_device
+from ..errors import BadFeaturesError, ModelMismatchError
+from ..features import BAD_ROWS, bad_rows_of
 from ..models import load_encoder
 from ..models.io import load_model, model_checksum
 from ..progress import progress_bar
@@ -108,6 +110,7 @@ class JobSpec:
     embedding_key: str | None = None
     id_key: str | None = None
     encoder_arch: str | None = None  # for a plain state-dict encoder file (``load_encoder``)
+    encoder_options: dict | None = None  # other ``load_encoder`` keywords: an ONNX encoder's preprocessing
 
 
 @dataclass
@@ -129,16 +132,6 @@ class GalleryResult:
     # "fit": the preflight's FitReport (rows, anchor_cosine quantiles); "sample": ProtectionStats.summary() of
     # a seeded sample of up to STATS_ROWS protected rows, computed at assembly from the input and the output
     stats: dict | None = None
-
-
-BAD_ROWS = "NaN, Inf or all zero"  # in the fingerprint: a job is resumed only under the same rule
-
-
-def bad_rows_of(rows: np.ndarray) -> np.ndarray:
-    """Indices of the rows that are not protected: any NaN or Inf, or all zero. A zero row has no
-    direction (a placeholder, e.g. a failed enrolment); protected, every such row would become the
-    same unit vector and match the others, and probes, where before it matched nothing."""
-    return np.flatnonzero(~np.isfinite(rows).all(axis=1) | ~rows.any(axis=1))
 
 
 def sha256_of(array: np.ndarray) -> str:
@@ -174,7 +167,8 @@ class ChunkJob:
         self.device = resolve_device(spec.device)
         self.shadow = _load(spec.shadow, self.device, load_model)
         self.encoder = _load(spec.encoder, self.device,
-                             lambda path, device: load_encoder(path, spec.encoder_arch, device))
+                             lambda path, device: load_encoder(path, spec.encoder_arch, device,
+                                                               **(spec.encoder_options or {})))
         self.protector = Protector(shadow=self.shadow, encoder=self.encoder, config=spec.config, backend=spec.backend)
         self.parts = Path(spec.parts)
         self.num_chunks = -(-self.gallery.num_rows // spec.chunk_rows)
@@ -189,8 +183,8 @@ class ChunkJob:
         try:
             self.protector(torch.eye(1, self.gallery.dim, device=self.device))
         except (ValueError, RuntimeError) as err:
-            raise ValueError(f"{self.gallery.path}: the shadow decoder and encoder cannot protect the gallery's "
-                             f"{self.gallery.dim}-d rows: {err}") from err
+            raise ModelMismatchError(f"{self.gallery.path}: the shadow decoder and encoder cannot protect the "
+                                     f"gallery's {self.gallery.dim}-d rows: {err}") from err
 
     def read(self, k: int) -> Loaded:
         """Chunk k's rows and their checksum; a pinned CPU tensor on a CUDA device, so copies overlap compute."""
@@ -580,12 +574,12 @@ def run_local(job: ChunkJob, pending: list[int], record, fail: bool, progress=No
             saving.result()
 
 
-def _bad_rows_error(path: Path, rows: list[int], listed: Path | None = None) -> ValueError:
+def _bad_rows_error(path: Path, rows: list[int], listed: Path | None = None) -> BadFeaturesError:
     more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
     where = f"; all listed in {listed}" if listed is not None else ""
-    return ValueError(f"{path}: rows {rows[:10]}{more} have NaN or Inf values or are all zero (--on-bad-rows "
-                      f"fail{where}); rerun with --on-bad-rows skip to drop them or copy to keep them unchanged "
-                      "(both record them)")
+    return BadFeaturesError(f"{path}: rows {rows[:10]}{more} have NaN or Inf values or are all zero (--on-bad-rows "
+                            f"fail{where}); rerun with --on-bad-rows skip to drop them or copy to keep them "
+                            "unchanged (both record them)", rows)
 
 
 def _refuse_bad_rows(gallery: Gallery, chunk_rows: int, output: Path, progress: bool) -> None:
@@ -845,6 +839,7 @@ def protect_gallery(
     embedding_key: str | None = None,
     id_key: str | None = None,
     encoder_arch: str | None = None,
+    encoder_options: dict | None = None,
     overwrite: bool = False,
     progress: bool = True,
     min_anchor_cosine: float | None = MIN_ANCHOR_COSINE,
@@ -853,7 +848,8 @@ def protect_gallery(
     """Replace every embedding of a stored gallery by its protected feature (ALGORITHM.md), streamed and resumable.
 
     shadow, encoder: checkpoint paths (``save_model``) or modules; the encoder may also be any file
-    ``load_encoder`` takes (ONNX; a state dict with ``encoder_arch``). ``format``: the output's format,
+    ``load_encoder`` takes (ONNX; a state dict with ``encoder_arch``), ``encoder_options`` its other keywords
+    (an ONNX model's ``channel_order``, ``mean``, ``std``, ``input_size``). ``format``: the output's format,
     by default the output's suffix, else the input's. ``chunk_rows``: rows per checkpointed chunk
     (default: about 32 MiB of rows, a multiple of ``batch_size``). ``engine="ray"``: Ray Data
     actors, ``workers`` of them (default one per GPU, else per CPU), on ``ray_address`` or a local Ray.
@@ -878,6 +874,9 @@ def protect_gallery(
         raise ValueError(f"min_anchor_cosine must be a number in [-1, 1] or None, got {min_anchor_cosine!r}")
     if not isinstance(force, bool):
         raise ValueError(f"force must be True or False, got {force!r}")
+    if encoder_options is not None and (not isinstance(encoder_options, dict) or isinstance(encoder, nn.Module)):
+        raise ValueError("encoder_options are load_encoder's keywords (a dict) for an encoder given as a file; "
+                         f"got {type(encoder_options).__name__} with a {type(encoder).__name__} encoder")
     src, dst = Path(input), Path(output)
     if not src.is_file():
         raise FileNotFoundError(f"no gallery file at {src}")
@@ -898,7 +897,7 @@ def protect_gallery(
         chunk_rows = chunk_rows or batch_size * max(1, CHUNK_BYTES // (row_bytes * batch_size))
         spec = JobSpec(str(src), shadow, encoder, config if config is not None else ProtectConfig(),
                        str(work / "parts"), batch_size, chunk_rows, backend, device, embedding_key, id_key,
-                       encoder_arch)
+                       encoder_arch, encoder_options)
         with contextlib.ExitStack() as stack:
             stack.enter_context(deterministic_cudnn())
             ray = None
@@ -950,7 +949,7 @@ def _prepare(spec: JobSpec, gallery: Gallery, ray) -> tuple[ChunkJob, dict]:
     fingerprint = {
         "input": {**gallery.fingerprint(), "embedding_key": spec.embedding_key, "id_key": spec.id_key},
         "shadow": model_checksum(job.shadow), "encoder": model_checksum(job.encoder),  # weights, not file bytes
-        "encoder_arch": spec.encoder_arch,
+        "encoder_arch": spec.encoder_arch, "encoder_preprocessing": getattr(job.encoder, "preprocessing", None),
         "config": spec.config.to_dict(), "engine": {**engine, "torch": torch.__version__, **_kernel_versions(engine)},
         "layout": {"chunk_rows": spec.chunk_rows, "batch_size": spec.batch_size}, "bad_rows": BAD_ROWS,
     }

@@ -7,6 +7,7 @@ import numbers
 
 from torch import nn
 
+from ..errors import IncompatibleCheckpointError
 from .decoders import ACTIVATIONS, HEADS, MODES, DCGANDecoder, DenseBlock, NbNetDecoder, UpConvDecoder
 from .io import NotACheckpoint, load_model, save_model
 from .iresnet import IResNet, iresnet
@@ -58,9 +59,16 @@ def build_model(arch: str, **kwargs) -> nn.Module:
     return model
 
 
-def load_encoder(path, arch: str | None = None, device="cpu", **kwargs) -> nn.Module:
+def load_encoder(path, arch: str | None = None, device="cpu", *, channel_order: str = "rgb", mean=127.5,
+                 std=127.5, input_size: int | None = None, **kwargs) -> nn.Module:
     """An encoder from an advface checkpoint (.safetensors), an ONNX file (.onnx), or a user's
-    ArcFace state dict (.pth/.pt/.safetensors without header) given ``arch`` (e.g. "iresnet50")."""
+    ArcFace state dict (.pth/.pt/.safetensors without header) given ``arch`` (e.g. "iresnet50") and its
+    arguments (``input_size`` and ``kwargs``).
+
+    An ONNX model takes its own preprocessing (``OnnxEncoder``): ``channel_order`` "rgb" or "bgr", and
+    ``mean`` and ``std`` on pixel values 0..255 (numbers, or three per channel), insightface's ArcFace
+    convention by default; ``input_size``: the image side it takes (None: the graph's). Every other
+    file refuses them, and an ONNX file refuses architecture arguments."""
     from pathlib import Path
 
     from .io import load_state_dict_file, read_metadata
@@ -68,18 +76,33 @@ def load_encoder(path, arch: str | None = None, device="cpu", **kwargs) -> nn.Mo
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no encoder file at {path}")
+    preprocessing = {"channel_order": channel_order, "mean": mean, "std": std}
     if path.suffix == ".onnx":
         from .onnx_encoder import OnnxEncoder
 
-        return OnnxEncoder(path)
+        if arch is not None or kwargs:
+            given = (["arch"] if arch is not None else []) + sorted(kwargs)
+            raise ValueError(f"{path}: an ONNX encoder takes channel_order, mean, std and input_size, not {given}")
+        return OnnxEncoder(path, **preprocessing, input_size=input_size)
+    from .onnx_encoder import DEFAULT_PREPROCESSING
+
+    changed = [k for k, v in preprocessing.items()
+               if not (isinstance(v, (str, numbers.Real)) and v == DEFAULT_PREPROCESSING[k])]
+    if changed:
+        raise ValueError(f"{path}: {changed} are an ONNX encoder's preprocessing; a torch encoder takes the "
+                         "decoders' [-1, 1] RGB images as they are")
+    if input_size is not None:
+        kwargs["input_size"] = input_size
     if arch is None:
         try:
             meta = read_metadata(path)
         except NotACheckpoint as err:  # a damaged advface header is reported as it is
-            raise ValueError(f"{path} is not an advface checkpoint, so it has no architecture header: pass arch= "
-                             f"(e.g. 'iresnet50') for a plain state dict ({err})") from err
+            raise IncompatibleCheckpointError(
+                f"{path} is not an advface checkpoint, so it has no architecture header: pass arch= (e.g. "
+                f"'iresnet50') for a plain state dict ({err})") from err
         if meta["arch"] not in ENCODERS:
-            raise ValueError(f"{path} holds a {meta['arch']!r} model, not an encoder ({sorted(ENCODERS)})")
+            raise IncompatibleCheckpointError(f"{path} holds a {meta['arch']!r} model, not an encoder "
+                                              f"({sorted(ENCODERS)})")
         if kwargs:
             raise ValueError(f"{path} records its own architecture arguments; got {sorted(kwargs)} as well")
         return load_model(path, device)
@@ -89,7 +112,8 @@ def load_encoder(path, arch: str | None = None, device="cpu", **kwargs) -> nn.Mo
         model.load_state_dict(state)
     except RuntimeError as err:  # missing, unexpected or misshapen weights
         first = str(err).strip().splitlines()
-        raise ValueError(f"{path} does not hold {arch} weights: {' '.join(first[:3])[:500]}") from err
+        raise IncompatibleCheckpointError(f"{path} does not hold {arch} weights: {' '.join(first[:3])[:500]}") \
+            from err
     return model.to(device).eval()
 
 

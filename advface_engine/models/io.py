@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import RefusedFileError
+
 FORMAT = "advface-engine/1"
 
 
@@ -33,7 +35,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = N
         tmp.unlink(missing_ok=True)  # nothing left behind when the write or the rename failed
 
 
-class NotACheckpoint(ValueError):
+class NotACheckpoint(RefusedFileError):
     """The file is no advface-engine checkpoint at all (another safetensors file, a .pth, other bytes)."""
 
 
@@ -63,13 +65,15 @@ def read_metadata(path: str | os.PathLike) -> dict:
     try:
         arch, kwargs, extra = meta["arch"], json.loads(meta["kwargs"]), json.loads(meta.get("extra", "{}"))
     except (KeyError, ValueError, RecursionError) as err:
-        raise ValueError(f"{path}: damaged advface-engine checkpoint header ({type(err).__name__}: {err})") from err
+        raise RefusedFileError(f"{path}: damaged advface-engine checkpoint header ({type(err).__name__}: {err})") \
+            from err
     if not isinstance(kwargs, dict) or not isinstance(extra, dict):
-        raise ValueError(f"{path}: damaged advface-engine checkpoint header (kwargs and extra must be JSON objects)")
+        raise RefusedFileError(f"{path}: damaged advface-engine checkpoint header (kwargs and extra must be JSON "
+                               "objects)")
     try:
         check_arguments(arch, kwargs)
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise RefusedFileError(f"{path}: {err}") from None
     return {"arch": arch, "kwargs": kwargs, "extra": extra}
 
 
@@ -95,7 +99,7 @@ def check_checkpoint(path: str | os.PathLike) -> dict:
             skeleton = build_model(arch, **kwargs)
         expected = {k: (list(v.shape), ST_NAMES.get(v.dtype, str(v.dtype))) for k, v in skeleton.state_dict().items()}
     except (TypeError, ValueError, RuntimeError) as err:  # arguments the architecture refuses (a bad size ...)
-        raise ValueError(f"{path}: its header's {arch} arguments {kwargs} are not valid: {err}") from err
+        raise RefusedFileError(f"{path}: its header's {arch} arguments {kwargs} are not valid: {err}") from err
     with safe_open(str(path), framework="pt") as f:
         found = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
     problems = [f"missing {k}" for k in expected if k not in found]
@@ -106,7 +110,7 @@ def check_checkpoint(path: str | os.PathLike) -> dict:
             problems.append(f"{k} has shape {shape} {dtype}, the architecture needs {need[0]} {need[1]}")
     if problems:
         listed = "; ".join(problems[:3]) + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
-        raise ValueError(f"{path}: its tensors do not fit its header ({arch} {kwargs}): {listed}")
+        raise RefusedFileError(f"{path}: its tensors do not fit its header ({arch} {kwargs}): {listed}")
     return meta
 
 
@@ -124,15 +128,16 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
         model.load_state_dict(load_file(str(path)))
     except (TypeError, RuntimeError) as err:  # weights that do not fit after all
         first = " ".join(str(err).split())[:500]
-        raise ValueError(f"{path}: its weights do not fit its header ({meta['arch']} {meta['kwargs']}): {first}") \
+        raise RefusedFileError(f"{path}: its weights do not fit its header ({meta['arch']} {meta['kwargs']}): "
+                               f"{first}") \
             from err
     model.checkpoint_extra = meta["extra"]
     return model.to(device).eval()
 
 
 def load_weights_only(path: str | os.PathLike, what: str = "weights file"):
-    """``torch.load(weights_only=True)`` of an untrusted file; anything it refuses is a one-line ValueError
-    naming the file and why, never torch's advice to load it unsafely."""
+    """``torch.load(weights_only=True)`` of an untrusted file; anything it refuses is a one-line
+    ``RefusedFileError`` naming the file and why, never torch's advice to load it unsafely."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except OSError:
@@ -142,10 +147,10 @@ def load_weights_only(path: str | os.PathLike, what: str = "weights file"):
         reason = " ".join(line.strip() for line in str(err).splitlines()
                           if line.strip() and not any(b in line.lower() for b in boilerplate))[:300]
         if isinstance(err, pickle.UnpicklingError) and "global" in reason.lower():
-            raise ValueError(f"{path}: not a readable {what}: it holds objects other than tensors, refused because "
-                             f"loading them could run code ({reason})") from err
-        raise ValueError(f"{path}: not a readable {what} ({type(err).__name__}{': ' + reason if reason else ''})") \
-            from err
+            raise RefusedFileError(f"{path}: not a readable {what}: it holds objects other than tensors, refused "
+                                   f"because loading them could run code ({reason})") from err
+        raise RefusedFileError(f"{path}: not a readable {what} ({type(err).__name__}"
+                               f"{': ' + reason if reason else ''})") from err
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict:
@@ -158,20 +163,24 @@ def load_state_dict_file(path: str | os.PathLike) -> dict:
         except OSError:
             raise
         except Exception as err:
-            raise ValueError(f"{path}: not a readable weights file ({type(err).__name__}: {str(err)[:200]})") from err
+            raise RefusedFileError(f"{path}: not a readable weights file ({type(err).__name__}: {str(err)[:200]})") \
+                from err
     state = load_weights_only(path)
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict")
+        raise RefusedFileError(f"{path}: holds a {type(state).__name__}, not a state dict")
     return state.get("state_dict", state)
 
 
 def model_checksum(model: str | os.PathLike | nn.Module) -> str:
-    """sha256 of a module's architecture (name and arguments) and state dict, or of a file's bytes; a
-    module with no weights that wraps a file (an ONNX encoder) is that file's checksum. Give the loaded
-    module where the identity of the *weights* matters: the same model saved twice gives different
-    safetensors bytes (the header's key order varies) but the same module checksum."""
-    if isinstance(model, nn.Module) and getattr(model, "source_sha256", None) and not list(model.state_dict()):
-        return model.source_sha256  # the file's checksum: the same whether the job got the path or the module
+    """sha256 of a module's architecture (name and arguments) and state dict, or of a file's bytes; an ONNX
+    encoder is its file's checksum, joined with its preprocessing when that is not the default
+    (``OnnxEncoder.identity``). Give the loaded module where the identity of the *weights* matters: the
+    same model saved twice gives different safetensors bytes (the header's key order varies) but the
+    same module checksum."""
+    from .onnx_encoder import OnnxEncoder
+
+    if isinstance(model, OnnxEncoder):
+        return model.identity()  # with the default preprocessing, the same whether the job got the path or it
     if isinstance(model, nn.Module):
         digest = hashlib.sha256()
         digest.update(str(getattr(model, "arch", type(model).__name__)).encode())
