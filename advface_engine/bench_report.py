@@ -1,15 +1,21 @@
-"""``advface bench-report``: the protection benchmarks' pytest-benchmark JSON as a Markdown table,
-a PNG plot (throughput vs batch size per backend, and the ratio to the naive baseline) and the
-speedup ratios, printed.
+"""``advface bench-report``: pytest-benchmark JSON files as a Markdown table, a PNG plot per batch-size
+sweep and the speedup ratios, printed.
+
+One file: every protection case with its ratio to the naive baseline, and a plot per step count T of
+throughput against batch size (with the ratio to the baseline beside it). Several files (saved runs,
+e.g. before and after a change): the cases side by side, each later run's ratio to the first, and a
+plot per T of every run.
 
     pytest bench --benchmark-only --benchmark-json=bench.json
-    advface bench-report bench.json --out bench_report
+    advface bench-report bench.json --output bench_report
+    advface bench-report before.json after.json --output compare
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,47 +175,102 @@ def speedup_lines(results: list[Result]) -> list[str]:
             for (mode, batch, steps, backend), value in ratio.items() if backend != BASELINE]
 
 
-def plot(results: list[Result], path: str | os.PathLike, steps: int | None = None) -> int:
-    """Throughput vs batch size per backend, and its ratio to the baseline, at ``steps`` steps
-    (default: the steps count measured at the most batch sizes). Returns the steps plotted."""
+def compare_runs(runs: list[tuple[str, list[Result]]]) -> dict[tuple, float]:
+    """{(label, mode, batch, steps, backend): time in the first run / time in this run} for every later run's
+    case that the first run measured too (above 1: faster than the first)."""
+    first = {(*r.case, r.backend): r.ms for r in runs[0][1]}
+    return {(label, *r.case, r.backend): first[(*r.case, r.backend)] / r.ms
+            for label, results in runs[1:] for r in results if (*r.case, r.backend) in first}
+
+
+def compare_table(runs: list[tuple[str, list[Result]]], stat: str = "median") -> str:
+    """One row per case and backend measured in any run: each run's time per batch, then each later run's
+    ratio to the first (``compare_runs``); empty cells where a run did not measure the case."""
+    ratio, first = compare_runs(runs), runs[0][0]
+    times = {(label, *r.case, r.backend): r.ms for label, results in runs for r in results}
+    rows = sorted({key[1:] for key in times}, key=lambda k: (k[0] != "online", k[1], k[2], _backend_rank(k[3])))
+    header = ["mode", "B", "T", "backend", *(f"ms / batch, {label} ({stat})" for label, _ in runs),
+              *(f"{label} vs {first}" for label, _ in runs[1:])]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " if i < 4 else " ---: " for i in
+                                                             range(len(header))) + "|"]
+    for mode, batch, steps, backend in rows:
+        key = (mode, batch, steps, backend)
+        cells = [mode, str(batch), str(steps), backend]
+        cells += [_fmt(times[(label, *key)]) if (label, *key) in times else "" for label, _ in runs]
+        cells += [f"{ratio[(label, *key)]:.2f}x" if (label, *key) in ratio else "" for label, _ in runs[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _backend_rank(backend: str) -> tuple[int, str]:
+    return (BACKEND_ORDER.index(backend) if backend in BACKEND_ORDER else len(BACKEND_ORDER), backend)
+
+
+def sweeps(results: list[Result], steps: int | None = None) -> list[int]:
+    """The step counts to plot, one batch-size sweep each: ``steps`` when given (a ValueError when it was not
+    measured), else every T measured at two batch sizes or more (else every T)."""
+    measured = sorted({r.steps for r in results})
+    if steps is not None:
+        if steps not in measured:
+            raise ValueError(f"no results at T={steps}; measured: {measured}")
+        return [steps]
+    swept = [t for t in measured if len({r.batch for r in results if r.steps == t}) > 1]
+    return swept or measured
+
+
+def plot(runs: list[tuple[str, list[Result]]], path: str | os.PathLike, steps: int) -> None:
+    """Throughput against batch size at ``steps`` steps, a line per backend (and per run: one line style
+    each), beside its ratio: to the naive baseline for one run, to the first run for several."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    if steps is None:
-        counts = {t: len({r.batch for r in results if r.steps == t}) for t in {r.steps for r in results}}
-        steps = max(sorted(counts), key=counts.get)
-    chosen = [r for r in results if r.steps == steps]
-    if not chosen:
-        raise ValueError(f"no results at T={steps}; measured: {sorted({r.steps for r in results})}")
-    ratio = speedups(chosen)
-    compared = any(backend != BASELINE for *_, backend in ratio)  # else no ratio panel (nothing to draw)
-    fig, axes = plt.subplots(1, 2 if compared else 1, figsize=(11 if compared else 5.8, 4.2), squeeze=False)
+    chosen = [(label, [r for r in results if r.steps == steps]) for label, results in runs]
+    if len(runs) == 1:
+        ratio = {(chosen[0][0], *key): v for key, v in speedups(chosen[0][1]).items() if key[-1] != BASELINE}
+        ratio_label, ratio_title = f"time of {BASELINE} / time of backend", f"speedup over the {BASELINE} baseline"
+    else:
+        ratio = compare_runs(chosen)
+        ratio_label = f"time in {runs[0][0]} / time in run"
+        ratio_title = f"speedup over {runs[0][0]}"
+    compared = bool(ratio)  # else no ratio panel (nothing to draw)
+    fig, axes = plt.subplots(1, 2 if compared else 1, figsize=(12 if compared else 6.4, 4.8), squeeze=False)
     ax_rate, ax_ratio = axes[0][0], axes[0][1] if compared else None
-    backends = [b for b in BACKEND_ORDER if any(r.backend == b for r in chosen)]
-    backends += sorted({r.backend for r in chosen} - set(backends))
-    for i, backend in enumerate(backends):
-        style = dict(marker="o", label=backend, color=f"C{i}")
-        rows = sorted((r for r in chosen if r.backend == backend), key=lambda r: r.batch)
-        ax_rate.plot([r.batch for r in rows], [r.embeddings_per_s for r in rows], **style)
-        pts = [r for r in rows if (*r.case, backend) in ratio]
-        if compared and pts and backend != BASELINE:
-            ax_ratio.plot([r.batch for r in pts], [ratio[(*r.case, backend)] for r in pts], **style)
-    device = chosen[0].extra.get("device", "")
-    batches = sorted({r.batch for r in chosen})
+    every = [r for _, results in chosen for r in results]
+    backends = sorted({r.backend for r in every}, key=_backend_rank)
+    styles = ["-", "--", ":", "-."]
+    for j, (label, results) in enumerate(chosen):
+        for i, backend in enumerate(backends):
+            rows = sorted((r for r in results if r.backend == backend), key=lambda r: r.batch)
+            if not rows:
+                continue
+            name = backend if len(runs) == 1 else f"{backend}, {label}"
+            style = dict(marker="o", label=name, color=f"C{i}", linestyle=styles[j % len(styles)])
+            ax_rate.plot([r.batch for r in rows], [r.embeddings_per_s for r in rows], **style)
+            pts = [r for r in rows if (label, *r.case, backend) in ratio]
+            if compared and pts:
+                ax_ratio.plot([r.batch for r in pts], [ratio[(label, *r.case, backend)] for r in pts], **style)
+    devices = {r.extra.get("device", "") for r in every}
+    device = devices.pop() if len(devices) == 1 else ""  # runs on several devices: named in the report
+    batches = sorted({r.batch for r in every})
+    plain = FuncFormatter(lambda value, _: _fmt(value))
     for ax in axes[0]:
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])
-        ax.set_xlabel("batch size B")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("batch size B (features per call)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small")
     ax_rate.set_yscale("log")
-    ax_rate.set_ylabel("embeddings / s")
-    ax_rate.set_title(f"throughput, T={steps} ({device})")
+    ax_rate.yaxis.set_major_formatter(plain)  # 1,000 rather than 10^3
+    ax_rate.yaxis.set_minor_formatter(FuncFormatter(_minor_label) if _decades(every) < 2 else NullFormatter())
+    ax_rate.set_ylabel("embeddings / s (log scale)")
+    ax_rate.set_title(f"throughput, T={steps}" + (f" ({device})" if device else ""))
     if compared:
-        ax_ratio.set_ylabel(f"time of {BASELINE} / time of backend")
-        ax_ratio.set_title(f"speedup over the {BASELINE} baseline, T={steps}")
+        ax_ratio.set_ylabel(ratio_label)
+        ax_ratio.set_title(f"{ratio_title}, T={steps}")
         ax_ratio.axhline(1.0, color="gray", lw=0.8)
     fig.tight_layout()
     path = Path(path)
@@ -217,31 +278,72 @@ def plot(results: list[Result], path: str | os.PathLike, steps: int | None = Non
     fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
-    return steps
 
 
-def write_report(json_path: str | os.PathLike, out: str | os.PathLike, stat: str = "median",
+def _minor_label(value: float, _=None) -> str:
+    """A minor tick's label on a log axis: 2 and 5 times a power of ten only, so they do not crowd."""
+    return _fmt(value) if value > 0 and round(value / 10 ** math.floor(math.log10(value))) in (2, 5) else ""
+
+
+def _decades(results: list[Result]) -> float:
+    """How many powers of ten the throughputs span (few: label some minor ticks too)."""
+    rates = [r.embeddings_per_s for r in results]
+    return math.log10(max(rates) / min(rates)) if rates else 0.0
+
+
+def _plots(runs: list[tuple[str, list[Result]]], out: Path, steps: int | None) -> list[str]:
+    """One plot per batch-size sweep (``sweeps``), as Markdown image lines."""
+    every = [r for _, results in runs for r in results]
+    lines = []
+    for t in sweeps(every, steps):
+        try:
+            plot(runs, out / f"bench_throughput_T{t}.png", t)
+        except ImportError:
+            return ["(no plot: matplotlib is not installed; pip install 'advface-engine[eval]')"]
+        lines.append(f"![throughput at T={t}](bench_throughput_T{t}.png)")
+    return lines
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    """A short name per file: its stem, or its path where stems repeat."""
+    stems = [p.stem for p in paths]
+    return stems if len(set(stems)) == len(stems) else [str(p) for p in paths]
+
+
+def write_report(json_paths: str | os.PathLike | list, out: str | os.PathLike, stat: str = "median",
                  steps: int | None = None) -> str:
-    """Write OUT/bench_report.md (and OUT/bench_throughput.png when there are protection cases);
-    return the report's text. Other suites' cases are listed with their recorded figures."""
-    others = other_cases(json_path)
-    results, machine = load_results(json_path, stat, required=not others)
+    """Write OUT/bench_report.md and OUT/bench_throughput_T<steps>.png (one per batch-size sweep, when there
+    are protection cases); return the report's text. One file: the cases, their ratios to the naive baseline
+    and other suites' cases with their recorded figures. Several: the cases side by side (``compare_table``)."""
+    paths = [Path(p) for p in (json_paths if isinstance(json_paths, (list, tuple)) else [json_paths])]
+    if not paths:
+        raise ValueError("no benchmark JSON file given")
+    labels = _labels(paths)
+    others = {label: other_cases(path) for label, path in zip(labels, paths)}
+    loaded = {label: load_results(path, stat, required=not others[label]) for label, path in zip(labels, paths)}
+    runs = [(label, loaded[label][0]) for label in labels if loaded[label][0]]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     text = []
-    if results:
+    if len(paths) == 1 and runs:
+        results, machine = loaded[labels[0]]
         text += [f"Protection benchmarks ({machine_line(results, machine)}); time per batch: {stat} over rounds.", "",
                  markdown_table(results, stat), "", "Speedups:", ""]
         text += [f"- {line}" for line in speedup_lines(results)]
-        try:
-            shown = plot(results, out / "bench_throughput.png", steps)
-            text += ["", f"![throughput at T={shown}](bench_throughput.png)"]
-        except ImportError:
-            text += ["", "(no plot: matplotlib is not installed; pip install 'advface-engine[eval]')"]
-    if others:
-        text += (["", ""] if text else []) + ["Other cases (figures from their extra_info):", ""]
-        text += [f"- {name}: " + (", ".join(f"{k} {_fmt(v)}" for k, v in figures.items()) or "no figures")
-                 for name, figures in others]
+        text += ["", *_plots(runs, out, steps)]
+    elif runs:
+        text += [f"Protection benchmarks of {len(runs)} runs side by side; time per batch: {stat} over rounds.", ""]
+        text += [f"- {label} ({path}): {machine_line(*loaded[label])}" for label, path in zip(labels, paths)
+                 if loaded[label][0]]
+        text += ["", compare_table(runs, stat), "",
+                 f"Ratios: time in {runs[0][0]} / time in the run (above 1: faster than {runs[0][0]}).", ""]
+        text += _plots(runs, out, steps)
+    for label in labels:
+        if others[label]:
+            where = "" if len(paths) == 1 else f" in {label}"
+            text += (["", ""] if text else []) + [f"Other cases{where} (figures from their extra_info):", ""]
+            text += [f"- {name}: " + (", ".join(f"{k} {_fmt(v)}" for k, v in figures.items()) or "no figures")
+                     for name, figures in others[label]]
     report = "\n".join(text) + "\n"
     tmp = out / "bench_report.md.tmp"
     tmp.write_text(report)
@@ -250,15 +352,21 @@ def write_report(json_path: str | os.PathLike, out: str | os.PathLike, stat: str
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench-report", help="benchmark JSON -> Markdown table, throughput plot, speedups")
-    p.add_argument("json", help="pytest-benchmark output (pytest bench --benchmark-only --benchmark-json=FILE)")
-    p.add_argument("--out", default="bench_report", help="folder for bench_report.md and bench_throughput.png")
+    from .config_args import add_renamed
+
+    p = sub.add_parser("bench-report", help="benchmark JSON -> Markdown table, throughput plots, speedups; several "
+                                            "files: compared side by side")
+    p.add_argument("json", nargs="+", help="pytest-benchmark output (pytest bench --benchmark-only "
+                                           "--benchmark-json=FILE); several: compared with the first")
+    add_renamed(p, "--output", "--out", default="bench_report", metavar="DIR",
+                help="folder for bench_report.md and the plots (default bench_report)")
     p.add_argument("--stat", choices=("median", "min"), default="median", help="time per batch taken from rounds")
-    p.add_argument("--steps", type=int, default=None, help="T shown in the plot (default: the most measured)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="plot only this step count T (default: one plot per T measured at several batch sizes)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    print(write_report(args.json, args.out, args.stat, args.steps), end="")
-    print(f"wrote {Path(args.out) / 'bench_report.md'}")
+    print(write_report(args.json, args.output, args.stat, args.steps), end="")
+    print(f"wrote {Path(args.output) / 'bench_report.md'}")
     return 0

@@ -7,15 +7,17 @@ import argparse
 import numpy as np
 import torch
 
+from .config_args import add_renamed, positive_int
+
 
 def add_image_args(p: argparse.ArgumentParser, identities: int = 200, per_identity: int = 10) -> None:
     g = p.add_argument_group("training images (default: built-in synthetic faces)")
     g.add_argument("--images", help="image folder, one sub-folder per identity")
     g.add_argument("--images-npy", help=".npy array of images, (N, H, W, 3) uint8 or (N, 3, H, W) in [-1, 1]")
     g.add_argument("--labels-npy", help=".npy identity labels for --images-npy (encoder training)")
-    g.add_argument("--synthetic-identities", type=int, default=identities,
+    g.add_argument("--synthetic-identities", type=positive_int, default=identities,
                    help=f"synthetic identities to render (default {identities})")
-    g.add_argument("--per-identity", type=int, default=per_identity,
+    g.add_argument("--per-identity", type=positive_int, default=per_identity,
                    help=f"synthetic faces per identity (default {per_identity})")
     g.add_argument("--first-identity", type=int, default=0, help="synthetic identity offset (disjoint sets)")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic faces (default 0)")
@@ -39,36 +41,42 @@ def load_images(args: argparse.Namespace, size: int):
 
 
 def add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float, batch_size: int) -> None:
-    p.add_argument("--epochs", type=int, default=epochs, help=f"default {epochs}")
-    p.add_argument("--batch-size", type=int, default=batch_size, help=f"default {batch_size}")
+    p.add_argument("--epochs", type=positive_int, default=epochs, help=f"passes over the images (default {epochs})")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size,
+                   help=f"images per step (default {batch_size})")
     p.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate, cosine schedule (default {lr})")
     p.add_argument("--seed", type=int, default=0, help="initial weights and data order (default 0)")
     p.add_argument("--checkpoint", help="training state file: written every epoch, resumed from if present")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto: cuda when available)")
 
 
 def cmd_train_encoder(args: argparse.Namespace) -> int:
+    from .devices import resolve_device
     from .models import build_model
     from .train import train_encoder
 
     torch.manual_seed(args.seed)  # the initial weights: same seed, same encoder
-    encoder = build_model(args.arch, num_features=args.dim, input_size=args.size,
-                          **({"width": args.width} if args.arch == "mobilefacenet" else {})).to(args.device)
+    encoder = build_model(args.encoder_arch, num_features=args.dim, input_size=args.size,
+                          **({"width": args.width} if args.encoder_arch == "mobilefacenet" else {}))
+    encoder = encoder.to(resolve_device(args.device))
     images, labels = load_images(args, args.size)
     if labels is None:
         raise ValueError("encoder training needs identity labels (--images folder or --labels-npy)")
     history = train_encoder(encoder, images, labels, args.epochs, args.batch_size, args.lr, args.seed,
                             args.checkpoint, args.output)
-    print(f"trained {args.arch} on {len(images)} faces: final loss {history[-1]:.4f} -> {args.output}")
+    print(f"trained {args.encoder_arch} on {len(images)} faces: final loss {history[-1]:.4f} -> {args.output}")
     return 0
 
 
 def cmd_train_shadow(args: argparse.Namespace) -> int:
     from .data import take
+    from .devices import resolve_device
+    from .errors import BadFeaturesError
     from .models import build_model, load_encoder
     from .train import train_decoder
 
-    encoder = load_encoder(args.encoder, args.encoder_arch, args.device)
+    device = resolve_device(args.device)
+    encoder = load_encoder(args.encoder, args.encoder_arch, device)
     size = args.size or getattr(encoder, "input_size", None)
     if size is None:
         raise ValueError("the encoder does not record its input size: pass --size")
@@ -76,12 +84,16 @@ def cmd_train_shadow(args: argparse.Namespace) -> int:
     if len(images) == 0:
         raise ValueError("no training images")
     with torch.no_grad():
-        dim = encoder(take(images, [0]).to(args.device)).shape[1]
+        dim = encoder(take(images, [0]).to(device)).shape[1]
     torch.manual_seed(args.seed)  # the initial weights: same seed, same decoder
-    decoder = build_model(args.arch, feature_dim=dim, size=size, width=args.width).to(args.device)
-    history = train_decoder(decoder, encoder, images, args.epochs, args.batch_size, args.lr, not args.no_normalize,
-                            args.seed, args.checkpoint, args.output, identity_weight=args.identity_weight)
-    print(f"trained {args.arch} decoder on {len(images)} faces: final loss {history[-1]:.4f} -> {args.output}")
+    decoder = build_model(args.shadow_arch, feature_dim=dim, size=size, width=args.width).to(device)
+    try:
+        history = train_decoder(decoder, encoder, images, args.epochs, args.batch_size, args.lr,
+                                not args.no_normalize, args.seed, args.checkpoint, args.output,
+                                identity_weight=args.identity_weight)
+    except BadFeaturesError as err:
+        raise BadFeaturesError(f"--encoder {args.encoder}: {err}", err.rows) from None
+    print(f"trained {args.shadow_arch} decoder on {len(images)} faces: final loss {history[-1]:.4f} -> {args.output}")
     return 0
 
 
@@ -90,10 +102,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("train-encoder", help="train a small recognition encoder (CosFace) on labelled faces")
     p.add_argument("--output", required=True, help="encoder checkpoint (.safetensors)")
-    p.add_argument("--arch", default="mobilefacenet", help="mobilefacenet or iresnet18/34/50/100")
-    p.add_argument("--dim", type=int, default=128, help="feature dimension")
-    p.add_argument("--size", type=int, default=32, help="input image size")
-    p.add_argument("--width", type=int, default=16, help="mobilefacenet channel width")
+    add_renamed(p, "--encoder-arch", "--arch", default="mobilefacenet", metavar="ARCH",
+                help="mobilefacenet or iresnet18/34/50/100 (default mobilefacenet)")
+    p.add_argument("--dim", type=positive_int, default=128, help="feature dimension (default 128)")
+    p.add_argument("--size", type=positive_int, default=32, help="input image size (default 32)")
+    p.add_argument("--width", type=positive_int, default=16, help="mobilefacenet channel width (default 16)")
     add_image_args(p)
     add_train_args(p, epochs=8, lr=2e-3, batch_size=128)
     p.set_defaults(func=cmd_train_encoder)
@@ -102,9 +115,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", required=True, help="encoder: advface .safetensors, .onnx, or .pth with --encoder-arch")
     p.add_argument("--encoder-arch", help="architecture of a plain state-dict encoder, e.g. iresnet50")
     p.add_argument("--output", required=True, help="decoder checkpoint (.safetensors)")
-    p.add_argument("--arch", default="dcgan", help="decoder family: dcgan, nbnet or upconv")
-    p.add_argument("--width", type=int, default=16, help="decoder channel width (default 16)")
-    p.add_argument("--size", type=int, help="image size (default: the encoder's input size)")
+    add_renamed(p, "--shadow-arch", "--arch", default="dcgan", metavar="FAMILY",
+                help="decoder family: dcgan, nbnet or upconv (default dcgan)")
+    p.add_argument("--width", type=positive_int, default=16, help="decoder channel width (default 16)")
+    p.add_argument("--size", type=positive_int, help="image size (default: the encoder's input size)")
     p.add_argument("--no-normalize", action="store_true", help="train on raw, not unit-norm, features")
     p.add_argument("--identity-weight", type=float, default=0.0,
                    help="add W * (1 - cos(E(S(z)), z)) to Eq. 1 so the anchor E(S(z)) stays near z "

@@ -1,9 +1,10 @@
-"""Command-line flags for ProtectConfig, shared by every subcommand that protects features."""
+"""Command-line flags shared by the subcommands: ProtectConfig's, and the types and renamed spellings they use."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
 from .config import ANCHORS, CONSTRAINTS, NORMS, OBJECTIVES, ProtectConfig
 
@@ -32,6 +33,39 @@ def threshold_arg(text: str) -> float | None:
     return _cosine_or_none(text, closed=True)
 
 
+def positive_int(text: str) -> int:
+    """An integer >= 1 (a batch size, a count): anything else is a usage error naming the flag."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+class _Renamed(argparse.Action):
+    """Stores the value; a spelling other than the first prints a deprecation message (``add_renamed``)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.old = option_strings[1:]
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in self.old:
+            print(f"{parser.prog}: warning: {option_string} is deprecated and will be removed in the next release; "
+                  f"use {self.option_strings[0]}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_renamed(parser, new: str, *old: str, **kwargs) -> argparse.Action:
+    """Add the flag ``new``, still taking its ``old`` spellings (argparse aliases) for one release, with a
+    deprecation message on stderr; the help lists the new spelling only."""
+    action = parser.add_argument(new, *old, action=_Renamed, **kwargs)
+    action.option_strings = [new]  # registered under every spelling above; shown under the new one
+    return action
+
+
 def add_protect_args(parser: argparse.ArgumentParser) -> None:
     """One flag per ProtectConfig field: --eps --alpha --steps --norm --constraint --anchor --no-normalize
     --random-start --seed --min-cosine --objective --objective-weight."""
@@ -40,12 +74,17 @@ def add_protect_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eps", type=float, default=d.eps, help=f"perturbation budget (default {d.eps})")
     g.add_argument("--alpha", type=float, default=d.alpha, help=f"step size (default {d.alpha})")
     g.add_argument("--steps", type=int, default=d.steps, help=f"number of steps T (default {d.steps})")
-    g.add_argument("--norm", choices=NORMS, default=d.norm)
-    g.add_argument("--constraint", choices=CONSTRAINTS, default=d.constraint)
-    g.add_argument("--anchor", choices=ANCHORS, default=d.anchor)
+    g.add_argument("--norm", choices=NORMS, default=d.norm,
+                   help=f"linf: sign steps in an L-inf ball; l2: normalised steps in an L2 ball (default {d.norm})")
+    g.add_argument("--constraint", choices=CONSTRAINTS, default=d.constraint,
+                   help=f"ball: project onto the eps-ball around the anchor; per_step: clip each step to eps "
+                        f"(default {d.constraint})")
+    g.add_argument("--anchor", choices=ANCHORS, default=d.anchor,
+                   help=f"start point: shadow, E(S(z)); original, z itself (with --random-start) "
+                        f"(default {d.anchor})")
     g.add_argument("--no-normalize", dest="normalize", action="store_false", help="features are not unit-norm")
-    g.add_argument("--random-start", action="store_true")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--random-start", action="store_true", help="start at a random point of the ball")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"seed of --random-start (default {d.seed})")
     g.add_argument("--min-cosine", type=min_cosine_arg, default=d.min_cosine, metavar="C",
                    help=f"utility guard: every protected row keeps cos(protected, original) >= C; 'none' turns it "
                         f"off (default {d.min_cosine})")
@@ -57,5 +96,16 @@ def add_protect_args(parser: argparse.ArgumentParser) -> None:
                                      f"{d.identity_weight}; not train-shadow's --identity-weight, a training term)")
 
 
+FLAGS = {"identity_weight": "--objective-weight", "normalize": "--no-normalize"}  # where a flag is not the field's name
+
+
 def config_from_args(args: argparse.Namespace) -> ProtectConfig:
-    return ProtectConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ProtectConfig)})
+    """The ProtectConfig of the flags; a value it refuses is an error naming the flag, not the field."""
+    fields = [f.name for f in dataclasses.fields(ProtectConfig)]
+    try:
+        return ProtectConfig(**{name: getattr(args, name) for name in fields})
+    except (TypeError, ValueError) as err:  # ProtectConfig's messages begin with the field's name
+        field, _, rest = str(err).partition(" ")
+        if field not in fields:
+            raise ValueError(str(err)) from None
+        raise ValueError(f"{FLAGS.get(field, '--' + field.replace('_', '-'))} {rest}") from None

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .progress import format_rate
+
 
 @dataclass(frozen=True)
 class DemoSettings:
@@ -37,13 +39,19 @@ DEMO = DemoSettings()
 
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    from .config_args import positive_int
+
     p = sub.add_parser("demo", help="train on synthetic faces, protect a gallery, print clean vs protected")
     p.add_argument("--output", default="advface-demo", help="folder for checkpoints, grid.png, results.json")
-    p.add_argument("--identities", type=int, default=DEMO.identities)
-    p.add_argument("--gallery-identities", type=int, default=DEMO.gallery_identities)
-    p.add_argument("--epochs", type=int, default=DEMO.epochs)
-    p.add_argument("--seed", type=int, default=DEMO.seed)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--identities", type=positive_int, default=DEMO.identities,
+                   help=f"synthetic identities the encoder, the shadow and the attacker each train on "
+                        f"(default {DEMO.identities})")
+    p.add_argument("--gallery-identities", type=positive_int, default=DEMO.gallery_identities,
+                   help=f"enrolled identities, four faces each (default {DEMO.gallery_identities})")
+    p.add_argument("--epochs", type=positive_int, default=DEMO.epochs,
+                   help=f"training epochs of every model (default {DEMO.epochs})")
+    p.add_argument("--seed", type=int, default=DEMO.seed, help=f"seed of data and training (default {DEMO.seed})")
+    p.add_argument("--no-progress", action="store_true", help="no stage lines or progress bars")
     p.set_defaults(func=run_demo)
 
 
@@ -120,7 +128,8 @@ def demo(s: DemoSettings, out: Path, progress: bool = True) -> dict:
     attack_prot, recon_prot = identity_inference(attacker, encoder, z_adv, z[other], z, clean["threshold"])
     done("evaluate")
 
-    save_grid(gallery_x[::4][:8], recon_clean[::4][:8], recon_prot[::4][:8], out / "grid.png")
+    save_grid(out / "grid.png", [gallery_x[::4][:8], recon_clean[::4][:8], recon_prot[::4][:8]],
+              ["original", "from clean feature", "from protected feature"])
     results = {
         "data": "synthetic",
         "settings": asdict(s),
@@ -138,15 +147,42 @@ def demo(s: DemoSettings, out: Path, progress: bool = True) -> dict:
     return results
 
 
-def save_grid(original: torch.Tensor, clean: torch.Tensor, protected: torch.Tensor, path: Path, scale: int = 3) -> None:
-    """Rows of original | reconstruction from clean feature | from protected feature, as a PNG."""
-    from PIL import Image
+def save_grid(path: Path, columns: list[torch.Tensor], titles: list[str], scale: int = 3) -> None:
+    """A PNG of image columns side by side, each (N, 3, H, W) in [-1, 1], enlarged ``scale`` times, under a
+    band with each column's title (wrapped at spaces to the column's width), so the file explains itself."""
+    from PIL import Image, ImageDraw, ImageFont
 
-    rows = torch.cat([torch.cat([original, clean, protected], dim=3)], dim=0)  # (N, 3, H, 3W)
+    if len(titles) != len(columns):
+        raise ValueError(f"{len(columns)} columns, {len(titles)} titles")
+    rows = torch.cat(columns, dim=3)  # (N, 3, H, columns x W)
     grid = rows.permute(0, 2, 3, 1).reshape(-1, rows.shape[3], 3)
     pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
     image = Image.fromarray(np.ascontiguousarray(pixels))
-    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    width, font = columns[0].shape[3] * scale, ImageFont.load_default()
+    measure = ImageDraw.Draw(image)
+    lines = [_wrap(title, width - 4, lambda text: measure.textlength(text, font=font)) for title in titles]
+    line_height = measure.textbbox((0, 0), "Ag", font=font)[3] + 2
+    band = 4 + line_height * max(len(t) for t in lines)
+    out = Image.new("RGB", (image.width, image.height + band), "white")
+    out.paste(image, (0, band))
+    draw = ImageDraw.Draw(out)
+    for k, title in enumerate(lines):
+        for i, text in enumerate(title):
+            x = k * width + (width - draw.textlength(text, font=font)) / 2
+            draw.text((x, 2 + i * line_height), text, fill="black", font=font)
+    out.save(path)
+
+
+def _wrap(text: str, width: float, length) -> list[str]:
+    """``text`` in lines no longer than ``width`` by ``length(line)``, broken at spaces (a longer word alone)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and length(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
 
 
 def format_table(r: dict) -> str:
@@ -169,7 +205,7 @@ def format_table(r: dict) -> str:
         f"cos(feature, protected feature): min {s['cosine']['min']:.3f}, median {s['cosine']['median']:.3f}; "
         f"shadow anchor cos(E(S(z)), z): median {s['anchor_cosine']['median']:.3f}; guard held "
         f"{100 * s['guard_active']:.0f}% of rows",
-        f"protection speed: {r['embeddings_per_second']:.0f} embeddings/s; stage seconds: "
+        f"protection speed: {format_rate(r['embeddings_per_second'], 1, 'embeddings')}; stage seconds: "
         + ", ".join(f"{k} {t:.1f}" for k, t in r["seconds"].items()),
     ]
     return "\n".join(lines)

@@ -4,7 +4,8 @@ Every epoch visits the data in a permutation drawn from (seed, epoch), and a tra
 checkpoint (weights, optimiser, epoch and the run's settings) is written atomically after each
 epoch, so an interrupted run resumed from its checkpoint ends with the same weights as an
 uninterrupted one; a checkpoint written for other settings (data, models, hyper-parameters) is
-refused, naming what differs.
+refused, naming what differs. A decoder's training features are cached beside its checkpoint, so a rerun
+does not encode every image again.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data.folders import ImageFolder, NpyImages, take
-from .errors import IncompatibleCheckpointError, RefusedFileError
-from .models.io import model_checksum, save_model
+from .errors import BadFeaturesError, IncompatibleCheckpointError, RefusedFileError
+from .models.io import model_checksum, save_model, write_file
 from .progress import progress_bar
 from .protect import frozen
 
 Images = Tensor | ImageFolder | NpyImages  # in memory, or read from disk batch by batch
+MIN_NORM = 1e-12  # F.normalize's eps: a feature shorter than this has no direction to train on
 
 
 @torch.no_grad()
@@ -45,6 +47,49 @@ def encode(encoder: nn.Module, images: Images, batch_size: int = 256, normalize:
         out.append((F.normalize(z, dim=1) if normalize else z).cpu())
     encoder.train(training)
     return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def check_training_features(z: Tensor, encoder: nn.Module) -> None:
+    """Refuse features a decoder cannot learn from (``BadFeaturesError`` naming the encoder and the images):
+    NaN or Inf values, or a norm that is zero or below MIN_NORM (a diverged or dead encoder, or wrong
+    images); otherwise a decoder trains on them without a word and learns nothing."""
+    norm = torch.linalg.vector_norm(z, dim=1, dtype=torch.promote_types(z.dtype, torch.float32))
+    bad = (~torch.isfinite(z).all(dim=1) | ~(norm >= MIN_NORM)).nonzero().flatten().tolist()
+    if bad:
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        name = getattr(encoder, "arch", type(encoder).__name__)
+        raise BadFeaturesError(f"the encoder ({name}) gives {len(bad)} of {len(z)} training images features with "
+                               f"NaN or Inf values or a norm below {MIN_NORM:g} (images {bad[:10]}{more}): check the "
+                               "encoder's weights and that the images are what it expects", bad)
+
+
+def _features(encoder: nn.Module, images: Images, normalize: bool, key: dict,
+              checkpoint: str | os.PathLike | None) -> Tensor:
+    """E(x) of the training images on the CPU, checked (``check_training_features``), unit-norm when
+    ``normalize``. With a checkpoint they are cached in ``<checkpoint>.features`` (safetensors) for ``key``
+    (the data's and the encoder's checksums), so a rerun reads them instead of encoding every image again."""
+    from safetensors.torch import load_file
+    from safetensors.torch import save as safetensors_bytes
+
+    cache = Path(f"{checkpoint}.features") if checkpoint else None
+    z = None
+    if cache is not None and cache.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(cache), framework="pt") as f:
+                found = f.metadata() or {}
+            z = load_file(str(cache))["features"] if found == key else None
+        except Exception:  # a damaged or foreign cache is computed again
+            z = None
+        if z is not None and len(z) != len(images):
+            z = None
+    if z is None:
+        z = encode(encoder, images, normalize=False, device=next(encoder.parameters()).device)
+        if cache is not None:
+            write_file(cache, safetensors_bytes({"features": z.contiguous()}, metadata=key))
+    check_training_features(z, encoder)
+    return F.normalize(z, dim=1) if normalize else z
 
 
 def data_checksum(*data: Tensor | ImageFolder | NpyImages) -> str:
@@ -130,8 +175,8 @@ def _fit(modules: dict[str, nn.Module], loss_fn: Callable[[Tensor, torch.Generat
             loss.backward()
             optimizer.step()
             total += loss.item() * len(idx)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
         schedule.step()
         history.append(total / n)
         if path is not None:
@@ -218,18 +263,20 @@ def train_decoder(decoder: nn.Module, encoder: nn.Module, images: Images, epochs
                   identity_weight: float = 0.0) -> list[float]:
     """Train ``decoder`` to invert ``encoder``: min sum_i ||x_i - D(E(x_i))||_1 (Eq. 1; mean per pixel).
 
-    Used for the server's shadow model S and for attacker networks R. ``identity_weight`` w > 0
+    Used for the server's shadow model S and for attacker networks R. Features that are not finite or
+    have no direction are refused (``check_training_features``). ``identity_weight`` w > 0
     adds w * (1 - cos(E(D(z)), z)) through the frozen encoder (the server owns E): a shadow whose
     images E recognises as the same person, so that the anchor E(S(z)) of Eq. 5 stays close to z
     (README, Evaluation); w = 0 is Eq. 1 as the poster writes it. ``checkpoint`` makes the run
-    resumable; ``output`` receives the final weights as a safetensors model file.
-    Returns the per-epoch mean loss (the L1 term, plus the identity term when weighted).
+    resumable, its features cached beside it (``_features``); ``output`` receives the final weights as a
+    safetensors model file. Returns the per-epoch mean loss (the L1 term, plus the identity term when weighted).
     """
     if identity_weight < 0:
         raise ValueError(f"identity_weight must be >= 0, got {identity_weight}")
     torch.manual_seed(seed)
     device = next(decoder.parameters()).device
-    z = encode(encoder, images, normalize=normalize, device=next(encoder.parameters()).device).to(device)
+    key = {"data": data_checksum(images), "encoder": model_checksum(encoder)}
+    z = _features(encoder, images, normalize, key, checkpoint).to(device)
     x = _Batches(images, device)
 
     def loss_fn(idx: Tensor, gen: torch.Generator) -> Tensor:
@@ -239,8 +286,7 @@ def train_decoder(decoder: nn.Module, encoder: nn.Module, images: Images, epochs
             loss = loss + identity_weight * (1 - F.cosine_similarity(encoder(y), z[idx]).mean())
         return loss
 
-    settings = {"data": data_checksum(images), "encoder": model_checksum(encoder), "normalize": normalize,
-                "identity_weight": identity_weight}
+    settings = {**key, "normalize": normalize, "identity_weight": identity_weight}
     with frozen(encoder):
         history = _fit({"decoder": decoder}, loss_fn, len(images), epochs, batch_size, lr, seed, checkpoint,
                        "train decoder", progress, settings, x.prefetch)

@@ -1,7 +1,7 @@
 """Protection speed, backends side by side: online latency (small batches) and offline throughput.
 
     pytest bench --benchmark-only --benchmark-json=bench.json
-    advface bench-report bench.json --out bench_report
+    advface bench-report bench.json --output bench_report
 """
 
 from __future__ import annotations

@@ -311,7 +311,7 @@ def compile_all(arches=(90,), selection: list[Variant] | None = None, workers: i
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities x10 (90: H100/H200)")
     parser.add_argument("--filter", default="", help="only variants whose name contains this text")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="compiler processes (default 2)")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
 
 

@@ -70,18 +70,70 @@ def test_table_has_a_row_per_case_and_only_measured_columns(bench_json):
 
 def test_report_files_and_cli(bench_json, tmp_path, capsys):
     out = tmp_path / "report"
-    assert main(["bench-report", str(bench_json), "--out", str(out)]) == 0
+    assert main(["bench-report", str(bench_json), "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "reference vs naive: online B=64 T=10: 1.60x" in printed
     assert "compiled vs naive: online B=64 T=10: 2.00x" in printed
     assert "Test CPU" in printed and "1 torch thread" in printed and "timer: time.process_time" in printed
     assert (out / "bench_report.md").read_text() == printed.rsplit("wrote ", 1)[0]
-    png = (out / "bench_throughput.png").read_bytes()
+    png = (out / "bench_throughput_T10.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert not list(out.glob("*.tmp"))
     report = write_report(bench_json, out, stat="min", steps=10)
     assert "reference vs naive: online B=1 T=10: 1.50x" in report
     assert "- test_gallery_throughput[job-demo]: rows_per_s 1" in report  # other suites' cases are listed
+
+
+def test_several_runs_side_by_side_with_ratios_and_a_plot_per_sweep(bench_json, tmp_path, capsys, monkeypatch):
+    """Two saved runs: each case's time in both, the second's ratio to the first per row, one plot per
+    batch-size sweep (T=10 and T=20 here, T=50 measured at one batch size only) with plain-number axes."""
+    after = tmp_path / "after.json"
+    after.write_text(json.dumps({"benchmarks": [
+        case("naive", 1, 10, 0.020, 0.018), case("reference", 1, 10, 0.008, 0.008),
+        case("reference", 64, 10, 0.125, 0.12), case("fused", 64, 10, 0.05, 0.05),
+        case("reference", 8, 20, 0.1, 0.1), case("reference", 64, 20, 0.5, 0.5), case("reference", 8, 50, 1, 1)]}))
+    out = tmp_path / "compare"
+    assert main(["bench-report", str(bench_json), str(after), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    table = [line for line in printed.splitlines() if line.startswith("|")]
+    assert table[0] == ("| mode | B | T | backend | ms / batch, bench (median) | ms / batch, after (median) | "
+                        "after vs bench |")
+    assert "| online | 64 | 10 | reference | 250 | 125 | 2.00x |" in table  # the same case, twice as fast
+    assert "| online | 1 | 10 | reference | 16.0 | 8 | 2.00x |" in table
+    assert "| online | 64 | 10 | fused |  | 50.0 |  |" in table  # measured in one run only: no ratio
+    assert "| online | 64 | 10 | compiled | 200 |  |  |" in table
+    assert sorted(p.name for p in out.glob("*.png")) == ["bench_throughput_T10.png", "bench_throughput_T20.png"]
+    assert "![throughput at T=20](bench_throughput_T20.png)" in printed
+    assert "Other cases in bench" in printed  # each file's other suites, named by file
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from advface_engine import bench_report
+
+    figures = []
+    with monkeypatch.context() as m:
+        m.setattr(plt, "close", figures.append)  # keep the figure to look at its axes
+        bench_report.plot([("bench", load_results(bench_json)[0]), ("after", load_results(after)[0])],
+                          tmp_path / "t10.png", 10)
+    rate, ratio = figures[0].axes
+    assert rate.get_xlabel().startswith("batch size") and rate.get_ylabel().startswith("embeddings / s")
+    assert [t.get_text() for t in rate.get_xticklabels()] == ["1", "64", "256"]
+    labels = [t.get_text() for t in rate.get_yticklabels()]
+    assert labels and all("$" not in text for text in labels)  # plain numbers, not 10^k
+    assert ratio.get_ylabel() == "time in bench / time in run"
+    assert {line.get_label() for line in ratio.get_lines() if not line.get_label().startswith("_")} == \
+        {"naive, after", "reference, after"}
+    plt.close(figures[0])
+
+
+def test_the_old_out_flag_still_works_and_says_it_is_deprecated(bench_json, tmp_path, capsys):
+    assert main(["bench-report", str(bench_json), "--out", str(tmp_path / "old")]) == 0
+    assert "--out is deprecated" in capsys.readouterr().err and (tmp_path / "old" / "bench_report.md").exists()
+    assert main(["bench-report", str(bench_json), "--output", str(tmp_path / "new")]) == 0
+    assert "deprecated" not in capsys.readouterr().err
 
 
 def test_report_of_other_suites_alone_and_without_a_baseline(tmp_path, recwarn):
@@ -91,12 +143,12 @@ def test_report_of_other_suites_alone_and_without_a_baseline(tmp_path, recwarn):
          "stats": {"median": 6.0}}]}))
     report = write_report(gallery, tmp_path / "g")
     assert "test_gallery_peak_rss[100000]: peak_rss_mib 612, rows_per_s 15,000" in report
-    assert not (tmp_path / "g" / "bench_throughput.png").exists()
+    assert not list((tmp_path / "g").glob("*.png"))
     alone = tmp_path / "alone.json"
     alone.write_text(json.dumps({"benchmarks": [case("reference", 1, 10, 0.01, 0.01),
                                                 case("reference", 8, 10, 0.02, 0.02)]}))
     write_report(alone, tmp_path / "a")  # no naive case: one panel, and no empty-legend warning
-    assert (tmp_path / "a" / "bench_throughput.png").stat().st_size > 5_000
+    assert (tmp_path / "a" / "bench_throughput_T10.png").stat().st_size > 5_000
     assert not [w for w in recwarn if "artists" in str(w.message)]
 
 

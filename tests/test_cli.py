@@ -144,3 +144,108 @@ def test_check_kernels_tells_a_toolchain_failure_from_a_kernel_fault(monkeypatch
     assert "API changed" in aot.probe_error()
     assert main(["check-kernels"]) == 2
     assert "trivial kernel does not compile" in capsys.readouterr().err
+
+
+def _subparsers():
+    """{name: parser} of every advface subcommand (aliases once)."""
+    import argparse
+
+    from advface_engine.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {name: parser for name, parser in sub.choices.items() if name != "protect"}
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"advface-engine {afe.__version__}"
+
+
+def test_every_option_has_help_and_one_spelling_per_concept():
+    """Help text on every option; --output for what a command writes, --shadow for a decoder file,
+    --shadow-arch for a decoder family, --encoder-arch for an encoder's architecture, --device auto by default."""
+    shown = {}
+    for name, parser in _subparsers().items():
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"advface {name} {action.option_strings[0]} has no help"
+                shown.setdefault(name, set()).update(action.option_strings)
+            if action.dest == "device" and name != "eval":  # eval: None, its settings' default (auto)
+                assert action.default == "auto", name
+    for name, options in shown.items():  # old spellings are not shown (check-kernels' --arch: a GPU's, not a model's)
+        assert not options & {"--out", "--arch"} or name == "check-kernels", (name, options)
+    assert {"--output", "--encoder-arch"} <= shown["train-encoder"]
+    assert {"--output", "--encoder", "--encoder-arch", "--shadow-arch"} <= shown["train-shadow"]
+    assert {"--output", "--encoder", "--shadow"} <= shown["protect-gallery"]
+    assert "--output" in shown["bench-report"] and "--output" in shown["demo"]
+
+
+@pytest.mark.parametrize("command, old, new, dest, value", [
+    ("train-shadow", "--arch", "--shadow-arch", "shadow_arch", "upconv"),
+    ("train-encoder", "--arch", "--encoder-arch", "encoder_arch", "iresnet18"),
+    ("bench-report", "--out", "--output", "output", "folder"),
+])
+def test_old_spellings_work_with_a_deprecation_message(command, old, new, dest, value, capsys):
+    parser = _subparsers()[command]
+    required = {"train-shadow": ["--encoder", "e", "--output", "o"], "train-encoder": ["--output", "o"],
+                "bench-report": ["b.json"]}[command]
+    assert getattr(parser.parse_args([*required, old, value]), dest) == value
+    err = capsys.readouterr().err
+    assert f"{old} is deprecated" in err and f"use {new}" in err
+    assert getattr(parser.parse_args([*required, new, value]), dest) == value
+    assert "deprecated" not in capsys.readouterr().err
+    assert new in parser.format_help() and f"{old} " not in parser.format_help()
+
+
+def test_cli_errors_name_flags_not_python_keywords(trained, tmp_path, capsys):
+    np.save(tmp_path / "g.npy", torch.nn.functional.normalize(torch.randn(4, 16), dim=1).numpy())
+    args = ["protect", "--input", str(tmp_path / "g.npy"), "--output", str(tmp_path / "o.npy"), "--shadow",
+            str(trained / "shadow.safetensors"), "--encoder", str(trained / "enc.safetensors"), "--force"]
+    for flags, named in [(["--eps", "-1"], "--eps must be"), (["--objective-weight", "-1"], "--objective-weight must"),
+                         (["--steps", "20000"], "--steps must be at most")]:
+        assert main([*args, *flags]) == 2
+        err = capsys.readouterr().err
+        assert named in err and "identity_weight" not in err, err
+    torch.save(afe.load_model(trained / "enc.safetensors").state_dict(), tmp_path / "plain.pth")
+    assert main(["train-shadow", "--encoder", str(tmp_path / "plain.pth"), "--output", str(tmp_path / "s.safetensors"),
+                 *TINY]) == 2
+    assert "pass --encoder-arch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train-shadow", "--encoder", "e", "--output", "o", "--epochs", "0"])
+    assert "argument --epochs: expected a positive integer" in capsys.readouterr().err
+
+
+def test_train_shadow_refuses_an_encoder_with_nan_features(trained, tmp_path, capsys):
+    encoder = afe.load_model(trained / "enc.safetensors")
+    with torch.no_grad():
+        next(encoder.parameters()).fill_(float("nan"))
+    afe.save_model(encoder, tmp_path / "nan.safetensors")
+    assert main(["train-shadow", "--encoder", str(tmp_path / "nan.safetensors"), "--output",
+                 str(tmp_path / "s.safetensors"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"--encoder {tmp_path / 'nan.safetensors'}" in err and "18 of 18 training images" in err, err
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_grid_columns_have_titles(tmp_path):
+    """A title band above the images, a title over each column (wrapped when longer than the column)."""
+    from PIL import Image
+
+    from advface_engine.demo import save_grid
+
+    x = torch.zeros(2, 3, 16, 16)  # grey images: the only dark pixels are the titles'
+    save_grid(tmp_path / "g.png", [x, x, x], ["original", "from clean feature", "from protected feature"], scale=3)
+    with Image.open(tmp_path / "g.png") as im:
+        pixels = np.asarray(im.convert("L")).astype(int)
+    band = pixels.shape[0] - 2 * 16 * 3
+    assert pixels.shape[1] == 3 * 16 * 3 and band > 10
+    assert (pixels[band:] == 128).all()  # the images, unchanged under the band
+    for k in range(3):
+        column = pixels[:band, k * 48:(k + 1) * 48]
+        assert (column < 100).sum() > 20, k  # text in every column's title
+    save_grid(tmp_path / "one.png", [x, x, x], ["a", "b", "c"], scale=3)
+    with Image.open(tmp_path / "one.png") as im:
+        assert im.height - 2 * 16 * 3 < band  # one line of title: a lower band
+    with pytest.raises(ValueError, match="3 columns, 2 titles"):
+        save_grid(tmp_path / "bad.png", [x, x, x], ["a", "b"])

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import advface_engine as afe
 from advface_engine.data import images_from_array, load_image_folder, render, synthetic_faces
+from advface_engine.errors import BadFeaturesError
 from advface_engine.train import train_decoder, train_encoder
 
 
@@ -138,6 +139,45 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
         with pytest.raises(ValueError, match=rf"another training run \({name} differ"):
             train_decoder(decoder, args.pop("encoder"), args.pop("images"), checkpoint=ck, progress=False, **args)
     assert train_decoder(dec, enc, x, epochs=1, batch_size=8, seed=3, checkpoint=ck, progress=False)  # same: fine
+
+
+def test_training_refuses_features_that_are_not_finite_or_have_no_direction():
+    enc, dec, x, _ = _tiny()
+    with torch.no_grad():
+        next(enc.parameters()).fill_(float("inf"))
+    with pytest.raises(BadFeaturesError, match=r"the encoder \(mobilefacenet\) gives 32 of 32 training images"):
+        train_decoder(dec, enc, x, epochs=1, progress=False)
+    dead = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 16))
+    with torch.no_grad():
+        dead[1].weight.zero_()
+        dead[1].bias.zero_()
+        dead[1].bias[0] = 1e-20  # not quite zero: still no direction worth normalising
+    with pytest.raises(BadFeaturesError, match=r"\(Sequential\) gives 32 of 32 .* a norm below 1e-12") as err:
+        train_decoder(dec, dead, x, epochs=1, progress=False)
+    assert err.value.rows == list(range(32))
+    with torch.no_grad():
+        dead[1].bias[0] = 1.0
+    assert train_decoder(dec, dead, x, epochs=1, progress=False)  # short features: fine once they have a norm
+
+
+def test_a_rerun_with_a_checkpoint_reads_cached_features(tmp_path, monkeypatch):
+    """The features are computed once per checkpoint (for its data and encoder): the rerun, resumed or finished,
+    does not encode the images again; another encoder does."""
+    from advface_engine import train
+
+    enc, dec, x, _ = _tiny()
+    enc.eval()
+    ck = tmp_path / "ck.pt"
+    first = train_decoder(dec, enc, x, epochs=2, batch_size=8, checkpoint=ck, progress=False)
+    assert (tmp_path / "ck.pt.features").is_file()
+    monkeypatch.setattr(train, "encode", lambda *a, **k: pytest.fail("encoded the images again"))
+    again = afe.build_model("dcgan", feature_dim=16, size=16, width=4)
+    assert train_decoder(again, enc, x, epochs=2, batch_size=8, checkpoint=ck, progress=False) == first
+    other = _tiny()[0].eval()
+    with torch.no_grad():
+        next(other.parameters()).add_(0.1)
+    with pytest.raises(pytest.fail.Exception, match="encoded the images again"):
+        train_decoder(again, other, x, epochs=2, batch_size=8, checkpoint=ck, progress=False)
 
 
 def test_training_rejects_bad_arguments():

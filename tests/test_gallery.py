@@ -114,6 +114,42 @@ def run(src, dst, ckpt, **kw):
     return protect_gallery(src, dst, ckpt["shadow"], ckpt["encoder"], kw.pop("config", CONFIG), **kw)
 
 
+def provenance_of(fmt, path):
+    """The job's record in an output: the safetensors header's metadata, the Parquet schema's, else the sidecar."""
+    if fmt == "safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as f:
+            return json.loads(f.metadata()[formats.PROVENANCE_KEY])
+    if fmt == "parquet":
+        return json.loads(pq.read_schema(path).metadata[formats.PROVENANCE_KEY.encode()])
+    return json.loads(path.with_name(path.name + ".provenance.json").read_text())
+
+
+@pytest.mark.parametrize("fmt", list(SUFFIX))
+def test_outputs_carry_the_config_model_checksums_and_engine_version(tmp_path, ckpt, fmt):
+    rows, ids = gallery_rows(), np.arange(ROWS, dtype=np.int64)
+    src, dst = tmp_path / f"in{SUFFIX[fmt]}", tmp_path / f"out{SUFFIX[fmt]}"
+    write(fmt, src, rows, ids)
+    run(src, dst, ckpt, on_bad_rows="copy")
+    made = provenance_of(fmt, dst)
+    assert made["config"] == CONFIG.to_dict() and made["on_bad_rows"] == "copy"
+    assert made["shadow"] == job_module.model_checksum(ckpt["modules"][0])
+    assert made["encoder"] == job_module.model_checksum(ckpt["modules"][1])
+    assert made["versions"] == {"advface_engine": afe.__version__, "torch": torch.__version__}
+    assert made["input"]["rows"] == ROWS and made["layout"] == {"chunk_rows": CHUNK, "batch_size": BATCH}
+    assert "engine" not in made  # local or Ray, device, backend: the outputs of both are the same bytes
+    sidecar = dst.with_name(dst.name + ".provenance.json")
+    assert sidecar.exists() == (fmt in ("npy", "faiss_ip", "faiss_idmap"))
+    if fmt == "safetensors":  # the input's own metadata is kept beside the record
+        safetensors_numpy.save_file({"embeddings": rows}, str(src), metadata={"source": "enrolment"})
+        run(src, dst, ckpt, overwrite=True)
+        from safetensors import safe_open
+
+        with safe_open(str(dst), framework="np") as f:
+            assert f.metadata()["source"] == "enrolment" and formats.PROVENANCE_KEY in f.metadata()
+
+
 @pytest.mark.parametrize("fmt", list(SUFFIX))
 def test_round_trip_keeps_format_ids_order_and_dtype(tmp_path, ckpt, fmt):
     rows, ids = gallery_rows(), np.arange(ROWS, dtype=np.int64)[::-1] * 7 + 3
@@ -550,6 +586,8 @@ def test_interrupted_assembly_and_cleanup_finish_on_rerun(tmp_path, ckpt, monkey
     result = run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt)
     assert result.resumed_chunks == 3 and not (tmp_path / "out.npy.job").exists()
     assert (tmp_path / "out.npy").read_bytes() == (tmp_path / "fresh.npy").read_bytes()
+    made = (tmp_path / "out.npy.provenance.json").read_bytes()  # the provenance too: nothing differs between runs
+    assert made == (tmp_path / "fresh.npy.provenance.json").read_bytes()
     with pytest.raises(FileExistsError, match="already exists"):
         run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt)
 
@@ -593,6 +631,8 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, ckpt):
     assert main(["protect-gallery", *args, "--output", str(tmp_path / "out.npy")]) == 0
     assert main(["protect-gallery", *args, "--output", str(tmp_path / "fresh.npy")]) == 0
     assert (tmp_path / "out.npy").read_bytes() == (tmp_path / "fresh.npy").read_bytes()
+    made = (tmp_path / "out.npy.provenance.json").read_bytes()  # the provenance too: nothing differs between runs
+    assert made == (tmp_path / "fresh.npy.provenance.json").read_bytes() and b'"steps": 4' in made
 
 
 def _truncate(path, keep):
@@ -709,10 +749,8 @@ def test_cli_reports_errors(tmp_path, ckpt, capsys):
     (tmp_path / "junk.onnx").write_bytes(b"\xff" * 64)
     for extra, error in [(["--output", str(tmp_path / "folder"), "--overwrite"], "is a directory"),
                          (["--output", str(tmp_path / "o.npy"), "--format", "parquet"], "names npy, not parquet"),
-                         (["--output", str(tmp_path / "o.npy"), "--workers", "2"], "need engine 'ray'"),
-                         (["--output", str(tmp_path / "o.npy"), "--ray-address", "auto"], "need engine 'ray'"),
-                         (["--output", str(tmp_path / "o.npy"), "--engine", "ray", "--workers", "0"],
-                          "workers must be a positive integer"),
+                         (["--output", str(tmp_path / "o.npy"), "--workers", "2"], "need --engine ray"),
+                         (["--output", str(tmp_path / "o.npy"), "--ray-address", "auto"], "need --engine ray"),
                          (["--output", str(tmp_path / "o.npy"), "--encoder", str(tmp_path / "in.npy"),
                            "--encoder-arch", "mobilefacenet"], "not a readable weights file"),
                          (["--output", str(tmp_path / "o.npy"), "--encoder", str(tmp_path / "junk.onnx")],
@@ -725,6 +763,10 @@ def test_cli_reports_errors(tmp_path, ckpt, capsys):
         assert main([*args, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert error in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for flag in ("--workers", "--batch-size", "--chunk-rows"):  # a usage error naming the flag, before any work
+        with pytest.raises(SystemExit):
+            main([*args, "--output", str(tmp_path / "o.npy"), "--engine", "ray", flag, "0"])
+        assert f"argument {flag}: expected a positive integer, got '0'" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "in.npy", "junk.onnx", "junk.safetensors"]
     assert main([*args, "--output", str(tmp_path / "out.npy"), "--steps", "1"]) == 0
     assert "150 of 150 rows" in capsys.readouterr().out

@@ -54,6 +54,37 @@ def test_iresnet_forward_and_user_backbone_pth(tmp_path):
         load_encoder(tmp_path / "backbone.pth")
 
 
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_load_encoder_strips_the_ddp_module_prefix(tmp_path, suffix):
+    """Weights saved from a DistributedDataParallel wrapper name every tensor ``module.<name>``."""
+    from safetensors.torch import save_file
+
+    model = afe.build_model("mobilefacenet", num_features=8, input_size=16, width=4).eval()
+    state = {f"module.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    path = tmp_path / f"ddp{suffix}"
+    if suffix == ".pth":
+        torch.save({"state_dict": state}, path)
+    else:
+        save_file(state, str(path))
+    loaded = load_encoder(path, arch="mobilefacenet", num_features=8, input_size=16, width=4)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_save_model_honours_the_umask(tmp_path, umask):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        afe.save_model(afe.build_model("dcgan", feature_dim=8, size=8, width=1), tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "m.safetensors").st_mode) == 0o666 & ~umask
+    assert afe.load_model(tmp_path / "m.safetensors").arch == "dcgan" and os.listdir(tmp_path) == ["m.safetensors"]
+
+
 @pytest.mark.parametrize("family", sorted(DECODERS))
 @pytest.mark.parametrize("size", [16, 32, 56])
 def test_decoder_shapes_and_range(family, size):
@@ -149,7 +180,7 @@ def test_loading_errors_are_one_clear_line(tmp_path):
     with pytest.raises(ValueError, match="'dcgan' model, not an encoder"):
         load_encoder(tmp_path / "shadow.safetensors")
     torch.save(encoder.state_dict(), tmp_path / "plain.pth")
-    with pytest.raises(ValueError, match="pass arch="):
+    with pytest.raises(ValueError, match=r"pass --encoder-arch \(arch=\)"):  # the CLI's flag, and the keyword
         load_encoder(tmp_path / "plain.pth")
     tensors = {k: v.contiguous() for k, v in shadow.state_dict().items()}
     save_file(tensors, str(tmp_path / "lying.safetensors"),

@@ -243,7 +243,7 @@ def test_training_checkpoint_with_code_is_refused_in_one_line(trained, tmp_path,
     marker = tmp_path / "pwned"
     torch.save({"modules": {}, "epoch": _Payload(marker)}, tmp_path / "evil.ckpt")
     args = ["train-shadow", "--encoder", str(trained["folder"] / "encoder.safetensors"), "--output",
-            str(tmp_path / "out.safetensors"), "--arch", "dcgan", "--width", "4", "--synthetic-identities", "2",
+            str(tmp_path / "out.safetensors"), "--shadow-arch", "dcgan", "--width", "4", "--synthetic-identities", "2",
             "--per-identity", "2", "--epochs", "1", "--batch-size", "4", "--checkpoint", str(tmp_path / "evil.ckpt")]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from ..backends import available
-from ..config_args import add_protect_args, config_from_args, threshold_arg
+from ..config_args import add_protect_args, config_from_args, positive_int, threshold_arg
+from ..progress import format_rate
 from ..stats import FIT_ROWS, MIN_ANCHOR_COSINE
 from .formats import FORMATS
 from .job import ENGINES, POLICIES
@@ -43,8 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder-std", type=_per_channel, default=127.5, metavar="S",
                    help="see --encoder-mean (default 127.5)")
     p.add_argument("--format", choices=FORMATS, help="output format (default: the output's suffix, else the input's)")
-    p.add_argument("--batch-size", type=int, default=1024, help="rows per engine call (default 1024)")
-    p.add_argument("--chunk-rows", type=int, help="rows per checkpointed chunk (default: ~32 MiB of rows)")
+    p.add_argument("--batch-size", type=positive_int, default=1024, help="rows per engine call (default 1024)")
+    p.add_argument("--chunk-rows", type=positive_int, help="rows per checkpointed chunk (default: ~32 MiB of rows)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     p.add_argument("--backend", choices=available(), default="auto",
                    help="auto, reference, fused, or an installed plugin's (default auto)")
@@ -52,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="rows with NaN/Inf or all zero: fail (before any work, an error naming them), skip "
                         "(drop), copy (keep unchanged); all three list them in OUTPUT.bad-rows.json")
     p.add_argument("--engine", choices=ENGINES, default="local", help="local process, or Ray Data actors")
-    p.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else per CPU)")
+    p.add_argument("--workers", type=positive_int, help="Ray actors (default: one per GPU, else per CPU)")
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--embedding-key", help="embedding tensor / column (default: the only 2-D tensor / list column)")
     p.add_argument("--id-key", help="ids tensor / column (default: 'ids' in safetensors, 'id' in Parquet)")
@@ -62,7 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"{FIT_ROWS} rows is below C, i.e. the shadow does not fit this encoder and gallery "
                         f"(default {MIN_ANCHOR_COSINE}; 'none': never refuse)")
     p.add_argument("--force", action="store_true", help="run even when the preflight finds the shadow does not fit")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (on a terminal) or progress lines (in a log)")
     add_protect_args(p)
     p.set_defaults(func=run)
 
@@ -90,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         return 130
     elapsed = time.perf_counter() - start
     bad = f", {result.bad_rows} bad rows listed in {result.bad_rows_file}" if result.bad_rows else ""
-    rate = "" if result.resumed_chunks else f", {result.rows / max(elapsed, 1e-9):.0f} rows/s"
+    rate = "" if result.resumed_chunks else format_rate(result.rows, elapsed, "rows")
+    rate = f", {rate}" if rate else ""
     print(f"wrote {result.output} ({result.format}): {result.rows_written} of {result.rows} rows, "
           f"{result.chunks} chunks ({result.resumed_chunks} resumed){bad}, {elapsed:.1f} s{rate}")
     for line in summary_lines(result):

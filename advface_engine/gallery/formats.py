@@ -36,6 +36,7 @@ FAISS_HEADER = struct.Struct("<iqqq?i")  # d, ntotal, dummy, dummy, is_trained, 
 FAISS_DUMMY = 1 << 20
 NPY_LENGTH = {(1, 0): "<H", (2, 0): "<I"}  # .npy versions read, and the format of their header length
 NPY_MAX_HEADER = 10_000  # numpy's own limit on a .npy header
+PROVENANCE_KEY = "advface_provenance"  # safetensors __metadata__ / Parquet schema metadata key of the job's record
 
 
 def format_of(path: str | os.PathLike) -> str | None:
@@ -502,10 +503,14 @@ def open_nofollow(path, flags: int) -> int:
 
 class GalleryWriter:
     """Writes a gallery of ``num_rows`` rows shaped like ``like`` to ``path``, one chunk at a time (its files
-    opened without following a link: they live in the job's folder)."""
+    opened without following a link: they live in the job's folder). ``provenance``: a JSON-able record
+    written, as JSON text under PROVENANCE_KEY, into a safetensors header's metadata or a Parquet schema's
+    (beside what the input's held); npy and FAISS have no room for it."""
 
-    def __init__(self, fmt: str, path: Path, like: Gallery, num_rows: int, scratch: Path):
+    def __init__(self, fmt: str, path: Path, like: Gallery, num_rows: int, scratch: Path,
+                 provenance: dict | None = None):
         self.fmt, self.path, self.like, self.num_rows = fmt, path, like, num_rows
+        self.provenance = json.dumps(provenance, sort_keys=True) if provenance is not None else None
         self.has_ids = like.ids_dtype is not None
         self.ids_dtype = np.dtype(np.int64) if fmt == "faiss" else like.ids_dtype
         self._ids_path = scratch / "ids.tmp"
@@ -534,8 +539,9 @@ class GalleryWriter:
             ids_bytes = self.num_rows * self.ids_dtype.itemsize
             header[id_key] = {"dtype": names[self.ids_dtype.type], "shape": [self.num_rows],
                               "data_offsets": [row_bytes, row_bytes + ids_bytes]}
-        if info.get("metadata"):
-            header["__metadata__"] = info["metadata"]
+        metadata = {**info.get("metadata", {}), **({PROVENANCE_KEY: self.provenance} if self.provenance else {})}
+        if metadata:
+            header["__metadata__"] = metadata
         raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
         raw += b" " * (-len(raw) % 8)
         return struct.pack("<Q", len(raw)) + raw
@@ -561,6 +567,9 @@ class GalleryWriter:
             value = pa.from_numpy_dtype(self.like.dtype)
             schema = pa.schema(fields + [pa.field("embedding", pa.list_(value, self.like.dim))])
             self._key = "embedding"
+        if self.provenance:
+            schema = schema.with_metadata({**(schema.metadata or {}),
+                                           PROVENANCE_KEY.encode(): self.provenance.encode()})
         self._schema = schema
         self._sink = open(self.path, "wb", opener=open_nofollow)
         self._writer = pq.ParquetWriter(self._sink, schema)

@@ -32,6 +32,9 @@ wholesale (zeros, the unprotected rows, another chunk). A few rows altered in a 
 on Ray (the driver's CPU model would not reproduce a GPU actor's bits, so it does not recompute), can
 pass: only recomputing everything would catch them, and then there is nothing to resume.
 
+Every output says how it was made (``provenance``: the fingerprint's input, models, config and layout, and the
+versions), in its metadata or a ``.provenance.json`` beside it; it holds nothing that differs between runs.
+
 Bad rows, with NaN or Inf or all zero (no direction to protect), follow ``on_bad_rows``: "fail"
 reads the whole input first and, before any work, stops with an error naming them, "skip"
 drops them and "copy" stores them unchanged; all three list them in ``<output>.bad-rows.json``.
@@ -61,6 +64,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import __version__
 from ..config import ProtectConfig
 from ..devices import resolve_device
 from ..errors import BadFeaturesError, ModelMismatchError
@@ -90,7 +94,9 @@ MARKER = "advface-job.json"  # written in the job folder when the job makes it: 
 CREATED_BY = "advface-engine protect-gallery"
 # every file the job writes in its folder (GalleryWriter's ids.tmp and output.<format> included), and its parts
 JOB_FILES = frozenset({MARKER, MARKER + ".tmp", "lock", "manifest.json", "manifest.json.tmp", "bad-rows.json.tmp",
-                       "ids.tmp", *(f"output.{fmt}" for fmt in FORMATS)})
+                       "provenance.json.tmp", "ids.tmp", *(f"output.{fmt}" for fmt in FORMATS)})
+SIDECAR_FORMATS = ("npy", "faiss")  # formats with no room for metadata: provenance goes to <output>.provenance.json
+VERSIONS = ("advface_engine", "torch", "triton")  # the fingerprint's engine entries that the provenance keeps
 PART = re.compile(r"\d{6,}\.bin(\.tmp)?")
 
 
@@ -633,12 +639,16 @@ def assemble(gallery: Gallery, manifest: Manifest, num_chunks: int, fmt: str, ou
     again, chunk by chunk: its rows must still match their recorded checksum (else it changed during
     the job), and with the parts they give the summary's figures, so no figure comes from the manifest:
     the cosines of every protected row and ``stats_of(z, protected)`` (Protector.stats) of a seeded
-    sample of up to STATS_ROWS of them. ``fit``: the preflight's figures, reported with them.
+    sample of up to STATS_ROWS of them. ``fit``: the preflight's figures, reported with them. The output
+    carries the job's ``provenance``: in its metadata (safetensors, Parquet) or in ``<output>.provenance.json``
+    beside it (npy, FAISS).
     """
     work, records = manifest.work, [manifest.chunks[k] for k in range(num_chunks)]
     num_bad = sum(len(r["bad"]) for r in records)
     tmp = work / f"output.{fmt}"
-    writer = GalleryWriter(fmt, tmp, gallery, gallery.num_rows - (num_bad if policy == "skip" else 0), work)
+    made = provenance(manifest.fingerprint, policy)
+    writer = GalleryWriter(fmt, tmp, gallery, gallery.num_rows - (num_bad if policy == "skip" else 0), work,
+                           None if fmt in SIDECAR_FORMATS else made)
     bad_rows, bad_ids, cosines = [], [], Cosines()
     sample, picked = sample_rows(gallery.num_rows, STATS_ROWS), []
     for k, rec in enumerate(progress_bar(records, progress=progress, desc="assemble", unit="chunk")):
@@ -673,6 +683,11 @@ def assemble(gallery: Gallery, manifest: Manifest, num_chunks: int, fmt: str, ou
         _write_bad_rows(output, gallery, policy, bad_rows, bad_ids, work / "bad-rows.json.tmp")
     elif side.exists():
         side.unlink()
+    made_side = output.with_name(output.name + ".provenance.json")
+    if fmt in SIDECAR_FORMATS:
+        write_atomic(made_side, json.dumps(made, indent=1, sort_keys=True).encode(), work / "provenance.json.tmp")
+    elif made_side.exists():  # an earlier output's, in a format that had no room for it
+        made_side.unlink()
     stats = {"fit": fit} if fit is not None else {}
     z, protected = (np.concatenate(parts) for parts in zip(*picked)) if picked else (np.zeros((0, 0)),) * 2
     if stats_of is not None and len(z):
@@ -866,7 +881,8 @@ def protect_gallery(
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
     if (workers is not None or ray_address is not None) and engine != "ray":
-        raise ValueError("workers and ray_address are for Ray: they need engine 'ray' (--engine ray)")
+        raise ValueError("--workers and --ray-address (workers=, ray_address=) are for Ray: they need --engine ray "
+                         "(engine='ray')")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     if min_anchor_cosine is not None and (isinstance(min_anchor_cosine, bool) or not isinstance(
@@ -950,10 +966,22 @@ def _prepare(spec: JobSpec, gallery: Gallery, ray) -> tuple[ChunkJob, dict]:
         "input": {**gallery.fingerprint(), "embedding_key": spec.embedding_key, "id_key": spec.id_key},
         "shadow": model_checksum(job.shadow), "encoder": model_checksum(job.encoder),  # weights, not file bytes
         "encoder_arch": spec.encoder_arch, "encoder_preprocessing": getattr(job.encoder, "preprocessing", None),
-        "config": spec.config.to_dict(), "engine": {**engine, "torch": torch.__version__, **_kernel_versions(engine)},
+        "config": spec.config.to_dict(),
+        "engine": {**engine, "advface_engine": __version__, "torch": torch.__version__, **_kernel_versions(engine)},
         "layout": {"chunk_rows": spec.chunk_rows, "batch_size": spec.batch_size}, "bad_rows": BAD_ROWS,
     }
     return job, fingerprint
+
+
+def provenance(fingerprint: dict, policy: str) -> dict:
+    """What the output records of how it was made: the job's fingerprint (input, the models' checksums, config,
+    layout, bad-row rule), the bad-rows policy and the versions of advface-engine, torch (and Triton where
+    fused kernels may run). Not the engine's run-specific entries (local or Ray, backend, device), so a Ray
+    job's output equals the local one byte for byte, and nothing that varies between runs (no time), so a
+    resumed job's output equals an uninterrupted one's."""
+    engine = fingerprint["engine"]
+    kept = {key: value for key, value in fingerprint.items() if key != "engine"}
+    return {**kept, "on_bad_rows": policy, "versions": {k: engine[k] for k in VERSIONS if k in engine}}
 
 
 def _preflight(job: ChunkJob, min_anchor_cosine: float | None, force: bool) -> dict | None:

@@ -80,17 +80,19 @@ def load_encoder(path, arch: str | None = None, device="cpu", *, channel_order: 
     if path.suffix == ".onnx":
         from .onnx_encoder import OnnxEncoder
 
-        if arch is not None or kwargs:
-            given = (["arch"] if arch is not None else []) + sorted(kwargs)
-            raise ValueError(f"{path}: an ONNX encoder takes channel_order, mean, std and input_size, not {given}")
+        if arch is not None:
+            raise ValueError(f"{path}: an ONNX encoder records its own architecture: drop --encoder-arch (arch=)")
+        if kwargs:
+            raise ValueError(f"{path}: an ONNX encoder takes channel_order, mean, std and input_size, not "
+                             f"{sorted(kwargs)}")
         return OnnxEncoder(path, **preprocessing, input_size=input_size)
     from .onnx_encoder import DEFAULT_PREPROCESSING
 
-    changed = [k for k, v in preprocessing.items()
+    changed = [f"--encoder-{k.replace('_', '-')} ({k}=)" for k, v in preprocessing.items()
                if not (isinstance(v, (str, numbers.Real)) and v == DEFAULT_PREPROCESSING[k])]
     if changed:
-        raise ValueError(f"{path}: {changed} are an ONNX encoder's preprocessing; a torch encoder takes the "
-                         "decoders' [-1, 1] RGB images as they are")
+        raise ValueError(f"{path}: {', '.join(changed)} set an ONNX encoder's preprocessing; a torch encoder takes "
+                         "the decoders' [-1, 1] RGB images as they are")
     if input_size is not None:
         kwargs["input_size"] = input_size
     if arch is None:
@@ -98,8 +100,8 @@ def load_encoder(path, arch: str | None = None, device="cpu", *, channel_order: 
             meta = read_metadata(path)
         except NotACheckpoint as err:  # a damaged advface header is reported as it is
             raise IncompatibleCheckpointError(
-                f"{path} is not an advface checkpoint, so it has no architecture header: pass arch= (e.g. "
-                f"'iresnet50') for a plain state dict ({err})") from err
+                f"{path} is not an advface checkpoint, so it has no architecture header: for a plain state dict "
+                f"pass --encoder-arch (arch=), e.g. iresnet50 ({err})") from err
         if meta["arch"] not in ENCODERS:
             raise IncompatibleCheckpointError(f"{path} holds a {meta['arch']!r} model, not an encoder "
                                               f"({sorted(ENCODERS)})")

@@ -9,7 +9,8 @@ import pickle
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from ..errors import RefusedFileError
@@ -17,22 +18,29 @@ from ..errors import RefusedFileError
 FORMAT = "advface-engine/1"
 
 
+def write_file(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file + rename), with the permissions the umask gives a
+    new file (safetensors' own ``save_file`` makes it 0600); nothing is left behind when it fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> None:
-    """Write ``model`` (built by ``build_model``) to ``path`` atomically (temporary file + rename)."""
+    """Write ``model`` (built by ``build_model``) to ``path`` atomically (``write_file``)."""
     arch = getattr(model, "arch", None)
     if arch is None:
         raise ValueError("model has no .arch: build it with advface_engine.models.build_model")
     metadata = {"format": FORMAT, "arch": arch, "kwargs": json.dumps(model.arch_kwargs),
                 "extra": json.dumps(extra or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # nothing left behind when the write or the rename failed
+    write_file(path, safetensors_bytes(tensors, metadata=metadata))
 
 
 class NotACheckpoint(RefusedFileError):
@@ -154,21 +162,27 @@ def load_weights_only(path: str | os.PathLike, what: str = "weights file"):
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict:
-    """A user's state dict from .safetensors, or .pth/.pt through ``torch.load(weights_only=True)``."""
+    """A user's state dict from .safetensors, or .pth/.pt through ``torch.load(weights_only=True)``; the
+    ``module.`` prefix that DistributedDataParallel puts on every name is removed."""
     path = str(path)
     if path.endswith(".safetensors"):
         _check_readable(path)
         try:
-            return load_file(path)
+            state = load_file(path)
         except OSError:
             raise
         except Exception as err:
             raise RefusedFileError(f"{path}: not a readable weights file ({type(err).__name__}: {str(err)[:200]})") \
                 from err
-    state = load_weights_only(path)
-    if not isinstance(state, dict):
-        raise RefusedFileError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    return state.get("state_dict", state)
+    else:
+        state = load_weights_only(path)
+        if not isinstance(state, dict):
+            raise RefusedFileError(f"{path}: holds a {type(state).__name__}, not a state dict")
+        state = state.get("state_dict", state)
+    ddp = isinstance(state, dict) and state and all(isinstance(k, str) and k.startswith("module.") for k in state)
+    if ddp:  # saved from a DistributedDataParallel wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
 
 
 def model_checksum(model: str | os.PathLike | nn.Module) -> str:
