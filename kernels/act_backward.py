@@ -18,12 +18,36 @@ import triton.language as tl
 from . import COMPILE_OPTIONS, block_size, check_device, same_layout
 
 ACTS = ("relu", "leaky_relu", "prelu")
+ACT_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "prelu": 2}  # the kernels' ACT: none, relu, a slope per channel
 INT32_MAX = 2**31 - 1
 
 
 @triton.jit
+def act_grad(g, pre, slope, ACT: tl.constexpr):
+    """g (fp32) through the activation's backward, for every kernel that runs one: g where pre > 0, else 0
+    (ACT 1, relu) or g times the channel's slope (ACT 2, leaky_relu / prelu); ACT 0: no activation."""
+    if ACT == 2:
+        g = tl.where(pre > 0, g, g * slope)
+    elif ACT == 1:
+        g = tl.where(pre > 0, g, 0.0)
+    return g
+
+
+def check_act(act: str | None, slope: torch.Tensor | None, scale: torch.Tensor | None, channels: int,
+              optional: bool = False) -> None:
+    """The activation and its per-channel tensors as the kernels take them (``optional``: None allowed)."""
+    if act not in ACTS and not (optional and act is None):
+        raise ValueError(f"act must be one of {ACTS}{' or None' if optional else ''}, got {act!r}")
+    if ACT_CODES[act] == 2 and (slope is None or slope.numel() != channels):
+        got = None if slope is None else slope.numel()
+        raise ValueError(f"{act} needs a slope per channel ({channels}), got {got}")
+    if scale is not None and scale.numel() != channels:
+        raise ValueError(f"scale must have one value per channel ({channels}), got {scale.numel()}")
+
+
+@triton.jit
 def _act_backward_kernel(g_ptr, pre_ptr, out_ptr, slope_ptr, scale_ptr, n, channels, inner,
-                         HAS_SLOPE: tl.constexpr, HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+                         ACT: tl.constexpr, HAS_SCALE: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     if WIDE:  # 64-bit offsets only when needed: the channel's integer division is emulated in 64 bits
         pid = pid.to(tl.int64)
@@ -32,11 +56,10 @@ def _act_backward_kernel(g_ptr, pre_ptr, out_ptr, slope_ptr, scale_ptr, n, chann
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     pre = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     channel = (offs // inner) % channels
-    if HAS_SLOPE:
+    slope = 0.0
+    if ACT == 2:
         slope = tl.load(slope_ptr + channel, mask=mask, other=0.0).to(tl.float32)
-        g = tl.where(pre > 0, g, g * slope)
-    else:
-        g = tl.where(pre > 0, g, 0.0)
+    g = act_grad(g, pre, slope, ACT)
     if HAS_SCALE:
         g = g * tl.load(scale_ptr + channel, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, g.to(out_ptr.dtype.element_ty), mask=mask)
@@ -50,16 +73,10 @@ def act_backward(grad: torch.Tensor, pre: torch.Tensor, act: str = "relu", slope
     ``slope``: (C,) negative slopes for leaky_relu / prelu; ``scale``: (C,) or None; ``out`` may be
     ``grad``: then it is written in place where grad is already laid out like pre.
     """
-    if act not in ACTS:
-        raise ValueError(f"act must be one of {ACTS}, got {act!r}")
     if grad.shape != pre.shape or pre.dim() < 2:
         raise ValueError(f"grad and pre must have one shape (B, C, ...), got {tuple(grad.shape)}, {tuple(pre.shape)}")
     channels = pre.shape[1]
-    if act != "relu" and (slope is None or slope.numel() != channels):
-        got = None if slope is None else slope.numel()
-        raise ValueError(f"{act} needs a slope per channel ({channels}), got {got}")
-    if scale is not None and scale.numel() != channels:
-        raise ValueError(f"scale must have one value per channel ({channels}), got {scale.numel()}")
+    check_act(act, slope, scale, channels)
     if out is not None and out is not grad:
         raise ValueError("out may only be grad itself (an in-place backward)")
     check_device(grad, pre, *(t for t in (slope, scale) if t is not None))
@@ -69,10 +86,10 @@ def act_backward(grad: torch.Tensor, pre: torch.Tensor, act: str = "relu", slope
     if n == 0:
         return out
     block = block_size(n, grad.device)
-    has_slope = act != "relu"
+    code = ACT_CODES[act]
     _act_backward_kernel[(triton.cdiv(n, block),)](
-        grad, pre, out, slope.contiguous() if has_slope else pre, scale.contiguous() if scale is not None else pre,
-        n, channels, 1 if nhwc else n // (pre.shape[0] * channels), HAS_SLOPE=has_slope, HAS_SCALE=scale is not None,
+        grad, pre, out, slope.contiguous() if code == 2 else pre, scale.contiguous() if scale is not None else pre,
+        n, channels, 1 if nhwc else n // (pre.shape[0] * channels), ACT=code, HAS_SCALE=scale is not None,
         WIDE=n + block > INT32_MAX, BLOCK=block, **COMPILE_OPTIONS,
     )
     return out

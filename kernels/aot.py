@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import COMPILE_OPTIONS, block_size, interpreted
+from .act_backward import ACT_CODES
 
 GPU = torch.device("cuda")  # launch configurations are chosen as for this device type
 FAMILIES = ("dcgan", "nbnet", "upconv")
@@ -117,7 +118,7 @@ def variants(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3
                 name = f"act_backward {dname} {kind}{' +bn' if has_scale else ''}{' nhwc' if nhwc else ''}"
                 args = [_t(dtype)] * 5 + [n, channels, inner]
                 out.append(_variant(name, "act_backward", "_act_backward_kernel", args,
-                                    HAS_SLOPE=kind != "relu", HAS_SCALE=has_scale, WIDE=False,
+                                    ACT=ACT_CODES[kind], HAS_SCALE=has_scale, WIDE=False,
                                     BLOCK=block_size(n, GPU)))
         epilogues = [("linf", "ball", True, False), ("linf", "ball", False, False), ("linf", "ball", True, True)]
         if dname in ("fp32", "bf16"):
@@ -172,7 +173,6 @@ def head_and_act_variants(heads: list[str], acts: list[tuple[str, bool]]) -> lis
     forward for the targets and the steps, its backward with each activation, and the activation
     forward with its bias / BatchNorm; each dtype and layout."""
     from ..backends import FUSED_DTYPES as DTYPES
-    from .head_conv import ACTS as HEAD_ACTS
     from .head_conv import LAUNCH, MAX_OUT_CHANNELS, _blocks
     from .l1_sign import HEADS
 
@@ -196,7 +196,7 @@ def head_and_act_variants(heads: list[str], acts: list[tuple[str, bool]]) -> lis
         for kind, has_scale in acts:
             args = tensors + [n, channels, side, side, *strides]
             out.append(_variant(f"head_conv_backward {dname} {kind}{' +bn' if has_scale else ''}{layout}", "head_conv",
-                                "_head_conv_backward_kernel", args, COUT=3, KH=3, KW=3, ACT=HEAD_ACTS[kind],
+                                "_head_conv_backward_kernel", args, COUT=3, KH=3, KW=3, ACT=ACT_CODES[kind],
                                 HAS_SCALE=has_scale, PRECISION=precision, **blocks))
         if dname == "tf32":  # the elementwise kernel is fp32's
             continue

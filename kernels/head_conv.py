@@ -25,14 +25,13 @@ import triton
 import triton.language as tl
 
 from . import COMPILE_OPTIONS, check_device, is_nhwc, same_layout
-from .act_backward import INT32_MAX
+from .act_backward import ACT_CODES, INT32_MAX, act_grad, check_act
 from .l1_sign import HEADS, l1_sign
 
 MAX_OUT_CHANNELS = 16  # one tl.dot tile
 # one stage: the loop over channel blocks is short (one block at the families' 32 channels), and
 # staging nine taps' tiles would ask for more shared memory than a GPU has in fp32
 LAUNCH = dict(num_warps=4, num_stages=1, **COMPILE_OPTIONS)
-ACTS = {None: 0, "relu": 1, "leaky_relu": 2, "prelu": 2}
 
 
 @triton.jit
@@ -136,11 +135,10 @@ def _head_conv_backward_kernel(g_ptr, w_ptr, pre_ptr, slope_ptr, scale_ptr, out_
     mask = c_ok[:, None] & p_ok[None, :]
     if ACT > 0:
         pre = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        slope = 0.0
         if ACT == 2:
-            slope = tl.load(slope_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-            acc = tl.where(pre > 0, acc, acc * slope[:, None])
-        else:
-            acc = tl.where(pre > 0, acc, 0.0)
+            slope = tl.load(slope_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[:, None]
+        acc = act_grad(acc, pre, slope, ACT)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -228,20 +226,15 @@ def head_conv_backward(grad: torch.Tensor, weight: torch.Tensor, pre: torch.Tens
     """The gradient at the input of the activation in front of the convolution: conv^T(grad),
     times act'(pre) (relu; leaky_relu / prelu with ``slope`` per channel) and ``scale`` per channel
     (an unfolded BatchNorm before the activation). Laid out like ``pre`` (or contiguous)."""
-    if act not in ACTS:
-        raise ValueError(f"act must be one of {sorted(a for a in ACTS if a)} or None, got {act!r}")
     if grad.dim() != 4 or weight.dim() != 4 or grad.shape[1] != weight.shape[0]:
         raise ValueError(f"need grad (B, Cout, H, W) and weight (Cout, C, kh, kw), got {tuple(grad.shape)} and "
                          f"{tuple(weight.shape)}")
     batch, _, height, width = grad.shape
     channels = weight.shape[1]
     shape = (batch, channels, height, width)
+    check_act(act, slope, scale, channels, optional=True)
     if act is not None and (pre is None or pre.shape != shape):
         raise ValueError(f"{act} needs the saved pre-activation of shape {shape}")
-    if ACTS[act] == 2 and (slope is None or slope.numel() != channels):
-        raise ValueError(f"{act} needs a slope per channel ({channels})")
-    if scale is not None and scale.numel() != channels:
-        raise ValueError(f"scale must have one value per channel ({channels}), got {scale.numel()}")
     _check_weight(weight, grad)
     check_device(*(t for t in (grad, weight, pre, slope, scale) if t is not None))
     nhwc = pre is not None and is_nhwc(pre)
@@ -255,9 +248,9 @@ def head_conv_backward(grad: torch.Tensor, weight: torch.Tensor, pre: torch.Tens
     block_c, block_p = _blocks(channels, n, grad.dtype, grad.device)
     _head_conv_backward_kernel[(triton.cdiv(n, block_p), triton.cdiv(channels, block_c))](
         grad.contiguous(), weight.contiguous(), pre if pre is not None else out,
-        slope.contiguous() if ACTS[act] == 2 else out, scale.contiguous() if scale is not None else out, out,
+        slope.contiguous() if ACT_CODES[act] == 2 else out, scale.contiguous() if scale is not None else out, out,
         n, channels, height, width, 1 if nhwc else height * width, channels if nhwc else 1,
-        COUT=weight.shape[0], KH=weight.shape[2], KW=weight.shape[3], ACT=ACTS[act], HAS_SCALE=scale is not None,
+        COUT=weight.shape[0], KH=weight.shape[2], KW=weight.shape[3], ACT=ACT_CODES[act], HAS_SCALE=scale is not None,
         PRECISION=_precision(grad, tf32), WIDE=_wide(block_p, out, grad), BLOCK_CO=MAX_OUT_CHANNELS, BLOCK_C=block_c,
         BLOCK_P=block_p, **LAUNCH,
     )

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import COMPILE_OPTIONS, check_device
-from .act_backward import ACTS, act_backward
+from .act_backward import ACT_CODES, act_backward, act_grad, check_act
 from .sign_step import check_step_args, guard_args, load_guard, sign_step_project, step_project, store_z
 
 MAX_FUSED_DIM = 1024
@@ -55,12 +55,11 @@ def _linear_step_kernel(gh_ptr, w_ptr, z_ptr, anchor_ptr, partial_ptr, low_ptr, 
         a = tl.load(gh_ptr + a_offs, mask=a_mask, other=0.0)
         if ACT > 0:  # the stem activation's backward on the gradient as it is loaded, as act_backward computes it
             pre = tl.load(pre_ptr + a_offs, mask=a_mask, other=0.0).to(tl.float32)
-            g = a.to(tl.float32)
             channel = (ks // inner) % channels
+            slope = 0.0
             if ACT == 2:
-                g = tl.where(pre > 0, g, g * tl.load(slope_ptr + channel, mask=k_ok, other=0.0).to(tl.float32)[None, :])
-            else:
-                g = tl.where(pre > 0, g, 0.0)
+                slope = tl.load(slope_ptr + channel, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            g = act_grad(a.to(tl.float32), pre, slope, ACT)
             if HAS_SCALE:
                 g = g * tl.load(scale_ptr + channel, mask=k_ok, other=0.0).to(tl.float32)[None, :]
             a = g.to(gh_ptr.dtype.element_ty)
@@ -101,18 +100,13 @@ def _check_act(act: str | None, pre, slope, scale, grad_h: torch.Tensor, channel
         if pre is not None or slope is not None or scale is not None:
             raise ValueError("pre, slope and scale belong to an activation: give act too")
         return
-    if act not in ACTS:
-        raise ValueError(f"act must be one of {ACTS} or None, got {act!r}")
     if pre is None or pre.shape != grad_h.shape or pre.dtype != grad_h.dtype:
         raise ValueError(f"{act} needs its saved pre-activation with grad_h's shape {tuple(grad_h.shape)} and dtype")
     width = grad_h.shape[1]
     if channels < 1 or inner < 1 or (width % channels if inner == 1 else channels * inner != width):
         raise ValueError(f"channels x inner must be grad_h's width {width} (or, with inner 1, divide it), "
                          f"got {channels} x {inner}")
-    if act != "relu" and (slope is None or slope.numel() != channels):
-        raise ValueError(f"{act} needs a slope per channel ({channels})")
-    if scale is not None and scale.numel() != channels:
-        raise ValueError(f"scale must have one value per channel ({channels}), got {scale.numel()}")
+    check_act(act, slope, scale, channels)
 
 
 def _as_image(flat: torch.Tensor, channels: int, inner: int) -> torch.Tensor:
@@ -172,7 +166,7 @@ def linear_sign_step(grad_h: torch.Tensor, weight: torch.Tensor, z: torch.Tensor
     partial = z.new_empty((split, batch, dim)) if split > 1 else z
     precision = "tf32" if (tf32 and weight.dtype == torch.float32) else "ieee"
     fused_low = z_low if split == 1 else None  # split: the finisher writes it
-    has_slope = act in ("leaky_relu", "prelu")
+    has_slope = ACT_CODES[act] == 2
     hat, fallback, min_cos = guard_args(guard, z)
     _linear_step_kernel[(triton.cdiv(batch, block_m), split)](
         grad_h, weight, z, anchor, partial, z if fused_low is None else fused_low,
@@ -180,7 +174,7 @@ def linear_sign_step(grad_h: torch.Tensor, weight: torch.Tensor, z: torch.Tensor
         scale.contiguous() if scale is not None else grad_h, hat, fallback, batch, k_dim, dim, k_chunk, channels,
         inner, float(alpha), float(eps), min_cos, L2=norm == "l2", BALL=constraint == "ball",
         NORMALIZE=bool(normalize), SPLIT=split > 1, HAS_LOW=fused_low is not None, GUARD=guard is not None,
-        ACT=0 if act is None else 2 if has_slope else 1,
+        ACT=ACT_CODES[act],
         HAS_SCALE=scale is not None and act is not None, PRECISION=precision, BLOCK_M=block_m, BLOCK_K=block_k,
         BLOCK_D=block_d, num_warps=num_warps, **COMPILE_OPTIONS,
     )
