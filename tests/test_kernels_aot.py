@@ -31,9 +31,11 @@ def _compiled_triton_env(cache: Path) -> dict:
 
 
 def _aot(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    """The checker in a subprocess; the whole sweep (hundreds of compiles) gets 30 minutes: a busy 2-core machine's
+    worst seen was over 10."""
     env = _compiled_triton_env(tmp)
     return subprocess.run([sys.executable, "-m", "advface_engine.kernels.aot", "--json", *args], env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1800)
 
 
 def _reports(tmp: Path, *args: str) -> list[dict]:
