@@ -7,6 +7,8 @@ import argparse
 import importlib
 import sys
 
+from .threads import torch_threads
+
 # Modules that add subcommands: each defines register(subparsers) and sets a ``func`` default.
 SUBCOMMAND_MODULES = [
     "advface_engine.commands",
@@ -25,13 +27,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for command in dict.fromkeys(sub.choices.values()):  # aliases share their parser
+        command.add_argument("--threads", type=_threads, default=None, metavar="N",
+                             help="torch CPU threads (default: one per core that is free when the command starts)")
     return parser
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with torch_threads(args.threads):
+            return int(args.func(args) or 0)
     except (ValueError, OSError, ImportError) as err:  # the user's input or environment: one line, no traceback
         print(f"advface {args.command}: error: {err}", file=sys.stderr)
         return 2

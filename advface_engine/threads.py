@@ -1,0 +1,60 @@
+"""CPU threads for the command line: one per core that is free when a command starts.
+
+torch's CPU default is a thread per core, and a GNU OpenMP thread that finds no work spins for a long
+while before it sleeps. On a machine whose cores other processes use (another advface job, a test
+run), those spinning threads hold the cores the others need and everything slows down by an order of
+magnitude (README, Command line, has the measured figures). So each command runs as many threads as
+there are usable cores less the ones busy when it starts (``--threads N`` chooses;
+``torch.set_num_threads`` in Python).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def busy_cores() -> float:
+    """How many cores other processes keep busy: the larger of the one-minute load average and the
+    processes runnable right now besides this one (Linux's /proc/loadavg; the average lags a minute)."""
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average here
+        busy = 0.0
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+        busy = max(busy, running - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return busy
+
+
+def auto_threads() -> int:
+    """One thread per usable core that is not busy now (rounded), at least one."""
+    cores = usable_cores()
+    return max(1, min(cores, int(cores - busy_cores() + 0.5)))
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """torch's intra-op threads for a command (None: ``auto_threads()``), the previous count restored
+    after (a command called in-process, by a test or a notebook, leaves the process as it was)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    chosen = auto_threads() if threads is None else threads
+    torch.set_num_threads(chosen)
+    try:
+        yield chosen
+    finally:
+        torch.set_num_threads(saved)
