@@ -61,11 +61,16 @@ def test_conv_tf32_reads_inherited_and_mixed_settings(monkeypatch):
         pytest.skip("torch < 2.9 has no fp32_precision settings")
     saved = [(k, k.fp32_precision) for k in (torch.backends, cudnn, cudnn.conv, cudnn.rnn)]
     try:
+        torch.backends.fp32_precision = "none"  # whatever an earlier test or library left there
         cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = "none", "ieee"  # legacy getter would raise
         cudnn.fp32_precision = "ieee"
         assert tm.conv_tf32() is False  # inherited from cudnn
         cudnn.fp32_precision = "none"
         assert tm.conv_tf32() is True  # PyTorch's default for convolutions
+        torch.backends.fp32_precision = "ieee"
+        assert tm.conv_tf32() is False  # inherited from torch.backends, two levels up
+        cudnn.conv.fp32_precision = "tf32"
+        assert tm.conv_tf32() is True  # the nearest setting wins
     finally:
         for knob, value in saved:
             knob.fp32_precision = value
