@@ -177,7 +177,7 @@ def test_psnr_ssim_l1_on_known_images():
 
 def test_random_baseline_stays_in_budget(models, features):
     shadow, encoder = models
-    config = ProtectConfig(eps=0.03, alpha=0.01, steps=3, normalize=False)
+    config = ProtectConfig(eps=0.03, alpha=0.01, steps=3, normalize=False, min_cosine=None)
     from advface_engine.backends.reference import shadow_targets
 
     _, anchor = shadow_targets(features, shadow, encoder, config)
@@ -193,7 +193,7 @@ def test_random_baseline_stays_in_budget(models, features):
 def test_random_baseline_l2_step_has_l2_norm_eps(models, features):
     """With norm "l2" Random's step lies on AdvFace's L2 sphere of radius eps, not at an L-inf corner."""
     shadow, encoder = models
-    config = ProtectConfig(eps=0.03, alpha=0.01, steps=3, norm="l2", normalize=False)
+    config = ProtectConfig(eps=0.03, alpha=0.01, steps=3, norm="l2", normalize=False, min_cosine=None)
     from advface_engine.backends.reference import shadow_targets
 
     _, anchor = shadow_targets(features, shadow, encoder, config)
@@ -218,14 +218,28 @@ def test_dp_baseline_noise_matches_its_budget(norm):
         assert torch.equal(noise, dp_baseline(z, eps=0.03, normalize=False, seed=0))
 
 
-def test_run_passes_the_norm_to_the_dp_baseline():
+def test_run_passes_the_norm_and_guard_to_the_dp_baseline():
     from advface_engine.evaluation import benchmark
 
     run = benchmark.Run.__new__(benchmark.Run)
     run.s, run.z = benchmark.settings_for("tiny"), torch.randn(50, 64)
-    config = ProtectConfig(norm="l2", normalize=False)
-    expected = dp_baseline(run.z, config.eps, normalize=False, seed=run.s.seed, norm="l2")
+    config = ProtectConfig(norm="l2", normalize=False, min_cosine=0.9)
+    expected = dp_baseline(run.z, config.eps, normalize=False, seed=run.s.seed, norm="l2", min_cosine=0.9)
     assert torch.equal(run.baseline("dp", config), expected)
+
+
+@pytest.mark.parametrize("min_cosine", [0.8, 0.95])
+def test_baselines_keep_the_guard(models, features, min_cosine):
+    """At the same guard as AdvFace, Random and DP rows keep cos >= min_cosine with z (without it they do not)."""
+    shadow, encoder = models
+    config = ProtectConfig(eps=0.3, alpha=0.1, steps=3, min_cosine=min_cosine)
+    for out, bare in ((random_baseline(features, shadow, encoder, config, seed=1),
+                       random_baseline(features, shadow, encoder, config.replace(min_cosine=None), seed=1)),
+                      (dp_baseline(features, 0.3, seed=1, min_cosine=min_cosine), dp_baseline(features, 0.3, seed=1))):
+        cosine = torch.nn.functional.cosine_similarity(out, features, dim=1)
+        assert (cosine >= min_cosine - 1e-5).all()
+        assert (torch.nn.functional.cosine_similarity(bare, features, dim=1) < min_cosine).any()
+        np.testing.assert_allclose(out.norm(dim=1).numpy(), 1.0, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- end to end
@@ -236,7 +250,8 @@ def tiny_eval(tmp_path_factory):
     from advface_engine.cli import main
 
     out = tmp_path_factory.mktemp("eval")
-    code = main(["eval", "--scale", "tiny", "--output", str(out), "--no-progress", "--eps", "0.1", "--alpha", "0.03"])
+    code = main(["eval", "--scale", "tiny", "--output", str(out), "--no-progress", "--eps", "0.1", "--alpha", "0.03",
+                 "--min-cosine", "0.5"])
     assert code == 0
     return out, json.loads((out / "results.json").read_text())
 
@@ -245,14 +260,44 @@ def test_eval_writes_json_report_grids_and_curve(tiny_eval):
     out, results = tiny_eval
     report = (out / "report.md").read_text()
     assert "synthetic" in report and "| AdvFace |" in report
-    for name in ("privacy_utility.png", "grid_dcgan.png", "grid_upconv.png"):
+    for name in ("privacy_utility.png", "grid_dcgan.png", "grid_upconv.png", "grid_strong.png", "grid_adaptive.png"):
         assert (out / name).stat().st_size > 0
     assert results["label"] == "synthetic" and results["config"]["eps"] == 0.1
+    assert results["config"]["min_cosine"] == 0.5
     assert results["cross_family_attackers"] == ["upconv"]
+    assert results["attackers"] == ["dcgan", "upconv", "strong", "adaptive"]
     assert set(results["transfer"]) == {"dcgan", "upconv"} and set(results["transfer"]["upconv"]) == {"dcgan", "upconv"}
     assert {p["method"] for p in results["sweep"]} == {"advface", "random", "dp"}
     cosine = results["anchor_only"]["cosine"]  # how near E(S(z)) is to z: the README's shadow table
-    assert 0 < cosine < 1 and f"mean cos(z_0, z) {cosine:.3f}" in report
+    assert 0 < cosine < 1 and f"mean cos(E(S(z)), z) {cosine:.3f} before the guard" in report
+
+
+def test_eval_reports_intervals_seeds_and_resolution(tiny_eval):
+    out, results = tiny_eval
+    report = (out / "report.md").read_text()
+    assert results["seeds"] == [0] and results["data"]["pairs total"] == 400
+    loss = results["verification"]["advface"]["offline"]["loss"]
+    assert loss["low"] <= loss["estimate"] <= loss["high"] and loss["replicates"] == 200
+    assert loss["estimate"] == pytest.approx(results["verification"]["clean"]["accuracy"]
+                                             - results["verification"]["advface"]["offline"]["accuracy"])
+    half = results["resolution"]["offline_loss_half_width_points"]
+    assert half == pytest.approx(100 * loss["half_width"])
+    assert f"known to +-{half:.2f} point" in report
+    assert not results["resolution"]["supports_recommendation"]  # tiny: never
+    assert "too small to support a recommendation" in report and "smoke test" in report
+    for p in results["sweep"]:
+        assert p["offline_loss"]["low"] <= p["offline_loss"]["high"]
+    assert results["pareto"] and all(p["method"] == "advface" for p in results["pareto"])
+    assert "Pareto front" in report and "| stronger attacker |" in report.replace("attacker | adaptive", "attacker |")
+
+
+def test_eval_measures_the_mismatched_shadow_with_and_without_the_guard(tiny_eval):
+    out, results = tiny_eval
+    m = results["mismatch"]
+    assert m["min_cosine"] == 0.5 and set(m) >= {"guard", "no_guard", "fit"}
+    assert m["fit"][0] < results["anchor_only"]["fit"][0]  # the mismatched shadow fits worse
+    assert m["guard"]["offline"] > m["no_guard"]["offline"]  # what the guard buys
+    assert "## Shadow mismatch" in (out / "report.md").read_text()
 
 
 def test_protection_lowers_attack_success_with_real_training(tiny_eval):
@@ -278,6 +323,141 @@ def test_eval_settings_from_json_file_and_flags(tmp_path):
     assert settings.sweep_eps == (0.01, 0.2)
     default = settings_from_args(build_parser().parse_args(["eval"]))
     assert default.scale == "small" and default.config() == ProtectConfig()
+
+
+def test_min_cosine_none_turns_the_guard_off_in_eval(tmp_path):
+    """--min-cosine none is a value (no guard), not "flag not given": it wins over a settings file."""
+    from advface_engine.cli import build_parser
+    from advface_engine.evaluation.cli import settings_from_args
+
+    def config(*argv):
+        return settings_from_args(build_parser().parse_args(["eval", *argv])).config()
+
+    assert config("--min-cosine", "none").min_cosine is None
+    assert config().min_cosine == ProtectConfig().min_cosine
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({"scale": "tiny", "protect": {"min_cosine": 0.5, "normalize": False}}))
+    assert config("--config", str(path)).min_cosine == 0.5 and not config("--config", str(path)).normalize
+    assert config("--config", str(path), "--min-cosine", "none").min_cosine is None
+    assert config("--config", str(path), "--min-cosine", "0.9").min_cosine == 0.9
+
+
+def test_eval_sweep_flags_and_named_sweep():
+    from advface_engine.cli import build_parser
+    from advface_engine.evaluation.benchmark import SWEEPS
+    from advface_engine.evaluation.cli import settings_from_args
+
+    def settings(*argv):
+        return settings_from_args(build_parser().parse_args(["eval", "--scale", "tiny", *argv]))
+
+    s = settings("--sweep-min-cosine", "0.9,none", "--sweep-anchor", "shadow,original", "--sweep-identity-weight",
+                 "0,1", "--num-seeds", "3", "--replicates", "50")
+    assert s.sweep_min_cosine == (0.9, None) and s.sweep_anchor == ("shadow", "original")
+    assert s.sweep_identity_weight == (0.0, 1.0) and s.num_seeds == 3 and s.seeds() == [0, 1, 2]
+    assert s.replicates == 50
+    named = settings("--sweep", "defaults", "--sweep-eps", "0.4")
+    assert named.sweep_eps == (0.4,) and named.sweep_min_cosine == SWEEPS["defaults"]["sweep_min_cosine"]
+    with pytest.raises(ValueError, match="unknown sweep 'nope'"):
+        settings("--sweep", "nope")
+    with pytest.raises(ValueError, match="unknown anchor 'middle'"):
+        settings("--sweep-anchor", "middle")
+    assert settings_from_args(build_parser().parse_args(["eval", "--scale", "medium"])).seeds() == [0, 1, 2]
+
+
+def _bare_run(monkeypatch, **overrides):
+    """A benchmark.Run with tiny random models and no training: train_decoder records its calls."""
+    from conftest import tiny_models
+
+    from advface_engine.evaluation import benchmark
+
+    calls = []
+
+    def record(decoder, encoder, images, **kwargs):
+        calls.append({"decoder": decoder, "encoder": encoder, "images": images, **kwargs})
+        return [0.0]
+
+    monkeypatch.setattr(benchmark, "train_decoder", record)
+    run = benchmark.Run.__new__(benchmark.Run)
+    run.s = benchmark.settings_for("tiny", feature_dim=16, size=16, **overrides)
+    run.progress, run.device, run.timings, run.training = False, torch.device("cpu"), {}, {}
+    _, run.encoder = tiny_models()
+    run.server_images, _ = benchmark.synthetic_faces(10, 2, 16, seed=0)
+    run.attacker_images, _ = benchmark.synthetic_faces(6, 2, 16, seed=0, first_identity=benchmark.ATTACKER_FIRST)
+    run._shadows, run._mismatch, run.attackers = {}, None, {}
+    return run, calls
+
+
+def test_attack_hits_reconstruct_each_stored_feature_once(models):
+    """A feature attacked in several pairs is reconstructed once; the hits are those of one row per pair."""
+    from advface_engine.evaluation.attack import attack_hits
+
+    shadow, encoder = models  # any decoder serves as the attacker
+    torch.manual_seed(0)
+    stored = torch.nn.functional.normalize(torch.randn(3, 16), dim=1)
+    rows = torch.tensor([0, 2, 2, 1, 0])
+    other, own = torch.randn(5, 16), torch.randn(5, 16)
+    hits, hits_self, images = attack_hits(shadow, encoder, stored, other, own, 0.0, rows=rows)
+    each, each_self, _ = attack_hits(shadow, encoder, stored[rows], other, own, 0.0)
+    assert images.shape[0] == 3 and hits.tolist() == each.tolist() and hits_self.tolist() == each_self.tolist()
+    assert 0 < hits.sum() < 5 or 0 < hits_self.sum() < 5  # the comparison is not vacuous
+    with pytest.raises(ValueError, match="same number of rows"):
+        attack_hits(shadow, encoder, stored, other[:4], own, 0.0, rows=rows)
+
+
+def test_adaptive_attacker_trains_on_features_it_protected_itself(monkeypatch):
+    from advface_engine import Protector
+    from advface_engine.evaluation.attack import ProtectedEncoder
+
+    run, calls = _bare_run(monkeypatch, shadow_identity_weight=0.5)
+    config = ProtectConfig(eps=0.1, alpha=0.03, steps=3, min_cosine=0.5)
+    run.train_adaptive(config)
+    shadow_call, attacker_call = calls
+    assert shadow_call["images"] is run.attacker_images and shadow_call["encoder"] is run.encoder  # its own data
+    assert shadow_call["identity_weight"] == 0.5 and shadow_call["decoder"].arch == "dcgan"  # the server's recipe
+    assert attacker_call["images"] is run.attacker_images and attacker_call["identity_weight"] == 0.0
+    assert attacker_call["decoder"].arch == run.s.adaptive_family
+    assert run.attackers["adaptive"] is attacker_call["decoder"]
+    view = attacker_call["encoder"]
+    assert isinstance(view, ProtectedEncoder) and view.shadow is shadow_call["decoder"]
+    x = run.attacker_images[:4]
+    clean = torch.nn.functional.normalize(run.encoder(x), dim=1).detach()
+    protected = view(x)
+    assert torch.allclose(protected, Protector(shadow_call["decoder"], run.encoder, config, backend="reference")(clean),
+                          atol=1e-6)
+    assert not torch.allclose(protected, clean, atol=1e-3)  # it trains on protected features, not clean ones
+
+
+def test_mismatch_shadow_trains_on_other_faces(monkeypatch):
+    from advface_engine.evaluation import benchmark
+
+    run, calls = _bare_run(monkeypatch, mismatch_identities=5, mismatch_per_identity=2)
+    shadow = run.mismatch_shadow()
+    assert run.mismatch_shadow() is shadow and len(calls) == 1  # trained once
+    images = calls[0]["images"]
+    assert images.shape == (10, 3, 16, 16) and calls[0]["decoder"].arch == run.s.shadow
+    assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])  # grey
+    same_seed, _ = benchmark.synthetic_faces(5, 2, 16, seed=run.s.seed, first_identity=benchmark.MISMATCH_FIRST)
+    assert not torch.allclose(images, same_seed.mean(1, keepdim=True).expand_as(same_seed), atol=0.05)  # another seed
+    assert calls[0]["seed"] not in (run.s.seed + 1, run.s.seed + 2)
+
+
+def test_stronger_attacker_is_wider_longer_and_no_shadow_family(monkeypatch):
+    import dataclasses
+
+    from advface_engine.evaluation.attack import ResidualUpDecoder
+    from advface_engine.evaluation.benchmark import settings_for
+    from advface_engine.models import DECODERS
+
+    run, calls = _bare_run(monkeypatch)
+    run.s = dataclasses.replace(run.s, strong_epochs=None)  # the default: 1.5 times the families' epochs
+    run._strong()
+    (call,) = calls
+    assert isinstance(call["decoder"], ResidualUpDecoder) and call["epochs"] == 8  # tiny: 5
+    assert call["decoder"].arch_kwargs["width"] == 2 * run.s.decoder_width and call["images"] is run.attacker_images
+    assert call["decoder"](torch.zeros(2, 16)).shape == (2, 3, 16, 16)
+    assert "residual_up" not in DECODERS
+    with pytest.raises(ValueError, match="unknown decoder family 'residual_up'"):
+        settings_for("tiny", shadow="residual_up")
 
 
 def test_shadow_identity_weight_reaches_shadows_only(monkeypatch):
@@ -488,22 +668,26 @@ def test_report_removes_stale_grids_only(tiny_eval, tmp_path):
     assert (tmp_path / "grid_notes.txt").exists() and (tmp_path / "mygrid_x.png").exists()
 
 
-def test_curve_draws_one_advface_curve_per_swept_steps(tiny_eval, tmp_path, monkeypatch):
+def test_curve_draws_one_curve_per_guard_and_the_guard_curve(tiny_eval, tmp_path, monkeypatch):
     import matplotlib.figure
 
     from advface_engine.evaluation.report import save_curve
 
     _, results = tiny_eval
     advface = [p for p in results["sweep"] if p["method"] == "advface"]
-    sweep = [{**p, "steps": t} for t in (2, 5) for p in advface]  # the configured steps (10) not swept
+    other_steps = [{**p, "steps": 2} for p in advface]  # not the config's steps: dots, not curves
     drawn = {}
 
     def savefig(fig, path, **kwargs):
         ax = fig.axes[0]
-        drawn.update(lines=[line.get_label() for line in ax.get_lines()], notes=len(ax.texts))
+        drawn.update(labels=ax.get_legend_handles_labels()[1], notes=[t.get_text() for t in ax.texts])
         open(path, "wb").close()
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
-    save_curve(tmp_path / "curve.png", {**results, "sweep": sweep + [p for p in results["sweep"] if p not in advface]})
-    assert [n for n in drawn["lines"] if n.startswith("AdvFace,")] == ["AdvFace, T=2", "AdvFace, T=5"]
-    assert drawn["notes"] == len(sweep)  # every AdvFace point annotated with its eps
+    save_curve(tmp_path / "curve.png", {**results, "sweep": results["sweep"] + other_steps})
+    labels = drawn["labels"]
+    assert [n for n in labels if n.startswith("AdvFace, guard")] == [  # the config's 0.5 and tiny's 0.8, none
+        "AdvFace, guard 0.5, T=10", "AdvFace, guard 0.8, T=10", "AdvFace, guard none, T=10"]
+    assert "AdvFace over the guard min_cosine (eps 0.1)" in labels  # the guard as a curve
+    assert "AdvFace, other swept steps / anchor / objective / shadow" in labels
+    assert {"c 0.5", "c none"} <= set(drawn["notes"]) and "eps 0.03" in drawn["notes"]

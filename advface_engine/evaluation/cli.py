@@ -7,7 +7,9 @@ import dataclasses
 from pathlib import Path
 
 from ..config import ProtectConfig
-from ..config_args import add_protect_args
+from ..config_args import add_protect_args, min_cosine_arg, positive_int
+
+NOT_GIVEN = object()  # a protection flag's default here: None is a value (--min-cosine none), not "not given"
 
 
 def _parse(text: str, convert, kind: str) -> tuple:
@@ -33,20 +35,44 @@ def _names(text: str) -> tuple[str, ...]:
     return _parse(text, str, "names")
 
 
+def _guards(text: str) -> tuple[float | None, ...]:
+    def convert(value: str) -> float | None:
+        try:
+            return min_cosine_arg(value)
+        except argparse.ArgumentTypeError:
+            raise ValueError from None
+
+    return _parse(text, convert, "numbers in (-1, 1) or 'none'")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="verification, identity-inference attack, baselines and report (synthetic faces)",
                        description="Reproduce the paper's tables on synthetic faces (or a .bin / image folder) and "
                                    "write results.json, report.md, image grids and the privacy/utility plot.")
     p.add_argument("--output", "-o", default="advface-eval", help="output folder (default advface-eval)")
     p.add_argument("--config", help="JSON file of evaluation settings (flags given here override it)")
-    p.add_argument("--scale", choices=("tiny", "small", "large"),
-                   help="preset: tiny (seconds), small (default: 32x32, dim 128, minutes on a CPU), large (GPU)")
+    p.add_argument("--scale", choices=("tiny", "small", "medium", "large"),
+                   help="preset: tiny (seconds), small (default: 32x32, dim 128, minutes on a CPU), medium (small's "
+                        "models over 3 seeds and 18,000 pairs: intervals of about half a point, <= 30 min on a CPU), "
+                        "large (GPU)")
+    p.add_argument("--num-seeds", type=positive_int,
+                   help="training seeds (each trains every model again on its own faces)")
     p.add_argument("--shadow", help="shadow decoder family (default dcgan)")
     p.add_argument("--shadow-identity-weight", type=float,
                    help="identity term in the shadows' training (train-shadow --identity-weight; default 0)")
     p.add_argument("--families", type=_names, help="decoder families for attackers and the transfer matrix")
     p.add_argument("--sweep-eps", type=_floats, help="comma-separated eps values of the privacy/utility curve")
     p.add_argument("--sweep-steps", type=_ints, help="comma-separated step counts swept as well")
+    p.add_argument("--sweep-min-cosine", type=_guards, help="comma-separated guards swept as well ('none': no guard)")
+    p.add_argument("--sweep-anchor", type=_names, help="comma-separated anchors swept as well (shadow, original)")
+    p.add_argument("--sweep-objective", type=_names,
+                   help="comma-separated objectives swept as well (pixel, identity, pixel+identity)")
+    p.add_argument("--sweep-identity-weight", type=_floats,
+                   help="comma-separated identity weights of the shadow swept as well (one shadow trained per weight)")
+    p.add_argument("--sweep", metavar="NAME",
+                   help="a named sweep grid: 'defaults' (eps, guard, anchor, steps, shadow) or 'objective' (the "
+                        "objectives at the guards that keep half a point); sweep flags win")
+    p.add_argument("--replicates", type=positive_int, help="bootstrap resamples of every interval (default 1000)")
     p.add_argument("--flip", action="store_true", default=None, help="flip-augmented embeddings")
     p.add_argument("--backend", choices=("auto", "reference", "fused"), help="protection backend (default auto)")
     p.add_argument("--device", help="cpu, cuda or auto (default)")
@@ -58,21 +84,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shadow-checkpoint", help="use this shadow decoder instead of training one")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_protect_args(p)
-    # protection flags override a settings file only when given
-    p.set_defaults(func=run_eval, **{f.name: None for f in dataclasses.fields(ProtectConfig)})
+    # protection flags override a settings file only when given (NOT_GIVEN: None is --min-cosine none)
+    p.set_defaults(func=run_eval, **{f.name: NOT_GIVEN for f in dataclasses.fields(ProtectConfig)})
 
 
 def settings_from_args(args: argparse.Namespace):
     """EvalSettings from the flags, on top of ``--config`` when given (a flag given wins)."""
-    from .benchmark import load_settings, settings_for
+    from .benchmark import SWEEPS, load_settings, settings_for
 
-    overrides = {name: getattr(args, name) for name in (
-        "shadow", "shadow_identity_weight", "families", "sweep_eps", "sweep_steps", "flip", "backend", "device",
-        "bin", "folder", "pairs",
-        "encoder_checkpoint", "shadow_checkpoint")}
+    if args.sweep and args.sweep not in SWEEPS:
+        raise ValueError(f"--sweep: unknown sweep {args.sweep!r}; known: {sorted(SWEEPS)}")
+    overrides = dict(SWEEPS[args.sweep]) if args.sweep else {}
+    flags = {name: getattr(args, name) for name in (
+        "shadow", "shadow_identity_weight", "families", "num_seeds", "sweep_eps", "sweep_steps", "sweep_min_cosine",
+        "sweep_anchor", "sweep_objective", "sweep_identity_weight", "replicates", "flip", "backend", "device", "bin",
+        "folder", "pairs", "encoder_checkpoint", "shadow_checkpoint")}
+    overrides.update({k: v for k, v in flags.items() if v is not None})
     overrides["seed"] = args.eval_seed
     protect = {f.name: getattr(args, f.name) for f in dataclasses.fields(ProtectConfig)
-               if getattr(args, f.name) is not None}
+               if getattr(args, f.name) is not NOT_GIVEN}
     if args.config:
         settings = load_settings(args.config, scale=args.scale, **overrides)
         if protect:
@@ -94,10 +124,16 @@ def run_eval(args: argparse.Namespace) -> int:
     results = run_evaluation(settings, progress=not args.no_progress)
     files = write_report(results, args.output)
     v, a = results["verification"], results["identity_inference"]
-    print(f"{results['label']} faces, scale {settings.scale}, {results['timings']['total']:.0f} s")
+    print(f"{results['label']} faces, scale {settings.scale}, seeds {results['seeds']}, "
+          f"{results['data']['pairs total']} pairs, {results['timings']['total']:.0f} s")
     for method in METHODS:
-        print(f"  {method:12s} offline {100 * v[method]['offline']['accuracy']:6.2f}%  "
+        loss = v[method]["offline"].get("loss")
+        interval = f" (loss {100 * loss['estimate']:.2f} [{100 * loss['low']:.2f}, {100 * loss['high']:.2f}])" \
+            if loss and method != "unprotected" else ""
+        print(f"  {method:12s} offline {100 * v[method]['offline']['accuracy']:6.2f}%{interval}  "
               f"online {100 * v[method]['online']['accuracy']:6.2f}%  "
               f"attack success {100 * a[method]['cross_family_mean']['success']:6.2f}%")
+    if results["resolution"]["warning"]:
+        print(f"  warning: {results['resolution']['warning']}")
     print(f"wrote {files['report.md']} and {files['results.json']}")
     return 0

@@ -40,32 +40,58 @@ def save_grid(path: Path, columns: list[Tensor]) -> None:
     os.replace(tmp, path)
 
 
+def _guard(c) -> str:
+    return "none" if c is None else f"{c:g}"
+
+
+def _group(p: dict) -> tuple:
+    """An AdvFace sweep point's settings other than eps and the guard."""
+    return p["steps"], p["anchor"], p["objective"], p["shadow_identity_weight"]
+
+
 def save_curve(path: Path, results: dict) -> None:
-    """Offline verification accuracy against cross-family attack success over eps: one curve per baseline
-    and one AdvFace curve per swept step count T."""
+    """Offline verification accuracy (with its 95% interval) against cross-family attack success: one AdvFace
+    curve over eps per swept guard (at the config's steps, anchor and shadow), the guard curve (over
+    min_cosine at the config's eps), one curve per baseline, the other swept AdvFace points as dots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    label = results["label"]
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    label, cfg = results["label"], results["config"]
+    clean = results["verification"]["clean"]["accuracy"]
     sweep = results["sweep"]
-    swept_steps = dict.fromkeys(p["steps"] for p in sweep if p["method"] == "advface")  # in sweep order
-    curves = [(f"AdvFace, T={t}", "o", [p for p in sweep if p["method"] == "advface" and p["steps"] == t])
-              for t in swept_steps]
-    curves += [(METHOD_NAMES[m], marker, [p for p in sweep if p["method"] == m])
-               for m, marker in (("random", "s"), ("dp", "^"))]
-    for name, marker, points in curves:
+    home = (cfg["steps"], cfg["anchor"], cfg["objective"], results["settings"]["shadow_identity_weight"])
+    advface = [p for p in sweep if p["method"] == "advface"]
+    fig, ax = plt.subplots(figsize=(7, 5))
+
+    def draw(points, name, marker, linestyle="-", note=None, **kwargs):
         if not points:
-            continue
+            return
         x = [100 * p["attack_success"] for p in points]
         y = [100 * p["offline"] for p in points]
-        ax.plot(x, y, marker=marker, label=name)
-        if name.startswith("AdvFace"):
+        loss = [p["offline_loss"] for p in points]
+        yerr = [[100 * (q["high"] - q["estimate"]) for q in loss], [100 * (q["estimate"] - q["low"]) for q in loss]]
+        ax.errorbar(x, y, yerr=yerr, marker=marker, linestyle=linestyle, label=name, capsize=2, markersize=4, **kwargs)
+        if note:
             for p, xi, yi in zip(points, x, y, strict=True):
-                ax.annotate(f"eps {p['eps']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    clean = results["verification"]["clean"]["accuracy"]
+                ax.annotate(note(p), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=6)
+
+    for c in dict.fromkeys(p["min_cosine"] for p in advface if _group(p) == home):
+        draw([p for p in advface if _group(p) == home and p["min_cosine"] == c], f"AdvFace, guard {_guard(c)}, "
+             f"T={home[0]}", "o", note=lambda p: f"eps {p['eps']:g}")
+    guard_curve = sorted((p for p in advface if _group(p) == home and p["eps"] == cfg["eps"]),
+                         key=lambda p: 2.0 if p["min_cosine"] is None else p["min_cosine"])
+    if len(guard_curve) > 1:
+        draw(guard_curve, f"AdvFace over the guard min_cosine (eps {cfg['eps']:g})", "s", linestyle="--",
+             color="k", note=lambda p: f"c {_guard(p['min_cosine'])}")
+    others = [p for p in advface if _group(p) != home]
+    if others:
+        ax.scatter([100 * p["attack_success"] for p in others], [100 * p["offline"] for p in others], s=8,
+                   color="grey", alpha=0.5, label="AdvFace, other swept steps / anchor / objective / shadow")
+    for method, marker in (("random", "v"), ("dp", "^")):
+        draw([p for p in sweep if p["method"] == method], f"{METHOD_NAMES[method]}, guard {_guard(cfg['min_cosine'])}",
+             marker, linestyle=":")
     unprotected = results["identity_inference"]["unprotected"]["cross_family_mean"]["success"]
     ax.plot([100 * unprotected], [100 * clean], marker="*", markersize=12, linestyle="none", color="k",
             label="Unprotected")
@@ -74,10 +100,10 @@ def save_curve(path: Path, results: dict) -> None:
             label="AdvFace anchor only (steps 0)")
     ax.axhline(100 * clean - 0.5, color="grey", linestyle=":", linewidth=1, label="clean - 0.5 point")
     ax.set_xlabel("identity-inference success, cross-family attackers (%)")
-    ax.set_ylabel("offline verification accuracy (%)")
-    ax.set_title(f"Privacy / utility over eps ({label} faces)")
+    ax.set_ylabel("offline verification accuracy (%), 95% interval")
+    ax.set_title(f"Privacy / utility ({label} faces, seeds {results['seeds']})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=120)
@@ -89,110 +115,193 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def interval(figure: dict) -> str:
+    """An interval in percentage points: "1.23 [0.98, 1.50]"."""
+    return f"{_pct(figure['estimate'])} [{_pct(figure['low'])}, {_pct(figure['high'])}]"
+
+
+def _seeds(values: list[float]) -> str:
+    return " / ".join(_pct(v) for v in values)
+
+
+def _point_cells(p: dict) -> list[str]:
+    return [_pct(p["offline"]), interval(p["offline_loss"]), _pct(p["online"]), interval(p["attack_interval"])]
+
+
 def markdown(results: dict, grid_files: dict[str, str], curve_file: str) -> str:
     """The report's Markdown text."""
     s, cfg, label = results["settings"], results["config"], results["label"]
-    families = list(s["families"])
+    attackers = results.get("attackers", list(s["families"]))
     cross = results["cross_family_attackers"]
+    data, res = results["data"], results["resolution"]
+    seeds = results["seeds"]
+    weight = f" (weight {cfg['identity_weight']:g})" if cfg["objective"] == "pixel+identity" else ""
     lines = [
         f"# AdvFace evaluation ({label} faces)",
         "",
         f"All figures are measured on **{label}** faces (scale `{s['scale']}`: {s['size']}x{s['size']} images, "
         f"feature dim {s['feature_dim']}, encoder {s['encoder_arch']}, "
         f"{'flip-augmented embeddings (--flip)' if s['flip'] else 'embeddings without flip augmentation'}, "
-        f"shadow decoder `{s['shadow']}`) on "
+        f"shadow decoder `{s['shadow']}` trained with identity weight {s['shadow_identity_weight']:g}) on "
         f"`{results['device']}`. Protection: eps {cfg['eps']:g}, alpha {cfg['alpha']:g}, steps {cfg['steps']}, "
-        f"norm {cfg['norm']}, constraint {cfg['constraint']}, anchor {cfg['anchor']}.",
-        f"Gallery: {results['data']['gallery images']} images, {results['data']['pairs']} verification pairs in 10 "
-        f"contiguous folds; {results['data']['stored features attacked']} stored features attacked.",
+        f"norm {cfg['norm']}, constraint {cfg['constraint']}, anchor {cfg['anchor']}, objective {cfg['objective']}"
+        f"{weight}, guard min_cosine {_guard(cfg['min_cosine'])}.",
+        f"Training seeds {seeds} (each trains every model again on its own faces); per seed a gallery of "
+        f"{data['gallery images']} images, {data['pairs']} verification pairs in 10 contiguous folds "
+        f"({data['pairs total']} over all seeds); the attacker reconstructs the {data['stored features attacked']} "
+        f"stored features on the gallery side of the {data.get('attacks', '')} same-person pairs. "
+        "Figures are means over the seeds. Intervals: 95% paired bootstrap, "
+        f"{data['bootstrap replicates']} resamples of each seed's pairs within their folds (the 10-fold protocol "
+        "rerun on each, clean and protected on the same resample; the attacked features are the positive pairs' "
+        "and go with them); they cover the sampling of pairs for these trained models, and each seed's own "
+        "figure is shown beside them for the spread between trainings.",
         "",
-        "## Verification accuracy (%, 10-fold, mean ± std)",
-        "",
-        "Offline: gallery side protected, probe clean. Online: both sides protected.",
+        f"**Resolution**: the AdvFace offline loss is known to +-{res['offline_loss_half_width_points']:.2f} point "
+        f"(95% interval half-width, {res['pairs']} pairs over {res['seeds']} seed{'s' * (res['seeds'] > 1)}).",
         "",
     ]
-    rows = []
-    for method in METHODS:
+    if res["warning"]:
+        lines += [f"> **Warning: this run is too small to support a recommendation**: {res['warning']}.", ""]
+    lines += ["## Verification accuracy (%, 10-fold, mean over seeds)", "",
+              "Offline: gallery side protected, probe clean. Online: both sides protected. Loss: clean minus "
+              "protected accuracy, in points, with its 95% interval; per seed: each seed's offline loss.", ""]
+    clean = results["verification"]["clean"]
+    rows = [["Unprotected", f"{_pct(clean['accuracy'])} ± {_pct(clean['std'])}", "-",
+             f"{_pct(clean['accuracy'])}", "-", _seeds(clean["per_seed"]) + " (accuracy)"]]
+    for method in METHODS[1:]:
         v = results["verification"][method]
-        rows.append([METHOD_NAMES[method]] + [f"{_pct(v[m]['accuracy'])} ± {_pct(v[m]['std'])}"
-                                              for m in ("offline", "online")])
-    lines += _table(["method", "offline", "online"], rows)
+        rows.append([METHOD_NAMES[method], f"{_pct(v['offline']['accuracy'])} ± {_pct(v['offline']['std'])}",
+                     interval(v["offline"]["loss"]), _pct(v["online"]["accuracy"]), interval(v["online"]["loss"]),
+                     _seeds(v["offline"]["loss_per_seed"])])
+    lines += _table(["method", "offline", "offline loss [95% CI]", "online", "online loss [95% CI]",
+                     "offline loss per seed"], rows)
+    names = {a: f"attacker {a}" + (" (same as shadow)" if a == s["shadow"] else "") for a in attackers}
+    names.update({"strong": "stronger attacker", "adaptive": f"adaptive attacker ({s['adaptive_family']})"})
     lines += [
         "",
         "## Identity inference (attack success %, lower is better)",
         "",
         f"Success: the attacker's reconstruction from a stored feature is accepted by the encoder as the same person "
-        f"as a different clean image of that identity, at cosine >= {results['threshold']:.4f} "
-        f"({results['threshold_rule']}). In brackets: against the stored image itself. Attackers are trained on "
-        f"their own identities, disjoint from the gallery; cross-family attackers: {', '.join(cross)}.",
-        "",
+        f"as a different clean image of that identity, at cosine >= the seed's clean threshold (mean over seeds "
+        f"{results['threshold']:.4f}; {results['threshold_rule']}). In brackets: against the stored image itself. "
+        f"Attackers train on their own identities, disjoint from the gallery; cross-family attackers: "
+        f"{', '.join(cross)} (their mean is the headline figure, with its 95% interval).",
     ]
+    if "strong" in attackers:
+        lines.append("The stronger attacker is a residual upsampling decoder, twice as wide and trained 1.5 times as "
+                     "long as the families, of no shadow family (it only ever attacks).")
+    if "adaptive" in attackers:
+        lines.append(f"The adaptive attacker knows the algorithm and this config: it trains its own `{s['shadow']}` "
+                     "shadow on its own faces, protects its own features with it, and trains its "
+                     f"`{s['adaptive_family']}` network on (protected feature, image) pairs; it is trained for this "
+                     "config only (the sweep's points are not measured against it).")
+    lines.append("")
     rows = []
     for method in METHODS:
         a = results["identity_inference"][method]
-        rows.append([METHOD_NAMES[method]] + [f"{_pct(a[f]['success'])} ({_pct(a[f]['success_self'])})"
-                                              for f in families]
-                    + [f"{_pct(a['cross_family_mean']['success'])}"])
-    lines += _table(["method"] + [f"attacker {f}" + (" (same as shadow)" if f == s["shadow"] else "")
-                                  for f in families] + ["cross-family mean"], rows)
+        mean = a["cross_family_mean"]
+        rows.append([METHOD_NAMES[method]] + [f"{_pct(a[n]['success'])} ({_pct(a[n]['success_self'])})"
+                                              for n in attackers]
+                    + [interval(mean["interval"])])
+    lines += _table(["method"] + [names[a] for a in attackers] + ["cross-family mean [95% CI]"], rows)
     lines += [
         "",
         "## Reconstruction quality of the attacker's output",
         "",
-        "L1 on the [-1, 1] pixel scale; PSNR (dB) and SSIM from scikit-image on [0, 1] images.",
+        f"L1 on the [-1, 1] pixel scale; PSNR (dB) and SSIM from scikit-image on [0, 1] images; on the first "
+        f"{s['quality_rows']} attacked features of each seed, mean over seeds.",
         "",
     ]
     rows = []
     for method in METHODS:
         a = results["identity_inference"][method]
-        for f in families:
-            rows.append([METHOD_NAMES[method], f, f"{a[f]['l1']:.3f}", f"{a[f]['psnr']:.2f}", f"{a[f]['ssim']:.3f}"])
+        for n in attackers:
+            rows.append([METHOD_NAMES[method], names[n], f"{a[n]['l1']:.3f}", f"{a[n]['psnr']:.2f}",
+                         f"{a[n]['ssim']:.3f}"])
     lines += _table(["method", "attacker", "L1", "PSNR", "SSIM"], rows)
-    lines += ["", "## Transferability (AdvFace attack success %, shadow family x attacker family)", ""]
-    lines += _table(["shadow \\ attacker"] + families,
-                    [[sh] + [_pct(results["transfer"][sh][f]) for f in families] for sh in families])
-    lines += ["", "## Privacy / utility over eps", "",
-              f"alpha keeps the ratio alpha/eps = {cfg['alpha'] / cfg['eps']:g}; attack success is the "
+    if "transfer" in results:
+        families = list(s["families"])
+        lines += ["", "## Transferability (AdvFace attack success %, shadow family x attacker family)", ""]
+        lines += _table(["shadow \\ attacker"] + families,
+                        [[sh] + [_pct(results["transfer"][sh][f]) for f in families] for sh in families])
+    if "mismatch" in results:
+        m = results["mismatch"]
+        lines += ["", "## Shadow mismatch", "",
+                  f"The shadow is trained on {m['shadow_images']} grey faces of other identities and another render "
+                  f"seed, instead of the server's {s['train_identities'] * s['train_per_identity']} colour faces: "
+                  f"median cos(E(S(z)), z) {_seeds_plain(m['fit'])} per seed (the main shadow: "
+                  f"{_seeds_plain(results['anchor_only']['fit'])}). Loss and success as above.", ""]
+        rows = [[f"guard min_cosine {_guard(m['min_cosine'])}"] + _point_cells(m["guard"])] if "guard" in m else []
+        rows.append(["no guard"] + _point_cells(m["no_guard"]))
+        lines += _table(["mismatched shadow", "offline", "offline loss [95% CI]", "online",
+                         "attack success [95% CI]"], rows)
+    lines += ["", "## Privacy / utility sweep", "",
+              f"alpha keeps the ratio alpha/eps = {cfg['alpha'] / cfg['eps']:g}; anchor `original` starts at random; "
+              "w: the shadow's identity weight; Random and DP at the config's guard. Attack success: the "
               "cross-family mean.", ""]
-    rows = [[METHOD_NAMES[p["method"]], f"{p['eps']:g}", "-" if p["alpha"] is None else f"{p['alpha']:g}",
-             "-" if p["steps"] is None else str(p["steps"]), _pct(p["offline"]), _pct(p["online"]),
-             _pct(p["attack_success"])] for p in results["sweep"]]
-    lines += _table(["method", "eps", "alpha", "steps", "offline acc", "online acc", "attack success"], rows)
+
+    def row(p):
+        advface = p["method"] == "advface"
+        return [METHOD_NAMES[p["method"]], f"{p['eps']:g}", str(p["steps"]) if advface else "-",
+                _guard(p["min_cosine"]), p["anchor"] if advface else "-", p["objective"] if advface else "-",
+                f"{p['shadow_identity_weight']:g}" if advface else "-"] + _point_cells(p)
+
+    header = ["method", "eps", "steps", "guard", "anchor", "objective", "w", "offline", "offline loss [95% CI]",
+              "online",
+              "attack success [95% CI]"]
+    lines += _table(header, [row(p) for p in results["sweep"]])
     anchor = results["anchor_only"]
     start = "z_0 = E(S(z)), Eq. 5" if cfg["anchor"] == "shadow" else "z_0 = z"
-    near = f"mean cos(z_0, z) {anchor['cosine']:.3f}, " if "cosine" in anchor else ""
-    lines += ["", f"The anchor alone (steps 0, {start}): {near}offline {_pct(anchor['offline'])}, online "
-              f"{_pct(anchor['online'])}, attack success {_pct(anchor['attack_success'])}.", ""]
-    loss = s["max_verification_loss"]
-    for key, reference in (("within_clean", "clean features"), ("within_anchor", "the anchor alone")):
-        best = results["recommended"][key]
+    lines += ["", f"The anchor alone (steps 0, {start}, guarded): mean cos(E(S(z)), z) {anchor['cosine']:.3f} before "
+              f"the guard; offline {_pct(anchor['offline'])} (loss {interval(anchor['offline_loss'])}), online "
+              f"{_pct(anchor['online'])}, attack success {_pct(anchor['attack_success'])}.", "",
+              "Pareto front of the AdvFace points (no other point has both a lower offline loss and a lower attack "
+              "success):", ""]
+    lines += _table(header, [row(p) for p in results["pareto"]])
+    rec = results["recommended"]
+    lines += ["", f"Recommendation rule: the {rec['rule']}."]
+    for key, scope in (("point", "Over the whole sweep"),
+                       ("same_anchor", f"With this run's anchor ({cfg['anchor']}), objective ({cfg['objective']}) "
+                                       f"and shadow (identity weight {s['shadow_identity_weight']:g}), i.e. by eps, "
+                                       "alpha, steps and the guard")):
+        best = rec.get(key)
         if best:
-            lines.append(f"- Strongest AdvFace setting within {loss:g} point of the offline accuracy of {reference}: "
-                         f"eps {best['eps']:g}, alpha {best['alpha']:g}, steps {best['steps']} "
-                         f"(offline {_pct(best['offline'])}, online {_pct(best['online'])}, "
-                         f"attack success {_pct(best['attack_success'])}).")
+            lines.append(f"- {scope}: eps {best['eps']:g}, alpha {best['alpha']:g}, steps {best['steps']}, guard "
+                         f"{_guard(best['min_cosine'])}, anchor {best['anchor']}"
+                         f"{' (random start)' if best['random_start'] else ''}, objective {best['objective']}, "
+                         f"shadow identity weight "
+                         f"{best['shadow_identity_weight']:g}: offline loss {interval(best['offline_loss'])} points, "
+                         f"attack success {interval(best['attack_interval'])}%.")
         else:
-            lines.append(f"- No swept AdvFace setting stays within {loss:g} point of the offline accuracy of "
-                         f"{reference}.")
+            lines.append(f"- {scope}: no swept AdvFace setting meets the rule.")
+    if "config_meets_rule" in rec:
+        lines.append(f"- This run's config {'meets' if rec['config_meets_rule'] else 'does not meet'} the rule "
+                     f"(offline loss {interval(results['verification']['advface']['offline']['loss'])}).")
+    if res["warning"]:
+        lines.append("(Not to be relied on: see the warning above.)")
     lines += ["", f"![privacy/utility curve ({label})]({curve_file})", "", "## Image grids", "",
               "Columns: original | reconstruction from the clean feature | from the AdvFace feature | from Random | "
-              "from DP.", ""]
-    for family, name in grid_files.items():
-        lines += [f"Attacker `{family}` ({label} faces):", "", f"![{family}]({name})", ""]
+              f"from DP (seed {seeds[0]}).", ""]
+    for name, file in grid_files.items():
+        lines += [f"{names.get(name, name).capitalize()} ({label} faces):", "", f"![{name}]({file})", ""]
     dp = results["dp"]
     l2 = cfg["norm"] == "l2"
     lines += ["## Notes", "",
               f"- DP baseline: z + Laplace(0, b) per coordinate with b = {'eps/sqrt(2D)' if l2 else 'eps/sqrt(2)'} = "
               f"{dp['laplace_scale']:.4g} (noise RMS {'L2 norm' if l2 else 'per coordinate'} = eps, AdvFace's "
               f"{cfg['norm']} budget); L1 sensitivity of a unit feature 2*sqrt(D) = {dp['sensitivity_l1']:.3g}, "
-              f"hence epsilon = {dp['epsilon']:.4g}.",
+              f"hence epsilon = {dp['epsilon']:.4g} (before the guard, which reads z).",
               f"- Random baseline: AdvFace's anchor + eps * {'random unit direction' if l2 else 'random sign'}, "
-              "normalised like AdvFace.",
+              "guarded and normalised like AdvFace.",
               f"- AdvFace throughput: {results['throughput']['advface features per second']:.0f} features/s "
               f"({results['throughput']['backend']} backend, including the shadow and encoder passes).",
-              "- Timings (s): " + ", ".join(f"{k} {v:g}" for k, v in results["timings"].items()),
+              "- Timings (s, summed over seeds): " + ", ".join(f"{k} {v:g}" for k, v in results["timings"].items()),
               ""]
     return "\n".join(lines)
+
+
+def _seeds_plain(values: list[float]) -> str:
+    return " / ".join(f"{v:.3f}" for v in values)
 
 
 def write_report(results: dict, output: str | os.PathLike) -> dict[str, Path]:

@@ -63,6 +63,74 @@ def ten_fold_accuracy(scores, issame, folds: int = 10) -> tuple[float, float, fl
     return float(accuracies.mean()), float(accuracies.std()), float(thresholds.mean())
 
 
+def resampled_accuracy(scores, issame, counts: np.ndarray, folds: int = 10, block: int = 64) -> np.ndarray:
+    """The 10-fold accuracy of each bootstrap resample given as counts (R, n) drawn within the folds
+    (``bootstrap.resample_counts`` with the fold as stratum): for each row, exactly what ``fold_accuracies``
+    gives (mean over folds) on the resampled pair list, its folds kept in place, without building that
+    list. Each fold's threshold is chosen on the resampled other folds by ``best_threshold``'s rule."""
+    scores, issame = np.asarray(scores, dtype=np.float64), np.asarray(issame, dtype=bool)
+    counts = np.atleast_2d(np.asarray(counts))
+    n = len(scores)
+    if scores.shape != issame.shape or scores.ndim != 1 or counts.shape[1] != n:
+        raise ValueError("scores, issame and the counts' columns must have the same length")
+    if folds < 2 or n < folds:
+        raise ValueError(f"need folds >= 2 and at least {folds} pairs, got {n} pairs")
+    out = np.empty((len(counts), folds))
+    for f, test in enumerate(np.array_split(np.arange(n), folds)):
+        train = np.setdiff1d(np.arange(n), test)
+        order = train[np.argsort(scores[train], kind="stable")]
+        s, y = scores[order], issame[order]
+        threshold = _thresholds if np.all(s[1:] > s[:-1]) else _thresholds_with_ties
+        for start in range(0, len(counts), block):
+            w = counts[start:start + block]
+            t = threshold(s, y, w[:, order].astype(np.int32))
+            right = (scores[test][None, :] >= t[:, None]) == issame[test][None, :]
+            test_w = w[:, test]
+            out[start:start + block, f] = (test_w * right).sum(1) / test_w.sum(1)
+    return out.mean(axis=1)
+
+
+def _correct(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(R, m + 1): pairs right when the first k sorted training pairs are rejected and the rest accepted."""
+    signed = np.where(y, -w, w)  # a rejected different pair is right, a rejected same pair wrong
+    correct = np.empty((w.shape[0], w.shape[1] + 1), dtype=np.int32)
+    correct[:, 0] = (w * y).sum(1)
+    np.cumsum(signed, axis=1, out=correct[:, 1:])
+    correct[:, 1:] += correct[:, :1]
+    return correct
+
+
+def _thresholds(s: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """best_threshold of each resample (counts ``w`` of the sorted training pairs), all scores distinct.
+
+    ``correct`` is flat across pairs not drawn, so its first maximum sits just after a drawn pair p (or
+    at 0): the resample's best cut lies between p and the next drawn pair q."""
+    r, m = w.shape
+    k = np.argmax(_correct(y, w), axis=1)
+    drawn_after = (w > 0) & (np.arange(m)[None, :] >= k[:, None])
+    q = np.where(drawn_after.any(1), np.argmax(drawn_after, axis=1), m)
+    p = k - 1
+    q_in, p_in = q.clip(max=m - 1), p.clip(0)
+    return np.where(q == m, s[p_in] + 1e-6, np.where(p < 0, s[q_in] - 1e-6, (s[p_in] + s[q_in]) / 2))
+
+
+def _thresholds_with_ties(s: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """As ``_thresholds`` where scores repeat: a cut just before a drawn pair is a candidate only when the
+    drawn pair before it has a lower score (best_threshold's distinct-score rule)."""
+    r, m = w.shape
+    correct = _correct(y, w)
+    drawn = w > 0
+    last = np.maximum.accumulate(np.where(drawn, np.arange(m), -1), axis=1)  # last drawn pair at or before j
+    before = np.concatenate([np.full((r, 1), -1), last[:, :-1]], axis=1)  # last drawn pair before j
+    lower = np.where(before >= 0, s[before.clip(0)], -np.inf) < s
+    valid = np.concatenate([drawn & lower, np.ones((r, 1), dtype=bool)], axis=1)
+    k = np.argmax(np.where(valid, correct, -1), axis=1)  # the first best: ties go to the lowest threshold
+    k_in = k.clip(max=m - 1)
+    prev = before[np.arange(r), k_in]
+    return np.where(k == m, s[last[:, -1]] + 1e-6,
+                    np.where(prev < 0, s[k_in] - 1e-6, (s[prev.clip(0)] + s[k_in]) / 2))
+
+
 def cosine_scores(a: Tensor, b: Tensor) -> np.ndarray:
     """Row-wise cosine similarity of two (P, D) feature tensors."""
     return F.cosine_similarity(a.double(), b.double(), dim=1).numpy()
