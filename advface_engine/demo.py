@@ -12,7 +12,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .progress import format_rate
@@ -128,6 +127,8 @@ def demo(s: DemoSettings, out: Path, progress: bool = True) -> dict:
     attack_prot, recon_prot = identity_inference(attacker, encoder, z_adv, z[other], z, clean["threshold"])
     done("evaluate")
 
+    from .evaluation.grids import save_grid
+
     save_grid(out / "grid.png", [gallery_x[::4][:8], recon_clean[::4][:8], recon_prot[::4][:8]],
               ["original", "from clean feature", "from protected feature"])
     results = {
@@ -145,44 +146,6 @@ def demo(s: DemoSettings, out: Path, progress: bool = True) -> dict:
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
-
-
-def save_grid(path: Path, columns: list[torch.Tensor], titles: list[str], scale: int = 3) -> None:
-    """A PNG of image columns side by side, each (N, 3, H, W) in [-1, 1], enlarged ``scale`` times, under a
-    band with each column's title (wrapped at spaces to the column's width), so the file explains itself."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    if len(titles) != len(columns):
-        raise ValueError(f"{len(columns)} columns, {len(titles)} titles")
-    rows = torch.cat(columns, dim=3)  # (N, 3, H, columns x W)
-    grid = rows.permute(0, 2, 3, 1).reshape(-1, rows.shape[3], 3)
-    pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
-    image = Image.fromarray(np.ascontiguousarray(pixels))
-    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    width, font = columns[0].shape[3] * scale, ImageFont.load_default()
-    measure = ImageDraw.Draw(image)
-    lines = [_wrap(title, width - 4, lambda text: measure.textlength(text, font=font)) for title in titles]
-    line_height = measure.textbbox((0, 0), "Ag", font=font)[3] + 2
-    band = 4 + line_height * max(len(t) for t in lines)
-    out = Image.new("RGB", (image.width, image.height + band), "white")
-    out.paste(image, (0, band))
-    draw = ImageDraw.Draw(out)
-    for k, title in enumerate(lines):
-        for i, text in enumerate(title):
-            x = k * width + (width - draw.textlength(text, font=font)) / 2
-            draw.text((x, 2 + i * line_height), text, fill="black", font=font)
-    out.save(path)
-
-
-def _wrap(text: str, width: float, length) -> list[str]:
-    """``text`` in lines no longer than ``width`` by ``length(line)``, broken at spaces (a longer word alone)."""
-    lines: list[str] = []
-    for word in text.split():
-        if lines and length(f"{lines[-1]} {word}") <= width:
-            lines[-1] += f" {word}"
-        else:
-            lines.append(word)
-    return lines or [""]
 
 
 def format_table(r: dict) -> str:

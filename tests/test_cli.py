@@ -232,7 +232,7 @@ def test_grid_columns_have_titles(tmp_path):
     """A title band above the images, a title over each column (wrapped when longer than the column)."""
     from PIL import Image
 
-    from advface_engine.demo import save_grid
+    from advface_engine.evaluation.grids import save_grid
 
     x = torch.zeros(2, 3, 16, 16)  # grey images: the only dark pixels are the titles'
     save_grid(tmp_path / "g.png", [x, x, x], ["original", "from clean feature", "from protected feature"], scale=3)

@@ -262,6 +262,12 @@ def test_eval_writes_json_report_grids_and_curve(tiny_eval):
     assert "synthetic" in report and "| AdvFace |" in report
     for name in ("privacy_utility.png", "grid_dcgan.png", "grid_upconv.png", "grid_strong.png", "grid_adaptive.png"):
         assert (out / name).stat().st_size > 0
+    from PIL import Image
+
+    rows, size = results["settings"]["grid_rows"], results["settings"]["size"]
+    scale = max(1, 96 // size)
+    with Image.open(out / "grid_upconv.png") as grid:  # five columns under a band of titles
+        assert grid.width == 5 * size * scale and grid.height > rows * size * scale
     assert results["label"] == "synthetic" and results["config"]["eps"] == 0.1
     assert results["config"]["min_cosine"] == 0.5
     assert results["cross_family_attackers"] == ["upconv"]
@@ -362,6 +368,29 @@ def test_eval_sweep_flags_and_named_sweep():
     with pytest.raises(ValueError, match="unknown anchor 'middle'"):
         settings("--sweep-anchor", "middle")
     assert settings_from_args(build_parser().parse_args(["eval", "--scale", "medium"])).seeds() == [0, 1, 2]
+
+
+def test_eval_flag_spellings_match_the_other_commands(tmp_path, capsys):
+    """--shadow-arch is a family, --shadow and --encoder are files; the old spellings still work, with a
+    deprecation message."""
+    from advface_engine.cli import build_parser
+    from advface_engine.evaluation.cli import settings_from_args
+
+    def settings(*argv):
+        return settings_from_args(build_parser().parse_args(["eval", "--scale", "tiny", *argv]))
+
+    s = settings("--shadow-arch", "upconv")
+    assert s.shadow == "upconv" and s.shadow_checkpoint is None
+    assert "deprecated" not in capsys.readouterr().err
+    s = settings("--shadow", "upconv")  # the old meaning of --shadow: a family
+    assert s.shadow == "upconv" and s.shadow_checkpoint is None
+    assert "--shadow upconv (a family) is deprecated" in capsys.readouterr().err
+    missing = str(tmp_path / "missing.safetensors")
+    for old, new in (("--shadow-checkpoint", "--shadow"), ("--encoder-checkpoint", "--encoder")):
+        for flag in (old, new):
+            with pytest.raises(ValueError, match=f"{new}: no file at"):
+                settings(flag, missing)
+            assert ("is deprecated" in capsys.readouterr().err) == (flag == old)
 
 
 def _bare_run(monkeypatch, **overrides):
@@ -504,8 +533,8 @@ def test_eval_rejects_bad_settings(tmp_path):
     (dict(bin="{missing}"), "--bin: no file at"),
     (dict(folder="{missing}"), "--folder: no folder at"),
     (dict(folder="{folder}", pairs="{missing}"), "--pairs: no file at"),
-    (dict(encoder_checkpoint="{missing}"), "--encoder-checkpoint: no file at"),
-    (dict(shadow_checkpoint="{missing}"), "--shadow-checkpoint: no file at"),
+    (dict(encoder_checkpoint="{missing}"), "--encoder: no file at"),
+    (dict(shadow_checkpoint="{missing}"), "--shadow: no file at"),
     (dict(pairs="{file}"), "--pairs .* give --folder"),
     (dict(bin="{file}", folder="{folder}"), "--bin or --folder, not both"),
     (dict(device="tpu"), "--device: unknown device 'tpu'"),
@@ -625,7 +654,7 @@ def test_shadow_checkpoint_must_fit_the_shadow_family_and_encoder(tmp_path):
     fits = _checkpoint(tmp_path / "fits.safetensors", "dcgan", feature_dim=32, size=16, width=4)
     assert settings_for("tiny", encoder_checkpoint=encoder, shadow_checkpoint=fits).shadow_checkpoint == fits
     upconv = _checkpoint(tmp_path / "upconv.safetensors", "upconv", feature_dim=32, size=16, width=4)
-    with pytest.raises(ValueError, match="'upconv' decoder, but the shadow family is 'dcgan': pass --shadow upconv"):
+    with pytest.raises(ValueError, match="'upconv' decoder, but the shadow family is 'dcgan': pass --shadow-arch upconv"):
         settings_for("tiny", encoder_checkpoint=encoder, shadow_checkpoint=upconv)
     assert settings_for("tiny", encoder_checkpoint=encoder, shadow_checkpoint=upconv, shadow="upconv")
     wide = _checkpoint(tmp_path / "wide.safetensors", "dcgan", feature_dim=64, size=16, width=4)

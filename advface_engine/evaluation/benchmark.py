@@ -266,9 +266,9 @@ def _header(flag: str, path: str) -> tuple[str, dict]:
 
 def _encoder_fields(path: str) -> dict:
     """The settings an encoder checkpoint fixes: its feature size, image size and architecture."""
-    arch, kwargs = _header("--encoder-checkpoint", path)
+    arch, kwargs = _header("--encoder", path)
     if arch not in ENCODERS:
-        raise ValueError(f"--encoder-checkpoint {path} holds a {arch!r} model, not an encoder ({sorted(ENCODERS)})")
+        raise ValueError(f"--encoder {path} holds a {arch!r} model, not an encoder ({sorted(ENCODERS)})")
     fields = dict(feature_dim=kwargs["num_features"], size=kwargs["input_size"], encoder_arch=arch)
     return {**fields, "encoder_width": kwargs["width"]} if "width" in kwargs else fields
 
@@ -293,14 +293,14 @@ def _check_inputs(s: EvalSettings) -> None:
     if s.pairs:
         read_pair_file(s.pairs)
     if s.shadow_checkpoint:
-        arch, kwargs = _header("--shadow-checkpoint", s.shadow_checkpoint)
+        arch, kwargs = _header("--shadow", s.shadow_checkpoint)
         if arch not in DECODERS:
-            raise ValueError(f"--shadow-checkpoint {s.shadow_checkpoint} holds a {arch!r} model, not a decoder")
+            raise ValueError(f"--shadow {s.shadow_checkpoint} holds a {arch!r} model, not a decoder")
         if arch != s.shadow:
-            raise ValueError(f"--shadow-checkpoint {s.shadow_checkpoint} holds a {arch!r} decoder, but the shadow "
-                             f"family is {s.shadow!r}: pass --shadow {arch}")
+            raise ValueError(f"--shadow {s.shadow_checkpoint} holds a {arch!r} decoder, but the shadow "
+                             f"family is {s.shadow!r}: pass --shadow-arch {arch}")
         if (kwargs["feature_dim"], kwargs["size"]) != (s.feature_dim, s.size):
-            raise ValueError(f"--shadow-checkpoint {s.shadow_checkpoint} has feature_dim {kwargs['feature_dim']}, "
+            raise ValueError(f"--shadow {s.shadow_checkpoint} has feature_dim {kwargs['feature_dim']}, "
                              f"size {kwargs['size']}, but the encoder has feature_dim {s.feature_dim}, size {s.size}")
         check_checkpoint(s.shadow_checkpoint)
     try:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 from pathlib import Path
 
 from ..config import ProtectConfig
-from ..config_args import add_protect_args, min_cosine_arg, positive_int
+from ..config_args import add_protect_args, add_renamed, min_cosine_arg, positive_int
+from ..models import DECODERS
 
 NOT_GIVEN = object()  # a protection flag's default here: None is a value (--min-cosine none), not "not given"
 
@@ -57,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "large (GPU)")
     p.add_argument("--num-seeds", type=positive_int,
                    help="training seeds (each trains every model again on its own faces)")
-    p.add_argument("--shadow", help="shadow decoder family (default dcgan)")
+    p.add_argument("--shadow-arch", help="shadow decoder family (default dcgan)")
     p.add_argument("--shadow-identity-weight", type=float,
                    help="identity term in the shadows' training (train-shadow --identity-weight; default 0)")
     p.add_argument("--families", type=_names, help="decoder families for attackers and the transfer matrix")
@@ -80,8 +83,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bin", help="evaluate on an insightface verification .bin instead of synthetic faces")
     p.add_argument("--folder", help="evaluate on an image folder (one sub-folder per identity)")
     p.add_argument("--pairs", help="pair file for --folder: lines '<image> <image> <1|0>'")
-    p.add_argument("--encoder-checkpoint", help="use this encoder instead of training one")
-    p.add_argument("--shadow-checkpoint", help="use this shadow decoder instead of training one")
+    add_renamed(p, "--encoder", "--encoder-checkpoint", dest="encoder_file", metavar="FILE",
+                help="use this encoder file instead of training one (its header sets the feature and image size)")
+    add_renamed(p, "--shadow", "--shadow-checkpoint", dest="shadow_file", metavar="FILE",
+                help="use this shadow decoder file (of the --shadow-arch family) instead of training one")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_protect_args(p)
     # protection flags override a settings file only when given (NOT_GIVEN: None is --min-cosine none)
@@ -96,9 +101,15 @@ def settings_from_args(args: argparse.Namespace):
         raise ValueError(f"--sweep: unknown sweep {args.sweep!r}; known: {sorted(SWEEPS)}")
     overrides = dict(SWEEPS[args.sweep]) if args.sweep else {}
     flags = {name: getattr(args, name) for name in (
-        "shadow", "shadow_identity_weight", "families", "num_seeds", "sweep_eps", "sweep_steps", "sweep_min_cosine",
+        "shadow_identity_weight", "families", "num_seeds", "sweep_eps", "sweep_steps", "sweep_min_cosine",
         "sweep_anchor", "sweep_objective", "sweep_identity_weight", "replicates", "flip", "backend", "device", "bin",
-        "folder", "pairs", "encoder_checkpoint", "shadow_checkpoint")}
+        "folder", "pairs")}
+    flags.update(shadow=args.shadow_arch, shadow_checkpoint=args.shadow_file, encoder_checkpoint=args.encoder_file)
+    if args.shadow_file in DECODERS and not os.path.exists(args.shadow_file):  # the old spelling --shadow FAMILY
+        print(f"advface eval: warning: --shadow {args.shadow_file} (a family) is deprecated and will be removed in "
+              f"the next release; use --shadow-arch {args.shadow_file} (--shadow is a shadow decoder file)",
+              file=sys.stderr)
+        flags.update(shadow=args.shadow_arch or args.shadow_file, shadow_checkpoint=None)
     overrides.update({k: v for k, v in flags.items() if v is not None})
     overrides["seed"] = args.eval_seed
     protect = {f.name: getattr(args, f.name) for f in dataclasses.fields(ProtectConfig)

@@ -8,10 +8,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from .benchmark import METHODS
+from .grids import save_grid
 
 METHOD_NAMES = {"unprotected": "Unprotected", "random": "Random", "dp": "DP (Laplace)", "advface": "AdvFace"}
 
@@ -23,20 +22,6 @@ def _pct(x: float) -> str:
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def save_grid(path: Path, columns: list[Tensor]) -> None:
-    """One row per face, one column per tensor (B, 3, H, W) in [-1, 1], as a PNG."""
-    from PIL import Image
-
-    rows = torch.cat([torch.cat(list(c.detach().cpu()), dim=1) for c in columns], dim=2)  # (3, B*H, n*W)
-    pixels = ((rows.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    image = Image.fromarray(pixels)
-    scale = max(1, 96 // columns[0].shape[-1])
-    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    tmp = path.with_name(path.name + ".tmp.png")
-    image.save(tmp)
     os.replace(tmp, path)
 
 
@@ -316,7 +301,8 @@ def write_report(results: dict, output: str | os.PathLike) -> dict[str, Path]:
     originals = artifacts.get("originals")
     for family, by_method in artifacts.get("grids", {}).items():
         name = f"grid_{family}.png"
-        save_grid(out / name, [originals] + [by_method[m] for m in ("unprotected", "advface", "random", "dp")])
+        save_grid(out / name, [originals] + [by_method[m] for m in ("unprotected", "advface", "random", "dp")],
+                  ["original", "from clean feature", "from AdvFace feature", "from Random", "from DP"])
         grid_files[family] = name
         files[name] = out / name
     for stale in set(out.glob("grid_*.png")) - set(files.values()):  # from an earlier run with other families
