@@ -29,7 +29,9 @@ class ProtectConfig:
                   step (PGD form); "per_step": clip each single step to eps (the
                   poster's literal ||z_{t+1} - z_t|| < eps).
     anchor:       "shadow": z_0 = E(S(z)) (Eq. 5); "original": z_0 = z. Anchored at z, S(z_0) equals
-                  the target x~ and the L1 gradient is exactly 0 (sign(0) = 0): use random_start.
+                  the target x~ and the L1 gradient is exactly 0 (sign(0) = 0): hence random_start.
+                  The defaults (eps, alpha, steps, anchor, random_start, min_cosine) are the evaluation's
+                  choice (README, Evaluation: the rule and the sweep behind it).
     normalize:    features are unit-norm (ArcFace convention): the anchor is
                   normalised before the loop and z_T after it.
     random_start: start from a uniform point in the ball, drawn from ``seed`` and
@@ -45,16 +47,16 @@ class ProtectConfig:
     identity_weight: the identity term's weight in "pixel+identity" (>= 0).
     """
 
-    eps: float = 0.2
-    alpha: float = 0.05
+    eps: float = 0.1
+    alpha: float = 0.025
     steps: int = 10
     norm: str = "linf"
     constraint: str = "ball"
-    anchor: str = "shadow"
+    anchor: str = "original"
     normalize: bool = True
-    random_start: bool = False
+    random_start: bool = True
     seed: int = 0
-    min_cosine: float | None = 0.8
+    min_cosine: float | None = 0.875
     objective: str = "pixel"
     identity_weight: float = 1.0
 

@@ -68,7 +68,7 @@ def add_renamed(parser, new: str, *old: str, **kwargs) -> argparse.Action:
 
 def add_protect_args(parser: argparse.ArgumentParser) -> None:
     """One flag per ProtectConfig field: --eps --alpha --steps --norm --constraint --anchor --no-normalize
-    --random-start --seed --min-cosine --objective --objective-weight."""
+    --[no-]random-start --seed --min-cosine --objective --objective-weight."""
     d = ProtectConfig()
     g = parser.add_argument_group("protection")
     g.add_argument("--eps", type=float, default=d.eps, help=f"perturbation budget (default {d.eps})")
@@ -83,7 +83,9 @@ def add_protect_args(parser: argparse.ArgumentParser) -> None:
                    help=f"start point: shadow, E(S(z)); original, z itself (with --random-start) "
                         f"(default {d.anchor})")
     g.add_argument("--no-normalize", dest="normalize", action="store_false", help="features are not unit-norm")
-    g.add_argument("--random-start", action="store_true", help="start at a random point of the ball")
+    g.add_argument("--random-start", action=argparse.BooleanOptionalAction, default=d.random_start,
+                   help=f"start at a random point of the ball (default {'on' if d.random_start else 'off'}; "
+                        "--no-random-start: at the anchor)")
     g.add_argument("--seed", type=int, default=d.seed, help=f"seed of --random-start (default {d.seed})")
     g.add_argument("--min-cosine", type=min_cosine_arg, default=d.min_cosine, metavar="C",
                    help=f"utility guard: every protected row keeps cos(protected, original) >= C; 'none' turns it "

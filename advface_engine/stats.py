@@ -95,10 +95,14 @@ def protection_stats(z: Tensor, z_adv: Tensor, shadow: nn.Module, encoder: nn.Mo
 
 @dataclass
 class FitReport:
-    """How near the shadow's anchor E(S(z)) is to z on a sample of features (Protector.check_fit)."""
+    """How near the shadow's anchor E(S(z)) is to z on a sample of features (Protector.check_fit): whether
+    the shadow inverts this encoder on these features. A shadow that does not wrecks recognition when it
+    anchors the steps (anchor "shadow"), and protects little either way (its gradient is not the
+    attacker's)."""
 
     rows: int
     anchor_cosine: dict  # quantiles (``quantiles``)
+    anchor: str = "shadow"  # the config's anchor: what a poor fit costs, said in ``message``
 
     @property
     def median(self) -> float:
@@ -113,10 +117,14 @@ class FitReport:
                   f"(p05 {self.anchor_cosine['p05']:.3f}, p95 {self.anchor_cosine['p95']:.3f})")
         if self.fits(min_anchor_cosine):
             return f"the shadow fits: {figure}"
-        return (f"the shadow does not fit this encoder and these features: {figure}, below {min_anchor_cosine}. "
-                "Its anchors are far from the features, so the protection would spend its budget pulling them "
-                "back. Train the shadow for this encoder on data like the gallery's (advface train-shadow "
-                "--encoder ...), or protect around the features themselves (--anchor original --random-start)")
+        train = "Train the shadow for this encoder on data like the gallery's (advface train-shadow --encoder ...)"
+        head = f"the shadow does not fit this encoder and these features: {figure}, below {min_anchor_cosine}. "
+        if self.anchor == "original":
+            return (head + "Steps against a shadow that does not invert the encoder protect little (the guard "
+                           f"keeps recognition, but an attacker's network is not fooled). {train}")
+        return (head + "Its anchors are far from the features, so the protection would spend its budget pulling "
+                       f"them back and recognition suffers. {train}, or protect around the features themselves "
+                       "(--anchor original --random-start; such a shadow then protects little)")
 
 
 def sample_rows(n: int, rows: int = FIT_ROWS, seed: int = 0) -> np.ndarray:
@@ -131,4 +139,4 @@ def fit_report(z: Tensor, shadow: nn.Module, encoder: nn.Module, config: Protect
     with torch.no_grad():
         _, anchor = shadow_targets(z, shadow, encoder, config.replace(anchor="shadow"))
         cosine = F.cosine_similarity(anchor, z, dim=1)
-    return FitReport(rows=int(z.shape[0]), anchor_cosine=quantiles(cosine))
+    return FitReport(rows=int(z.shape[0]), anchor_cosine=quantiles(cosine), anchor=config.anchor)

@@ -209,12 +209,12 @@ class EnergyMeter:
 def conv_tf32() -> bool:
     """Whether cuDNN runs fp32 convolutions in TF32 at PyTorch's current settings (its default)."""
     cudnn = torch.backends.cudnn
-    # torch 2.9+: "none" inherits from the parent setting (conv -> cudnn -> torch.backends)
-    for owner in (getattr(cudnn, "conv", None), cudnn, torch.backends):
-        value = getattr(owner, "fp32_precision", None)
-        if value in ("tf32", "ieee"):
-            return value == "tf32"
-    try:
-        return bool(cudnn.allow_tf32)  # an older torch
-    except RuntimeError:  # conv and rnn set differently: the legacy getter refuses
-        return True  # PyTorch's default for cuDNN convolutions
+    if hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        # torch 2.9+: "none" inherits from the parent setting (conv -> cudnn -> torch.backends); none at every
+        # level is PyTorch's default for convolutions, TF32 (the legacy getter would read a flag that other
+        # code may have left behind, or refuse)
+        for owner in (cudnn.conv, cudnn, torch.backends):
+            if owner.fp32_precision in ("tf32", "ieee"):
+                return owner.fp32_precision == "tf32"
+        return True
+    return bool(cudnn.allow_tf32)  # torch < 2.9: the one flag

@@ -159,7 +159,7 @@ def main() -> None:
     torch.manual_seed(0)
     dim = args.feature_dim
     shadow, encoder = benchmark_models(device, dim, args.size, args.width, args.encoder)
-    cfg = afe.ProtectConfig(eps=0.03, alpha=0.01, steps=args.steps)
+    cfg = afe.ProtectConfig(eps=0.03, alpha=0.01, steps=args.steps, anchor="shadow", random_start=False)
 
     with frozen(shadow, encoder):
         z1 = F.normalize(torch.randn(1, dim, device=device), dim=1)

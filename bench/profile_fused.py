@@ -163,7 +163,7 @@ def main() -> None:
     torch.manual_seed(0)
     dim = args.feature_dim
     shadow, encoder = benchmark_models(device, dim, args.size, args.width, args.encoder)
-    cfg = afe.ProtectConfig(eps=0.03, alpha=0.01, steps=args.steps)
+    cfg = afe.ProtectConfig(eps=0.03, alpha=0.01, steps=args.steps, anchor="shadow", random_start=False)
     layout = {"default": None, "on": True, "off": False}[args.channels_last]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report: dict = {"gpu": name, "torch": torch.__version__, "args": vars(args)}

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 from conftest import BACKENDS, OFFLINE, ON_GPU, ONLINE
-from harness import make_protector, measure, synchronize, warm_up
+from harness import PAPER, make_protector, measure, synchronize, warm_up
 
 from advface_engine import ProtectConfig
 
@@ -41,7 +41,7 @@ def test_guard_cost(benchmark, models, backend, batch, steps):
     device = next(shadow.parameters()).device
     z = torch.nn.functional.normalize(torch.randn(batch, dim, generator=torch.Generator().manual_seed(batch)),
                                       dim=1).to(device)
-    configs = {name: ProtectConfig(eps=0.03, alpha=0.01, steps=steps, min_cosine=c)
+    configs = {name: ProtectConfig(eps=0.03, alpha=0.01, steps=steps, min_cosine=c, **PAPER)
                for name, c in (("unguarded", None), ("guarded", ProtectConfig.min_cosine))}
     protect = {name: make_protector(backend, shadow, encoder, cfg) for name, cfg in configs.items()}
     seconds = {name: [] for name in protect}

@@ -250,8 +250,9 @@ def tiny_eval(tmp_path_factory):
     from advface_engine.cli import main
 
     out = tmp_path_factory.mktemp("eval")
+    # the paper's anchor E(S(z)): its mismatch scenario shows what the guard buys (anchored at z, little)
     code = main(["eval", "--scale", "tiny", "--output", str(out), "--no-progress", "--eps", "0.1", "--alpha", "0.03",
-                 "--min-cosine", "0.5"])
+                 "--min-cosine", "0.5", "--anchor", "shadow", "--no-random-start"])
     assert code == 0
     return out, json.loads((out / "results.json").read_text())
 
@@ -654,7 +655,8 @@ def test_shadow_checkpoint_must_fit_the_shadow_family_and_encoder(tmp_path):
     fits = _checkpoint(tmp_path / "fits.safetensors", "dcgan", feature_dim=32, size=16, width=4)
     assert settings_for("tiny", encoder_checkpoint=encoder, shadow_checkpoint=fits).shadow_checkpoint == fits
     upconv = _checkpoint(tmp_path / "upconv.safetensors", "upconv", feature_dim=32, size=16, width=4)
-    with pytest.raises(ValueError, match="'upconv' decoder, but the shadow family is 'dcgan': pass --shadow-arch upconv"):
+    with pytest.raises(ValueError, match="'upconv' decoder, but the shadow family is 'dcgan': pass --shadow-arch "
+                                         "upconv"):
         settings_for("tiny", encoder_checkpoint=encoder, shadow_checkpoint=upconv)
     assert settings_for("tiny", encoder_checkpoint=encoder, shadow_checkpoint=upconv, shadow="upconv")
     wide = _checkpoint(tmp_path / "wide.safetensors", "dcgan", feature_dim=64, size=16, width=4)

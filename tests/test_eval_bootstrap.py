@@ -162,7 +162,7 @@ def test_pareto_front_keeps_the_points_nothing_beats():
 def test_sweep_grid_is_the_product_of_its_axes_with_the_config_on_each():
     s = settings_for("tiny", sweep_eps=(0.1, 0.3), sweep_steps=(5,), sweep_min_cosine=(0.9, None),
                      sweep_anchor=("original",), sweep_identity_weight=(1.0,))
-    config = ProtectConfig(eps=0.2, alpha=0.05, steps=10, min_cosine=0.8)
+    config = ProtectConfig(eps=0.2, alpha=0.05, steps=10, min_cosine=0.8, anchor="shadow", random_start=False)
     grid = sweep_grid(s, config)
     advface = [(c.eps, c.steps, c.min_cosine, c.anchor, w) for m, c, w in grid if m == "advface"]
     assert len(advface) == 3 * 2 * 3 * 2 * 2 == len(set(advface))
@@ -180,7 +180,7 @@ def test_further_sweep_grids_join_the_main_one_each_point_once():
     s = settings_for("tiny", sweep_eps=(0.1,), sweep_min_cosine=(0.9,),
                      sweep_grids=[{"sweep_identity_weight": [1.0], "sweep_min_cosine": [0.9, None]},
                                   {"sweep_steps": [5]}])
-    config = ProtectConfig(eps=0.2, alpha=0.05, steps=10, min_cosine=0.8)
+    config = ProtectConfig(eps=0.2, alpha=0.05, steps=10, min_cosine=0.8, anchor="shadow", random_start=False)
     advface = [(c.eps, c.steps, c.min_cosine, w) for m, c, w in sweep_grid(s, config) if m == "advface"]
     main = {(e, 10, c, 0.0) for e in (0.1, 0.2) for c in (0.8, 0.9)}
     weighted = {(0.2, 10, c, w) for c in (0.8, 0.9, None) for w in (0.0, 1.0)}
@@ -196,7 +196,7 @@ def test_further_sweep_grids_join_the_main_one_each_point_once():
 def test_sweep_objective_axis_and_the_named_objective_sweep():
     s = settings_for("tiny", sweep_eps=(0.1,), sweep_min_cosine=(0.9,), sweep_objective=("identity",),
                      sweep_grids=[{"sweep_objective": ["pixel+identity"], "sweep_anchor": ["original"]}])
-    config = ProtectConfig(eps=0.2, alpha=0.05, steps=10, min_cosine=0.8)
+    config = ProtectConfig(eps=0.2, alpha=0.05, steps=10, min_cosine=0.8, anchor="shadow", random_start=False)
     advface = [(c.eps, c.min_cosine, c.anchor, c.objective) for m, c, _ in sweep_grid(s, config) if m == "advface"]
     main = {(e, c, "shadow", o) for e in (0.1, 0.2) for c in (0.8, 0.9) for o in ("pixel", "identity")}
     both = {(0.2, 0.8, a, o) for a in ("shadow", "original") for o in ("pixel", "pixel+identity")}

@@ -14,6 +14,7 @@ from conftest import fitting_models, tiny_models
 import advface_engine as afe
 from advface_engine.backends.reference import guard, guard_frame
 
+PAPER = afe.ProtectConfig(anchor="shadow", random_start=False)  # E(S(z)), Eq. 5: where a shadow that does not fit shows
 SETTINGS = [dict(norm=n, constraint=c, anchor=a, normalize=z, random_start=a == "original")
             for n, c, a, z in itertools.product(("linf", "l2"), ("ball", "per_step"), ("shadow", "original"),
                                                 (True, False))]
@@ -34,8 +35,8 @@ def features(batch: int = 12, seed: int = 1, scale: float = 1.0) -> torch.Tensor
 def test_fitting_models_fit_and_random_ones_do_not():
     """The two pairs the guard is tested on: anchors mostly inside a 0.8 cap, and mostly outside."""
     z = features(64)
-    fit = cosines(afe.protect(z, *fitting_models(), afe.ProtectConfig(steps=0, min_cosine=None)), z)
-    unfit = cosines(afe.protect(z, *tiny_models(), afe.ProtectConfig(steps=0, min_cosine=None)), z)
+    fit = cosines(afe.protect(z, *fitting_models(), PAPER.replace(steps=0, min_cosine=None)), z)
+    unfit = cosines(afe.protect(z, *tiny_models(), PAPER.replace(steps=0, min_cosine=None)), z)
     assert fit.median() > 0.9 and unfit.median() < 0.5, (fit.median(), unfit.median())
 
 
@@ -59,10 +60,10 @@ def test_guard_leaves_rows_inside_the_cap_as_they_are():
     z = features(32)
     free = afe.protect(z, shadow, encoder, afe.ProtectConfig(steps=3, min_cosine=None))
     assert torch.equal(afe.protect(z, shadow, encoder, afe.ProtectConfig(steps=3, min_cosine=-0.999)), free)
-    anchor_cos = cosines(afe.protect(z, shadow, encoder, afe.ProtectConfig(steps=0, min_cosine=None)), z)
+    anchor_cos = cosines(afe.protect(z, shadow, encoder, PAPER.replace(steps=0, min_cosine=None)), z)
     c = anchor_cos.median().item()
-    guarded = afe.protect(z, shadow, encoder, afe.ProtectConfig(steps=0, min_cosine=c))
-    steps0 = afe.protect(z, shadow, encoder, afe.ProtectConfig(steps=0, min_cosine=None))
+    guarded = afe.protect(z, shadow, encoder, PAPER.replace(steps=0, min_cosine=c))
+    steps0 = afe.protect(z, shadow, encoder, PAPER.replace(steps=0, min_cosine=None))
     inside = anchor_cos >= c
     assert torch.equal(guarded[inside], steps0[inside]) and not torch.equal(guarded[~inside], steps0[~inside])
     torch.testing.assert_close(cosines(guarded[~inside], z[~inside]), torch.full_like(anchor_cos[~inside], c),
@@ -186,7 +187,7 @@ def test_guard_in_the_step_kernels_equals_the_reference(batch, dim, split_k):
 def test_stats_per_row():
     shadow, encoder = tiny_models()
     z = features(8)
-    cfg = afe.ProtectConfig(eps=0.1, alpha=0.03, steps=3, min_cosine=0.5)
+    cfg = afe.ProtectConfig(eps=0.1, alpha=0.03, steps=3, min_cosine=0.5, anchor="shadow", random_start=False)
     plain = afe.protect(z, shadow, encoder, cfg)
     z_adv, stats = afe.protect(z, shadow, encoder, cfg, return_stats=True)
     assert torch.equal(z_adv, plain)  # the flag changes nothing of the result
@@ -216,7 +217,13 @@ def test_check_fit_tells_a_fitting_shadow_from_a_random_one():
     fit = afe.Protector(*fitting_models()).check_fit(z)
     unfit = afe.Protector(*tiny_models()).check_fit(z)
     assert fit.rows == 256 and fit.fits() and not unfit.fits()
-    assert f"{unfit.median:.3f}" in unfit.message() and "--anchor original --random-start" in unfit.message()
+    assert "the shadow fits" in fit.message()
+    # what a poor fit costs depends on the anchor; the figure and the remedy are named either way
+    assert unfit.anchor == "original" and f"{unfit.median:.3f}" in unfit.message()
+    assert "protect little" in unfit.message() and "train-shadow" in unfit.message()
+    at_shadow = afe.Protector(*tiny_models(), afe.ProtectConfig(anchor="shadow")).check_fit(z)
+    assert at_shadow.median == unfit.median and not at_shadow.fits()
+    assert "recognition suffers" in at_shadow.message() and "--anchor original" in at_shadow.message()
     # the sample is seeded: the same rows each time, other rows for another seed
     assert afe.Protector(*tiny_models()).check_fit(z).median == unfit.median
     assert afe.Protector(*tiny_models()).check_fit(z, seed=1).median != unfit.median
@@ -248,18 +255,18 @@ def test_gallery_job_refuses_a_shadow_that_does_not_fit(tmp_path, capsys):
             str(tmp_path / "shadow.safetensors"), "--encoder", str(tmp_path / "encoder.safetensors"), "--steps", "1",
             "--device", "cpu", "--no-progress"]
     before = sorted(p.name for p in tmp_path.iterdir())
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert "the shadow does not fit" in err and "median cos(E(S(z)), z) = " in err and "--force" in err, err
-    assert "--anchor original --random-start" in err and "Traceback" not in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no job folder
+    for anchor, cost in (("original", "protect little"), ("shadow", "recognition suffers")):  # either anchor
+        assert main([*args, "--anchor", anchor]) == 2
+        err = capsys.readouterr().err
+        assert "the shadow does not fit" in err and "median cos(E(S(z)), z) = " in err and "--force" in err, err
+        assert cost in err and "train-shadow" in err and "Traceback" not in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no job folder
     assert main([*args, "--min-anchor-cosine", "-1"]) == 0  # a threshold it passes
-    assert main([*args, "--output", str(tmp_path / "forced.npy"), "--force"]) == 0
+    assert main([*args, "--output", str(tmp_path / "forced.npy"), "--force", "--anchor", "shadow"]) == 0
     out = capsys.readouterr().out
-    assert "cos(feature, protected feature): min 0.8" in out and "shadow fit (preflight, 256 rows)" in out
+    guard = afe.ProtectConfig().min_cosine
+    assert f"cos(feature, protected feature): min {guard:.3f}" in out and "shadow fit (preflight, 256 rows)" in out
     assert "sample of 300 protected rows: guard held" in out
-    # the remedy the message names is not refused
-    assert main([*args, "--output", str(tmp_path / "original.npy"), "--anchor", "original", "--random-start"]) == 0
 
 
 def test_gallery_job_runs_a_fitting_shadow_and_reports_its_figures(tmp_path):

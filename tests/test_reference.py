@@ -104,7 +104,7 @@ def test_ball_constraint_after_every_step(norm, features):
 
 def test_steps_zero_returns_normalised_anchor(models, features):
     S, E = models
-    cfg = afe.ProtectConfig(steps=0, min_cosine=None)  # the guard on it: tests/test_guard.py
+    cfg = afe.ProtectConfig(steps=0, min_cosine=None, anchor="shadow", random_start=False)  # guarded: test_guard.py
     got = afe.protect(features, S, E, cfg)
     want = F.normalize(E(S(features)), dim=1)
     torch.testing.assert_close(got, want)
@@ -124,7 +124,8 @@ def test_normalize_off_keeps_raw_scale(models, features):
 
 def test_steps_move_the_feature_and_raise_reconstruction_error(models, features):
     S, E = models
-    cfg = afe.ProtectConfig(eps=0.05, alpha=0.01, steps=5, normalize=False, min_cosine=None)
+    cfg = afe.ProtectConfig(eps=0.05, alpha=0.01, steps=5, normalize=False, min_cosine=None, anchor="shadow",
+                            random_start=False)
     anchor = E(S(features)).detach()
     x_shadow = S(features).detach()
     z_adv = afe.protect(features, S, E, cfg)

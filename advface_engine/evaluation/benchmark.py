@@ -710,7 +710,8 @@ def sweep_grid(s: EvalSettings, config: ProtectConfig) -> list[tuple[str, Protec
     """(method, config, shadow identity weight) of every sweep point: AdvFace over the product of the sweep
     axes and over that of each of ``sweep_grids`` (an axis it leaves out: the config's value), every axis with
     the config's own value added (so the evaluated config lies on every curve; alpha keeps the config's
-    alpha/eps; anchor "original" starts at random), each point once; then Random and DP over the main grid's
+    alpha/eps; anchor "original" starts at random, anchor "shadow" as the config does when it is the
+    config's anchor, else at the anchor), each point once; then Random and DP over the main grid's
     eps at the config's other fields."""
     ratio = config.alpha / config.eps
     own = {"sweep_eps": config.eps, "sweep_steps": config.steps, "sweep_min_cosine": config.min_cosine,
@@ -728,8 +729,9 @@ def sweep_grid(s: EvalSettings, config: ProtectConfig) -> list[tuple[str, Protec
     for grid in (main, *s.sweep_grids):
         axes = [axis(grid, name) for name in reversed(SWEEP_AXES)]  # one shadow at a time
         for weight, objective, anchor, c, steps, eps in itertools.product(*axes):
+            start = anchor == "original" or (anchor == config.anchor and config.random_start)
             cfg = config.replace(eps=eps, alpha=eps * ratio, steps=steps, min_cosine=c, anchor=anchor,
-                                 random_start=config.random_start or anchor == "original", objective=objective)
+                                 random_start=start, objective=objective)
             points.setdefault((cfg, weight), ("advface", cfg, weight))
     baselines = [(method, config.replace(eps=eps, alpha=eps * ratio), s.shadow_identity_weight)
                  for method in ("random", "dp") for eps in axis(main, "sweep_eps")]

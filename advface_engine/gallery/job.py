@@ -987,9 +987,10 @@ def provenance(fingerprint: dict, policy: str) -> dict:
 def _preflight(job: ChunkJob, min_anchor_cosine: float | None, force: bool) -> dict | None:
     """The shadow-fit check (Protector.check_fit) on a seeded sample of FIT_ROWS rows of the first chunk (one
     read), before anything is written: its figures, or a ValueError naming them and the remedies when the
-    median cos(E(S(z)), z) is below ``min_anchor_cosine``. Not refused: with ``force``, without a threshold,
-    or with anchor "original" (the steps then start from z itself, the remedy the message names); the
-    figures are reported all the same. None for a gallery without a good row in its first chunk."""
+    median cos(E(S(z)), z) is below ``min_anchor_cosine``, whatever the anchor (anchored at the shadow the
+    protection would wreck recognition; anchored at z it would protect little). Not refused with ``force``
+    or without a threshold; the figures are reported all the same. None for a gallery without a good row in
+    its first chunk."""
     if not job.gallery.num_rows:
         return None
     rows = job.gallery.read(0, min(job.gallery.num_rows, job.spec.chunk_rows)).rows
@@ -998,8 +999,7 @@ def _preflight(job: ChunkJob, min_anchor_cosine: float | None, force: bool) -> d
         return None
     picked = torch.from_numpy(np.ascontiguousarray(rows[sample_rows(len(rows), FIT_ROWS)]))
     report = job.protector.check_fit(picked.to(job.device), rows=len(picked))
-    refuse = min_anchor_cosine is not None and not force and job.spec.config.anchor == "shadow"
-    if refuse and not report.fits(min_anchor_cosine):
+    if min_anchor_cosine is not None and not force and not report.fits(min_anchor_cosine):
         raise ValueError(f"{job.gallery.path}: {report.message(min_anchor_cosine)}. To run anyway: --force "
                          "(force=True)")
     return dataclasses.asdict(report)
