@@ -48,6 +48,8 @@ def add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float, batch_siz
     p.add_argument("--seed", type=int, default=0, help="initial weights and data order (default 0)")
     p.add_argument("--checkpoint", help="training state file: written every epoch, resumed from if present")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto: cuda when available)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (on a terminal) or progress lines (in a log)")
 
 
 def cmd_train_encoder(args: argparse.Namespace) -> int:
@@ -63,7 +65,7 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
     if labels is None:
         raise ValueError("encoder training needs identity labels (--images folder or --labels-npy)")
     history = train_encoder(encoder, images, labels, args.epochs, args.batch_size, args.lr, args.seed,
-                            args.checkpoint, args.output)
+                            args.checkpoint, args.output, progress=args.progress)
     print(f"trained {args.encoder_arch} on {len(images)} faces: final loss {history[-1]:.4f} -> {args.output}")
     return 0
 
@@ -90,7 +92,7 @@ def cmd_train_shadow(args: argparse.Namespace) -> int:
     try:
         history = train_decoder(decoder, encoder, images, args.epochs, args.batch_size, args.lr,
                                 not args.no_normalize, args.seed, args.checkpoint, args.output,
-                                identity_weight=args.identity_weight)
+                                identity_weight=args.identity_weight, progress=args.progress)
     except BadFeaturesError as err:
         raise BadFeaturesError(f"--encoder {args.encoder}: {err}", err.rows) from None
     print(f"trained {args.shadow_arch} decoder on {len(images)} faces: final loss {history[-1]:.4f} -> {args.output}")

@@ -113,3 +113,21 @@ def test_gallery_job_and_training_print_progress_lines_in_a_log(tmp_path, monkey
     train_decoder(shadow.train(), encoder, x, epochs=2, batch_size=4)
     assert "train decoder: 2/4 (50%)" in capsys.readouterr().err
     assert torch.isfinite(next(shadow.parameters())).all()
+
+
+def test_training_commands_take_no_progress(tmp_path, monkeypatch, capsys):
+    """train-encoder and train-shadow print progress lines in a log, and none with --no-progress."""
+    from advface_engine.cli import main
+
+    monkeypatch.setattr(progress, "INTERVAL", 0.0)
+    data = ["--synthetic-identities", "4", "--per-identity", "2", "--epochs", "1", "--batch-size", "4",
+            "--device", "cpu"]
+    encoder = str(tmp_path / "e.safetensors")
+    commands = (["train-encoder", "--output", encoder, "--dim", "16", "--size", "16", "--width", "4", *data],
+                ["train-shadow", "--encoder", encoder, "--output", str(tmp_path / "s.safetensors"), "--width", "4",
+                 *data])
+    for command, name in zip(commands, ("train encoder", "train decoder"), strict=True):
+        assert main(command) == 0
+        assert f"{name}: " in capsys.readouterr().err
+        assert main([*command, "--no-progress"]) == 0
+        assert f"{name}: " not in capsys.readouterr().err
