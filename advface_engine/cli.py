@@ -7,6 +7,7 @@ import argparse
 import importlib
 import sys
 
+from .config_args import positive_int
 from .threads import torch_threads
 
 # Modules that add subcommands: each defines register(subparsers) and sets a ``func`` default.
@@ -28,19 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).register(sub)
     for command in dict.fromkeys(sub.choices.values()):  # aliases share their parser
-        command.add_argument("--threads", type=_threads, default=None, metavar="N",
+        command.add_argument("--threads", type=positive_int, default=None, metavar="N",
                              help="torch CPU threads (default: one per core that is free when the command starts)")
     return parser
-
-
-def _threads(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:
