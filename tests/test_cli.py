@@ -109,6 +109,8 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert results["data"] == "synthetic"
     assert 0 <= results["verification"]["protected_offline"]["accuracy"] <= 1
     assert results["stats"]["cosine"]["min"] >= results["config"]["min_cosine"] - 1e-6 and "guard held" in out
+    fit = results["shadow_fit"]["anchor_cosine"]["median"]  # how well the shadow inverts E, whatever the anchor
+    assert f"shadow fit cos(E(S(z)), z): median {fit:.3f}" in out and fit < 1
     from PIL import Image
 
     with Image.open(tmp_path / "grid.png") as im:

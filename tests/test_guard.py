@@ -262,11 +262,13 @@ def test_gallery_job_refuses_a_shadow_that_does_not_fit(tmp_path, capsys):
         assert cost in err and "train-shadow" in err and "Traceback" not in err
         assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no job folder
     assert main([*args, "--min-anchor-cosine", "-1"]) == 0  # a threshold it passes
+    out = capsys.readouterr().out  # anchored at z (the default): no anchor cosine to report, it is 1
+    assert "guard held" in out and "anchor cosine" not in out
     assert main([*args, "--output", str(tmp_path / "forced.npy"), "--force", "--anchor", "shadow"]) == 0
     out = capsys.readouterr().out
     guard = afe.ProtectConfig().min_cosine
     assert f"cos(feature, protected feature): min {guard:.3f}" in out and "shadow fit (preflight, 256 rows)" in out
-    assert "sample of 300 protected rows: guard held" in out
+    assert "sample of 300 protected rows: guard held" in out and "anchor cosine median" in out
 
 
 def test_gallery_job_runs_a_fitting_shadow_and_reports_its_figures(tmp_path):

@@ -118,7 +118,8 @@ def summary_lines(result) -> list[str]:
     if "sample" in stats:
         s = stats["sample"]
         gain = s["l1_gain"]["median"]
-        lines.append(f"sample of {s['rows']} protected rows: guard held {100 * s['guard_active']:.0f}%, "
-                     f"anchor cosine median {s['anchor_cosine']['median']:.3f}"
+        anchored_at_z = s["anchor_cosine"]["min"] > 1 - 1e-6  # anchor "original": z_0 = z, nothing to say
+        lines.append(f"sample of {s['rows']} protected rows: guard held {100 * s['guard_active']:.0f}%"
+                     + ("" if anchored_at_z else f", anchor cosine median {s['anchor_cosine']['median']:.3f}")
                      + ("" if gain != gain else f", shadow L1 gain median {gain:.2f}"))  # NaN: no gain to speak of
     return lines
