@@ -298,6 +298,21 @@ def test_eval_reports_intervals_seeds_and_resolution(tiny_eval):
     assert "Pareto front" in report and "| stronger attacker |" in report.replace("attacker | adaptive", "attacker |")
 
 
+def test_the_sweep_holds_the_evaluated_config_as_measured_in_the_tables(tiny_eval):
+    """The config's own sweep point (and the baselines at its eps) are the tables' figures, taken once."""
+    _, results = tiny_eval
+    cfg = results["config"]
+    for method in ("advface", "random", "dp"):
+        own = [p for p in results["sweep"] if p["method"] == method and p["eps"] == cfg["eps"]
+               and p["min_cosine"] == cfg["min_cosine"]
+               and (method != "advface" or (p["steps"], p["anchor"], p["alpha"]) ==
+                    (cfg["steps"], cfg["anchor"], cfg["alpha"]))]
+        assert len(own) == 1, (method, own)
+        table = results["verification"][method]["offline"]
+        assert own[0]["offline"] == table["accuracy"] and own[0]["offline_loss"] == table["loss"]
+        assert own[0]["attack_success"] == results["identity_inference"][method]["cross_family_mean"]["success"]
+
+
 def test_eval_measures_the_mismatched_shadow_with_and_without_the_guard(tiny_eval):
     out, results = tiny_eval
     m = results["mismatch"]

@@ -583,10 +583,11 @@ def attack_figures(runs: list[Run], measured: list[Measurement], attackers: list
     return out
 
 
-def point(runs: list[Run], stored: list[Tensor], cross: list[str]) -> dict:
+def point(runs: list[Run], stored: list[Tensor], cross: list[str], measured: list[Measurement] | None = None) -> dict:
     """Offline and online accuracy, the cross-family attack success and the intervals of the offline loss and
-    of that success (means over seeds) of one set of stored features per run."""
-    measured = [run.measure(z, cross) for run, z in zip(runs, stored)]
+    of that success (means over seeds) of one set of stored features per run; ``measured``: their
+    Measurements when already taken (with the cross-family attackers among theirs), not taken again."""
+    measured = measured or [run.measure(z, cross) for run, z in zip(runs, stored)]
     verification = verification_figures(runs, measured, intervals=("offline",))
     attack = attack_figures(runs, measured, cross, cross)["cross_family_mean"]
     return {"offline": verification["offline"]["accuracy"], "online": verification["online"]["accuracy"],
@@ -634,11 +635,13 @@ def run_evaluation(s: EvalSettings, progress: bool = True) -> dict:
     }
     grids = {}
     stored_advface = None
+    taken = {}  # (method, config, shadow identity weight) -> Measurements: the sweep's own point is not redone
     for method in progress_bar(METHODS, progress=progress, desc="methods", leave=False):
         stored = [run._timed(f"protect {method}", lambda r=run, m=method: r.baseline(m, config)) for run in runs]
         stored_advface = stored if method == "advface" else stored_advface
         measured = [run.measure(z, attackers, quality_rows=s.quality_rows, grid_rows=s.grid_rows if k == 0 else 0)
                     for k, (run, z) in enumerate(zip(runs, stored))]
+        taken[(method, config, s.shadow_identity_weight)] = measured
         results["verification"][method] = verification_figures(runs, measured)
         results["identity_inference"][method] = attack_figures(runs, measured, attackers, cross)
         for name, images in measured[0].images.items():
@@ -659,7 +662,7 @@ def run_evaluation(s: EvalSettings, progress: bool = True) -> dict:
                               "fit": [_fit(run, run.shadow(), config) for run in runs]}
     if s.mismatch:
         results["mismatch"] = mismatch(runs, config, cross)
-    results["sweep"] = sweep(runs, config, cross, progress)
+    results["sweep"] = sweep(runs, config, cross, progress, taken)
     results["pareto"] = pareto_front(results["sweep"])
     results["recommended"] = recommend(results["sweep"], s.max_verification_loss, config.anchor,
                                        s.shadow_identity_weight, config.objective)
@@ -730,20 +733,28 @@ def sweep_grid(s: EvalSettings, config: ProtectConfig) -> list[tuple[str, Protec
         axes = [axis(grid, name) for name in reversed(SWEEP_AXES)]  # one shadow at a time
         for weight, objective, anchor, c, steps, eps in itertools.product(*axes):
             start = anchor == "original" or (anchor == config.anchor and config.random_start)
-            cfg = config.replace(eps=eps, alpha=eps * ratio, steps=steps, min_cosine=c, anchor=anchor,
+            alpha = config.alpha if eps == config.eps else eps * ratio  # the config's own, not rounded again
+            cfg = config.replace(eps=eps, alpha=alpha, steps=steps, min_cosine=c, anchor=anchor,
                                  random_start=start, objective=objective)
             points.setdefault((cfg, weight), ("advface", cfg, weight))
-    baselines = [(method, config.replace(eps=eps, alpha=eps * ratio), s.shadow_identity_weight)
+    baselines = [(method, config.replace(eps=eps, alpha=config.alpha if eps == config.eps else eps * ratio),
+                  s.shadow_identity_weight)
                  for method in ("random", "dp") for eps in axis(main, "sweep_eps")]
     return sorted(points.values(), key=lambda p: p[2]) + baselines  # stable: grid order within a shadow
 
 
-def sweep(runs: list[Run], config: ProtectConfig, cross: list[str], progress: bool = True) -> list[dict]:
-    """Privacy/utility points (``sweep_grid``), each with its offline-loss and attack-success intervals."""
+def sweep(runs: list[Run], config: ProtectConfig, cross: list[str], progress: bool = True,
+          taken: dict | None = None) -> list[dict]:
+    """Privacy/utility points (``sweep_grid``), each with its offline-loss and attack-success intervals;
+    ``taken``: {(method, config, shadow identity weight): Measurements} of points already measured (the
+    evaluated config's), used instead of protecting and attacking again."""
     points = []
     for method, cfg, weight in progress_bar(sweep_grid(runs[0].s, config), progress=progress, desc="sweep",
                                             leave=False):
-        if method == "advface":
+        measured = (taken or {}).get((method, cfg, weight))
+        if measured is not None:
+            stored = None
+        elif method == "advface":
             stored = [run.protect(cfg, run.shadow(identity_weight=weight)) for run in runs]
         else:
             stored = [run.baseline(method, cfg) for run in runs]
@@ -752,7 +763,8 @@ def sweep(runs: list[Run], config: ProtectConfig, cross: list[str], progress: bo
                        "steps": cfg.steps if advface else None, "min_cosine": cfg.min_cosine,
                        "anchor": cfg.anchor if advface else None, "random_start": cfg.random_start if advface else None,
                        "objective": cfg.objective if advface else None,
-                       "shadow_identity_weight": weight if advface else None, **point(runs, stored, cross)})
+                       "shadow_identity_weight": weight if advface else None,
+                       **point(runs, stored, cross, measured)})
     return points
 
 
