@@ -96,15 +96,16 @@ def run(args: argparse.Namespace) -> int:
     rate = f", {rate}" if rate else ""
     print(f"wrote {result.output} ({result.format}): {result.rows_written} of {result.rows} rows, "
           f"{result.chunks} chunks ({result.resumed_chunks} resumed){bad}, {elapsed:.1f} s{rate}")
-    for line in summary_lines(result):
+    for line in summary_lines(result, anchor=args.anchor):
         print(line)
     return 0
 
 
-def summary_lines(result) -> list[str]:
+def summary_lines(result, anchor: str = "shadow") -> list[str]:
     """What the job did to the features, for an operator to check: cos(feature, protected feature) over every
     protected row (a gross misconfiguration, another encoder's features, shows as cosines near 0), and the
-    preflight's and the sample's figures."""
+    preflight's and the sample's figures (the anchor's cosine only where the anchor is E(S(z)): anchored at z
+    it is 1)."""
     lines = []
     if result.cosine:
         c = result.cosine
@@ -118,8 +119,7 @@ def summary_lines(result) -> list[str]:
     if "sample" in stats:
         s = stats["sample"]
         gain = s["l1_gain"]["median"]
-        anchored_at_z = s["anchor_cosine"]["min"] > 1 - 1e-6  # anchor "original": z_0 = z, nothing to say
         lines.append(f"sample of {s['rows']} protected rows: guard held {100 * s['guard_active']:.0f}%"
-                     + ("" if anchored_at_z else f", anchor cosine median {s['anchor_cosine']['median']:.3f}")
+                     + (f", anchor cosine median {s['anchor_cosine']['median']:.3f}" if anchor == "shadow" else "")
                      + ("" if gain != gain else f", shadow L1 gain median {gain:.2f}"))  # NaN: no gain to speak of
     return lines
