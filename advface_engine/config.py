@@ -12,6 +12,7 @@ NORMS = ("linf", "l2")
 CONSTRAINTS = ("ball", "per_step")
 ANCHORS = ("shadow", "original")
 OBJECTIVES = ("pixel", "identity", "pixel+identity")
+ENSEMBLE_ANCHORS = ("first", "mean")
 MAX_BUDGET = 1e30  # eps and alpha beyond this overflow the float32 step arithmetic
 MAX_STEPS = 10_000  # far beyond any useful T (eps / alpha steps cross the ball): a typo, not a week's run
 
@@ -45,6 +46,8 @@ class ProtectConfig:
                   person to the encoder (needs a differentiable torch encoder; reference backend);
                   "pixel+identity", the per-pixel mean L1 error + identity_weight * that.
     identity_weight: the identity term's weight in "pixel+identity" (>= 0).
+    ensemble_anchor: with several shadows and anchor "shadow", whose E(S_k(z)) anchors the steps: "first",
+                  the first shadow's; "mean", the normalised mean of every shadow's normalised anchor.
     """
 
     eps: float = 0.1
@@ -59,6 +62,7 @@ class ProtectConfig:
     min_cosine: float | None = 0.875
     objective: str = "pixel"
     identity_weight: float = 1.0
+    ensemble_anchor: str = "first"
 
     def __post_init__(self) -> None:
         for name in ("eps", "alpha"):
@@ -89,7 +93,7 @@ class ProtectConfig:
             raise ValueError(f"identity_weight must be a finite number >= 0, got {weight}")
         object.__setattr__(self, "identity_weight", float(weight))
         for name, allowed in (("norm", NORMS), ("constraint", CONSTRAINTS), ("anchor", ANCHORS),
-                              ("objective", OBJECTIVES)):
+                              ("objective", OBJECTIVES), ("ensemble_anchor", ENSEMBLE_ANCHORS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("normalize", "random_start"):

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from .config import ANCHORS, CONSTRAINTS, NORMS, OBJECTIVES, ProtectConfig
+from .config import ANCHORS, CONSTRAINTS, ENSEMBLE_ANCHORS, NORMS, OBJECTIVES, ProtectConfig
 
 
 def _cosine_or_none(text: str, closed: bool) -> float | None:
@@ -68,7 +68,7 @@ def add_renamed(parser, new: str, *old: str, **kwargs) -> argparse.Action:
 
 def add_protect_args(parser: argparse.ArgumentParser) -> None:
     """One flag per ProtectConfig field: --eps --alpha --steps --norm --constraint --anchor --no-normalize
-    --[no-]random-start --seed --min-cosine --objective --objective-weight."""
+    --[no-]random-start --seed --min-cosine --objective --objective-weight --ensemble-anchor."""
     d = ProtectConfig()
     g = parser.add_argument_group("protection")
     g.add_argument("--eps", type=float, default=d.eps, help=f"perturbation budget (default {d.eps})")
@@ -96,6 +96,9 @@ def add_protect_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--objective-weight", dest="identity_weight", type=float, default=d.identity_weight,
                    metavar="W", help=f"weight of the identity term of --objective pixel+identity (default "
                                      f"{d.identity_weight}; not train-shadow's --identity-weight, a training term)")
+    g.add_argument("--ensemble-anchor", choices=ENSEMBLE_ANCHORS, default=d.ensemble_anchor,
+                   help=f"with several --shadow and --anchor shadow: the first shadow's anchor, or the mean of all "
+                        f"(default {d.ensemble_anchor})")
 
 
 FLAGS = {"identity_weight": "--objective-weight", "normalize": "--no-normalize"}  # where a flag is not the field's name

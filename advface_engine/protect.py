@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .backends import ReplayingBackend, make_backend
 from .backends.decoder import as_input_of, first_float, own_parameters, submodules
 from .config import ProtectConfig
+from .ensemble import as_shadow, members, which
 from .errors import ModelMismatchError
 from .features import as_tensor, check_features, warn_far_from_unit
 from .stats import FIT_ROWS, FitReport, ProtectionStats, fit_report, protection_stats, sample_rows
@@ -83,34 +84,43 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
 
 
 def check_models(dim: int, shadow: nn.Module, encoder: nn.Module, like: Tensor) -> None:
-    """Run one row through S and E to check that their dimensions agree with z's."""
+    """Run one row through each shadow and E to check that their dimensions agree with z's."""
     enc = first_float(encoder)
     if enc is not None and enc.device != like.device:
         raise ModelMismatchError(f"the shadow decoder is on {like.device} and the encoder on {enc.device}: "
                          "put both on one device")
     probe = torch.zeros(1, dim, dtype=like.dtype, device=like.device)
-    with torch.no_grad():
-        try:
-            image = shadow(probe)
-        except RuntimeError as err:
-            raise ModelMismatchError(f"the shadow decoder does not take features of dim {dim}: {err}") from err
-        if image.dim() != 4 or image.shape[1] != 3:
-            raise ModelMismatchError(f"the shadow decoder must output (B, 3, H, W) images, got "
-                                     f"{tuple(image.shape)}")
-        try:
-            feature = encoder(as_input_of(encoder, image))
-        except RuntimeError as err:
+    for k, one in enumerate(members(shadow)):
+        name = which(shadow, k)
+        own = first_float(one)
+        if own is not None and (own.device, own.dtype) != (like.device, like.dtype):
+            raise ModelMismatchError(f"{name} is {own.dtype} on {own.device} and {which(shadow, 0)} {like.dtype} on "
+                                     f"{like.device}: an ensemble's shadows share one device and dtype")
+        with torch.no_grad():
+            try:
+                image = one(probe)
+            except RuntimeError as err:
+                raise ModelMismatchError(f"{name} does not take features of dim {dim}: {err}") from err
+            if not isinstance(image, Tensor) or image.dim() != 4 or image.shape[1] != 3:
+                got = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+                raise ModelMismatchError(f"{name} must output (B, 3, H, W) images, got {got}")
+            try:
+                feature = encoder(as_input_of(encoder, image))
+            except RuntimeError as err:
+                raise ModelMismatchError(
+                    f"the encoder does not take {name}'s {tuple(image.shape[1:])} images: {err}"
+                ) from err
+        if feature.dim() != 2 or feature.shape[1] != dim:
             raise ModelMismatchError(
-                f"the encoder does not take the shadow decoder's {tuple(image.shape[1:])} images: {err}"
-            ) from err
-    if feature.dim() != 2 or feature.shape[1] != dim:
-        raise ModelMismatchError(
-            f"the encoder outputs features of shape {tuple(feature.shape[1:])} but z has dim {dim}"
-        )
+                f"the encoder outputs features of shape {tuple(feature.shape[1:])} but z has dim {dim}"
+            )
 
 
 class Protector:
     """A configured protection: ``Protector(shadow=S, encoder=E, config=cfg)(z) -> z_adv``.
+
+    ``shadow`` is one decoder, or a list of decoders that protect together (a ``ShadowEnsemble``: each step
+    ascends the sum of their objectives; ``config.ensemble_anchor`` says whose anchor is used).
 
     z is a (B, D) tensor or NumPy array; the output has its type, shape, dtype and device. The work runs
     on the models' device in the shadow's dtype (the encoder may have another; an enclosing
@@ -128,15 +138,16 @@ class Protector:
 
     def __init__(
         self,
-        shadow: nn.Module,
+        shadow: nn.Module | list[nn.Module],
         encoder: nn.Module,
         config: ProtectConfig | None = None,
         backend: str = "auto",
         backend_options: dict | None = None,
         return_stats: bool = False,
     ):
-        if not isinstance(shadow, nn.Module) or not isinstance(encoder, nn.Module):
-            raise TypeError("shadow and encoder must be torch.nn.Module instances")
+        if not isinstance(encoder, nn.Module):
+            raise TypeError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}")
+        shadow = as_shadow(shadow)
         if not isinstance(return_stats, bool):
             raise ValueError(f"return_stats must be True or False, got {return_stats!r}")
         self.return_stats = return_stats
@@ -235,7 +246,7 @@ class Protector:
 
 def protect(
     z: Tensor | np.ndarray,
-    shadow: nn.Module,
+    shadow: nn.Module | list[nn.Module],
     encoder: nn.Module,
     config: ProtectConfig | None = None,
     backend: str = "reference",

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .backends.reference import guard, guard_frame, shadow_targets
 from .config import ProtectConfig
+from .ensemble import members
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 MIN_ANCHOR_COSINE = 0.5  # the preflight's default: trained shadows sit well above, mismatched ones near 0
@@ -44,7 +45,7 @@ class ProtectionStats:
     guard_active:  the guard moved the anchor or holds the output on its cap's edge.
     l1_gain:       |S(z_adv) - x~|_1 / |S(z_0') - x~|_1, z_0' the guarded anchor: how much further the
                    steps took the shadow's reconstruction from x~ = S(z) (NaN where S(z_0') is x~ itself
-                   to rounding, as with anchor "original").
+                   to rounding, as with anchor "original"); each |.|_1 summed over an ensemble's shadows.
     """
 
     anchor_cosine: Tensor
@@ -68,8 +69,9 @@ class ProtectionStats:
                                   for f in dataclasses.fields(ProtectionStats)})
 
 
-def _l1(shadow: nn.Module, z: Tensor, target: Tensor) -> Tensor:
-    return (shadow(z) - target).abs().flatten(1).sum(1)
+def _l1(shadow: nn.Module, z: Tensor, targets: list[Tensor]) -> Tensor:
+    """Per row, sum_k |S_k(z) - x~_k|_1 over the shadows (one, or an ensemble's)."""
+    return sum((s(z) - x).abs().flatten(1).sum(1) for s, x in zip(members(shadow), targets))
 
 
 def protection_stats(z: Tensor, z_adv: Tensor, shadow: nn.Module, encoder: nn.Module,
@@ -86,7 +88,8 @@ def protection_stats(z: Tensor, z_adv: Tensor, shadow: nn.Module, encoder: nn.Mo
         start = anchor if c is None else guard(anchor, guard_frame(z), c)
         before = _l1(shadow, start, x_shadow)
         gain = _l1(shadow, z_adv, x_shadow) / before
-        exact = before <= 1e-4 * x_shadow.abs().flatten(1).sum(1)  # the start gives x~ itself, to rounding
+        size = sum(x.abs().flatten(1).sum(1) for x in x_shadow)
+        exact = before <= 1e-4 * size  # the start gives x~ itself, to rounding
         gain = torch.where(exact, torch.full_like(gain, float("nan")), gain)
         active = torch.zeros_like(cosine, dtype=torch.bool) if c is None else \
             (anchor_cosine < c) | (cosine <= c + AT_EDGE)
@@ -101,8 +104,10 @@ class FitReport:
     attacker's)."""
 
     rows: int
-    anchor_cosine: dict  # quantiles (``quantiles``)
+    anchor_cosine: dict  # quantiles (``quantiles``); of the worst-fitting shadow of an ensemble
     anchor: str = "shadow"  # the config's anchor: what a poor fit costs, said in ``message``
+    shadows: int = 1  # how many shadows protect together
+    shadow: int = 0  # which of them the figures are of (the lowest median), from 0
 
     @property
     def median(self) -> float:
@@ -115,10 +120,11 @@ class FitReport:
         """One line: the figure, and what to do when it is too low."""
         figure = (f"median cos(E(S(z)), z) = {self.median:.3f} on {self.rows} rows "
                   f"(p05 {self.anchor_cosine['p05']:.3f}, p95 {self.anchor_cosine['p95']:.3f})")
+        name = "the shadow" if self.shadows == 1 else f"shadow {self.shadow + 1} of {self.shadows}"
         if self.fits(min_anchor_cosine):
-            return f"the shadow fits: {figure}"
+            return f"{name} fits{'' if self.shadows == 1 else ', the worst of the ensemble'}: {figure}"
         train = "Train the shadow for this encoder on data like the gallery's (advface train-shadow --encoder ...)"
-        head = f"the shadow does not fit this encoder and these features: {figure}, below {min_anchor_cosine}. "
+        head = f"{name} does not fit this encoder and these features: {figure}, below {min_anchor_cosine}. "
         if self.anchor == "original":
             return (head + "Steps against a shadow that does not invert the encoder protect little (the guard "
                            f"keeps recognition, but an attacker's network is not fooled). {train}")
@@ -135,8 +141,13 @@ def sample_rows(n: int, rows: int = FIT_ROWS, seed: int = 0) -> np.ndarray:
 
 
 def fit_report(z: Tensor, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig) -> FitReport:
-    """FitReport of the features z (already sampled), the models frozen by the caller."""
+    """FitReport of the features z (already sampled), the models frozen by the caller: of the shadow, or of
+    the ensemble's shadow that fits worst (each must fit: each one's gradient steers the step)."""
+    shadows, fits = members(shadow), []
     with torch.no_grad():
-        _, anchor = shadow_targets(z, shadow, encoder, config.replace(anchor="shadow"))
-        cosine = F.cosine_similarity(anchor, z, dim=1)
-    return FitReport(rows=int(z.shape[0]), anchor_cosine=quantiles(cosine), anchor=config.anchor)
+        for one in shadows:
+            _, anchor = shadow_targets(z, one, encoder, config.replace(anchor="shadow"))
+            fits.append(quantiles(F.cosine_similarity(anchor, z, dim=1)))
+    worst = min(range(len(fits)), key=lambda k: np.nan_to_num(fits[k]["median"], nan=-np.inf))  # NaN: worst
+    return FitReport(rows=int(z.shape[0]), anchor_cosine=fits[worst], anchor=config.anchor, shadows=len(shadows),
+                     shadow=worst)

@@ -84,3 +84,16 @@ def models() -> tuple[nn.Module, nn.Module, int]:
     with torch.no_grad():
         calibrate(encoder, shadow(z))
     return shadow, encoder, dim
+
+
+@pytest.fixture(scope="session")
+def ensemble_shadows(models) -> list[nn.Module]:
+    """The benchmark shadow, then an nbnet and an upconv decoder of its size: the ensembles' members."""
+    shadow, encoder, dim = models
+    size = shadow(torch.zeros(1, dim, device=DEVICE)).shape[-1]
+    width = {} if ON_GPU else {"width": DEMO.decoder_width}  # as the benchmark shadow's
+    z = F.normalize(torch.randn(64, dim, device=DEVICE), dim=1)
+    torch.manual_seed(1)
+    others = [calibrate(build_model(family, feature_dim=dim, size=size, **width).to(DEVICE), z)
+              for family in ("nbnet", "upconv")]
+    return [shadow, *others]

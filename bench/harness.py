@@ -37,7 +37,7 @@ class CompiledReference(ReferenceBackend):
         return self.compiled[key]
 
 
-def make_protector(name: str, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig) -> Callable:
+def make_protector(name: str, shadow: nn.Module | list, encoder: nn.Module, config: ProtectConfig) -> Callable:
     """``z -> z_adv`` for backend ``name``; skips the test where the backend cannot run here."""
     if name == "naive":
         return NaivePGD(shadow, encoder, config)

@@ -120,7 +120,7 @@ def phases(backend: FusedBackend, z: torch.Tensor, steps: int, rows: int) -> tup
         z_t = anchor.clone()
         with record_function("steps"):
             for t in range(steps):
-                backend.step(z_t, anchor, x_shadow, last=t == steps - 1)
+                backend.step(z_t, anchor, [x_shadow], last=t == steps - 1)
 
     once()
     if cuda:

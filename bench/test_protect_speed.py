@@ -36,9 +36,9 @@ GUARD_CASES = [(64, 10), (1024, 20)] if ON_GPU else [(64, 10)]
 @pytest.mark.parametrize("batch,steps", GUARD_CASES, ids=[f"B{b}-T{t}" for b, t in GUARD_CASES])
 def test_guard_cost(benchmark, models, backend, batch, steps):
     """The utility guard's cost: the paper's protection without the guard, then with the default one."""
-    configs = {name: ProtectConfig(eps=0.03, alpha=0.01, steps=steps, min_cosine=c, **PAPER)
-               for name, c in (("unguarded", None), ("guarded", ProtectConfig.min_cosine))}
-    interleaved(benchmark, models, backend, batch, configs, f"guard B={batch} T={steps}")
+    cases = {name: (models[0], ProtectConfig(eps=0.03, alpha=0.01, steps=steps, min_cosine=c, **PAPER))
+             for name, c in (("unguarded", None), ("guarded", ProtectConfig.min_cosine))}
+    interleaved(benchmark, models, backend, batch, cases, f"guard B={batch} T={steps}")
 
 
 @pytest.mark.parametrize("backend", ("reference", "fused-bf16+graph"))
@@ -46,23 +46,40 @@ def test_guard_cost(benchmark, models, backend, batch, steps):
 def test_default_start_cost(benchmark, models, backend, batch, steps):
     """The defaults' start against the paper's: anchor z with a random start drawn on the host per row
     (no encoder pass for the anchor, but a device-to-host copy and a generator per row), then E(S(z))."""
-    configs = {"paper": ProtectConfig(steps=steps, **PAPER), "defaults": ProtectConfig(steps=steps)}
-    interleaved(benchmark, models, backend, batch, configs, f"start B={batch} T={steps}")
+    cases = {"paper": (models[0], ProtectConfig(steps=steps, **PAPER)),
+             "defaults": (models[0], ProtectConfig(steps=steps))}
+    interleaved(benchmark, models, backend, batch, cases, f"start B={batch} T={steps}")
 
 
-def interleaved(benchmark, models, backend: str, batch: int, configs: dict, group: str) -> None:
-    """Two configs timed in alternation, each round one call of each, so a shared machine's load is fair to
-    both; extra_info: the median ms of each and the second's over the first's."""
-    shadow, encoder, dim = models
-    device = next(shadow.parameters()).device
+@pytest.mark.parametrize("backend", ("reference", "fused-bf16+graph"))
+@pytest.mark.parametrize("batch,steps", GUARD_CASES, ids=[f"B{b}-T{t}" for b, t in GUARD_CASES])
+def test_ensemble_cost(benchmark, models, ensemble_shadows, backend, batch, steps):
+    """K = 1, 2, 3 shadows (dcgan, + nbnet, + upconv) at the defaults, beside each family alone: an ensemble
+    should cost no more than its shadows one after the other (extra_info: K=k_over_members, the ensemble's
+    time over the sum of its members' times alone)."""
+    config = ProtectConfig(steps=steps)
+    names = ["dcgan", "nbnet", "upconv"]
+    cases = {f"K={k}": (ensemble_shadows[:k], config) for k in (1, 2, 3)}
+    cases.update({name: (shadow, config) for name, shadow in zip(names[1:], ensemble_shadows[1:])})
+    ms = interleaved(benchmark, models, backend, batch, cases, f"ensemble B={batch} T={steps}")
+    alone = [ms["K=1"], ms["nbnet"], ms["upconv"]]
+    benchmark.extra_info.update({f"K={k}_over_members": ms[f"K={k}"] / sum(alone[:k]) for k in (2, 3)})
+
+
+def interleaved(benchmark, models, backend: str, batch: int, cases: dict, group: str) -> dict[str, float]:
+    """Cases ({name: (shadow or shadows, config)}) timed in alternation, each round one call of each, so a
+    shared machine's load is fair to all; extra_info: the median ms of each and each one's over the first's.
+    Returns the medians."""
+    _, encoder, dim = models
+    device = next(encoder.parameters()).device
     z = torch.nn.functional.normalize(torch.randn(batch, dim, generator=torch.Generator().manual_seed(batch)),
                                       dim=1).to(device)
-    protect = {name: make_protector(backend, shadow, encoder, cfg) for name, cfg in configs.items()}
+    protect = {name: make_protector(backend, shadow, encoder, cfg) for name, (shadow, cfg) in cases.items()}
     seconds = {name: [] for name in protect}
     for fn in protect.values():
         warm_up(fn, z, calls=1)
 
-    def pair():
+    def each():
         for name, fn in protect.items():
             start = time.perf_counter()
             fn(z)
@@ -70,8 +87,9 @@ def interleaved(benchmark, models, backend: str, batch: int, configs: dict, grou
             seconds[name].append(time.perf_counter() - start)
 
     benchmark.group = group
-    benchmark.pedantic(pair, rounds=10, iterations=1)
+    benchmark.pedantic(each, rounds=10, iterations=1)
     ms = {name: 1e3 * statistics.median(values) for name, values in seconds.items()}
-    first, second = ms
+    first, *others = ms
     benchmark.extra_info.update(backend=backend, batch=batch, **{f"{name}_ms": v for name, v in ms.items()},
-                                **{f"{second}_over_{first}": ms[second] / ms[first]})
+                                **{f"{name}_over_{first}": ms[name] / ms[first] for name in others})
+    return ms

@@ -273,7 +273,15 @@ def test_eval_writes_json_report_grids_and_curve(tiny_eval):
     assert results["config"]["min_cosine"] == 0.5
     assert results["cross_family_attackers"] == ["upconv"]
     assert results["attackers"] == ["dcgan", "upconv", "strong", "adaptive"]
-    assert set(results["transfer"]) == {"dcgan", "upconv"} and set(results["transfer"]["upconv"]) == {"dcgan", "upconv"}
+    rows = results["transfer"]  # each family alone, then the shadow's family with the other: one ensemble
+    assert [(r["shadows"], r["objective"]) for r in rows] == [(["dcgan"], "pixel"), (["upconv"], "pixel"),
+                                                              (["dcgan", "upconv"], "pixel")]
+    assert [r["unseen"] for r in rows] == [["upconv", "strong"], ["dcgan", "strong"], ["strong"]]
+    assert all(set(r["success"]) == set(results["attackers"]) for r in rows)
+    own = results["identity_inference"]["advface"]  # the config's own row: the main table's measurements
+    assert rows[0]["success"] == {a: own[a]["success"] for a in results["attackers"]}
+    assert rows[2]["unseen_max"] == rows[2]["success"]["strong"] == rows[2]["unseen_mean"]
+    assert "| dcgan+upconv | pixel |" in report and "unseen mean [95% CI]" in report
     assert {p["method"] for p in results["sweep"]} == {"advface", "random", "dp"}
     cosine = results["anchor_only"]["cosine"]  # how near E(S(z)) is to z: the README's shadow table
     assert 0 < cosine < 1 and f"mean cos(E(S(z)), z) {cosine:.3f} before the guard" in report
@@ -345,6 +353,13 @@ def test_eval_settings_from_json_file_and_flags(tmp_path):
     assert settings.sweep_eps == (0.01, 0.2)
     default = settings_from_args(build_parser().parse_args(["eval"]))
     assert default.scale == "small" and default.config() == ProtectConfig()
+    assert default.transfer and default.ensembles is None and default.transfer_objectives == ("pixel",)
+    args = build_parser().parse_args(["eval", "--scale", "medium", "--transfer", "--ensembles",
+                                      "dcgan+nbnet, dcgan+upconv+nbnet", "--transfer-objectives", "pixel,identity"])
+    settings = settings_from_args(args)
+    assert settings.transfer and settings.ensembles == (("dcgan", "nbnet"), ("dcgan", "upconv", "nbnet"))
+    assert settings.transfer_objectives == ("pixel", "identity")
+    assert not settings_from_args(build_parser().parse_args(["eval", "--scale", "medium"])).transfer
 
 
 def test_min_cosine_none_turns_the_guard_off_in_eval(tmp_path):
@@ -599,6 +614,11 @@ def test_eval_output_must_be_a_folder_before_the_run(tmp_path, monkeypatch, caps
     ({"bin": 3}, "'bin' must be a string or null, got 3"),
     ({"scale": ["tiny"]}, "scale must be one of"),
     ({"protect": {"eps": "x"}}, "protect: eps must be a number"),
+    ({"ensembles": "dcgan+nbnet"}, "'ensembles' must be a list of lists of strings or null, got 'dcgan+nbnet'"),
+    ({"ensembles": [["dcgan"]]}, "ensembles: 'dcgan' is not two or more distinct decoder families"),
+    ({"ensembles": [["dcgan", "dcgan"]]}, "ensembles: 'dcgan+dcgan' is not two or more distinct"),
+    ({"ensembles": [["dcgan", "vae"]]}, "ensembles: 'dcgan+vae' is not two or more distinct decoder families"),
+    ({"transfer_objectives": ["pix"]}, "transfer_objectives: unknown objective 'pix'"),
 ])
 def test_eval_settings_file_is_type_checked(tmp_path, data, message):
     from advface_engine.evaluation.benchmark import load_settings
@@ -614,8 +634,10 @@ def test_eval_settings_file_accepts_json_types(tmp_path):
 
     path = tmp_path / "settings.json"
     path.write_text(json.dumps({"scale": "tiny", "sweep_eps": [1, 0.5], "shadow_identity_weight": 1,
-                                "families": ["dcgan", "nbnet"], "batch_size": None}))
+                                "families": ["dcgan", "nbnet"], "batch_size": None,
+                                "ensembles": [["nbnet", "dcgan"]], "transfer_objectives": ["identity"]}))
     settings = load_settings(path)
+    assert settings.ensembles == (("nbnet", "dcgan"),) and settings.transfer_objectives == ("identity",)
     assert settings.sweep_eps == (1.0, 0.5) and isinstance(settings.sweep_eps[0], float)
     assert settings.shadow_identity_weight == 1.0 and settings.families == ("dcgan", "nbnet")
     assert settings.batch_size == 32  # null keeps the preset's value

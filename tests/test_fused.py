@@ -97,7 +97,7 @@ def test_gradient_signs_agree_at_every_step(variant, channels_last):
     z = features(8)
     with frozen(shadow, encoder):
         backend = FusedBackend(shadow, encoder, CFG, channels_last=channels_last)
-        x_ref, anchor = shadow_targets(z, shadow, encoder, CFG)
+        (x_ref,), anchor = shadow_targets(z, shadow, encoder, CFG)
         x_fused, _ = backend.targets(z)
         assert is_nhwc(backend.plan.hidden(z, keep=False)[0]) == channels_last  # the layout asked for ran
         z_t, report = anchor.clone(), []
@@ -217,7 +217,7 @@ def test_encoder_copy_stores_autocast_weights(channels_last, models):
     with frozen(shadow, encoder), warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing falls back
         backend = FusedBackend(shadow, encoder, CFG, dtype="fp16", channels_last=channels_last, graphs=False)
-        x_shadow, anchor = backend.targets(features(4))
+        (x_shadow,), anchor = backend.targets(features(4))
         copied, nhwc = backend._encoder_copy
         assert copied is not encoder and nhwc == channels_last
         layers = [m for m in copied.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.PReLU))]
@@ -324,7 +324,7 @@ def test_encoder_a_trace_would_change_keeps_its_batchnorm(make, why):
     with frozen(shadow, encoder):
         backend = FusedBackend(shadow, encoder, CFG, dtype="fp16", channels_last=False, graphs=False)
         with pytest.warns(UserWarning, match=f"left out: with its BatchNorm folded: {why}"):
-            x_shadow, anchor = backend.targets(features(4))
+            (x_shadow,), anchor = backend.targets(features(4))
         with torch.autocast("cpu", dtype=torch.float16, cache_enabled=False):
             assert torch.equal(anchor, F.normalize(encoder(x_shadow).float(), dim=1))
         assert backend._encoder_copy is None or isinstance(backend._encoder_copy[0].bn, nn.BatchNorm2d)
@@ -381,7 +381,7 @@ def test_encoder_copy_with_cast_weights_only_where_exact(make, why, channels_las
         with pytest.warns(UserWarning, match=f"stored in fp16.*{why}"):
             anchor = backend.targets(z)[1]
         with torch.autocast("cpu", dtype=torch.float16, cache_enabled=False):
-            expected = F.normalize(encoder(backend.targets(z)[0]).float(), dim=1)
+            expected = F.normalize(encoder(backend.targets(z)[0][0]).float(), dim=1)
         if channels_last:
             copied, nhwc = backend._encoder_copy
             assert nhwc and is_nhwc(copied.conv.weight) and copied.fc.weight.dtype == torch.float32
@@ -718,7 +718,7 @@ def test_convolution_input_gradients_of_unusual_shapes(channels_last):
     z = features(4)
     x_shadow = shadow(torch.randn(4, 16)).detach()
     want = reference_gradient(shadow, z, x_shadow)
-    got = backend.gradient(z, x_shadow)
+    got = backend.gradient(z, [x_shadow])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -747,12 +747,12 @@ def test_stem_activation_backward_runs_in_the_step_kernel(monkeypatch, family, m
     kernel = plan_module.act_backward
     monkeypatch.setattr(plan_module, "act_backward", lambda *a, **kw: calls.update(["call"]) or kernel(*a, **kw))
     z, x_shadow = features(4), plan.forward(features(4, seed=2), keep=False)[0]
-    got = backend.gradient(z, x_shadow)  # materialised: the stem's backward by act_backward
+    got = backend.gradient(z, [x_shadow])  # materialised: the stem's backward by act_backward
     assert calls["call"] == len(acts) - 1
     torch.testing.assert_close(got, reference_gradient(backend.shadow, z, x_shadow), rtol=1e-4, atol=1e-5)
     calls.clear()
     z_t = z.clone()
-    backend.step(z_t, z.clone(), x_shadow, last=False)
+    backend.step(z_t, z.clone(), [x_shadow], last=False)
     assert calls["call"] == len(acts) - 2
     want = z + CFG.alpha * torch.sign(reference_gradient(backend.shadow, z, x_shadow))
     assert agreement(z_t, want, CFG.alpha / 2) == 1.0  # every sign as the reference's
@@ -778,7 +778,7 @@ def test_protector_fused_defaults_and_loss_record(models):
     backend = FusedBackend(shadow, encoder, UNGUARDED, record_loss=True)
     with frozen(shadow, encoder):
         backend.run(z)
-        x_shadow, anchor = shadow_targets(z, shadow, encoder, UNGUARDED)
+        (x_shadow,), anchor = shadow_targets(z, shadow, encoder, UNGUARDED)
         first = (shadow(anchor) - x_shadow).abs().flatten(1).sum(1)
     assert backend.losses.shape == (CFG.steps, 6)
     torch.testing.assert_close(backend.losses[0], first, rtol=1e-4, atol=1e-4)

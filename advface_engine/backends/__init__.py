@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ProtectConfig
+from ..ensemble import as_shadow
 from ..errors import UnsupportedModelError
 from .reference import ReferenceBackend
 
@@ -114,8 +115,9 @@ def make_backend(name: str, shadow: nn.Module, encoder: nn.Module, config: Prote
     """Build backend ``name``; "auto" picks fused on a CUDA device, else reference.
 
     ``options`` go to the fused backend (e.g. dtype="bf16", graphs=False) or a plugin's factory; the
-    reference takes none.
+    reference takes none. ``shadow`` may be a list of shadows (``ensemble.as_shadow``).
     """
+    shadow = as_shadow(shadow)
     if name not in BACKEND_NAMES:
         factory = _plugin(name) if isinstance(name, str) else None
         if factory is None:

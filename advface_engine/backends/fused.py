@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ProtectConfig
+from ..ensemble import ShadowEnsemble, members, which
 from ..kernels import interpreted
 from ..kernels.linear_step import linear_sign_step
 from ..kernels.sign_step import sign_step_project
@@ -34,7 +35,7 @@ from .decoder import (
     weights_key,
 )
 from .plan import build_plan
-from .reference import guard, guard_frame, random_start
+from .reference import guard, guard_frame, mean_direction, random_start
 
 MAX_GRAPHS = 8
 COPY_COSINE = 0.99  # least cosine between E's features and its faster copy's, on the first image
@@ -242,7 +243,16 @@ class FusedBackend:
                                  "run only under Triton's interpreter (TRITON_INTERPRET=1, for tests)")
             if self.dtype not in CPU_DTYPES:
                 raise ValueError(f"dtype {self.dtype!r} needs a GPU; the Triton interpreter runs fp32 and fp16 only")
-        self.plan = build_plan(self.shadow, FUSED_DTYPES[self.dtype], device, self.channels_last, self.dtype == "tf32")
+        self.plans = []  # one per shadow of an ensemble
+        for k, shadow in enumerate(members(self.shadow)):
+            try:
+                self.plans.append(build_plan(shadow, FUSED_DTYPES[self.dtype], device, self.channels_last,
+                                             self.dtype == "tf32"))
+            except UnsupportedModelError as err:
+                if isinstance(self.shadow, ShadowEnsemble):
+                    raise UnsupportedModelError(f"{which(self.shadow, k)}: {err}") from err
+                raise
+        self.plan = self.plans[0]
         self._graphs.clear()
         self._capture_stream = self._pool = None  # made at the first capture, on the models' device
         self._encoder_copy: tuple[nn.Module, bool] | None | bool = False  # False: not tried yet (_encoder_for)
@@ -251,12 +261,14 @@ class FusedBackend:
 
     # -- the algorithm, written once for eager runs and graph capture --------------------------
 
-    def targets(self, z: Tensor, frame: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """x~ = S(z) (through the plan, so that z_t == z gives exact ties) and the fp32 anchor (Eq. 3), on the
-        guard's cap when ``frame`` (guard_frame(z)) is given."""
-        x_shadow, _ = self.plan.forward(z, keep=False)
+    def targets(self, z: Tensor, frame: tuple[Tensor, Tensor] | None = None) -> tuple[list[Tensor], Tensor]:
+        """x~_k = S_k(z) per shadow (through the plans, so that z_t == z gives exact ties) and the fp32 anchor
+        (Eq. 3, reference.shadow_targets), on the guard's cap when ``frame`` (guard_frame(z)) is given."""
+        x_shadow = [plan.forward(z, keep=False)[0] for plan in self.plans]
         if self.config.anchor == "shadow":
-            anchor = self._encode(x_shadow, *self._encoder_for(x_shadow)).float()
+            used = x_shadow if self.config.ensemble_anchor == "mean" else x_shadow[:1]
+            anchors = [self._encode(x, *self._encoder_for(x)).float() for x in used]
+            anchor = anchors[0] if len(anchors) == 1 else mean_direction(anchors)
         else:
             anchor = z.float().clone()
         if self.config.normalize:
@@ -368,24 +380,34 @@ class FusedBackend:
         to the step kernel."""
         return self.plan.l1_gradient(z_t, x_shadow, loss, stem=stem)
 
-    def gradient(self, z_t: Tensor, x_shadow: Tensor) -> Tensor:
-        """g_t of Eq. 4 with respect to z (materialised: for tests and inspection, not the loop)."""
-        grad, _ = self.decoder_gradient(z_t, x_shadow)
-        if self.plan.first_linear is not None:
-            grad = grad.reshape(grad.shape[0], -1).float() @ self.plan.first_linear.weight.float()
-        return grad.float()
+    def gradient(self, z_t: Tensor, x_shadow: list[Tensor], loss: Tensor | None = None) -> Tensor:
+        """g_t of Eq. 4 with respect to z, summed over the shadows (materialised: the loop of an ensemble;
+        for one shadow, tests and inspection)."""
+        total = None
+        for plan, x in zip(self.plans, x_shadow):
+            grad, _ = plan.l1_gradient(z_t, x, loss)
+            if plan.first_linear is not None:
+                grad = grad.reshape(grad.shape[0], -1).float() @ plan.first_linear.weight.float()
+            grad = grad.reshape(z_t.shape).float()
+            total = grad if total is None else total.add_(grad)
+        return total
 
-    def step(self, z_t: Tensor, anchor: Tensor, x_shadow: Tensor, last: bool, loss: Tensor | None = None,
+    def step(self, z_t: Tensor, anchor: Tensor, x_shadow: list[Tensor], last: bool, loss: Tensor | None = None,
              z_low: Tensor | None = None, frame: tuple[Tensor, Tensor] | None = None) -> None:
         """z_t <- Cap(Proj(z_t + alpha * sign(g_t))) in place (unit-norm after the last step if normalize).
 
-        ``z_low``: z_t in the decoder's dtype, which the decoder reads instead of casting z_t, and which
-        the step kernel rewrites with the new z_t (one cast kernel less per step). ``frame``: the guard's
-        guard_frame(z), None without the guard."""
+        ``x_shadow``: targets()'s images, one per shadow. ``z_low``: z_t in the decoder's dtype, which the
+        decoder reads instead of casting z_t, and which the step kernel rewrites with the new z_t (one cast
+        kernel less per step). ``frame``: the guard's guard_frame(z), None without the guard. One shadow:
+        g_h @ W and the step in one kernel (linear_step); an ensemble: the summed gradient, then the step."""
         cfg, plan = self.config, self.plan
         args = (cfg.alpha, cfg.eps, cfg.norm, cfg.constraint, cfg.normalize and last)
         cap = None if frame is None else (*frame, cfg.min_cosine)
-        grad, stem_saved = self.decoder_gradient(z_t if z_low is None else z_low, x_shadow, loss, stem=True)
+        if len(self.plans) > 1:
+            grad = self.gradient(z_t if z_low is None else z_low, x_shadow, loss)
+            sign_step_project(z_t, grad, anchor, *args, z_low=None if last else z_low, guard=cap)
+            return
+        grad, stem_saved = self.decoder_gradient(z_t if z_low is None else z_low, x_shadow[0], loss, stem=True)
         z_low = None if last else z_low  # nothing reads it after the last step
         if plan.first_linear is not None:
             linear_sign_step(grad.reshape(grad.shape[0], -1), plan.first_linear.weight, z_t, anchor, *args,

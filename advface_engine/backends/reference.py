@@ -4,7 +4,8 @@
     g_t = d/dz || S(z_t) - x~ ||_1                           (4)  (objective "pixel"; see objective)
     z_{t+1} = Proj_eps(z_t + alpha * sign(g_t)),  z_0 = z~   (2, 5)
 
-and the utility guard after each of them: Cap(u) moves u onto {u : cos(u, z) >= min_cosine}.
+and the utility guard after each of them: Cap(u) moves u onto {u : cos(u, z) >= min_cosine}. With an
+ensemble of shadows S_1..S_K, x~_k = S_k(z) and g_t = d/dz sum_k || S_k(z_t) - x~_k ||_1.
 """
 
 from __future__ import annotations
@@ -17,17 +18,31 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ProtectConfig
+from ..ensemble import ShadowEnsemble, members
 from .decoder import as_input_of, channels_last, fold_batchnorm, weights_key
 
 
-def shadow_targets(z: Tensor, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig) -> tuple[Tensor, Tensor]:
-    """Shadow image x~ = S(z) and anchor z_0 (z~ = E(x~), or z itself), Eq. 3."""
+def shadow_targets(z: Tensor, shadow: nn.Module, encoder: nn.Module,
+                   config: ProtectConfig) -> tuple[list[Tensor], Tensor]:
+    """Shadow images x~_k = S_k(z), one per shadow (one for a single shadow), and the anchor z_0 (Eq. 3):
+    z~ = E(x~_1), or with ensemble_anchor "mean" the mean_direction of every E(x~_k); or z itself."""
     with torch.no_grad():
-        x_shadow = shadow(z)
-        anchor = encoder(as_input_of(encoder, x_shadow)).to(z.dtype) if config.anchor == "shadow" else z.clone()
+        x_shadow = [s(z) for s in members(shadow)]
+        if config.anchor == "original":
+            anchor = z.clone()
+        else:
+            used = x_shadow if config.ensemble_anchor == "mean" else x_shadow[:1]
+            anchors = [encoder(as_input_of(encoder, x)).to(z.dtype) for x in used]
+            anchor = anchors[0] if len(anchors) == 1 else mean_direction(anchors)
         if config.normalize:
             anchor = F.normalize(anchor, dim=1)
     return x_shadow, anchor
+
+
+def mean_direction(features: list[Tensor]) -> Tensor:
+    """Per row, the mean of the normalised features, scaled to their mean norm."""
+    direction = F.normalize(torch.stack([F.normalize(f, dim=1) for f in features]).mean(0), dim=1)
+    return direction * torch.stack([f.norm(dim=1, keepdim=True) for f in features]).mean(0)
 
 
 def random_start(anchor: Tensor, z: Tensor, config: ProtectConfig) -> Tensor:
@@ -80,11 +95,18 @@ def guard(u: Tensor, frame: tuple[Tensor, Tensor], min_cosine: float | None) -> 
     return torch.where(outside, edge, u)
 
 
-def objective(shadow: nn.Module, encoder: nn.Module, z_t: Tensor, x_shadow: Tensor, z: Tensor,
+def objective(shadow: nn.Module, encoder: nn.Module, z_t: Tensor, x_shadow: list[Tensor], z: Tensor,
               config: ProtectConfig) -> Tensor:
-    """What each step ascends, summed over the rows (each row's gradient is its own term's):
-    "pixel" ||S(z_t) - x~||_1 (Eq. 4); "identity" 1 - cos(E(S(z_t)), z), the encoder's verdict on the
-    shadow's reconstruction; "pixel+identity" the mean per-pixel L1 + identity_weight * that."""
+    """What each step ascends, summed over the rows (each row's gradient is its own term's) and over the
+    shadows (each against its own x~_k): "pixel" ||S(z_t) - x~||_1 (Eq. 4); "identity"
+    1 - cos(E(S(z_t)), z), the encoder's verdict on the shadow's reconstruction; "pixel+identity" the
+    mean per-pixel L1 + identity_weight * that."""
+    return sum(shadow_objective(s, encoder, z_t, x, z, config) for s, x in zip(members(shadow), x_shadow))
+
+
+def shadow_objective(shadow: nn.Module, encoder: nn.Module, z_t: Tensor, x_shadow: Tensor, z: Tensor,
+                     config: ProtectConfig) -> Tensor:
+    """``objective`` of one shadow."""
     x_t = shadow(z_t)
     if config.objective == "pixel":
         return (x_t - x_shadow).abs().sum()
@@ -117,6 +139,15 @@ def project(z_next: Tensor, z_prev: Tensor, anchor: Tensor, config: ProtectConfi
     return center + delta
 
 
+def faster_shadow(shadow: nn.Module) -> nn.Module:
+    """``fold_batchnorm(shadow)``, laid out ``channels_last`` in float32 or bfloat16 on a CPU."""
+    folded = fold_batchnorm(shadow)
+    like = next(folded.parameters(), torch.empty(0, dtype=torch.float64))
+    if like.device.type == "cpu" and like.dtype in (torch.float32, torch.bfloat16):  # oneDNN's dtypes
+        folded = channels_last(folded)
+    return folded
+
+
 class ReferenceBackend:
     """Plain PyTorch autograd with respect to the feature only.
 
@@ -132,16 +163,14 @@ class ReferenceBackend:
         self._folded: tuple[tuple, nn.Module] | None = None
 
     def step_shadow(self) -> nn.Module:
-        """S as run at every step: the same function as ``self.shadow``, less work."""
+        """S as run at every step (each shadow of an ensemble): the same function as ``self.shadow``, less
+        work."""
         if any(m.training for m in self.shadow.modules()):
             return self.shadow
         key = weights_key(self.shadow)
         if self._folded is None or self._folded[0] != key:
-            folded = fold_batchnorm(self.shadow)
-            like = next(folded.parameters(), torch.empty(0, dtype=torch.float64))
-            if like.device.type == "cpu" and like.dtype in (torch.float32, torch.bfloat16):  # oneDNN's dtypes
-                folded = channels_last(folded)
-            self._folded = key, folded
+            folded = [faster_shadow(s) for s in members(self.shadow)]
+            self._folded = key, folded[0] if len(folded) == 1 else ShadowEnsemble(folded)
         return self._folded[1]
 
     def run(self, z: Tensor) -> Tensor:

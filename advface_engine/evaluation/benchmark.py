@@ -80,7 +80,9 @@ class EvalSettings:
     shadow: str = "dcgan"
     shadow_identity_weight: float = 0.0  # train_decoder's identity term for the shadows (0: Eq. 1 alone)
     families: tuple[str, ...] = ("dcgan", "nbnet", "upconv")
-    transfer: bool = True  # the shadow family x attacker family matrix (a shadow of every family)
+    transfer: bool = True  # the shadow set x attacker matrix (a shadow of every family, and ensembles of them)
+    ensembles: tuple[tuple[str, ...], ...] | None = None  # its ensembles; None: the shadow's family with 1, 2, ..
+    transfer_objectives: tuple[str, ...] = ("pixel",)  # each row of the matrix protected with each objective
     strong_attacker: bool = True  # ResidualUpDecoder, never a shadow
     strong_width: int | None = None  # None: twice decoder_width
     strong_epochs: int | None = None  # None: 1.5 x decoder_epochs
@@ -191,6 +193,13 @@ def settings_for(scale: str = "small", **overrides) -> EvalSettings:
             raise ValueError(f"unknown decoder family {arch!r}; known: {sorted(DECODERS)}")
     if settings.shadow not in settings.families:
         raise ValueError(f"the shadow family {settings.shadow!r} must be one of families {settings.families}")
+    for ensemble in settings.ensembles or ():
+        if len(ensemble) < 2 or len(set(ensemble)) < len(ensemble) or not set(ensemble) <= set(DECODERS):
+            raise ValueError(f"ensembles: {'+'.join(ensemble)!r} is not two or more distinct decoder families "
+                             f"({sorted(DECODERS)})")
+    for objective in settings.transfer_objectives:
+        if objective not in OBJECTIVES:
+            raise ValueError(f"transfer_objectives: unknown objective {objective!r}; known: {OBJECTIVES}")
     for grid in ({name: getattr(settings, name) for name in SWEEP_AXES}, *settings.sweep_grids):
         for anchor in grid.get("sweep_anchor", ()):
             if anchor not in ANCHORS:
@@ -245,6 +254,8 @@ def _type_name(hint) -> str:
             return "a list of numbers or nulls"
         if args[0] is dict:
             return "a list of objects"
+        if typing.get_origin(args[0]) is tuple:
+            return "a list of lists of strings"
         return f"a list of {_LIST_NAMES[args[0]]}"
     if type(None) in args:
         return f"{_type_name(next(a for a in args if a is not type(None)))} or null"
@@ -467,9 +478,14 @@ class Run:
                                                  seed=s.seed + 5, name=f"attacker {ADAPTIVE}",
                                                  encoder=ProtectedEncoder(self.encoder, protector))
 
-    def protect(self, config: ProtectConfig, shadow: str | nn.Module | None = None, batch_size: int = 1024) -> Tensor:
-        """AdvFace features of every image (the stored gallery), in batches; ``shadow`` a family or a module."""
-        module = shadow if isinstance(shadow, nn.Module) else self.shadow(shadow)
+    def protect(self, config: ProtectConfig, shadow: str | nn.Module | list | None = None,
+                batch_size: int = 1024) -> Tensor:
+        """AdvFace features of every image (the stored gallery), in batches; ``shadow`` a family, a module or a
+        list of them (an ensemble)."""
+        if isinstance(shadow, (list, tuple)):
+            module = [one if isinstance(one, nn.Module) else self.shadow(one) for one in shadow]
+        else:
+            module = shadow if isinstance(shadow, nn.Module) else self.shadow(shadow)
         protector = Protector(module, self.encoder, config, backend=self.s.backend)
         z = self.z.to(self.device)
         return torch.cat([protector(z[i:i + batch_size]).cpu() for i in range(0, len(z), batch_size)])
@@ -650,13 +666,7 @@ def run_evaluation(s: EvalSettings, progress: bool = True) -> dict:
     results["throughput"] = {"advface features per second": n / max(first.timings["protect advface"], 1e-9),
                              "backend": Protector(first.shadow(), first.encoder, config, s.backend).backend_name}
     if s.transfer:
-        transfer = {}
-        for shadow in progress_bar(s.families, progress=progress, desc="transfer", leave=False):
-            per_run = [stored_advface[k] if shadow == s.shadow else run.protect(config, shadow)
-                       for k, run in enumerate(runs)]
-            measured = [run.measure(z, s.families) for run, z in zip(runs, per_run)]
-            transfer[shadow] = {f: float(np.mean([m.hits[f].mean() for m in measured])) for f in s.families}
-        results["transfer"] = transfer
+        results["transfer"] = transfer_matrix(runs, config, attackers, taken, progress)
     results["anchor_only"] = {**point(runs, [run.protect(config.replace(steps=0)) for run in runs], cross),
                               "cosine": float(np.mean([_anchor_cosine(run, run.shadow(), config) for run in runs])),
                               "fit": [_fit(run, run.shadow(), config) for run in runs]}
@@ -677,6 +687,46 @@ def run_evaluation(s: EvalSettings, progress: bool = True) -> dict:
     results["training"] = [run.training for run in runs]
     results["artifacts"] = {"originals": first.data.images[first.attacked[: s.grid_rows]], "grids": grids}
     return results
+
+
+def shadow_sets(s: EvalSettings) -> list[tuple[str, ...]]:
+    """The transfer matrix's shadow sets: each family alone, then the ensembles (``s.ensembles``; by default the
+    server's family with one other family, with two, ..., in the order of ``s.families``)."""
+    if s.ensembles is not None:
+        ensembles = [tuple(e) for e in s.ensembles]
+    else:
+        others = [f for f in s.families if f != s.shadow]
+        ensembles = [(s.shadow, *others[:k]) for k in range(1, len(others) + 1)]
+    return [(f,) for f in s.families] + ensembles
+
+
+def transfer_matrix(runs: list[Run], config: ProtectConfig, attackers: list[str], taken: dict,
+                    progress: bool = True) -> list[dict]:
+    """Per shadow set (``shadow_sets``) and objective (``s.transfer_objectives``): every attacker's success,
+    the mean over the attackers that saw none of its families ("unseen": the other families and the stronger
+    attacker; not the adaptive one, trained against the evaluated config) with its interval, the worst unseen
+    attacker, and the offline loss with its interval. The evaluated config's own row reuses ``taken``."""
+    s = runs[0].s
+    rows = []
+    grid = list(itertools.product(shadow_sets(s), s.transfer_objectives))
+    for shadows, objective in progress_bar(grid, progress=progress, desc="transfer", leave=False):
+        cfg = config.replace(objective=objective)
+        measured = taken.get(("advface", cfg, s.shadow_identity_weight)) if shadows == (s.shadow,) else None
+        if measured is None or any(a not in measured[0].hits for a in attackers):
+            stored = [run.protect(cfg, list(shadows)) for run in runs]
+            measured = [run.measure(z, attackers) for run, z in zip(runs, stored)]
+        unseen = [a for a in attackers if a not in shadows and a != ADAPTIVE]
+        figures = attack_figures(runs, measured, attackers, unseen or attackers)
+        verification = verification_figures(runs, measured, intervals=("offline",))
+        rows.append({"shadows": list(shadows), "objective": objective, "unseen": unseen,
+                     "success": {a: figures[a]["success"] for a in attackers},
+                     "unseen_mean": figures["cross_family_mean"]["success"] if unseen else None,
+                     "unseen_interval": figures["cross_family_mean"]["interval"] if unseen else None,
+                     "unseen_max": max((figures[a]["success"] for a in unseen), default=None),
+                     "offline": verification["offline"]["accuracy"],
+                     "offline_loss": verification["offline"]["loss"],
+                     "online": verification["online"]["accuracy"]})
+    return rows
 
 
 def _anchor_cosine(run: Run, shadow: nn.Module, config: ProtectConfig) -> float:

@@ -38,6 +38,10 @@ def _names(text: str) -> tuple[str, ...]:
     return _parse(text, str, "names")
 
 
+def _ensembles(text: str) -> tuple[tuple[str, ...], ...]:
+    return _parse(text, lambda v: tuple(f.strip() for f in v.split("+")), "ensembles like dcgan+nbnet")
+
+
 def _guards(text: str) -> tuple[float | None, ...]:
     def convert(value: str) -> float | None:
         try:
@@ -64,6 +68,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shadow-identity-weight", type=float,
                    help="identity term in the shadows' training (train-shadow --identity-weight; default 0)")
     p.add_argument("--families", type=_names, help="decoder families for attackers and the transfer matrix")
+    p.add_argument("--transfer", action=argparse.BooleanOptionalAction, default=None,
+                   help="the shadow set x attacker matrix: a shadow of every family and ensembles of them (default: "
+                        "on, off at the medium scale)")
+    p.add_argument("--ensembles", type=_ensembles, metavar="A+B,...",
+                   help="the matrix's ensembles, e.g. dcgan+nbnet,dcgan+nbnet+upconv (default: the shadow's family "
+                        "with one, two, ... other families)")
+    p.add_argument("--transfer-objectives", type=_names, metavar="NAMES",
+                   help="objectives each row of the matrix is protected with (default pixel)")
     p.add_argument("--sweep-eps", type=_floats, help="comma-separated eps values of the privacy/utility curve")
     p.add_argument("--sweep-steps", type=_ints, help="comma-separated step counts swept as well")
     p.add_argument("--sweep-min-cosine", type=_guards, help="comma-separated guards swept as well ('none': no guard)")
@@ -103,7 +115,7 @@ def settings_from_args(args: argparse.Namespace):
     flags = {name: getattr(args, name) for name in (
         "shadow_identity_weight", "families", "num_seeds", "sweep_eps", "sweep_steps", "sweep_min_cosine",
         "sweep_anchor", "sweep_objective", "sweep_identity_weight", "replicates", "flip", "backend", "device", "bin",
-        "folder", "pairs")}
+        "folder", "pairs", "transfer", "ensembles", "transfer_objectives")}
     flags.update(shadow=args.shadow_arch, shadow_checkpoint=args.shadow_file, encoder_checkpoint=args.encoder_file)
     if args.shadow_file in DECODERS and not os.path.exists(args.shadow_file):  # the old spelling --shadow FAMILY
         print(f"advface eval: warning: --shadow {args.shadow_file} (a family) is deprecated and will be removed in "

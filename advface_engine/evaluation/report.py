@@ -37,7 +37,8 @@ def _group(p: dict) -> tuple:
 def save_curve(path: Path, results: dict) -> None:
     """Offline verification accuracy (with its 95% interval) against cross-family attack success: one AdvFace
     curve over eps per swept guard (at the config's steps, anchor and shadow), the guard curve (over
-    min_cosine at the config's eps), one curve per baseline, the other swept AdvFace points as dots."""
+    min_cosine at the config's eps), one curve per baseline, the other swept AdvFace points as dots, and per
+    transfer objective the server's shadow and its ensembles (against their unseen attackers)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,6 +78,12 @@ def save_curve(path: Path, results: dict) -> None:
     for method, marker in (("random", "v"), ("dp", "^")):
         draw([p for p in sweep if p["method"] == method], f"{METHOD_NAMES[method]}, guard {_guard(cfg['min_cosine'])}",
              marker, linestyle=":")
+    for objective in dict.fromkeys(r["objective"] for r in results.get("transfer", ())):
+        chain = [r for r in results["transfer"] if r["objective"] == objective and r["unseen_mean"] is not None
+                 and r["shadows"][0] == results["settings"]["shadow"]]  # the server's shadow, then its ensembles
+        draw([{**r, "attack_success": r["unseen_mean"]} for r in chain],
+             f"AdvFace {objective}: 1, 2, 3 shadows (x: their unseen attackers)", "P", linestyle="-.",
+             note=lambda r: "+".join(r["shadows"]))
     unprotected = results["identity_inference"]["unprotected"]["cross_family_mean"]["success"]
     ax.plot([100 * unprotected], [100 * clean], marker="*", markersize=12, linestyle="none", color="k",
             label="Unprotected")
@@ -205,10 +212,7 @@ def markdown(results: dict, grid_files: dict[str, str], curve_file: str) -> str:
                          f"{a[n]['ssim']:.3f}"])
     lines += _table(["method", "attacker", "L1", "PSNR", "SSIM"], rows)
     if "transfer" in results:
-        families = list(s["families"])
-        lines += ["", "## Transferability (AdvFace attack success %, shadow family x attacker family)", ""]
-        lines += _table(["shadow \\ attacker"] + families,
-                        [[sh] + [_pct(results["transfer"][sh][f]) for f in families] for sh in families])
+        lines += transfer_lines(results, attackers, names)
     if "mismatch" in results:
         m = results["mismatch"]
         lines += ["", "## Shadow mismatch", "",
@@ -283,6 +287,28 @@ def markdown(results: dict, grid_files: dict[str, str], curve_file: str) -> str:
               "- Timings (s, summed over seeds): " + ", ".join(f"{k} {v:g}" for k, v in results["timings"].items()),
               ""]
     return "\n".join(lines)
+
+
+def transfer_lines(results: dict, attackers: list[str], names: dict) -> list[str]:
+    """The transfer matrix: shadow set (one family or an ensemble) and objective x attacker, with the unseen
+    attackers' mean and worst, and the offline loss."""
+    s, cfg = results["settings"], results["config"]
+    unprotected = results["identity_inference"]["unprotected"]
+    lines = ["", "## Transferability (AdvFace attack success %, shadow set x attacker)", "",
+             f"Each row protects the gallery at this run's config (eps {cfg['eps']:g}, guard "
+             f"{_guard(cfg['min_cosine'])}, anchor {cfg['anchor']}) with one shadow or an ensemble (`a+b`: the step "
+             f"ascends the sum of the shadows' objectives; anchor of the first, `ensemble_anchor` "
+             f"{cfg['ensemble_anchor']}). Unseen: the attackers of no family in the row's shadows (the stronger "
+             "attacker always), their mean with its 95% interval and the worst of them. The adaptive attacker was "
+             f"trained against this run's config with one `{s['shadow']}` shadow, not against each row.", ""]
+    rows = [["unprotected", "-"] + [_pct(unprotected[a]["success"]) for a in attackers] + ["-", "-", "-"]]
+    for r in results["transfer"]:
+        unseen = interval(r["unseen_interval"]) if r["unseen_interval"] else "-"
+        worst = _pct(r["unseen_max"]) if r["unseen_max"] is not None else "-"
+        rows.append(["+".join(r["shadows"]), r["objective"]] + [_pct(r["success"][a]) for a in attackers]
+                    + [unseen, worst, interval(r["offline_loss"])])
+    return lines + _table(["shadows", "objective"] + [names[a] for a in attackers]
+                          + ["unseen mean [95% CI]", "worst unseen", "offline loss [95% CI]"], rows)
 
 
 def _seeds_plain(values: list[float]) -> str:

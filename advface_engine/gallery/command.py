@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "checkpointed per chunk in OUTPUT.job/ and resumed by rerunning the same command.")
     p.add_argument("--input", required=True, help="gallery file (.npy, .safetensors, .parquet, .faiss/.index)")
     p.add_argument("--output", required=True, help="protected gallery file (written when complete)")
-    p.add_argument("--shadow", required=True, help="shadow decoder checkpoint")
+    p.add_argument("--shadow", required=True, action="append",
+                   help="shadow decoder checkpoint; repeat it for an ensemble of shadows protecting together")
     p.add_argument("--encoder", required=True, help="encoder: advface .safetensors, .onnx, or .pth with --encoder-arch")
     p.add_argument("--encoder-arch", help="architecture of a plain state-dict encoder, e.g. iresnet50")
     p.add_argument("--encoder-channel-order", choices=("rgb", "bgr"), default="rgb",
@@ -114,8 +115,9 @@ def summary_lines(result, anchor: str = "shadow") -> list[str]:
     stats = result.stats or {}
     if "fit" in stats:
         fit = stats["fit"]
+        which = "" if fit.get("shadows", 1) == 1 else f" of the worst of {fit['shadows']}, shadow {fit['shadow'] + 1}"
         lines.append(f"shadow fit (preflight, {fit['rows']} rows): median cos(E(S(z)), z) "
-                     f"{fit['anchor_cosine']['median']:.3f}")
+                     f"{fit['anchor_cosine']['median']:.3f}{which}")
     if "sample" in stats:
         s = stats["sample"]
         gain = s["l1_gain"]["median"]

@@ -67,6 +67,7 @@ from torch import nn
 from .. import __version__
 from ..config import ProtectConfig
 from ..devices import resolve_device
+from ..ensemble import as_shadow, members
 from ..errors import BadFeaturesError, ModelMismatchError
 from ..features import BAD_ROWS, bad_rows_of
 from ..models import load_encoder
@@ -105,7 +106,7 @@ class JobSpec:
     """What a worker needs to protect chunks (picklable, for Ray actors)."""
 
     input: str
-    shadow: str | nn.Module
+    shadow: str | nn.Module | list  # a list: an ensemble of shadows (paths or modules)
     encoder: str | nn.Module
     config: ProtectConfig
     parts: str
@@ -171,7 +172,8 @@ class ChunkJob:
         self.spec = spec
         self.gallery = gallery or open_gallery(spec.input, spec.embedding_key, spec.id_key)
         self.device = resolve_device(spec.device)
-        self.shadow = _load(spec.shadow, self.device, load_model)
+        shadows = spec.shadow if isinstance(spec.shadow, list) else [spec.shadow]
+        self.shadow = as_shadow([_load(one, self.device, load_model) for one in shadows])
         self.encoder = _load(spec.encoder, self.device,
                              lambda path, device: load_encoder(path, spec.encoder_arch, device,
                                                                **(spec.encoder_options or {})))
@@ -838,7 +840,7 @@ def _workspace(work: Path):
 def protect_gallery(
     input: str | os.PathLike,
     output: str | os.PathLike,
-    shadow: str | os.PathLike | nn.Module,
+    shadow: str | os.PathLike | nn.Module | list,
     encoder: str | os.PathLike | nn.Module,
     config: ProtectConfig | None = None,
     *,
@@ -862,7 +864,8 @@ def protect_gallery(
 ) -> GalleryResult:
     """Replace every embedding of a stored gallery by its protected feature (ALGORITHM.md), streamed and resumable.
 
-    shadow, encoder: checkpoint paths (``save_model``) or modules; the encoder may also be any file
+    shadow, encoder: checkpoint paths (``save_model``) or modules; shadow may be a list of them, an ensemble
+    protecting together (``Protector``), its checksums in the fingerprint in order; the encoder may also be any file
     ``load_encoder`` takes (ONNX; a state dict with ``encoder_arch``), ``encoder_options`` its other keywords
     (an ONNX model's ``channel_order``, ``mean``, ``std``, ``input_size``). ``format``: the output's format,
     by default the output's suffix, else the input's. ``chunk_rows``: rows per checkpointed chunk
@@ -872,6 +875,7 @@ def protect_gallery(
     median cosine to the gallery's features below it, before anything is written; None or ``force`` runs
     anyway.
     """
+    shadow = _shadow_spec(shadow)
     if on_bad_rows not in POLICIES:
         raise ValueError(f"on_bad_rows must be one of {POLICIES}, got {on_bad_rows!r}")
     if engine not in ENGINES:
@@ -949,6 +953,23 @@ def protect_gallery(
         gallery.close()
 
 
+def _shadow_spec(shadow) -> str | nn.Module | list:
+    """The job's shadow as JobSpec holds it: a path (str) or module, or a list of them (an ensemble)."""
+    if isinstance(shadow, (list, tuple, nn.ModuleList)):
+        shadows = list(shadow)
+        if not shadows:
+            raise ValueError("the shadow list is empty: give at least one shadow decoder")
+        listed = [_shadow_spec(one) for one in shadows]
+        if any(isinstance(one, list) for one in listed):
+            raise TypeError("a shadow list holds paths or modules, not further lists")
+        return listed[0] if len(listed) == 1 else listed
+    if isinstance(shadow, nn.Module):
+        return shadow
+    if isinstance(shadow, (str, os.PathLike)):
+        return os.fspath(shadow)
+    raise TypeError(f"a shadow is a checkpoint path or a torch.nn.Module, got {type(shadow).__name__}")
+
+
 def _prepare(spec: JobSpec, gallery: Gallery, ray) -> tuple[ChunkJob, dict]:
     """The job that computes chunks here (or, on Ray, checks the models on the driver) and its fingerprint."""
     if ray is not None:
@@ -964,13 +985,19 @@ def _prepare(spec: JobSpec, gallery: Gallery, ray) -> tuple[ChunkJob, dict]:
     job.check_dim()
     fingerprint = {
         "input": {**gallery.fingerprint(), "embedding_key": spec.embedding_key, "id_key": spec.id_key},
-        "shadow": model_checksum(job.shadow), "encoder": model_checksum(job.encoder),  # weights, not file bytes
+        "shadow": _checksums(job.shadow), "encoder": model_checksum(job.encoder),  # weights, not file bytes
         "encoder_arch": spec.encoder_arch, "encoder_preprocessing": getattr(job.encoder, "preprocessing", None),
         "config": spec.config.to_dict(),
         "engine": {**engine, "advface_engine": __version__, "torch": torch.__version__, **_kernel_versions(engine)},
         "layout": {"chunk_rows": spec.chunk_rows, "batch_size": spec.batch_size}, "bad_rows": BAD_ROWS,
     }
     return job, fingerprint
+
+
+def _checksums(shadow: nn.Module) -> str | list[str]:
+    """The shadow's model_checksum, or the list of an ensemble's, in its order."""
+    found = [model_checksum(one) for one in members(shadow)]
+    return found[0] if len(found) == 1 else found
 
 
 def provenance(fingerprint: dict, policy: str) -> dict:
