@@ -124,7 +124,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-normalize", action="store_true", help="train on raw, not unit-norm, features")
     p.add_argument("--identity-weight", type=float, default=0.0,
                    help="add W * (1 - cos(E(S(z)), z)) to Eq. 1 so the anchor E(S(z)) stays near z "
-                        "(default 0: Eq. 1 alone; README's Evaluation has what it measured)")
+                        "(default 0: Eq. 1 alone; docs/evaluation.md has what it measured)")
     add_image_args(p)
     add_train_args(p, epochs=8, lr=2e-3, batch_size=64)
     p.set_defaults(func=cmd_train_shadow)

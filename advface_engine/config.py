@@ -32,7 +32,7 @@ class ProtectConfig:
     anchor:       "shadow": z_0 = E(S(z)) (Eq. 5); "original": z_0 = z. Anchored at z, S(z_0) equals
                   the target x~ and the L1 gradient is exactly 0 (sign(0) = 0): hence random_start.
                   The defaults (eps, alpha, steps, anchor, random_start, min_cosine) are the evaluation's
-                  choice (README, Evaluation: the rule and the sweep behind it).
+                  choice (docs/evaluation.md: the rule and the sweep behind it).
     normalize:    features are unit-norm (ArcFace convention): the anchor is
                   normalised before the loop and z_T after it.
     random_start: start from a uniform point in the ball, drawn from ``seed`` and

@@ -3,7 +3,7 @@
 torch's CPU default is a thread per core, and a GNU OpenMP thread that finds no work spins for a long
 while before it sleeps. On a machine whose cores other processes use (another advface job, a test
 run), those spinning threads hold the cores the others need and everything slows down by an order of
-magnitude (README, Command line, has the measured figures). So each command runs as many threads as
+magnitude (docs/cli.md, Threads, has the measured figures). So each command runs as many threads as
 there are usable cores less the ones busy when it starts (``--threads N`` chooses;
 ``torch.set_num_threads`` in Python).
 """

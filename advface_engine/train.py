@@ -267,7 +267,7 @@ def train_decoder(decoder: nn.Module, encoder: nn.Module, images: Images, epochs
     have no direction are refused (``check_training_features``). ``identity_weight`` w > 0
     adds w * (1 - cos(E(D(z)), z)) through the frozen encoder (the server owns E): a shadow whose
     images E recognises as the same person, so that the anchor E(S(z)) of Eq. 5 stays close to z
-    (README, Evaluation); w = 0 is Eq. 1 as the poster writes it. ``checkpoint`` makes the run
+    (docs/evaluation.md); w = 0 is Eq. 1 as the poster writes it. ``checkpoint`` makes the run
     resumable, its features cached beside it (``_features``); ``output`` receives the final weights as a
     safetensors model file. Returns the per-epoch mean loss (the L1 term, plus the identity term when weighted).
     """

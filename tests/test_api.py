@@ -1,5 +1,5 @@
 """A backend other tools can import: NumPy in and out, typed errors, backends as plugins, one input policy,
-and the README's "Using it from another tool" code, run as written."""
+and the "Using it from another tool" code of docs/api.md, run as written."""
 
 from __future__ import annotations
 
@@ -262,15 +262,15 @@ def test_rows_far_from_unit_norm_are_named_once_per_protector(models):
         afe.protect(unit_rows(10).astype(np.float16), *models, CONFIG)  # unit rows in float16 rounding
 
 
-# -- the README's section, run as written -----------------------------------------------------------
+# -- docs/api.md's section, run as written ----------------------------------------------------------
 
 def test_readme_using_it_from_another_tool(models, tmp_path, monkeypatch, capsys):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from test_onnx_encoders import pooled_encoder
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    section = readme.split("## Using it from another tool", 1)[1].split("\n## ", 1)[0]
+    page = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
+    section = page.split("\n## Using it from another tool\n", 1)[1].split("\n## ", 1)[0]
     (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(backends, "_REGISTERED", {})
@@ -278,7 +278,7 @@ def test_readme_using_it_from_another_tool(models, tmp_path, monkeypatch, capsys
     pooled_encoder(tmp_path / "encoder.onnx")
     np.save("gallery.npy", unit_rows(8).astype(np.float32))
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "docs/api.md", "exec"), scope)
     assert capsys.readouterr().out.splitlines() == ["[0, 1]", "['auto', 'reference', 'fused', 'float16-store']"]
     assert scope["stored"].dtype == np.float32
     np.testing.assert_array_equal(scope["stored"], scope["protected"].astype(np.float16).astype(np.float32))

@@ -142,7 +142,7 @@ SCALES = {
                   attacker_per_identity=20, gallery_identities=600, gallery_per_identity=10, pairs_per_fold=600),
 }
 
-# Named sweeps (``--sweep NAME``): the grid that chose ProtectConfig's defaults (README, Evaluation).
+# Named sweeps (``--sweep NAME``): the grid that chose ProtectConfig's defaults (docs/evaluation.md).
 _GUARDS = (0.8, 0.85, 0.875, 0.9, 0.925, 0.95, None)
 SWEEPS = {
     # eps x guard at the config's steps, anchor and shadow; then the guards against the shadow's identity
@@ -152,7 +152,7 @@ SWEEPS = {
         dict(sweep_anchor=("original",), sweep_eps=(0.1, 0.2, 0.3), sweep_min_cosine=_GUARDS),
         dict(sweep_steps=(5, 20), sweep_min_cosine=(0.85, 0.9, 0.95)))),
     # the objectives (Eq. 4's pixel L1, the identity term, both) at the guards that keep half a point, with
-    # the shadow's anchor and with the original one; run with the config it is to judge (README, Evaluation)
+    # the shadow's anchor and with the original one; run with the config it is to judge (docs/evaluation.md)
     "objective": dict(sweep_objective=("pixel", "identity"), sweep_eps=(0.1, 0.2),
                       sweep_min_cosine=(0.8, 0.85, 0.875, 0.9), sweep_grids=(
         dict(sweep_objective=("pixel+identity",), sweep_min_cosine=(0.85, 0.875, 0.9)),

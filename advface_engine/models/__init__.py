@@ -22,7 +22,7 @@ ENCODERS = {
     "mobilefacenet": MobileFaceNet,
 }
 ARCHITECTURES = {**DECODERS, **ENCODERS}
-# Inclusive bounds of the integer architecture arguments (README, Models and checkpoints): far above any
+# Inclusive bounds of the integer architecture arguments (docs/api.md, Models and checkpoints): far above any
 # face model, and low enough that a checkpoint's header cannot ask for an absurd model.
 ARGUMENT_BOUNDS = {"feature_dim": (1, 8192), "num_features": (1, 8192), "size": (4, 1024), "input_size": (16, 1024),
                    "width": (1, 512), "growth": (1, 256), "n_layers": (0, 32)}
