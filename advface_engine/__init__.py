@@ -11,6 +11,6 @@ from .config import ProtectConfig
 from .models import build_model, load_encoder, load_model, save_model
 from .protect import Protector, protect
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["ProtectConfig", "Protector", "__version__", "backends", "build_model", "errors", "load_encoder",
            "load_model", "protect", "save_model"]

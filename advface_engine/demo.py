@@ -137,6 +137,7 @@ def demo(s: DemoSettings, out: Path, progress: bool = True) -> dict:
         "settings": asdict(s),
         "config": protector.config.to_dict(),
         "backend": protector.backend_name,
+        "threads": torch.get_num_threads(),  # training's sums depend on it: the run repeats at this count
         "verification": {"clean": clean, "protected_offline": offline},
         "attack": {"clean": attack_clean, "protected": attack_prot},
         "reconstruction": {"clean": reconstruction_quality(recon_clean, gallery_x),

@@ -44,8 +44,8 @@ def test_guard_cost(benchmark, models, backend, batch, steps):
 @pytest.mark.parametrize("backend", ("reference", "fused-bf16+graph"))
 @pytest.mark.parametrize("batch,steps", GUARD_CASES, ids=[f"B{b}-T{t}" for b, t in GUARD_CASES])
 def test_default_start_cost(benchmark, models, backend, batch, steps):
-    """The defaults' start against the paper's: anchor z with a random start drawn on the host per row
-    (no encoder pass for the anchor, but a device-to-host copy and a generator per row), then E(S(z))."""
+    """The defaults' start against the paper's: anchor z with a random start (no encoder pass for the anchor,
+    but the counter-based noise of advface_engine.noise, drawn on the device), then E(S(z))."""
     cases = {"paper": (models[0], ProtectConfig(steps=steps, **PAPER)),
              "defaults": (models[0], ProtectConfig(steps=steps))}
     interleaved(benchmark, models, backend, batch, cases, f"start B={batch} T={steps}")

@@ -32,17 +32,18 @@ def test_train_commands_write_loadable_models(trained):
 
 
 def test_training_commands_are_deterministic_for_a_seed(trained, tmp_path):
-    """Same flags and seed, same weights, whatever state torch's generator is in (a new process starts
-    it from a random seed): the initial weights must come from --seed too."""
+    """Same flags, seed and thread count, same weights, whatever state torch's generator is in (a new process
+    starts it from a random seed): the initial weights must come from --seed too. The thread count is pinned:
+    chosen by the load (the default), it changes how training's sums are split, and so their last bits."""
     from safetensors.torch import load_file
 
     for name, state in (("a", 1), ("b", 2)):
         torch.manual_seed(state)  # as two fresh processes would differ
         assert main(["train-encoder", "--output", str(tmp_path / f"enc-{name}.safetensors"), "--dim", "16",
-                     "--size", "16", "--width", "4", *TINY]) == 0
+                     "--size", "16", "--width", "4", "--threads", "1", *TINY]) == 0
         torch.manual_seed(state + 10)
         assert main(["train-shadow", "--encoder", str(trained / "enc.safetensors"), "--output",
-                     str(tmp_path / f"shadow-{name}.safetensors"), "--width", "4", *TINY]) == 0
+                     str(tmp_path / f"shadow-{name}.safetensors"), "--width", "4", "--threads", "1", *TINY]) == 0
     for kind in ("enc", "shadow"):
         a, b = (load_file(tmp_path / f"{kind}-{n}.safetensors") for n in ("a", "b"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kind

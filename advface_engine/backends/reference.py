@@ -10,15 +10,13 @@ ensemble of shadows S_1..S_K, x~_k = S_k(z) and g_t = d/dz sum_k || S_k(z_t) - x
 
 from __future__ import annotations
 
-import hashlib
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ProtectConfig
 from ..ensemble import ShadowEnsemble, members
+from ..noise import ball_noise
 from .decoder import as_input_of, channels_last, fold_batchnorm, weights_key
 
 
@@ -46,23 +44,11 @@ def mean_direction(features: list[Tensor]) -> Tensor:
 
 
 def random_start(anchor: Tensor, z: Tensor, config: ProtectConfig) -> Tensor:
-    """A uniform start inside the ball, drawn per row from (seed, row bytes).
+    """A uniform start inside the ball, drawn per row from (seed, row bytes) (noise.ball_noise).
 
     Seeding by content keeps a row's result independent of batch size and chunking.
     """
-    rows = z.detach().cpu().contiguous()
-    raw = rows.view(torch.uint8).numpy()  # each row's bytes in its own dtype (NumPy has no bfloat16)
-    noise = np.empty(rows.shape, dtype=np.float64)
-    for i, row in enumerate(raw):
-        key = int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little")
-        rng = np.random.default_rng([config.seed, key])
-        if config.norm == "linf":
-            noise[i] = rng.uniform(-config.eps, config.eps, size=rows.shape[1])
-        else:  # uniform in the L2 ball: direction on the sphere, radius ~ U^(1/D)
-            direction = rng.standard_normal(rows.shape[1])
-            direction /= np.linalg.norm(direction) + 1e-12
-            noise[i] = direction * config.eps * rng.uniform() ** (1.0 / rows.shape[1])
-    return anchor + torch.from_numpy(noise).to(anchor)
+    return anchor + ball_noise(z, config.seed, config.eps, config.norm).to(anchor)
 
 
 def guard_frame(z: Tensor) -> tuple[Tensor, Tensor]:

@@ -632,6 +632,7 @@ def run_evaluation(s: EvalSettings, progress: bool = True) -> dict:
         "settings": s.to_dict(),
         "config": config.to_dict(),
         "device": str(first.device),
+        "threads": torch.get_num_threads(),  # training's sums depend on it: the run repeats at this count
         "seeds": s.seeds(),
         "data": {"gallery images": len(first.data.images), "pairs": len(first.data.issame),
                  "pairs total": sum(len(r.data.issame) for r in runs),
