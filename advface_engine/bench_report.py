@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BASELINE = "naive"
-BACKEND_ORDER = ("naive", "reference", "compiled", "fused", "fused+graph", "fused-bf16+graph", "fused-bf16-nchw+graph")
+BACKEND_ORDER = ("naive", "reference", "reference-bf16", "compiled", "fused", "fused+graph", "fused-bf16+graph",
+                 "fused-bf16-nchw+graph")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from advface_engine.models import build_model
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-BACKENDS = ("naive", "reference", "compiled", "fused", "fused+graph", "fused-bf16+graph", "fused-bf16-nchw+graph")
+BACKENDS = ("naive", "reference", "reference-bf16", "compiled", "fused", "fused+graph", "fused-bf16+graph",
+            "fused-bf16-nchw+graph")
 STEPS = (10, 20, 50)
 ONLINE = [(batch, steps) for batch in (1, 8, 64) for steps in STEPS]
 OFFLINE = [(256, 10), (1024, 10), (4096, 10), (256, 20), (256, 50)] if ON_GPU else [(256, 10), (1024, 10)]
@@ -30,6 +31,25 @@ OFFLINE = [(256, 10), (1024, 10), (4096, 10), (256, 20), (256, 50)] if ON_GPU el
 def pytest_addoption(parser):
     parser.addoption("--bench-threads", type=int, default=1,
                      help="torch CPU threads (default 1: steady on a shared machine; 0: torch's default)")
+    parser.addoption("--quick", action="store_true",
+                     help="a first look: one online and one offline size per backend, the cost pairs, the small "
+                          "gallery cases (``quick``)")
+
+
+def quick(item) -> bool:
+    """Whether a case is in the ``--quick`` selection: B=1 and B=64 online and B=256 offline at T=10, every cost
+    pair, the gallery job's I/O-bound case and its 100k-row memory case."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    name = item.originalname
+    if name == "test_online_latency":
+        return params["batch"] in (1, 64) and params["steps"] == 10
+    if name == "test_offline_throughput":
+        return (params["batch"], params["steps"]) == (256, 10)
+    if name == "test_gallery_job_vs_engine":
+        return params["scale"] == "tiny512"
+    if name == "test_gallery_peak_rss":
+        return params["rows"] == 100_000
+    return True
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -44,6 +64,11 @@ def cpu_threads(request):
 
 
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("--quick"):
+        dropped = [item for item in items if not quick(item)]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = [item for item in items if quick(item)]
     wanted = any(config.getoption(name, default=None) for name in
                  ("benchmark_only", "benchmark_enable", "benchmark_disable", "benchmark_json"))
     if wanted:

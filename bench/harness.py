@@ -52,9 +52,10 @@ def make_protector(name: str, shadow: nn.Module | list, encoder: nn.Module, conf
         return Protector(shadow=shadow, encoder=encoder, config=config, backend="fused",
                          backend_options={"graphs": name.endswith("+graph"), "dtype": dtype,
                                           "channels_last": False if "-nchw" in name else None})
-    if name not in ("reference", "compiled"):
+    if name not in ("reference", "reference-bf16", "compiled"):
         raise ValueError(f"unknown backend {name!r}")
-    protector = Protector(shadow=shadow, encoder=encoder, config=config, backend="reference")
+    options = {"dtype": "bf16"} if name == "reference-bf16" else {}
+    protector = Protector(shadow=shadow, encoder=encoder, config=config, backend="reference", backend_options=options)
     if name == "compiled":
         if CompiledReference.failure:
             pytest.skip(CompiledReference.failure)

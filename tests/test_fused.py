@@ -1052,8 +1052,10 @@ def test_clear_errors_on_cpu(monkeypatch, models):
         FusedBackend(shadow, encoder, CFG, dtype="bf16")
     with pytest.raises(ValueError, match="bf16"):  # options reach the backend through the Protector
         afe.Protector(shadow, encoder, CFG, backend="fused", backend_options={"dtype": "bf16"})
-    with pytest.raises(ValueError, match="no options"):
-        afe.Protector(shadow, encoder, CFG, backend="reference", backend_options={"dtype": "bf16"})
+    with pytest.raises(ValueError, match="only the option dtype"):
+        afe.Protector(shadow, encoder, CFG, backend="reference", backend_options={"graphs": False})
+    with pytest.raises(ValueError, match="reference backend dtype"):
+        afe.Protector(shadow, encoder, CFG, backend="reference", backend_options={"dtype": "fp16"})
     with pytest.raises(ValueError, match="dtype"):
         FusedBackend(shadow, encoder, CFG, dtype="int8")
     monkeypatch.setattr(fused_module, "interpreted", lambda: False)

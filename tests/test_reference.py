@@ -406,3 +406,25 @@ def test_folded_decoder_is_the_same_function():
             sum(isinstance(m, torch.nn.BatchNorm2d) for m in S.modules())
         z = torch.randn(3, 16)
         torch.testing.assert_close(folded(z), S(z), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["dcgan", "nbnet", "upconv"])
+def test_bf16_decoder_option_stays_close_to_fp32(family):
+    """backend_options={"dtype": "bf16"}: the decoder in bfloat16, z and the steps in float32; bf16's 8-bit
+    mantissa flips some gradient signs, so the results agree with fp32's within bf16's tolerance (most entries
+    within 2 alpha), the guard holds exactly, and the caller's shadow stays float32."""
+    S, E = tiny_models(family)
+    z = F.normalize(torch.randn(64, 16, generator=torch.Generator().manual_seed(2)), dim=1)
+    for cfg, least in ((afe.ProtectConfig(steps=5, min_cosine=None), 0.95), (afe.ProtectConfig(steps=5), 0.9)):
+        want = afe.protect(z, S, E, cfg)
+        low = afe.Protector(S, E, cfg, backend="reference", backend_options={"dtype": "bf16"})
+        got = low(z)
+        assert got.dtype == torch.float32 and low.backend.dtype == "bf16"
+        assert ((got - want).abs() <= 2 * cfg.alpha).float().mean() >= least
+        assert not torch.equal(got, want)  # it did run in bfloat16
+        if cfg.min_cosine is not None:
+            assert (F.cosine_similarity(got, z, dim=1) >= cfg.min_cosine - 1e-5).all()
+    assert all(p.dtype == torch.float32 for p in S.parameters())
+    ensemble = afe.Protector([S, tiny_models("upconv", seed=3)[0]], E, cfg, backend="reference",
+                             backend_options={"dtype": "bf16"})
+    assert ensemble(z).shape == z.shape

@@ -114,8 +114,9 @@ def check_fused_options(options: dict) -> None:
 def make_backend(name: str, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig, **options) -> Backend:
     """Build backend ``name``; "auto" picks fused on a CUDA device, else reference.
 
-    ``options`` go to the fused backend (e.g. dtype="bf16", graphs=False) or a plugin's factory; the
-    reference takes none. ``shadow`` may be a list of shadows (``ensemble.as_shadow``).
+    ``options`` go to the fused backend (e.g. dtype="bf16", graphs=False), the reference backend (dtype
+    "fp32" or "bf16", asked for by name: "auto" off the GPU ignores options) or a plugin's factory.
+    ``shadow`` may be a list of shadows (``ensemble.as_shadow``).
     """
     shadow = as_shadow(shadow)
     if name not in BACKEND_NAMES:
@@ -128,9 +129,9 @@ def make_backend(name: str, shadow: nn.Module, encoder: nn.Module, config: Prote
                             "and `run(z)` (advface_engine.backends.Backend)")
         return backend
     if name == "reference":
-        if options:
-            raise ValueError(f"the reference backend takes no options, got {sorted(options)}")
-        return ReferenceBackend(shadow, encoder, config)
+        if set(options) - {"dtype"}:
+            raise ValueError(f"the reference backend takes only the option dtype, got {sorted(options)}")
+        return ReferenceBackend(shadow, encoder, config, **options)
     check_fused_options(options)
     if name == "fused":
         from .fused import FusedBackend

@@ -125,13 +125,30 @@ def project(z_next: Tensor, z_prev: Tensor, anchor: Tensor, config: ProtectConfi
     return center + delta
 
 
-def faster_shadow(shadow: nn.Module) -> nn.Module:
-    """``fold_batchnorm(shadow)``, laid out ``channels_last`` in float32 or bfloat16 on a CPU."""
+REFERENCE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # the decoder's precision ("fp32": the shadow's own)
+
+
+class LowPrecision(nn.Module):
+    """A decoder run in ``dtype``: z cast in, the image cast back to z's dtype, so the steps stay in z's."""
+
+    def __init__(self, shadow: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.shadow, self.dtype = shadow.to(dtype), dtype
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.shadow(z.to(self.dtype)).to(z.dtype)
+
+
+def faster_shadow(shadow: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """``fold_batchnorm(shadow)``, in ``dtype`` if given (``LowPrecision``), laid out ``channels_last`` in float32
+    or bfloat16 on a CPU."""
     folded = fold_batchnorm(shadow)
+    if dtype is not None:
+        folded = folded.to(dtype)
     like = next(folded.parameters(), torch.empty(0, dtype=torch.float64))
     if like.device.type == "cpu" and like.dtype in (torch.float32, torch.bfloat16):  # oneDNN's dtypes
         folded = channels_last(folded)
-    return folded
+    return folded if dtype is None else LowPrecision(folded, dtype)
 
 
 class ReferenceBackend:
@@ -140,12 +157,19 @@ class ReferenceBackend:
     The decoder it runs is ``fold_batchnorm(shadow)``, in float32 or bfloat16 on a CPU through
     ``channels_last`` (the layout oneDNN's convolutions run fastest in), rebuilt whenever the
     shadow's weights change; in training mode it runs the shadow itself.
+
+    dtype: "fp32" (default) runs the decoder in the shadow's own dtype; "bf16" in bfloat16 (opt-in, for
+    CPUs with bfloat16 matrix units: AMX, AVX512-BF16), z, the anchor and the steps staying in the
+    shadow's dtype. bfloat16 flips some gradient signs: the results agree with fp32's within bf16's
+    tolerance, not to the bit.
     """
 
     name = "reference"
 
-    def __init__(self, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig):
-        self.shadow, self.encoder, self.config = shadow, encoder, config
+    def __init__(self, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig, dtype: str = "fp32"):
+        if dtype not in REFERENCE_DTYPES:
+            raise ValueError(f"reference backend dtype must be one of {sorted(REFERENCE_DTYPES)}, got {dtype!r}")
+        self.shadow, self.encoder, self.config, self.dtype = shadow, encoder, config, dtype
         self._folded: tuple[tuple, nn.Module] | None = None
 
     def step_shadow(self) -> nn.Module:
@@ -155,7 +179,7 @@ class ReferenceBackend:
             return self.shadow
         key = weights_key(self.shadow)
         if self._folded is None or self._folded[0] != key:
-            folded = [faster_shadow(s) for s in members(self.shadow)]
+            folded = [faster_shadow(s, REFERENCE_DTYPES[self.dtype]) for s in members(self.shadow)]
             self._folded = key, folded[0] if len(folded) == 1 else ShadowEnsemble(folded)
         return self._folded[1]
 
