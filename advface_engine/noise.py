@@ -27,11 +27,11 @@ MAX_WORDS = 1 << 16  # 16-bit words of a row: (word + 1) * power * words < 2**53
 def _mix(x: Tensor) -> Tensor:
     """A bijection of 32-bit integers whose output bits each depend on every input bit (a two-multiply
     xorshift hash whose multipliers are below 2**31, so x * c < 2**63 stays exact in int64)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x21F0AAAD) & MASK
-    x = x ^ (x >> 15)
-    x = (x * 0x735A2D97) & MASK
-    return x ^ (x >> 15)
+    x = x ^ (x >> 16)  # a new tensor: the rest runs in place on it
+    x.mul_(0x21F0AAAD).bitwise_and_(MASK)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(0x735A2D97).bitwise_and_(MASK)
+    return x.bitwise_xor_(x >> 15)
 
 
 @functools.lru_cache(maxsize=16)
@@ -62,7 +62,7 @@ def row_keys(z: Tensor, seed: int) -> tuple[Tensor, Tensor]:
         raw = raw.view(torch.int16)
     if raw.shape[1] >= MAX_WORDS:
         raise ValueError(f"rows of {z.shape[1]} features are too long for the random start's hash")
-    words = raw.to(torch.float64) % 65536 + 1  # unsigned words; + 1: a zero word counts
+    words = (raw.to(torch.int32) & 0xFFFF).to(torch.float64) + 1  # unsigned words; + 1: a zero word counts
     hashes = (words @ _powers(words.shape[1], z.device)).to(torch.int64) % torch.tensor(PRIMES, device=z.device)
     state = torch.zeros_like(hashes[:, 0])
     while True:  # the seed 32 bits at a time
@@ -77,7 +77,7 @@ def uniform(keys: tuple[Tensor, Tensor], count: int, stream: int) -> Tensor:
     """(B, count) float64 uniforms in [0, 1) with 32 random bits: draws 0 .. count - 1 of ``stream`` for the
     rows of ``keys``."""
     first, second = (k[:, None] for k in keys)
-    return (_mix(_counters(count, stream, first.device) ^ first) ^ second).to(torch.float64) * 2.0 ** -32
+    return _mix(_counters(count, stream, first.device) ^ first).bitwise_xor_(second).to(torch.float64).mul_(2.0 ** -32)
 
 
 def ball_noise(z: Tensor, seed: int, eps: float, norm: str) -> Tensor:
@@ -87,7 +87,7 @@ def ball_noise(z: Tensor, seed: int, eps: float, norm: str) -> Tensor:
     keys = row_keys(z, seed)
     dim = z.shape[1]
     if norm == "linf":
-        return eps * (2 * uniform(keys, dim, 0) - 1)
+        return uniform(keys, dim, 0).mul_(2 * eps).sub_(eps)
     normal = torch.sqrt(-2 * torch.log1p(-uniform(keys, dim, 1))) * torch.cos(2 * torch.pi * uniform(keys, dim, 2))
     direction = normal / (normal.norm(dim=1, keepdim=True) + 1e-12)
     return direction * eps * uniform(keys, 1, 3) ** (1.0 / dim)
