@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import advface_engine as afe
 import advface_engine.backends as backends
 import advface_engine.backends.fused as fused_module
+import advface_engine.backends.graphs as graphs_module
 import advface_engine.backends.plan as plan_module
 from advface_engine.backends import UnsupportedModelError
 from advface_engine.backends.decoder import autocast_copy, fold_encoder_batchnorm, weights_key
@@ -836,7 +837,7 @@ def test_graph_sizes_padding_noise_and_eviction(monkeypatch, models):
     assert agreement(short, full[3:8], cfg.alpha) >= 0.999
     both(z[:3])  # graph_size(3) == 4: a capture of its own
     assert list(graphed._graphs) == [8, 4]
-    monkeypatch.setattr(fused_module, "MAX_GRAPHS", 2)
+    monkeypatch.setattr(graphs_module, "MAX_GRAPHS", 2)
     both(z[:1])
     assert list(graphed._graphs) == [4, 1], "the oldest capture goes first"
     with torch.no_grad():

@@ -158,7 +158,7 @@ def autocast_copy(encoder: nn.Module, dtype: torch.dtype) -> nn.Module | None:
     rounding. Only those exact layer types, and float32/float16/bfloat16 weights (autocast leaves
     float64 alone). The same output to the bit is expected, not assumed: weight hooks (old-style
     weight_norm, spectral_norm), a weight used elsewhere or an autocast of E's own would break it,
-    so the caller checks (FusedBackend._faster_encoder).
+    so the caller checks (encoder.faster_encoder).
     """
     def castable(m: nn.Module) -> bool:
         tensors = list(itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False)))

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UnsupportedModelError
 from ..kernels import is_nhwc, layout_of
 from ..kernels.act_backward import act_backward
 from ..kernels.bias_act import bias_act
@@ -31,8 +32,6 @@ HEAD_FUNCTIONS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lamb
 
 
 def _unsupported(module: nn.Module, why: str = "") -> Exception:
-    from . import UnsupportedModelError
-
     return UnsupportedModelError(f"the fused backend does not support {module!r} in the shadow decoder{why}")
 
 
