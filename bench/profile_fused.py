@@ -33,9 +33,9 @@ from gpu_check import benchmark_models, time_ms, write_json
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import advface_engine as afe
-from advface_engine.backends.decoder import weights_key
 from advface_engine.backends.encoder import CompiledEncoder, encode
 from advface_engine.backends.fused import FusedBackend, _tf32
+from advface_engine.backends.modules import weights_key
 from advface_engine.protect import frozen
 
 PHASES = ("S(z)", "E(x~)", "steps")

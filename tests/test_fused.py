@@ -25,8 +25,8 @@ import advface_engine.backends.fused as fused_module
 import advface_engine.backends.graphs as graphs_module
 import advface_engine.backends.plan as plan_module
 from advface_engine.backends import UnsupportedModelError
-from advface_engine.backends.decoder import autocast_copy, fold_encoder_batchnorm, weights_key
 from advface_engine.backends.fused import CompiledEncoder, EagerGraph, FusedBackend
+from advface_engine.backends.modules import autocast_copy, fold_encoder_batchnorm, weights_key
 from advface_engine.backends.reference import (
     ReferenceBackend,
     guard_frame,
@@ -556,6 +556,29 @@ def test_half_precision_steps_read_z_without_a_cast(variant):
             backend.step(anchor.clone(), anchor, x_shadow, last=False, z_low=z_low, frame=frame)
     assert torch.equal(got, want)
     assert "_to_copy" not in ops.names, ops.names
+
+
+def _batchnorms(module: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: shadow_variant("dcgan"), lambda: shadow_variant("nbnet"), lambda: shadow_variant("upconv"),
+    lambda: nn.Sequential(nn.Linear(16, 64), nn.Unflatten(1, (4, -1, 4)), nn.BatchNorm2d(4), nn.ReLU()),
+    lambda: nn.Sequential(nn.Linear(16, 32), nn.Flatten(), nn.BatchNorm1d(32), nn.ReLU()),
+    lambda: nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64), nn.Unflatten(1, (4, 4, 4)), nn.BatchNorm2d(4)),
+    lambda: nn.Sequential(nn.Linear(16, 64), nn.Unflatten(1, (4, 4, 4)), nn.ConvTranspose2d(4, 4, 4, 2, 1, groups=2),
+                          nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.BatchNorm2d(4)),
+], ids=["dcgan", "nbnet", "upconv", "inferred-size", "flatten", "two-in-a-row", "grouped"])
+def test_reference_and_plan_fold_the_same_batchnorms(make):
+    """One rule (modules.batchnorm_site) says where a BatchNorm folds: the reference's copy of the decoder
+    and the fused plan fold the same ones."""
+    from advface_engine.backends.modules import fold_batchnorm
+
+    shadow = make().eval()
+    folded_by_reference = _batchnorms(shadow) - _batchnorms(fold_batchnorm(shadow))
+    folded_by_plan = sum(getattr(op, "folded", False) for op in plan_module.build_plan(shadow).ops)
+    assert folded_by_reference == folded_by_plan > 0
 
 
 @pytest.mark.parametrize("shape", [(4, 4, 4), (4, -1, 4)], ids=["sizes", "inferred"])

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .decoder import as_input_of, autocast_copy, compute_dtypes, first_float, fold_encoder_batchnorm
+from .modules import as_input_of, autocast_copy, compute_dtypes, first_float, fold_encoder_batchnorm
 from .options import AUTOCAST_DTYPES, FUSED_DTYPES
 
 COPY_COSINE = 0.99  # least cosine between E's features and its faster copy's, on the first image

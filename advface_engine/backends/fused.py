@@ -24,9 +24,9 @@ from ..errors import UnsupportedModelError
 from ..kernels import interpreted
 from ..kernels.linear_step import linear_sign_step
 from ..kernels.sign_step import sign_step_project
-from .decoder import first_float, storages, weights_key
 from .encoder import CompiledEncoder, encode, faster_encoder
 from .graphs import CaptureFailed, Captures, CudaGraph, EagerGraph, graph_size
+from .modules import first_float, storages, weights_key
 from .options import AUTOCAST_DTYPES, FUSED_DTYPES, check_fused_options
 from .plan import build_plan
 from .reference import guard, guard_frame, mean_direction, random_start
