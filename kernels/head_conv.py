@@ -2,10 +2,10 @@
 input gradient fused with the backward of the activation in front of it.
 
 The decoder families end with Conv2d(C, 3, 3x3, padding 1) and a tanh. Three output channels
-leave cuDNN's tensor-core tiles (8 channels and more) nearly empty: on an H200 in bf16 at
-B=1024 that convolution and its input gradient took 5.4 of a step's 17.9 ms, and around them
-the bias, the head and the sign made three more passes over the image. Here, per block of
-pixels of one sample:
+leave cuDNN's tensor-core tiles (8 channels and more) nearly empty, so that convolution and its
+input gradient cost far more than their arithmetic (docs/benchmarks.md has the figure), and
+around them the bias, the head and the sign made three more passes over the image. Here, per
+block of pixels of one sample:
 
     forward (targets):  x~ = head(conv(a) + b)                  written in a's dtype
     forward (steps):    g  = sign(y - x~) * head'(y),  y = head(conv(a) + b) rounded like x~,

@@ -80,16 +80,12 @@ class FusedBackend:
              gives E's features: one that flattens with .view does not), in NHWC layout: tensor
              cores' own, where cuDNN otherwise converts NCHW around each convolution. None
              (default): on for bf16 and fp16, off for fp32 and tf32. Same results up to rounding.
-             Measured on an H200 in bf16 (bench/gpu_check.py, the encoder's copy included): 1.13x
-             faster at B=1, 1.56x at B=64, 1.57x at B=1024.
     compile_encoder: run the encoder (its copy, above) through torch.compile, which fuses its
              BatchNorm, PReLU and residual additions into fewer kernels; kept where its features are
-             within rounding of E's. Off by default: a candidate for small batches (on an H200 at
-             B=1 with iresnet50, E alone 0.61 ms against 0.88, a whole call 0-10% faster, in two
-             measurements that disagree: bench/profile_fused.py). The first call compiles (about a
-             minute for iresnet50), a second batch size once more (then dynamic), outside the CUDA
-             graph; a compile that fails later warns and leaves E uncompiled. A CPU needs a C++
-             compiler.
+             within rounding of E's. Off by default: a candidate for small batches, whose gain
+             measurements disagree on (docs/benchmarks.md). The first call compiles, a second batch
+             size once more (then dynamic), outside the CUDA graph; a compile that fails later warns
+             and leaves E uncompiled. A CPU needs a C++ compiler.
 
     The plan and the captured graphs are rebuilt when the models' weights change or move. When the
     graphs read only the backend's own tensors (the encoder as its copy, or not run), a call

@@ -129,8 +129,8 @@ class Conv:
         """The input gradient as the adjoint convolution's forward: a transposed convolution's is a
         convolution with the same weight, and a convolution's a transposed one (with the output
         padding that restores the input size). aten.convolution_backward would take the same
-        kernels, but in channels_last it first writes its (unused) input argument out in full:
-        at B=1024 in bf16 on an H200 that copy took half of a step's time."""
+        kernels, but in channels_last it first writes its (unused) input argument out in full, a
+        copy as large as the input at every step (docs/benchmarks.md has what it cost)."""
         if self.transposed:  # an output padding >= the stride (allowed below the dilation) gives extra rows
             grad_in = F.conv2d(grad, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
             if grad_in.shape[2:] == in_shape[2:]:
