@@ -15,7 +15,7 @@ SUBCOMMAND_MODULES = [
     "advface_engine.commands",
     "advface_engine.evaluation.cli",
     "advface_engine.gallery.command",
-    "advface_engine.bench_report",
+    "advface_engine.speed.report",
     "advface_engine.kernels.aot",
 ]
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import ReplayingBackend, make_backend
-from .backends.decoder import as_input_of, first_float, own_parameters, submodules
+from .backends.modules import as_input_of, first_float, own_parameters, submodules
 from .config import ProtectConfig
 from .ensemble import as_shadow, members, which
 from .errors import ModelMismatchError

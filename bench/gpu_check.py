@@ -36,11 +36,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import advface_engine as afe
-from advface_engine import telemetry as tm
 from advface_engine.backends.fused import FusedBackend, _tf32
 from advface_engine.backends.reference import ReferenceBackend
 from advface_engine.models import build_model
 from advface_engine.protect import frozen
+from advface_engine.speed import telemetry as tm
 
 BF16_DENSE_PEAK = {"H100": 989.4, "H200": 989.4}  # TFLOP/s, SXM datasheets
 PROVIDERS = ("reference", "fused-bf16+graph", "fused-bf16-nchw+graph", "fused-fp32+graph", "fused-bf16", "fused-fp32")

@@ -12,8 +12,8 @@ from pgd_naive import NaivePGD
 from torch import Tensor, nn
 
 from advface_engine import ProtectConfig, Protector
-from advface_engine import telemetry as tm
 from advface_engine.backends.reference import ReferenceBackend, weights_key
+from advface_engine.speed import telemetry as tm
 
 # the protection the benchmarks time: the paper's (anchor E(S(z)), no random start), which the naive loop
 # implements too; the defaults' anchor z skips the encoder pass

@@ -33,8 +33,9 @@ from gpu_check import benchmark_models, time_ms, write_json
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import advface_engine as afe
-from advface_engine.backends.decoder import weights_key
-from advface_engine.backends.fused import CompiledEncoder, FusedBackend, _tf32
+from advface_engine.backends.encoder import CompiledEncoder, encode
+from advface_engine.backends.fused import FusedBackend, _tf32
+from advface_engine.backends.modules import weights_key
 from advface_engine.protect import frozen
 
 PHASES = ("S(z)", "E(x~)", "steps")
@@ -116,7 +117,7 @@ def phases(backend: FusedBackend, z: torch.Tensor, steps: int, rows: int) -> tup
         with record_function("S(z)"):
             x_shadow, _ = backend.plan.forward(z, keep=False)
         with record_function("E(x~)"):
-            anchor = F.normalize(backend._encode(x_shadow, *backend._encoder_for(x_shadow)).float(), dim=1)
+            anchor = F.normalize(backend._encode(x_shadow).float(), dim=1)
         z_t = anchor.clone()
         with record_function("steps"):
             for t in range(steps):
@@ -188,7 +189,7 @@ def main() -> None:
 
         def time_encoder(label: str, module, layout: bool) -> bool:
             try:
-                run = graphed(lambda: backend._encode(x_shadow, module, layout), device)
+                run = graphed(lambda: encode(x_shadow, module, backend.dtype, layout), device)
                 report["encoder"][label] = median_ms(run, args.reps, device)
             except Exception as err:  # noqa: BLE001 - e.g. no compiler toolchain: report it, keep going
                 report["encoder"][label] = None
@@ -203,7 +204,7 @@ def main() -> None:
         if args.compile_encoder:  # a candidate, measured here before the backend would use it
             compiled = torch.compile(copied)
             if time_encoder("compiled_copy_ms", compiled, nhwc):
-                want, got = (backend._encode(x_shadow, m, nhwc).float() for m in (copied, compiled))
+                want, got = (encode(x_shadow, m, backend.dtype, nhwc).float() for m in (copied, compiled))
                 report["encoder"]["compiled_cosine_min"] = F.cosine_similarity(want, got).min().item()
                 # the whole call with the option on (FusedBackend(compile_encoder=True)), beside "call"
                 on = FusedBackend(shadow, encoder, cfg, dtype=args.dtype, channels_last=layout, compile_encoder=True)

@@ -11,11 +11,14 @@ times scale_c, so the result is the gradient with respect to x.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
 from . import COMPILE_OPTIONS, block_size, check_device, same_layout
+from .variants import GPU, Launches, Variant, tensor, variant
 
 ACTS = ("relu", "leaky_relu", "prelu")
 ACT_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "prelu": 2}  # the kernels' ACT: none, relu, a slope per channel
@@ -92,4 +95,19 @@ def act_backward(grad: torch.Tensor, pre: torch.Tensor, act: str = "relu", slope
         n, channels, 1 if nhwc else n // (pre.shape[0] * channels), ACT=code, HAS_SCALE=scale is not None,
         WIDE=n + block > INT32_MAX, BLOCK=block, **COMPILE_OPTIONS,
     )
+    return out
+
+
+def aot_variants(launches: Launches) -> list[Variant]:
+    """The specialisations act_backward launches (aot.py): each dtype but tf32 (fp32's kernel), each
+    activation with and without a BatchNorm scale, NCHW and NHWC (channel = offset % C)."""
+    out = []
+    for dname, dtype in launches.dtypes.items():
+        if dname == "tf32":
+            continue
+        for (kind, has_scale), nhwc in itertools.product(launches.acts, (False, True)):
+            n, channels, inner = 64 * 16 * 56 * 56, 64, 1 if nhwc else 56 * 56
+            out.append(variant(f"act_backward {dname} {kind}{' +bn' if has_scale else ''}{' nhwc' if nhwc else ''}",
+                               "act_backward", "_act_backward_kernel", [tensor(dtype)] * 5 + [n, channels, inner],
+                               ACT=ACT_CODES[kind], HAS_SCALE=has_scale, WIDE=False, BLOCK=block_size(n, GPU)))
     return out

@@ -3,7 +3,8 @@
 Triton's wheel ships ptxas, so every kernel variant the fused backend launches (each dtype,
 each decoder family's head and activations, the gradient matmul's block shapes, the split-K
 and epilogue variants) can be compiled here to a cubin, through the same argument
-specialisation as a real launch, and inspected:
+specialisation as a real launch, and inspected. Each launcher module declares its variants
+next to itself (``aot_variants``, kernels/variants.py); this tool iterates them (``LAUNCHERS``):
 
 - registers, shared memory, and spills (stack frame): at most MAX_SPILL bytes, the few that
   ptxas may trade for occupancy; more means the tile does not fit the register file;
@@ -20,7 +21,6 @@ Needs compiled Triton, not the interpreter: unset TRITON_INTERPRET.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import re
@@ -32,25 +32,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import COMPILE_OPTIONS, block_size, interpreted
-from .act_backward import ACT_CODES
+from . import COMPILE_OPTIONS, act_backward, bias_act, head_conv, interpreted, l1_sign, linear_step, sign_step
+from .variants import Launches, Variant, tensor, variant
 
-GPU = torch.device("cuda")  # launch configurations are chosen as for this device type
+# the launcher modules, each declaring the variants it launches (aot_variants)
+LAUNCHERS = (l1_sign, act_backward, linear_step, head_conv, bias_act, sign_step)
 FAMILIES = ("dcgan", "nbnet", "upconv")
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes per block
 MAX_SPILL = 32  # bytes
 MMA_KINDS = {"tf32": "tf32", "bf16": "bf16", "f16": "fp16"}
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One kernel specialisation: stand-in arguments (dtype, shape) and launch keywords."""
-
-    name: str
-    module: str  # advface_engine.kernels.<module>
-    kernel: str
-    args: tuple  # ("tensor", dtype name, numel) or a Python scalar
-    kwargs: tuple  # sorted (key, value) pairs: constexprs and num_warps
 
 
 @dataclass
@@ -69,14 +59,6 @@ class Report:
     div64: int = 0  # 64-bit integer divisions / remainders in the PTX (emulated: dozens of instructions each)
 
 
-def _t(dtype: torch.dtype, numel: int = 16) -> tuple:
-    return ("tensor", str(dtype).removeprefix("torch."), numel)
-
-
-def _variant(name: str, module: str, kernel: str, args: list, **kwargs) -> Variant:
-    return Variant(name, module, kernel, tuple(args), tuple(sorted(kwargs.items())))
-
-
 def plan_ops(family: str, feature_dim: int = 512, size: int = 112) -> tuple[str, set[tuple[str, bool]]]:
     """The head and the (activation, BatchNorm-scale) pairs of a decoder family's plan."""
     from ..backends.plan import Act, Dense, build_plan
@@ -88,128 +70,25 @@ def plan_ops(family: str, feature_dim: int = 512, size: int = 112) -> tuple[str,
     return plan.head, {(act.kind, act.scale is not None) for act in acts}
 
 
-def variants(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3 * 112 * 112) -> list[Variant]:
-    """Every specialisation the fused backend launches for these decoder families and feature dims
-    (and every output head: tanh is the families' default, sigmoid and identity are options)."""
-    from ..backends import FUSED_DTYPES as DTYPES  # the fused backend's dtype options, each compiled
-    from .l1_sign import HEADS
-    from .linear_step import MAX_FUSED_DIM, MAX_GUARDED_DIM
-    from .linear_step import blocks as linear_blocks
-    from .sign_step import blocks as step_blocks
+def launches(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3 * 112 * 112) -> Launches:
+    """What the fused backend launches kernels for with these decoder families and feature dims: its dtype
+    options, every output head (tanh is the families' default, sigmoid and identity are options) and the
+    activations of the families' plans."""
+    from ..backends.options import FUSED_DTYPES  # the fused backend's dtype options, each compiled
 
-    heads, acts = set(HEADS), set()
+    heads, acts = set(l1_sign.HEADS), set()
     for family in families:
         head, family_acts = plan_ops(family)
         heads.add(head)
         acts |= family_acts
-    out, f32 = [], torch.float32
-    elementwise_block = block_size(per_sample, GPU)
-    for dname, dtype in DTYPES.items():
-        if dname != "tf32":  # same elementwise kernels as fp32
-            for head in sorted(heads):
-                for has_loss in (False, True):
-                    loss = _t(f32) if has_loss else _t(dtype)
-                    out.append(_variant(f"l1_sign {dname} {head}{' +loss' if has_loss else ''}", "l1_sign",
-                                        "_l1_sign_kernel", [_t(dtype), _t(dtype), _t(dtype), loss, per_sample],
-                                        HEAD=HEADS[head], HAS_LOSS=has_loss,
-                                        BLOCK=elementwise_block))
-            for (kind, has_scale), nhwc in itertools.product(sorted(acts), (False, True)):
-                n, channels, inner = 64 * 16 * 56 * 56, 64, 1 if nhwc else 56 * 56  # NHWC: channel = offset % C
-                name = f"act_backward {dname} {kind}{' +bn' if has_scale else ''}{' nhwc' if nhwc else ''}"
-                args = [_t(dtype)] * 5 + [n, channels, inner]
-                out.append(_variant(name, "act_backward", "_act_backward_kernel", args,
-                                    ACT=ACT_CODES[kind], HAS_SCALE=has_scale, WIDE=False,
-                                    BLOCK=block_size(n, GPU)))
-        epilogues = [("linf", "ball", True, False), ("linf", "ball", False, False), ("linf", "ball", True, True)]
-        if dname in ("fp32", "bf16"):
-            epilogues += [("l2", "ball", True, False), ("linf", "per_step", True, False)]
-        for dim in (d for d in dims if d <= MAX_FUSED_DIM):  # wider rows: matmul + sign_step
-            for batch in (1024,) if dim != 128 else (1, 1024):  # block_m depends on the batch only at 128
-                block_m, block_k, block_d, warps = linear_blocks(batch, dim)
-                # the stem activation's backward in the A-tile loads (relu; a slope per channel) at D=512
-                stems = [None, "relu", "leaky_relu"] if dim == 512 else [None]
-                # the guard (the default config's) on every variant it runs in, one without it at D=512; wider
-                # guarded rows take the standalone step kernel
-                guards = [g for g in ((True, False) if dim >= 512 else (True,)) if dim <= MAX_GUARDED_DIM or not g]
-                for (norm, constraint, normalize, split), stem, guard in itertools.product(
-                        epilogues if dim == 512 else epilogues[:1], stems, guards):
-                    if (stem and (norm, constraint) != ("linf", "ball")) or (not guard and (stem or split)):
-                        continue
-                    out.append(_variant(
-                        f"linear_step {dname} D={dim} B={batch} {norm} {constraint}"
-                        f"{' normalize' if normalize else ''}{' split-K' if split else ''}"
-                        f"{f' {stem} in' if stem else ''}{'' if guard else ' unguarded'}",
-                        "linear_step", "_linear_step_kernel",
-                        [_t(dtype), _t(dtype), _t(f32), _t(f32), _t(f32), _t(dtype), _t(dtype), _t(dtype), _t(dtype),
-                         _t(f32), _t(f32), batch, 8 * dim, dim, 8 * dim, 64, 1, 0.01, 0.03, 0.8],  # z_low in the
-                        L2=norm == "l2", BALL=constraint == "ball", NORMALIZE=normalize, SPLIT=split,  # decoder's
-                        HAS_LOW=dtype != f32 and not split and not normalize,  # dtype: written by unsplit steps but
-                        GUARD=guard,  # the last (it normalises)
-                        ACT={None: 0, "relu": 1}.get(stem, 2), HAS_SCALE=False,
-                        PRECISION="tf32" if dname == "tf32" else "ieee", BLOCK_M=block_m, BLOCK_K=block_k,
-                        BLOCK_D=block_d, num_warps=warps))
-    out += head_and_act_variants(sorted(heads), sorted(acts))
-    for dim in dims:
-        # B=1024 with 1 or 4 parts (split-K at large B), and B=1's finisher of many parts (one row)
-        for batch, parts in ((1024, 1), (1024, 4), (1, 98)):
-            block_m, block_p, block_d, warps = step_blocks(dim, GPU, batch, parts)
-            sizes = dict(BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=warps)
-            split = f"{' split-K sum' if parts > 1 else ''}{' B=1' if batch == 1 else ''}"
-            for norm, guard in itertools.product(("linf", "l2") if parts == 1 else ("linf",), (True, False)):
-                out.append(_variant(f"sign_step fp32 D={dim} {norm}{split}{'' if guard else ' unguarded'}",
-                                    "sign_step", "_sign_step_kernel",
-                                    [_t(f32)] * 6 + [batch, dim, parts, 0.01, 0.03, 0.8], L2=norm == "l2", BALL=True,
-                                    NORMALIZE=True, HAS_LOW=False, GUARD=guard, **sizes))
-            for dname in ("bf16", "fp16"):  # the steps before the last also write z in the decoder's dtype
-                out.append(_variant(f"sign_step fp32 D={dim} linf -> {dname}{split}", "sign_step",
-                                    "_sign_step_kernel", [_t(f32)] * 3 + [_t(DTYPES[dname])] + [_t(f32)] * 2
-                                    + [batch, dim, parts, 0.01, 0.03, 0.8],
-                                    L2=False, BALL=True, NORMALIZE=False, HAS_LOW=True, GUARD=True, **sizes))
-    return out
+    return Launches(FUSED_DTYPES, sorted(heads), sorted(acts), tuple(dims), per_sample)
 
 
-def head_and_act_variants(heads: list[str], acts: list[tuple[str, bool]]) -> list[Variant]:
-    """The fused head convolution (families' RGB layer: 3 outputs, 3x3, from 32 channels at 112 px),
-    forward for the targets and the steps, its backward with each activation, and the activation
-    forward with its bias / BatchNorm; each dtype and layout."""
-    from ..backends import FUSED_DTYPES as DTYPES
-    from .head_conv import LAUNCH, MAX_OUT_CHANNELS, _blocks
-    from .l1_sign import HEADS
-
-    out, f32 = [], torch.float32
-    batch, channels, side = 64, 32, 112
-    n = batch * side * side
-    for (dname, dtype), nhwc in itertools.product(DTYPES.items(), (False, True)):
-        block_c, block_p = _blocks(channels, n, dtype, GPU)
-        blocks = dict(BLOCK_CO=MAX_OUT_CHANNELS, BLOCK_C=block_c, BLOCK_P=block_p, WIDE=False,
-                      num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"])
-        strides = [1, channels] if nhwc else [side * side, 1]
-        layout = " nhwc" if nhwc else ""
-        precision = "tf32" if dname == "tf32" else "ieee"
-        tensors = [_t(dtype)] * 6
-        for head, (grad, loss) in itertools.product(heads, ((False, False), (True, False), (True, True))):
-            what = ("step" + (" +loss" if loss else "")) if grad else "targets"
-            args = tensors[:5] + [_t(f32) if loss else _t(dtype), n, channels, side, side, *strides]
-            out.append(_variant(f"head_conv {dname} {head}{layout} {what}", "head_conv", "_head_conv_kernel", args,
-                                COUT=3, KH=3, KW=3, HEAD=HEADS[head], GRAD=grad, HAS_BIAS=True, HAS_LOSS=loss,
-                                PRECISION=precision, **blocks))
-        for kind, has_scale in acts:
-            args = tensors + [n, channels, side, side, *strides]
-            out.append(_variant(f"head_conv_backward {dname} {kind}{' +bn' if has_scale else ''}{layout}", "head_conv",
-                                "_head_conv_backward_kernel", args, COUT=3, KH=3, KW=3, ACT=ACT_CODES[kind],
-                                HAS_SCALE=has_scale, PRECISION=precision, **blocks))
-        if dname == "tf32":  # the elementwise kernel is fp32's
-            continue
-        for (kind, has_scale), has_shift in itertools.product(acts, (False, True)):
-            for save_pre in (False, True) if kind == "prelu" else (False,):  # slopes < 0: pre saved too
-                elements = 64 * 16 * 56 * 56
-                args = [_t(dtype)] * 6 + [elements, 64, 1 if nhwc else 56 * 56]
-                out.append(_variant(
-                    f"bias_act {dname} {kind}{' +bn' if has_scale else ''}{' +shift' if has_shift else ''}"
-                    f"{' +pre' if save_pre else ''}{layout}", "bias_act", "_bias_act_kernel", args,
-                    HAS_SLOPE=kind != "relu", HAS_SCALE=has_scale, HAS_SHIFT=has_shift, SAVE_PRE=save_pre,
-                    WIDE=False, BLOCK=block_size(elements, GPU)))
-    return out
+def variants(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3 * 112 * 112) -> list[Variant]:
+    """Every specialisation the fused backend launches for these decoder families and feature dims, as each
+    launcher declares them."""
+    wanted = launches(families, dims, per_sample)
+    return [v for launcher in LAUNCHERS for v in launcher.aot_variants(wanted)]
 
 
 def unavailable() -> str | None:
@@ -343,7 +222,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def probe_error(arch: int = 90) -> str | None:
     """Compile a trivial kernel (kernels/_probe.py): an error here is the toolchain's, not the kernels'."""
-    report = compile_variant(_variant("probe", "_probe", "_probe_kernel", [_t(torch.float32), 100], BLOCK=128), arch)
+    report = compile_variant(variant("probe", "_probe", "_probe_kernel", [tensor(torch.float32), 100], BLOCK=128), arch)
     return None if report.ok else f"a trivial kernel does not compile for sm_{arch} either ({report.error})"
 
 

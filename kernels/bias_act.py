@@ -10,12 +10,15 @@ the pass writes in place; otherwise the pre-activation is written as well.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
 from . import COMPILE_OPTIONS, block_size, check_device, same_layout
 from .act_backward import ACTS, INT32_MAX
+from .variants import GPU, Launches, Variant, tensor, variant
 
 
 @triton.jit
@@ -74,3 +77,22 @@ def bias_act(x: torch.Tensor, act: str = "relu", slope: torch.Tensor | None = No
         BLOCK=block, **COMPILE_OPTIONS,
     )
     return out, pre
+
+
+def aot_variants(launches: Launches) -> list[Variant]:
+    """The specialisations bias_act launches (aot.py): each dtype but tf32 (fp32's kernel) and layout,
+    each activation with and without a BatchNorm scale and a shift, and PReLU saving its input too
+    (slopes < 0)."""
+    out, elements = [], 64 * 16 * 56 * 56
+    for (dname, dtype), nhwc in itertools.product(launches.dtypes.items(), (False, True)):
+        if dname == "tf32":
+            continue
+        for (kind, has_scale), has_shift in itertools.product(launches.acts, (False, True)):
+            for save_pre in (False, True) if kind == "prelu" else (False,):
+                out.append(variant(
+                    f"bias_act {dname} {kind}{' +bn' if has_scale else ''}{' +shift' if has_shift else ''}"
+                    f"{' +pre' if save_pre else ''}{' nhwc' if nhwc else ''}", "bias_act", "_bias_act_kernel",
+                    [tensor(dtype)] * 6 + [elements, 64, 1 if nhwc else 56 * 56],
+                    HAS_SLOPE=kind != "relu", HAS_SCALE=has_scale, HAS_SHIFT=has_shift, SAVE_PRE=save_pre,
+                    WIDE=False, BLOCK=block_size(elements, GPU)))
+    return out

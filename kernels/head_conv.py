@@ -2,10 +2,10 @@
 input gradient fused with the backward of the activation in front of it.
 
 The decoder families end with Conv2d(C, 3, 3x3, padding 1) and a tanh. Three output channels
-leave cuDNN's tensor-core tiles (8 channels and more) nearly empty: on an H200 in bf16 at
-B=1024 that convolution and its input gradient took 5.4 of a step's 17.9 ms, and around them
-the bias, the head and the sign made three more passes over the image. Here, per block of
-pixels of one sample:
+leave cuDNN's tensor-core tiles (8 channels and more) nearly empty, so that convolution and its
+input gradient cost far more than their arithmetic (docs/benchmarks.md has the figure), and
+around them the bias, the head and the sign made three more passes over the image. Here, per
+block of pixels of one sample:
 
     forward (targets):  x~ = head(conv(a) + b)                  written in a's dtype
     forward (steps):    g  = sign(y - x~) * head'(y),  y = head(conv(a) + b) rounded like x~,
@@ -20,6 +20,8 @@ The targets and the steps run the same arithmetic, so z_t == z gives exact ties 
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -27,6 +29,7 @@ import triton.language as tl
 from . import COMPILE_OPTIONS, check_device, is_nhwc, same_layout
 from .act_backward import ACT_CODES, INT32_MAX, act_grad, check_act
 from .l1_sign import HEADS, l1_sign
+from .variants import GPU, Launches, Variant, tensor, variant
 
 MAX_OUT_CHANNELS = 16  # one tl.dot tile
 # one stage: the loop over channel blocks is short (one block at the families' 32 channels), and
@@ -259,3 +262,33 @@ def head_conv_backward(grad: torch.Tensor, weight: torch.Tensor, pre: torch.Tens
 
 def _precision(t: torch.Tensor, tf32: bool) -> str:
     return "tf32" if (tf32 and t.dtype == torch.float32) else "ieee"
+
+
+IMAGE = 64, 32, 112  # the stand-in images of the checks: batch, channels, side (the families' RGB layer)
+
+
+def aot_variants(launches: Launches) -> list[Variant]:
+    """The specialisations head_conv and head_conv_backward launch (aot.py), for the families' RGB layer
+    (3 outputs, 3x3, from 32 channels at 112 px): the forward for the targets and the steps (with the
+    loss or not) with each head, the backward with each activation; each dtype and layout."""
+    out, f32 = [], torch.float32
+    batch, channels, side = IMAGE
+    n = batch * side * side
+    for (dname, dtype), nhwc in itertools.product(launches.dtypes.items(), (False, True)):
+        block_c, block_p = _blocks(channels, n, dtype, GPU)
+        sizes = dict(BLOCK_CO=MAX_OUT_CHANNELS, BLOCK_C=block_c, BLOCK_P=block_p, WIDE=False,
+                     num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"])
+        strides = [1, channels] if nhwc else [side * side, 1]
+        layout, precision = " nhwc" if nhwc else "", "tf32" if dname == "tf32" else "ieee"
+        for head, (grad, loss) in itertools.product(launches.heads, ((False, False), (True, False), (True, True))):
+            what = ("step" + (" +loss" if loss else "")) if grad else "targets"
+            args = [tensor(dtype)] * 5 + [tensor(f32) if loss else tensor(dtype), n, channels, side, side, *strides]
+            out.append(variant(f"head_conv {dname} {head}{layout} {what}", "head_conv", "_head_conv_kernel", args,
+                               COUT=3, KH=3, KW=3, HEAD=HEADS[head], GRAD=grad, HAS_BIAS=True, HAS_LOSS=loss,
+                               PRECISION=precision, **sizes))
+        for kind, has_scale in launches.acts:
+            args = [tensor(dtype)] * 6 + [n, channels, side, side, *strides]
+            out.append(variant(f"head_conv_backward {dname} {kind}{' +bn' if has_scale else ''}{layout}", "head_conv",
+                               "_head_conv_backward_kernel", args, COUT=3, KH=3, KW=3, ACT=ACT_CODES[kind],
+                               HAS_SCALE=has_scale, PRECISION=precision, **sizes))
+    return out

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from . import COMPILE_OPTIONS, block_size, check_device, same_layout
+from .variants import GPU, Launches, Variant, tensor, variant
 
 HEADS = {"identity": 0, "tanh": 1, "sigmoid": 2}
 
@@ -69,3 +70,14 @@ def l1_sign_backward(y: torch.Tensor, target: torch.Tensor, head: str = "tanh",
     _l1_sign_kernel[grid](y, target, grad, loss if loss is not None else grad, per_sample,
                           HEAD=HEADS[head], HAS_LOSS=loss is not None, BLOCK=block, **COMPILE_OPTIONS)
     return grad
+
+
+def aot_variants(launches: Launches) -> list[Variant]:
+    """The specialisations l1_sign_backward launches (aot.py): each dtype but tf32 (fp32's kernel) and
+    each head, with and without the per-sample loss."""
+    f32, n = torch.float32, launches.per_sample
+    return [variant(f"l1_sign {dname} {head}{' +loss' if has_loss else ''}", "l1_sign", "_l1_sign_kernel",
+                    [tensor(dtype)] * 3 + [tensor(f32) if has_loss else tensor(dtype), n],
+                    HEAD=HEADS[head], HAS_LOSS=has_loss, BLOCK=block_size(n, GPU))
+            for dname, dtype in launches.dtypes.items() if dname != "tf32"
+            for head in launches.heads for has_loss in (False, True)]

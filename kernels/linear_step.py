@@ -22,6 +22,8 @@ activation's backward to each tile of it as it loads it: one pass over g_h fewer
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -29,6 +31,7 @@ import triton.language as tl
 from . import COMPILE_OPTIONS, check_device
 from .act_backward import ACT_CODES, act_backward, act_grad, check_act
 from .sign_step import check_step_args, guard_args, load_guard, sign_step_project, step_project, store_z
+from .variants import Launches, Variant, tensor, variant
 
 MAX_FUSED_DIM = 1024
 MAX_GUARDED_DIM = 512
@@ -181,3 +184,41 @@ def linear_sign_step(grad_h: torch.Tensor, weight: torch.Tensor, z: torch.Tensor
     if split > 1:
         sign_step_project(z, partial, anchor, alpha, eps, norm, constraint, normalize, z_low, guard)
     return z
+
+
+def aot_variants(launches: Launches) -> list[Variant]:
+    """The specialisations linear_sign_step launches (aot.py), for each dtype and feature dim it takes
+    (wider rows: a matmul, then sign_step): the epilogues (norm, constraint, the last step's
+    normalisation, split-K), the stem activation's backward and the guard."""
+    out, f32 = [], torch.float32
+    for dname, dtype in launches.dtypes.items():
+        epilogues = [("linf", "ball", True, False), ("linf", "ball", False, False), ("linf", "ball", True, True)]
+        if dname in ("fp32", "bf16"):
+            epilogues += [("l2", "ball", True, False), ("linf", "per_step", True, False)]
+        for dim in (d for d in launches.dims if d <= MAX_FUSED_DIM):
+            for batch in (1024,) if dim != 128 else (1, 1024):  # block_m depends on the batch only at 128
+                block_m, block_k, block_d, warps = blocks(batch, dim)
+                # the stem activation's backward in the A-tile loads (relu; a slope per channel) at D=512
+                stems = [None, "relu", "leaky_relu"] if dim == 512 else [None]
+                # the guard (the default config's) on every variant it runs in, one without it at D=512; wider
+                # guarded rows take the standalone step kernel
+                guards = [g for g in ((True, False) if dim >= 512 else (True,)) if dim <= MAX_GUARDED_DIM or not g]
+                for (norm, constraint, normalize, split), stem, guard in itertools.product(
+                        epilogues if dim == 512 else epilogues[:1], stems, guards):
+                    if (stem and (norm, constraint) != ("linf", "ball")) or (not guard and (stem or split)):
+                        continue
+                    out.append(variant(
+                        f"linear_step {dname} D={dim} B={batch} {norm} {constraint}"
+                        f"{' normalize' if normalize else ''}{' split-K' if split else ''}"
+                        f"{f' {stem} in' if stem else ''}{'' if guard else ' unguarded'}",
+                        "linear_step", "_linear_step_kernel",
+                        [tensor(dtype), tensor(dtype), tensor(f32), tensor(f32), tensor(f32), tensor(dtype),
+                         tensor(dtype), tensor(dtype), tensor(dtype), tensor(f32), tensor(f32), batch, 8 * dim, dim,
+                         8 * dim, 64, 1, 0.01, 0.03, 0.8],
+                        L2=norm == "l2", BALL=constraint == "ball", NORMALIZE=normalize, SPLIT=split,
+                        # z_low in the decoder's dtype: written by unsplit steps but the last (it normalises)
+                        HAS_LOW=dtype != f32 and not split and not normalize,
+                        GUARD=guard, ACT={None: 0, "relu": 1}.get(stem, 2), HAS_SCALE=False,
+                        PRECISION="tf32" if dname == "tf32" else "ieee", BLOCK_M=block_m, BLOCK_K=block_k,
+                        BLOCK_D=block_d, num_warps=warps))
+    return out

@@ -13,11 +13,14 @@ layer is not Linear. z is updated in place; everything is fp32.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
 from . import COMPILE_OPTIONS, check_device
+from .variants import GPU, Launches, Variant, tensor, variant
 
 
 @triton.jit
@@ -176,3 +179,26 @@ def sign_step_project(z: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor,
         num_warps=num_warps, **COMPILE_OPTIONS,
     )
     return z
+
+
+def aot_variants(launches: Launches) -> list[Variant]:
+    """The specialisations sign_step_project launches (aot.py), for each feature dim: B=1024 with 1 or 4
+    parts (split-K at large B) and B=1's finisher of many parts (one row); each norm and the guard, and
+    the steps before the last that also write z in a bf16/fp16 decoder's dtype."""
+    out, f32 = [], torch.float32
+    for dim in launches.dims:
+        for batch, parts in ((1024, 1), (1024, 4), (1, 98)):
+            block_m, block_p, block_d, warps = blocks(dim, GPU, batch, parts)
+            sizes = dict(BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=warps)
+            split = f"{' split-K sum' if parts > 1 else ''}{' B=1' if batch == 1 else ''}"
+            for norm, guard in itertools.product(("linf", "l2") if parts == 1 else ("linf",), (True, False)):
+                out.append(variant(f"sign_step fp32 D={dim} {norm}{split}{'' if guard else ' unguarded'}",
+                                   "sign_step", "_sign_step_kernel",
+                                   [tensor(f32)] * 6 + [batch, dim, parts, 0.01, 0.03, 0.8], L2=norm == "l2",
+                                   BALL=True, NORMALIZE=True, HAS_LOW=False, GUARD=guard, **sizes))
+            for dname in ("bf16", "fp16"):
+                out.append(variant(f"sign_step fp32 D={dim} linf -> {dname}{split}", "sign_step", "_sign_step_kernel",
+                                   [tensor(f32)] * 3 + [tensor(launches.dtypes[dname])] + [tensor(f32)] * 2
+                                   + [batch, dim, parts, 0.01, 0.03, 0.8],
+                                   L2=False, BALL=True, NORMALIZE=False, HAS_LOW=True, GUARD=True, **sizes))
+    return out

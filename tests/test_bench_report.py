@@ -1,4 +1,4 @@
-"""The benchmark report (advface_engine/bench_report.py) on a small synthetic pytest-benchmark JSON,
+"""The benchmark report (advface_engine/speed/report.py) on a small synthetic pytest-benchmark JSON,
 and the naive baseline of bench/ against the reference backend."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from conftest import tiny_models
 
 import advface_engine as afe
-from advface_engine.bench_report import load_results, markdown_table, speedups, write_report
 from advface_engine.cli import main
+from advface_engine.speed.report import load_results, markdown_table, speedups, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,7 +111,7 @@ def test_several_runs_side_by_side_with_ratios_and_a_plot_per_sweep(bench_json, 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from advface_engine import bench_report
+    from advface_engine.speed import report as bench_report
 
     figures = []
     with monkeypatch.context() as m:

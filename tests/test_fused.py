@@ -22,10 +22,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import advface_engine as afe
 import advface_engine.backends as backends
 import advface_engine.backends.fused as fused_module
+import advface_engine.backends.graphs as graphs_module
 import advface_engine.backends.plan as plan_module
 from advface_engine.backends import UnsupportedModelError
-from advface_engine.backends.decoder import autocast_copy, fold_encoder_batchnorm, weights_key
 from advface_engine.backends.fused import CompiledEncoder, EagerGraph, FusedBackend
+from advface_engine.backends.modules import autocast_copy, fold_encoder_batchnorm, weights_key
 from advface_engine.backends.reference import (
     ReferenceBackend,
     guard_frame,
@@ -38,6 +39,19 @@ from advface_engine.models import build_model
 from advface_engine.protect import frozen
 
 pytestmark = pytest.mark.interpreter  # gpu-marked tests excepted (conftest)
+
+# assert_close tolerances by what is compared (as test_kernels.py's TOL): each pair used here is named once
+TOL = {
+    "exact": dict(rtol=0, atol=0),  # the same computation, to the bit
+    "fp32": dict(rtol=1e-5, atol=1e-6),  # one fp32 computation against another way to the same values
+    "fp32 sums": dict(rtol=1e-5, atol=1e-5),  # fp32 sums added in another order (NHWC, a compiled encoder)
+    "fp32 gradient": dict(rtol=1e-4, atol=1e-5),  # a gradient through the whole decoder against autograd's
+    "fp32 loss": dict(rtol=1e-4, atol=1e-4),  # per-sample L1 sums over a whole image
+    "half": dict(rtol=2e-2, atol=2e-2),  # an fp16/bf16 anchor against fp32
+    "bf16 loss": dict(rtol=1e-2, atol=1e-3),  # per-sample L1 sums in a bf16 decoder
+    "float64": dict(rtol=1e-12, atol=1e-12),  # float64 both ways: rounding only
+    "float64 folded": dict(rtol=1e-10, atol=1e-10),  # float64, a BatchNorm folded into the layer before
+}
 
 VARIANTS = [
     ("dcgan", {}),
@@ -175,8 +189,7 @@ def test_channels_last_runs_an_nhwc_copy_of_the_encoder(dtype, models):
         assert layout and copy is not encoder
         assert is_nhwc(next(p for p in copy.parameters() if p.dim() == 4))
         assert all(not is_nhwc(p) for p in encoder.parameters())  # the caller's encoder is left alone
-        torch.testing.assert_close(anchors[0], anchors[1], **({"rtol": 1e-5, "atol": 1e-6} if dtype == "fp32" else
-                                                              {"rtol": 2e-2, "atol": 2e-2}))
+        torch.testing.assert_close(anchors[0], anchors[1], **TOL["fp32" if dtype == "fp32" else "half"])
     with torch.no_grad():
         next(encoder.parameters()).mul_(0.5)
     with frozen(shadow, encoder):
@@ -228,7 +241,7 @@ def test_encoder_copy_stores_autocast_weights(channels_last, models):
         with torch.autocast("cpu", dtype=torch.float16, cache_enabled=False):
             expected = F.normalize(encoder(x_shadow).float(), dim=1)
             folded = F.normalize(fold_encoder_batchnorm(encoder)(x_shadow).float(), dim=1)
-        torch.testing.assert_close(anchor, expected, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(anchor, expected, **TOL["half"])
         if not channels_last:
             assert torch.equal(anchor, folded)
 
@@ -275,7 +288,7 @@ def test_fold_encoder_batchnorm_folds_only_a_layers_sole_use():
     assert {"pre_bn", "bn_residual", "bn_shared", "bn_read", "bn_fc"} <= set(calls) and calls.count("shared") == 2
     x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(folded(x), encoder(x), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(folded(x), encoder(x), **TOL["float64 folded"])
         assert not torch.equal(folded.conv.weight, encoder.conv.weight)  # E itself is left alone
     assert fold_encoder_batchnorm(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1))) is None
     handle = encoder.register_forward_pre_hook(lambda module, args: (args[0] * 2 - 1,))  # a trace would drop it
@@ -385,7 +398,7 @@ def test_encoder_copy_with_cast_weights_only_where_exact(make, why, channels_las
         if channels_last:
             copied, nhwc = backend._encoder_copy
             assert nhwc and is_nhwc(copied.conv.weight) and copied.fc.weight.dtype == torch.float32
-            torch.testing.assert_close(anchor, expected, rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(anchor, expected, **TOL["half"])
         else:
             assert backend._encoder_copy is None
             assert torch.equal(anchor, expected)
@@ -403,7 +416,7 @@ def test_compiled_encoder_gives_the_encoders_anchor(models):
         compiled = FusedBackend(shadow, encoder, CFG, compile_encoder=True, graphs=False)
         plain = FusedBackend(shadow, encoder, CFG, graphs=False)
         for rows in (z, z[:1]):
-            torch.testing.assert_close(compiled.targets(rows)[1], plain.targets(rows)[1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(compiled.targets(rows)[1], plain.targets(rows)[1], **TOL["fp32 sums"])
         copy, _ = compiled._encoder_copy
         assert isinstance(copy, CompiledEncoder) and copy.failure is None
         assert agreement(compiled.run(z), plain.run(z), CFG.alpha) >= 0.999
@@ -557,6 +570,29 @@ def test_half_precision_steps_read_z_without_a_cast(variant):
     assert "_to_copy" not in ops.names, ops.names
 
 
+def _batchnorms(module: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: shadow_variant("dcgan"), lambda: shadow_variant("nbnet"), lambda: shadow_variant("upconv"),
+    lambda: nn.Sequential(nn.Linear(16, 64), nn.Unflatten(1, (4, -1, 4)), nn.BatchNorm2d(4), nn.ReLU()),
+    lambda: nn.Sequential(nn.Linear(16, 32), nn.Flatten(), nn.BatchNorm1d(32), nn.ReLU()),
+    lambda: nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64), nn.Unflatten(1, (4, 4, 4)), nn.BatchNorm2d(4)),
+    lambda: nn.Sequential(nn.Linear(16, 64), nn.Unflatten(1, (4, 4, 4)), nn.ConvTranspose2d(4, 4, 4, 2, 1, groups=2),
+                          nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.BatchNorm2d(4)),
+], ids=["dcgan", "nbnet", "upconv", "inferred-size", "flatten", "two-in-a-row", "grouped"])
+def test_reference_and_plan_fold_the_same_batchnorms(make):
+    """One rule (modules.batchnorm_site) says where a BatchNorm folds: the reference's copy of the decoder
+    and the fused plan fold the same ones."""
+    from advface_engine.backends.modules import fold_batchnorm
+
+    shadow = make().eval()
+    folded_by_reference = _batchnorms(shadow) - _batchnorms(fold_batchnorm(shadow))
+    folded_by_plan = sum(getattr(op, "folded", False) for op in plan_module.build_plan(shadow).ops)
+    assert folded_by_reference == folded_by_plan > 0
+
+
 @pytest.mark.parametrize("shape", [(4, 4, 4), (4, -1, 4)], ids=["sizes", "inferred"])
 def test_stem_image_in_nhwc_equals_nchw(shape):
     """channels_last reorders the first Linear's outputs so that its image is NHWC without a copy: the
@@ -571,9 +607,9 @@ def test_stem_image_in_nhwc_equals_nchw(shape):
     assert plans[1].ops[1].nhwc and plans[0].first_linear.folded
     with torch.no_grad():
         for plan in plans:
-            torch.testing.assert_close(plan.forward(z)[0], shadow(z), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(plan.forward(z)[0], shadow(z), **TOL["fp32"])
         grads = [plan.l1_gradient(z, target)[0].reshape(3, -1) @ plan.first_linear.weight for plan in plans]
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], **TOL["fp32 sums"])
     shadow[1] = nn.Unflatten(1, (5, -1, 4))  # 64 outputs are not 5 * H * 4: named, not a shape error later
     with pytest.raises(backends.UnsupportedModelError, match=r"Unflatten.*after a Linear with 64 outputs"):
         plan_module.build_plan(shadow)
@@ -680,7 +716,7 @@ def test_bilinear_backward_as_matmuls_equals_autograd(kwargs):
     y, in_shape = upsample.forward(x)
     grad = torch.randn_like(y)
     (want,) = torch.autograd.grad(y, x, grad)
-    torch.testing.assert_close(upsample.backward(grad, in_shape), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(upsample.backward(grad, in_shape), want, **TOL["float64"])
 
 
 def test_decoder_without_first_linear_uses_standalone_step():
@@ -719,7 +755,7 @@ def test_convolution_input_gradients_of_unusual_shapes(channels_last):
     x_shadow = shadow(torch.randn(4, 16)).detach()
     want = reference_gradient(shadow, z, x_shadow)
     got = backend.gradient(z, [x_shadow])
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, want, **TOL["fp32 gradient"])
 
 
 def test_generic_backward_equals_l1_gradient_with_a_fused_head(models):
@@ -731,7 +767,7 @@ def test_generic_backward_equals_l1_gradient_with_a_fused_head(models):
     x_shadow = plan.forward(features(4, seed=2), keep=False)[0]
     y, saved = plan.forward(z)
     general = plan.backward(plan_module.l1_sign_backward(y, x_shadow, plan.head), saved)
-    torch.testing.assert_close(general, plan.l1_gradient(z, x_shadow)[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(general, plan.l1_gradient(z, x_shadow)[0], **TOL["fp32"])
 
 
 @pytest.mark.parametrize("family", ["dcgan", "upconv"])
@@ -749,7 +785,7 @@ def test_stem_activation_backward_runs_in_the_step_kernel(monkeypatch, family, m
     z, x_shadow = features(4), plan.forward(features(4, seed=2), keep=False)[0]
     got = backend.gradient(z, [x_shadow])  # materialised: the stem's backward by act_backward
     assert calls["call"] == len(acts) - 1
-    torch.testing.assert_close(got, reference_gradient(backend.shadow, z, x_shadow), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, reference_gradient(backend.shadow, z, x_shadow), **TOL["fp32 gradient"])
     calls.clear()
     z_t = z.clone()
     backend.step(z_t, z.clone(), [x_shadow], last=False)
@@ -781,7 +817,7 @@ def test_protector_fused_defaults_and_loss_record(models):
         (x_shadow,), anchor = shadow_targets(z, shadow, encoder, UNGUARDED)
         first = (shadow(anchor) - x_shadow).abs().flatten(1).sum(1)
     assert backend.losses.shape == (CFG.steps, 6)
-    torch.testing.assert_close(backend.losses[0], first, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(backend.losses[0], first, **TOL["fp32 loss"])
     assert (backend.losses[-1] > backend.losses[0]).all(), "the steps must raise the reconstruction error"
 
 
@@ -796,7 +832,7 @@ def test_an_enclosing_autocast_changes_nothing(backend, models):
     want = protector(z)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = protector(z)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, **TOL["exact"])
 
 
 def test_plan_follows_shadow_weights_changed_in_place(models):
@@ -825,7 +861,7 @@ def test_graph_sizes_padding_noise_and_eviction(monkeypatch, models):
     def both(rows):
         got, want = _run(graphed, rows), _run(eager, rows)
         assert agreement(got, want, cfg.alpha) >= 0.999
-        torch.testing.assert_close(graphed.losses, eager.losses, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(graphed.losses, eager.losses, **TOL["fp32 loss"])
         assert graphed.losses.shape == (cfg.steps, rows.shape[0])
         return got
 
@@ -836,7 +872,7 @@ def test_graph_sizes_padding_noise_and_eviction(monkeypatch, models):
     assert agreement(short, full[3:8], cfg.alpha) >= 0.999
     both(z[:3])  # graph_size(3) == 4: a capture of its own
     assert list(graphed._graphs) == [8, 4]
-    monkeypatch.setattr(fused_module, "MAX_GRAPHS", 2)
+    monkeypatch.setattr(graphs_module, "MAX_GRAPHS", 2)
     both(z[:1])
     assert list(graphed._graphs) == [4, 1], "the oldest capture goes first"
     with torch.no_grad():
@@ -1192,7 +1228,7 @@ def test_gpu_bf16_graph_with_noise_and_losses_equals_eager():
         padded = torch.cat([rows, rows[:1].expand(8 - len(rows), -1)])
         want, n = _run(eager, padded)[:len(rows)], len(rows)
         assert ((got - want).abs() > 2 * cfg.alpha).sum() <= 1
-        torch.testing.assert_close(graphed.losses, eager.losses[:, :n], rtol=1e-2, atol=1e-3)
+        torch.testing.assert_close(graphed.losses, eager.losses[:, :n], **TOL["bf16 loss"])
 
 
 @pytest.mark.gpu

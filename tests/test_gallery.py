@@ -21,6 +21,7 @@ import advface_engine as afe
 from advface_engine.cli import main
 from advface_engine.gallery import formats, open_gallery, protect_gallery
 from advface_engine.gallery import job as job_module
+from advface_engine.gallery import worker as worker_module
 from advface_engine.models import save_model
 
 pa = pytest.importorskip("pyarrow")
@@ -709,7 +710,7 @@ def test_a_full_disk_names_where_and_the_rerun_resumes(tmp_path, ckpt, monkeypat
     import errno
 
     np.save(tmp_path / "in.npy", gallery_rows())
-    real, calls = job_module.write_part, []
+    real, calls = worker_module.write_part, []
 
     def full_after_two(path, rows):
         calls.append(path)
@@ -718,7 +719,7 @@ def test_a_full_disk_names_where_and_the_rerun_resumes(tmp_path, ckpt, monkeypat
         return real(path, rows)
 
     with monkeypatch.context() as m:
-        m.setattr(job_module, "write_part", full_after_two)
+        m.setattr(worker_module, "write_part", full_after_two)  # what ChunkJob.save calls
         with pytest.raises(OSError, match=r"No space left on device \(writing .*out.npy.job or .*out.npy; finished"):
             run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt)
     assert run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt).resumed_chunks == 2

@@ -397,7 +397,7 @@ def test_reference_sees_weight_changes_after_it_was_built(features):
 
 
 def test_folded_decoder_is_the_same_function():
-    from advface_engine.backends.decoder import channels_last, fold_batchnorm
+    from advface_engine.backends.modules import channels_last, fold_batchnorm
 
     for family in ("dcgan", "nbnet", "upconv"):
         S, _ = tiny_models(family)

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_models
 from torch import nn
 
-from advface_engine import telemetry as tm
+from advface_engine.speed import telemetry as tm
 
 
 @pytest.mark.parametrize("batch,n_in,n_out", [(1, 16, 8), (7, 33, 130)])

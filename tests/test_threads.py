@@ -35,7 +35,7 @@ def test_busy_cores_sees_processes_running_now(monkeypatch, tmp_path):
 
 
 def test_threads_flag_holds_for_the_command_and_is_restored(monkeypatch):
-    import advface_engine.bench_report as bench_report
+    import advface_engine.speed.report as bench_report
 
     seen = []
     monkeypatch.setattr(bench_report, "run", lambda args: seen.append(torch.get_num_threads()) or 0)

@@ -21,13 +21,13 @@ from torch import Tensor, nn
 from ..config import ProtectConfig
 from ..ensemble import as_shadow
 from ..errors import UnsupportedModelError
+from .options import FUSED_DTYPES as FUSED_DTYPES  # re-exported: the fused backend's options
+from .options import FUSED_OPTIONS as FUSED_OPTIONS
+from .options import check_fused_options
 from .reference import ReferenceBackend
 
 BACKEND_NAMES = ("auto", "reference", "fused")  # built in
 ENTRY_POINT_GROUP = "advface_engine.backends"
-FUSED_OPTIONS = ("dtype", "graphs", "split_k", "record_loss", "channels_last", "compile_encoder")  # its keywords
-# decoder precision of the fused backend: tf32 is float32 with TF32 matmuls and convolutions
-FUSED_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @runtime_checkable
@@ -90,25 +90,6 @@ def _device_of(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def check_fused_options(options: dict) -> None:
-    """Names and types of the fused backend's options, checked wherever they are given (on a CPU too,
-    where "auto" does not build the fused backend: a mistake would surface only on a GPU)."""
-    unknown = sorted(set(options) - set(FUSED_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown fused backend options {unknown}; known: {list(FUSED_OPTIONS)}")
-    for flag in ("graphs", "record_loss", "compile_encoder"):
-        if flag in options and not isinstance(options[flag], bool):
-            raise TypeError(f"fused backend option {flag} must be True or False, got {options[flag]!r}")
-    layout = options.get("channels_last")
-    if layout is not None and not isinstance(layout, bool):  # None: chosen by the dtype
-        raise TypeError(f"fused backend option channels_last must be True, False or None, got {layout!r}")
-    if "dtype" in options and options["dtype"] not in FUSED_DTYPES:
-        raise ValueError(f"fused backend dtype must be one of {sorted(FUSED_DTYPES)}, got {options['dtype']!r}")
-    split_k = options.get("split_k")
-    if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
-        raise ValueError(f"fused backend option split_k must be None or an int >= 1, got {split_k!r}")
 
 
 def make_backend(name: str, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig, **options) -> Backend:

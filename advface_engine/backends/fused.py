@@ -12,7 +12,6 @@ dtype. Same semantics as reference.py: shadow_targets, random_start, project, gu
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
 
 import torch
@@ -21,24 +20,20 @@ from torch import Tensor, nn
 
 from ..config import ProtectConfig
 from ..ensemble import ShadowEnsemble, members, which
+from ..errors import UnsupportedModelError
 from ..kernels import interpreted
 from ..kernels.linear_step import linear_sign_step
 from ..kernels.sign_step import sign_step_project
-from . import FUSED_DTYPES, UnsupportedModelError, check_fused_options
-from .decoder import (
-    as_input_of,
-    autocast_copy,
-    compute_dtypes,
-    first_float,
-    fold_encoder_batchnorm,
-    storages,
-    weights_key,
-)
+from .encoder import CompiledEncoder, encode, faster_encoder
+from .graphs import CaptureFailed, Captures, CudaGraph, EagerGraph, graph_size
+from .modules import first_float, storages, weights_key
+from .options import AUTOCAST_DTYPES, FUSED_DTYPES, check_fused_options
 from .plan import build_plan
 from .reference import guard, guard_frame, mean_direction, random_start
 
-MAX_GRAPHS = 8
-COPY_COSINE = 0.99  # least cosine between E's features and its faster copy's, on the first image
+# the graph and encoder helpers, importable from here as well
+__all__ = ["CompiledEncoder", "CudaGraph", "EagerGraph", "FusedBackend", "graph_size"]
+
 CPU_DTYPES = ("fp32", "fp16")  # what Triton's interpreter computes correctly (it has no bfloat16)
 
 
@@ -64,121 +59,9 @@ def _tf32(enabled: bool):
             setattr(owner, name, value)
 
 
-@contextlib.contextmanager
-def _host_syncs_refused():
-    """Ops that make the host wait for the GPU raise instead (torch's sync debug mode), for the call."""
-    saved = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(saved)
-
-
 def _on(device: torch.device):
     """Make ``device`` current for the call: Triton launches on the current CUDA device and stream."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def graph_size(batch: int) -> int:
-    """The captured batch size that serves ``batch`` rows: a function of the batch alone, so a batch
-    runs at the same padded size whatever ran before (split-K and cuDNN choices depend on the size,
-    and a resumed gallery job must reproduce its chunks bit for bit). Powers of two up to 64, then
-    multiples of 64: at most twice the rows for small batches, fewer than 64 extra rows beyond."""
-    if batch <= 64:
-        return 1 << (batch - 1).bit_length()
-    return -(-batch // 64) * 64
-
-
-class CudaGraph:
-    """The protection of one batch size captured once: static z and noise in, static out and losses.
-
-    Warm-up (Triton compilation, cuDNN algorithm choice) runs twice on the backend's capture stream,
-    the second time with host syncs refused: an encoder that waits for the host (an ONNX session)
-    fails there, before the capture, rather than invalidating it (which on torch 2.11 leaves the
-    caching allocator unable to release memory). Then the whole loop is captured into the memory
-    pool the backend's captures share; ``replay`` reruns it on whatever the static inputs hold.
-    """
-
-    eager = False
-
-    def __init__(self, z: Tensor, noise: Tensor | None):
-        self.z, self.noise = z, noise
-        self.out: Tensor | None = None
-        self.losses: Tensor | None = None
-
-    def capture(self, protect, stream, pool) -> None:
-        device = self.z.device
-        self.graph = torch.cuda.CUDAGraph()
-        # the outer stream context restores the caller's stream even if the capture fails midway
-        with torch.cuda.device(device), torch.cuda.stream(torch.cuda.current_stream(device)):
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                protect(self.z, self.noise)
-                with _host_syncs_refused():
-                    protect(self.z, self.noise)
-            torch.cuda.current_stream(device).wait_stream(stream)
-            # thread_local: other threads (a gallery job's reader pinning memory) may call CUDA meanwhile
-            with torch.cuda.graph(self.graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-                self.out, self.losses = protect(self.z, self.noise)
-
-    def replay(self) -> None:
-        self.graph.replay()
-
-
-class EagerGraph(CudaGraph):
-    """CudaGraph's contract run eagerly (any device): replay recomputes into the same output tensors.
-
-    For tests of what surrounds the capture (batch sizes, padding, noise, eviction) on a CPU.
-    """
-
-    eager = True
-
-    def capture(self, protect, stream=None, pool=None) -> None:
-        self._protect = protect
-        self.out, self.losses = protect(self.z, self.noise)
-
-    def replay(self) -> None:
-        out, losses = self._protect(self.z, self.noise)
-        self.out.copy_(out)
-        if losses is not None:
-            self.losses.copy_(losses)
-
-
-class CompiledEncoder(nn.Module):
-    """``torch.compile(encoder)`` or, from the first call whose compilation fails (a later batch size
-    recompiles), the encoder itself: a warning, then uncompiled for good, so a call never fails for
-    it. Shapes as torch.compile's default: the first call's static (fastest for a fixed online
-    size), a second batch size once more with that dimension dynamic (B=1 is always its own)."""
-
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        self.encoder, self.compiled = encoder, torch.compile(encoder)
-        self.failure: str | None = None
-        self.warn = False  # on once the backend's own check is done (it reports a first failure itself)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.failure is None:
-            config, exc = torch._dynamo.config, torch._dynamo.exc
-            # past its recompile limit dynamo would run E uncompiled without a word: an error here instead
-            # (names since torch 2.7, before as "cache" limit; with suppress_errors on, dynamo's own way)
-            flag = next((name for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit")
-                         if hasattr(config, name)), None)
-            limit_hit = getattr(exc, "FailOnRecompileLimitHit", None) or getattr(exc, "FailOnCacheLimitHit", ())
-            strict = config.patch(flag, True) if flag and not config.suppress_errors else contextlib.nullcontext()
-            try:
-                with strict:
-                    return self.compiled(x)
-            except limit_hit:
-                limit = getattr(config, "recompile_limit", None) or getattr(config, "cache_size_limit", None)
-                self.failure = (f"torch.compile's recompile limit for the encoder was reached (torch._dynamo.config."
-                                f"recompile_limit = {limit} compilations of its forward's code in a process)")
-            except exc.TorchDynamoException as err:
-                self.failure = f"{type(err).__name__}: {str(err)[:500]}"
-            if self.warn:
-                warnings.warn(f"torch.compile of the encoder failed; it runs uncompiled ({self.failure})",
-                              stacklevel=2)
-        return self.encoder(x)
 
 
 class FusedBackend:
@@ -186,7 +69,7 @@ class FusedBackend:
 
     dtype:   decoder precision, "fp32" (default), "tf32", "bf16" or "fp16"; the encoder runs under
              autocast for bf16/fp16 (a copy of it with its BatchNorm folded and the weights autocast
-             casts stored cast, see _faster_encoder). z, anchor and steps stay float32. On a CPU
+             casts stored cast, see encoder.faster_encoder). z, anchor and steps stay float32. On a CPU
              (Triton's interpreter, for tests) fp32 and fp16 only.
     graphs:  on a GPU, capture the whole protection once per ``graph_size(B)`` and replay it; a
              batch is padded up to that size (a short last batch reuses the full batches' capture
@@ -197,16 +80,12 @@ class FusedBackend:
              gives E's features: one that flattens with .view does not), in NHWC layout: tensor
              cores' own, where cuDNN otherwise converts NCHW around each convolution. None
              (default): on for bf16 and fp16, off for fp32 and tf32. Same results up to rounding.
-             Measured on an H200 in bf16 (bench/gpu_check.py, the encoder's copy included): 1.13x
-             faster at B=1, 1.56x at B=64, 1.57x at B=1024.
     compile_encoder: run the encoder (its copy, above) through torch.compile, which fuses its
              BatchNorm, PReLU and residual additions into fewer kernels; kept where its features are
-             within rounding of E's. Off by default: a candidate for small batches (on an H200 at
-             B=1 with iresnet50, E alone 0.61 ms against 0.88, a whole call 0-10% faster, in two
-             measurements that disagree: bench/profile_fused.py). The first call compiles (about a
-             minute for iresnet50), a second batch size once more (then dynamic), outside the CUDA
-             graph; a compile that fails later warns and leaves E uncompiled. A CPU needs a C++
-             compiler.
+             within rounding of E's. Off by default: a candidate for small batches, whose gain
+             measurements disagree on (docs/benchmarks.md). The first call compiles, a second batch
+             size once more (then dynamic), outside the CUDA graph; a compile that fails later warns
+             and leaves E uncompiled. A CPU needs a C++ compiler.
 
     The plan and the captured graphs are rebuilt when the models' weights change or move. When the
     graphs read only the backend's own tensors (the encoder as its copy, or not run), a call
@@ -226,10 +105,10 @@ class FusedBackend:
         self.shadow, self.encoder, self.config = shadow, encoder, config
         self.dtype, self.graphs, self.split_k, self.record_loss = dtype, graphs, split_k, record_loss
         self.compile_encoder = compile_encoder
-        self.channels_last = dtype in ("bf16", "fp16") if channels_last is None else channels_last
+        self.channels_last = dtype in AUTOCAST_DTYPES if channels_last is None else channels_last
         self.losses: Tensor | None = None
         self.graph_type: type[CudaGraph] = CudaGraph
-        self._graphs: dict[int, CudaGraph] = {}
+        self._graphs = Captures()
         self._build()
 
     def _build(self) -> None:
@@ -254,7 +133,6 @@ class FusedBackend:
                 raise
         self.plan = self.plans[0]
         self._graphs.clear()
-        self._capture_stream = self._pool = None  # made at the first capture, on the models' device
         self._encoder_copy: tuple[nn.Module, bool] | None | bool = False  # False: not tried yet (_encoder_for)
         self._own_memory: bool | None = None  # whether the graphs read only the backend's tensors (_check_later)
         self._key = weights_key(self.shadow, self.encoder)
@@ -267,7 +145,7 @@ class FusedBackend:
         x_shadow = [plan.forward(z, keep=False)[0] for plan in self.plans]
         if self.config.anchor == "shadow":
             used = x_shadow if self.config.ensemble_anchor == "mean" else x_shadow[:1]
-            anchors = [self._encode(x, *self._encoder_for(x)).float() for x in used]
+            anchors = [self._encode(x).float() for x in used]
             anchor = anchors[0] if len(anchors) == 1 else mean_direction(anchors)
         else:
             anchor = z.float().clone()
@@ -277,101 +155,19 @@ class FusedBackend:
             anchor = guard(anchor, frame, self.config.min_cosine)
         return x_shadow, anchor.contiguous()
 
-    def _encode(self, x_shadow: Tensor, encoder: nn.Module, nhwc: bool = False) -> Tensor:
-        """E(x~): under autocast for bf16/fp16; NHWC input for a channels_last copy, else contiguous."""
-        layout = torch.channels_last if nhwc else torch.contiguous_format
-        if self.dtype in ("bf16", "fp16"):
-            with torch.autocast(x_shadow.device.type, dtype=self.plan.dtype, cache_enabled=False):  # graph-safe
-                return encoder(x_shadow.contiguous(memory_format=layout))
-        return encoder(as_input_of(encoder, x_shadow, torch.float32).contiguous(memory_format=layout))
+    def _encode(self, x_shadow: Tensor) -> Tensor:
+        """E(x~), through the encoder ``_encoder_for`` gives."""
+        encoder, nhwc = self._encoder_for(x_shadow)
+        return encode(x_shadow, encoder, self.dtype, nhwc)
 
     def _encoder_for(self, x_shadow: Tensor) -> tuple[nn.Module, bool]:
-        """(encoder, NHWC input?) to run: E, or the faster copy of it that _faster_encoder chose on the
+        """(encoder, NHWC input?) to run: E, or the faster copy of it that faster_encoder chose on the
         first batch (eagerly, before any capture: warm-up runs come first)."""
         if self._encoder_copy is False:
             capturing = x_shadow.is_cuda and torch.cuda.is_current_stream_capturing()
-            self._encoder_copy = None if capturing else self._faster_encoder(x_shadow)
+            self._encoder_copy = None if capturing else faster_encoder(
+                self.encoder, x_shadow, self.dtype, self.channels_last, self.compile_encoder)
         return self._encoder_copy or (self.encoder, False)
-
-    def _faster_encoder(self, x_shadow: Tensor) -> tuple[nn.Module, bool] | None:
-        """A copy of E that gives E's features with less work, checked on x~; None: E itself.
-
-        bf16/fp16: first E's eval BatchNorms folded into the convolutions before them (torch.fx,
-        fold_encoder_batchnorm), kept if its features are within rounding of E's (cosine >=
-        COPY_COSINE); then the weights autocast casts at every call stored cast (autocast_copy), kept
-        only if its features equal those of the copy it was made from to the bit. channels_last: that
-        copy (or one of E) laid out NHWC, kept if its features are within rounding of E's (E may
-        flatten with .view, which NHWC activations refuse, or read memory in NCHW order).
-        compile_encoder: the result through torch.compile, kept within rounding too. A second set of
-        E's weights on the device until the next rebuild; made once, so hooks added to E later do not
-        reach it. Whatever fails is said in one warning. The checks run on the first image, compilation
-        on the whole batch (its shape is the one the graph replays)."""
-        if first_float(self.encoder) is None:  # nothing to cast or lay out (an ONNX session's encoder)
-            return None
-        image = x_shadow[:1]
-        want = self._encode(image, self.encoder)
-        chosen, problems, kept = None, [], []
-
-        def close(candidate: tuple[nn.Module, bool], where: Tensor, reference: Tensor) -> float:
-            got = self._encode(where, *candidate).float().flatten(1)
-            return F.cosine_similarity(got, reference.float().flatten(1)).min().item()
-
-        if self.dtype in ("bf16", "fp16"):
-            base, base_out = self.encoder, want
-            try:
-                folded = fold_encoder_batchnorm(self.encoder)
-                if folded is not None and compute_dtypes(lambda: self._encode(image, folded)) \
-                        != compute_dtypes(lambda: self._encode(image, self.encoder)):
-                    folded = None
-                    problems.append("with its BatchNorm folded: the traced copy runs layers in other precisions "
-                                    "(torch.fx keeps no autocast of the encoder's own)")
-                cosine = None if folded is None else close((folded, False), image, want)
-                if cosine is not None and cosine >= COPY_COSINE:
-                    chosen, base, base_out = (folded, False), folded, self._encode(image, folded)
-                    kept.append("BatchNorm folded")
-                elif cosine is not None:
-                    problems.append(f"with its BatchNorm folded its features differ (cosine {cosine:.4f})")
-            except Exception as err:  # noqa: BLE001 - any failure (E cannot be traced): without that copy
-                problems.append(f"with its BatchNorm folded: {type(err).__name__}: {str(err)[:300]}")
-            try:
-                cast = autocast_copy(base, self.plan.dtype)
-                if cast is not None and torch.equal(self._encode(image, cast), base_out):
-                    chosen = (cast, False)
-                    kept.append(f"{self.dtype} weights")
-                elif cast is not None:
-                    problems.append(f"with its weights stored in {self.dtype} its features change")
-            except Exception as err:  # noqa: BLE001 - any failure: without that copy
-                problems.append(f"with its weights stored in {self.dtype}: {type(err).__name__}: {err}")
-        if self.channels_last:
-            try:
-                nhwc = copy.deepcopy(chosen[0] if chosen else self.encoder).to(memory_format=torch.channels_last)
-                cosine = close((nhwc, True), image, want)
-                if cosine >= COPY_COSINE:  # NaN fails too
-                    chosen = (nhwc, True)
-                    kept.append("NHWC layout")
-                else:
-                    problems.append(f"in NHWC layout its features differ (cosine {cosine:.4f})")
-            except Exception as err:  # noqa: BLE001 - any failure: without that copy
-                problems.append(f"in NHWC layout: {type(err).__name__}: {err}")
-        if self.compile_encoder:
-            base, nhwc = chosen or (self.encoder, False)
-            try:
-                compiled = CompiledEncoder(base)
-                cosine = close((compiled, nhwc), x_shadow, self._encode(x_shadow, base, nhwc))
-                compiled.warn = True
-                if compiled.failure is not None:
-                    problems.append(f"through torch.compile: {compiled.failure}")
-                elif cosine >= COPY_COSINE:
-                    chosen = (compiled, nhwc)
-                    kept.append("torch.compile")
-                else:
-                    problems.append(f"through torch.compile its features differ (cosine {cosine:.4f})")
-            except Exception as err:  # noqa: BLE001 - any failure (no compiler here, say): without it
-                problems.append(f"through torch.compile: {type(err).__name__}: {str(err)[:500]}")
-        if problems:
-            runs = f"with {', '.join(kept)}" if kept else "as it is"
-            warnings.warn(f"the encoder runs {runs}; left out: {'; '.join(problems)}", stacklevel=5)
-        return chosen
 
     def decoder_gradient(self, z_t: Tensor, x_shadow: Tensor, loss: Tensor | None = None,
                          stem: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -495,36 +291,11 @@ class FusedBackend:
     # -- CUDA graphs --------------------------------------------------------------------------
 
     def _replay(self, z: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        batch, size = z.shape[0], graph_size(z.shape[0])
-        graph = self._graphs.get(size)
-        if graph is None:
-            if len(self._graphs) >= MAX_GRAPHS:  # the oldest capture goes
-                self._graphs.pop(next(iter(self._graphs)))
-            static = z.new_empty(size, z.shape[1])
-            graph = self.graph_type(static, None if noise is None else torch.empty_like(static))
-            _fill(graph, z, noise)
-            if self._capture_stream is None and not graph.eager:  # one stream and memory pool for all sizes
-                self._capture_stream, self._pool = torch.cuda.Stream(device=z.device), torch.cuda.graph_pool_handle()
-            try:
-                graph.capture(self.protect, self._capture_stream, self._pool)
-            except RuntimeError as err:  # e.g. an encoder that synchronises with the host
-                cause = f"{err}" + (f" (after: {err.__context__})" if err.__context__ else "")
-                warnings.warn(f"CUDA graph capture failed ({cause}); running eagerly", stacklevel=3)
-                self.graphs = False
-                self._graphs.clear()
-                return self.protect(z, noise)
-            self._graphs[size] = graph
-        _fill(graph, z, noise)
-        graph.replay()
-        losses = graph.losses[:, :batch].clone() if graph.losses is not None else None
-        return graph.out[:batch].clone(), losses
-
-
-def _fill(graph: CudaGraph, z: Tensor, noise: Tensor | None) -> None:
-    """Copy a batch into a capture's static inputs; padding rows are copies of a real row."""
-    batch, size = z.shape[0], graph.z.shape[0]
-    graph.z[:batch].copy_(z)
-    graph.z[batch:].copy_(z[:1].expand(size - batch, -1))
-    if noise is not None:
-        graph.noise[:batch].copy_(noise)
-        graph.noise[batch:].copy_(noise[:1].expand(size - batch, -1))
+        try:
+            return self._graphs.run(self.protect, self.graph_type, z, noise)
+        except CaptureFailed as failed:
+            err = failed.__cause__
+            cause = f"{err}" + (f" (after: {err.__context__})" if err.__context__ else "")
+            warnings.warn(f"CUDA graph capture failed ({cause}); running eagerly", stacklevel=3)
+            self.graphs = False
+            return self.protect(z, noise)

@@ -19,20 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UnsupportedModelError
 from ..kernels import is_nhwc, layout_of
 from ..kernels.act_backward import act_backward
 from ..kernels.bias_act import bias_act
 from ..kernels.head_conv import head_conv, head_conv_backward, supported
 from ..kernels.l1_sign import l1_sign_backward
 from ..models.decoders import DenseBlock
+from .modules import batchnorm_site, opens_image, unflattened_shape
 
 HEAD_MODULES = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "identity"}
 HEAD_FUNCTIONS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda x: x}
 
 
 def _unsupported(module: nn.Module, why: str = "") -> Exception:
-    from . import UnsupportedModelError
-
     return UnsupportedModelError(f"the fused backend does not support {module!r} in the shadow decoder{why}")
 
 
@@ -54,7 +54,7 @@ class Linear:
         self.weight, self.bias, self.folded = weight, bias, False
 
     def fold(self, scale: Tensor, shift: Tensor, per_channel: int) -> None:
-        """BatchNorm after this layer (its output viewed as channels of ``per_channel`` values)."""
+        """BatchNorm after this layer (its output viewed as channels of ``per_channel`` values), in float64."""
         scale, shift = scale.repeat_interleave(per_channel), shift.repeat_interleave(per_channel)
         bias = self.bias if self.bias is not None else torch.zeros_like(shift)
         self.weight, self.bias = self.weight * scale[:, None], bias * scale + shift
@@ -75,11 +75,12 @@ class Linear:
 
 
 class Reshape:
-    """Unflatten/Flatten. ``nhwc`` (an image shape after a Linear reordered by to_channels_last): the
-    input is in (H, W, C) order and the image a channels_last view of it, both ways without a copy."""
+    """Unflatten/Flatten; ``image``: it makes the decoder's first images (``opens_image``). ``nhwc`` (such
+    an image after a Linear reordered by to_channels_last): the input is in (H, W, C) order and the image
+    a channels_last view of it, both ways without a copy."""
 
-    def __init__(self, shape: tuple[int, ...]):
-        self.shape, self.nhwc = tuple(shape), False
+    def __init__(self, shape: tuple[int, ...], image: bool = False):
+        self.shape, self.image, self.nhwc = tuple(shape), image, False
 
     def forward(self, x: Tensor) -> tuple[Tensor, torch.Size]:
         if self.nhwc:
@@ -108,6 +109,7 @@ class Conv:
         self.groups, self.folded = module.groups, False
 
     def fold(self, scale: Tensor, shift: Tensor, per_channel: int = 1) -> None:
+        """BatchNorm after this convolution (per output channel), in float64."""
         out_dim = 1 if self.transposed else 0
         view = [1, 1, 1, 1]
         view[out_dim] = -1
@@ -127,8 +129,8 @@ class Conv:
         """The input gradient as the adjoint convolution's forward: a transposed convolution's is a
         convolution with the same weight, and a convolution's a transposed one (with the output
         padding that restores the input size). aten.convolution_backward would take the same
-        kernels, but in channels_last it first writes its (unused) input argument out in full:
-        at B=1024 in bf16 on an H200 that copy took half of a step's time."""
+        kernels, but in channels_last it first writes its (unused) input argument out in full, a
+        copy as large as the input at every step (docs/benchmarks.md has what it cost)."""
         if self.transposed:  # an output padding >= the stride (allowed below the dilation) gives extra rows
             grad_in = F.conv2d(grad, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
             if grad_in.shape[2:] == in_shape[2:]:
@@ -408,45 +410,38 @@ FRESH = (Linear, Conv, Upsample, Affine, Dense)  # ops whose output is a new ten
 
 def build_plan(shadow: nn.Module, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
                channels_last: bool = False, tf32: bool = False) -> DecoderPlan:
-    """Walk the shadow decoder once, fold eval BatchNorm into the layer before it, and build the plan
-    (with ``channels_last``, convolutions and the activations between them run in NHWC layout; with
-    ``tf32``, the fused head convolution's matmuls too)."""
+    """Walk the shadow decoder once, fold eval BatchNorm into the layer before it (``batchnorm_site``, the
+    reference's rule, over the decoder's modules in the order they run: nested Sequentials flattened, no-ops
+    left out) and build the plan (with ``channels_last``, convolutions and the activations between them run
+    in NHWC layout; with ``tf32``, the fused head convolution's matmuls too)."""
     modules = [m for m in _flatten(shadow) if not isinstance(m, nn.Dropout)]
     head = "identity"
     if modules and type(modules[-1]) in HEAD_MODULES:
         head = HEAD_MODULES[type(modules.pop())]
+    modules = [m for m in modules if not isinstance(m, nn.Identity)]
     ops: list = []
-    per_channel = 1  # values per channel of the last Linear's output once unflattened
-    for module in modules:
+    made: dict[int, Linear | Conv] = {}  # the op of each Linear and convolution, by module index
+    for i, module in enumerate(modules):
         last = ops[-1] if ops else None
-        if isinstance(module, nn.Identity):
-            continue
         if isinstance(module, nn.Linear):
             ops.append(Linear(module.weight.detach().double(),
                               None if module.bias is None else module.bias.detach().double()))
-            per_channel = 1
+            made[i] = ops[-1]
         elif type(module) in (nn.Conv2d, nn.ConvTranspose2d):
             ops.append(Conv(module))
+            made[i] = ops[-1]
         elif isinstance(module, nn.Unflatten) and module.dim == 1:
-            shape = list(module.unflattened_size)
-            if isinstance(last, Linear) and shape.count(-1) == 1:  # the inferred size, from the Linear's outputs
-                shape[shape.index(-1)] = last.weight.shape[0] // -math.prod(shape)
+            shape = unflattened_shape(module, last.weight.shape[0] if isinstance(last, Linear) else None)
             if isinstance(last, Linear) and math.prod(shape) != last.weight.shape[0]:
                 raise _unsupported(module, f" (after a Linear with {last.weight.shape[0]} outputs)")
-            ops.append(Reshape(shape))
-            if isinstance(last, Linear):
-                per_channel = math.prod(shape[1:])
+            ops.append(Reshape(shape, image=opens_image(module)))
         elif isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
             ops.append(Reshape((-1,)))
         elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
             scale, shift = bn_affine(module)
-            folded = last if isinstance(last, (Linear, Conv)) else None
-            if isinstance(last, Reshape) and len(ops) >= 2 and isinstance(ops[-2], Linear):
-                folded = ops[-2]
-            if isinstance(folded, Conv) and folded.transposed and folded.groups > 1:
-                folded = None
-            if folded is not None and not folded.folded:
-                folded.fold(scale, shift, per_channel if isinstance(folded, Linear) else 1)
+            site = batchnorm_site(modules, i)
+            if site is not None and site[0] in made:
+                made[site[0]].fold(scale, shift, site[1])
             else:
                 ops.append(Affine(scale, shift))
         elif isinstance(module, (nn.ReLU, nn.LeakyReLU, nn.PReLU)):
@@ -464,7 +459,7 @@ def build_plan(shadow: nn.Module, dtype: torch.dtype = torch.float32, device: to
             raise _unsupported(module)
     _fuse_biases(ops)
     if channels_last and len(ops) >= 2 and isinstance(ops[0], Linear) and isinstance(ops[1], Reshape) \
-            and len(ops[1].shape) == 3 and min(ops[1].shape) > 0:  # the stem's image straight in NHWC: no copy
+            and ops[1].image and min(ops[1].shape) > 0:  # the stem's image straight in NHWC: no copy
         ops[0].to_channels_last(ops[1].shape)
         ops[1].nhwc = True
     last = ops[-1] if ops else None

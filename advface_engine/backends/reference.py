@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..config import ProtectConfig
 from ..ensemble import ShadowEnsemble, members
 from ..noise import ball_noise
-from .decoder import as_input_of, channels_last, fold_batchnorm, weights_key
+from .modules import as_input_of, channels_last, fold_batchnorm, weights_key
 
 
 def shadow_targets(z: Tensor, shadow: nn.Module, encoder: nn.Module,

@@ -1,4 +1,5 @@
-"""The whole evaluation: train (or load) the models, protect a gallery, attack it, measure.
+"""The paper's evaluation (``advface eval``), whole: train (or load) the models, protect a gallery, attack
+it, measure. "Benchmark" here is the paper's sense; speed measurements are advface_engine.speed and bench/.
 
 ``run_evaluation(settings)`` returns a JSON-ready dict with every figure and, under the key
 "artifacts", the images the report draws (removed before the JSON is written). Identities are

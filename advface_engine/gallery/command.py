@@ -11,7 +11,7 @@ from ..config_args import add_protect_args, config_from_args, positive_int, thre
 from ..progress import format_rate
 from ..stats import FIT_ROWS, MIN_ANCHOR_COSINE
 from .formats import FORMATS
-from .job import ENGINES, POLICIES
+from .job import ENGINES, POLICIES, protect_gallery
 
 
 def _per_channel(text: str) -> float | list[float]:
@@ -72,8 +72,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import time
-
-    from .job import protect_gallery
 
     start = time.perf_counter()
     try:

@@ -15,9 +15,8 @@ import os
 from collections.abc import Callable, Iterator
 
 import numpy as np
-import torch
 
-from .job import ChunkJob, JobSpec
+from .worker import ChunkJob, JobSpec, deterministic_cudnn
 
 
 def _ray():
@@ -58,12 +57,11 @@ class ChunkWorker:
     """A Ray Data actor: one Protector and the open gallery; turns chunk numbers into part files and records."""
 
     def __init__(self, spec: JobSpec, fail: bool):
-        # as deterministic_cudnn() does for a local job; the actor's process does only this job
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         self.job, self.fail = ChunkJob(spec), fail
 
     def __call__(self, batch: dict) -> dict:
-        records = [json.dumps(self.job.run(int(k), fail=self.fail)) for k in batch["chunk"]]
+        with deterministic_cudnn():  # as for a local job: a recomputed chunk gives the same bytes
+            records = [json.dumps(self.job.run(int(k), fail=self.fail)) for k in batch["chunk"]]
         return {"chunk": batch["chunk"], "record": np.array(records, dtype=object)}
 
 

@@ -6,10 +6,11 @@ rename) and recorded in ``<output>.job/manifest.json`` (rewritten atomically) wi
 input rows and of its output bytes. When every chunk is done the output is assembled from the parts
 in the target format, in a temporary file renamed onto ``output``; then the job folder is removed.
 
-The job folder is the job's own: made by it, with a marker file (``MARKER``) in it, and locked while
-the job runs. The job refuses a folder it cannot take as its own (a link, a folder holding anything
-it does not write, or one with neither marker nor the manifest of an older version) and deletes only
-the files it writes there, by name, never following a link (``_check_workspace``, ``_remove_job``).
+This module orchestrates: it checks the arguments, fingerprints the job (``_prepare``), runs the
+preflight (``_preflight``), has the pending chunks computed by the local engine (local.py) or Ray
+actors (distributed.py), both through ``ChunkJob`` (worker.py), and assembles the output. The job
+folder, its manifest and parts, and the one atomic write are store.py's: the folder is the job's own
+(made by it, marked, locked while the job runs) and only its own files are deleted there, by name.
 
 A rerun of the same command checks the recorded chunks (``ChunkJob.holds``), skips them and computes
 the rest with the same chunk and batch layout, so its output is byte-identical to an uninterrupted
@@ -46,17 +47,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import queue
-import re
-import secrets
-import stat
-import threading
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,58 +59,48 @@ from torch import nn
 
 from .. import __version__
 from ..config import ProtectConfig
-from ..devices import resolve_device
-from ..ensemble import as_shadow, members
-from ..errors import BadFeaturesError, ModelMismatchError
+from ..ensemble import members
+from ..errors import BadFeaturesError
 from ..features import BAD_ROWS, bad_rows_of
-from ..models import load_encoder
-from ..models.io import load_model, model_checksum
+from ..models.io import model_checksum
 from ..progress import progress_bar
-from ..protect import Protector
 from ..stats import FIT_ROWS, MIN_ANCHOR_COSINE, sample_rows
-from .formats import (
-    FORMATS,
-    Chunk,
-    Gallery,
-    GalleryWriter,
-    check_convertible,
-    format_of,
-    open_gallery,
-    open_nofollow,
+from .distributed import ray_session, run_ray, use_gpus
+from .formats import Chunk, Gallery, GalleryWriter, check_convertible, format_of, open_gallery
+from .local import Prefetch, run_local
+from .store import (
+    CREATED_BY,
+    JOB_FILES,
+    MARKER,
+    PART,
+    POLICIES,
+    Manifest,
+    _check_workspace,
+    _claim,
+    _plain,
+    _read_manifest,
+    _remove_job,
+    _stat,
+    _workspace,
+    read_part,
+    sha256_of,
+    write_atomic,
+    write_part,
 )
+from .worker import ChunkJob, JobSpec, Loaded, _changed_error, deterministic_cudnn
 
-POLICIES = ("fail", "skip", "copy")
+# the names of the job's parts, importable from here as well as from their modules
+__all__ = ["CHUNK_BYTES", "COSINE_BINS", "CREATED_BY", "ENGINES", "JOB_FILES", "MARKER", "PART", "POLICIES",
+           "SIDECAR_FORMATS", "STATS_ROWS", "VERSIONS", "ChunkJob", "Cosines", "GalleryResult", "GalleryWriter",
+           "JobSpec", "Loaded", "Manifest", "Prefetch", "assemble", "deterministic_cudnn", "model_checksum",
+           "protect_gallery", "provenance", "read_part", "run_local", "sha256_of", "write_atomic", "write_part"]
+
 ENGINES = ("local", "ray")
 CHUNK_BYTES = 32 << 20  # default chunk: about 32 MiB of rows, a multiple of the batch size
 STATS_ROWS = 1024  # protected rows whose ProtectionStats the summary reports (four forward passes each)
 COSINE_BINS = 20_000  # histogram of cos(z, protected z) over [-1, 1]: the summary's quantiles within 1e-4
-MARKER = "advface-job.json"  # written in the job folder when the job makes it: only such a folder is the job's
-CREATED_BY = "advface-engine protect-gallery"
-# every file the job writes in its folder (GalleryWriter's ids.tmp and output.<format> included), and its parts
-JOB_FILES = frozenset({MARKER, MARKER + ".tmp", "lock", "manifest.json", "manifest.json.tmp", "bad-rows.json.tmp",
-                       "provenance.json.tmp", "ids.tmp", *(f"output.{fmt}" for fmt in FORMATS)})
 SIDECAR_FORMATS = ("npy", "faiss")  # formats with no room for metadata: provenance goes to <output>.provenance.json
 VERSIONS = ("advface_engine", "torch", "triton")  # the fingerprint's engine entries that the provenance keeps
-PART = re.compile(r"\d{6,}\.bin(\.tmp)?")
-
-
-@dataclass
-class JobSpec:
-    """What a worker needs to protect chunks (picklable, for Ray actors)."""
-
-    input: str
-    shadow: str | nn.Module | list  # a list: an ensemble of shadows (paths or modules)
-    encoder: str | nn.Module
-    config: ProtectConfig
-    parts: str
-    batch_size: int
-    chunk_rows: int
-    backend: str = "auto"
-    device: str = "cpu"
-    embedding_key: str | None = None
-    id_key: str | None = None
-    encoder_arch: str | None = None  # for a plain state-dict encoder file (``load_encoder``)
-    encoder_options: dict | None = None  # other ``load_encoder`` keywords: an ONNX encoder's preprocessing
 
 
 @dataclass
@@ -139,159 +122,6 @@ class GalleryResult:
     # "fit": the preflight's FitReport (rows, anchor_cosine quantiles); "sample": ProtectionStats.summary() of
     # a seeded sample of up to STATS_ROWS protected rows, computed at assembly from the input and the output
     stats: dict | None = None
-
-
-def sha256_of(array: np.ndarray) -> str:
-    return hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest()
-
-
-@contextlib.contextmanager
-def deterministic_cudnn():
-    """cuDNN restricted to deterministic algorithms, chosen by heuristics (not timed), restored after.
-
-    Some backward-data algorithms add with atomics, so a chunk recomputed after a crash could
-    differ from the first run in the last bits; the same shapes must always give the same bytes.
-    """
-    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
-
-
-def _load(model: str | os.PathLike | nn.Module, device: torch.device, loader) -> nn.Module:
-    """A module moved to ``device``, or ``loader(path, device)``."""
-    return model.to(device) if isinstance(model, nn.Module) else loader(model, device)
-
-
-class ChunkJob:
-    """Turns chunk numbers into part files: read rows, protect the finite ones, write and checksum."""
-
-    def __init__(self, spec: JobSpec, gallery: Gallery | None = None):
-        self.spec = spec
-        self.gallery = gallery or open_gallery(spec.input, spec.embedding_key, spec.id_key)
-        self.device = resolve_device(spec.device)
-        shadows = spec.shadow if isinstance(spec.shadow, list) else [spec.shadow]
-        self.shadow = as_shadow([_load(one, self.device, load_model) for one in shadows])
-        self.encoder = _load(spec.encoder, self.device,
-                             lambda path, device: load_encoder(path, spec.encoder_arch, device,
-                                                               **(spec.encoder_options or {})))
-        self.protector = Protector(shadow=self.shadow, encoder=self.encoder, config=spec.config, backend=spec.backend)
-        self.parts = Path(spec.parts)
-        self.num_chunks = -(-self.gallery.num_rows // spec.chunk_rows)
-
-    def bounds(self, k: int) -> tuple[int, int]:
-        start = k * self.spec.chunk_rows
-        return start, min(start + self.spec.chunk_rows, self.gallery.num_rows)
-
-    def check_dim(self) -> None:
-        """One unit row through the Protector: models that do not fit the gallery (or each other: a
-        decoder given as the encoder) fail here, before any work."""
-        try:
-            self.protector(torch.eye(1, self.gallery.dim, device=self.device))
-        except (ValueError, RuntimeError) as err:
-            raise ModelMismatchError(f"{self.gallery.path}: the shadow decoder and encoder cannot protect the "
-                                     f"gallery's {self.gallery.dim}-d rows: {err}") from err
-
-    def read(self, k: int) -> Loaded:
-        """Chunk k's rows and their checksum; a pinned CPU tensor on a CUDA device, so copies overlap compute."""
-        chunk = self.gallery.read(*self.bounds(k))
-        z = torch.from_numpy(chunk.rows)
-        return Loaded(chunk, z.pin_memory() if self.device.type == "cuda" else z, sha256_of(chunk.rows))
-
-    def protect(self, z: torch.Tensor, out: np.ndarray, progress=None) -> None:
-        """Protected rows of z into ``out``, batch by batch; ``progress(rows)`` after each batch."""
-        for i in range(0, len(z), self.spec.batch_size):
-            batch = z[i:i + self.spec.batch_size]
-            out[i:i + len(batch)] = self.protector(batch.to(self.device, non_blocking=True)).cpu().numpy()
-            if progress is not None:
-                progress(len(batch))
-
-    def compute(self, k: int, loaded: Loaded | None = None, fail: bool = False,
-                progress=None) -> tuple[dict, np.ndarray | None]:
-        """Chunk k's record (bad rows listed chunk-local) and its rows: protected, bad rows unchanged.
-
-        With ``fail`` a chunk with bad rows is not computed (rows None).
-        """
-        loaded = loaded or self.read(k)
-        rows = loaded.chunk.rows
-        start, stop = self.bounds(k)
-        bad, good = _bad_and_good(rows)
-        record = {"start": start, "stop": stop, "input_sha256": loaded.input_sha256, "bad": bad.tolist()}
-        if bad.size and fail:  # found before any work (_refuse_bad_rows): here only if the input changed since
-            return record, None
-        if not bad.size:
-            out = np.empty_like(rows)
-            self.protect(_good_z(loaded, good), out, progress)
-            return record, out
-        out, protected = rows.copy(), np.empty((len(rows) - bad.size, rows.shape[1]), rows.dtype)
-        self.protect(_good_z(loaded, good), protected, progress)
-        out[good] = protected
-        if progress is not None:
-            progress(bad.size)  # bad rows are kept unchanged
-        return record, out
-
-    def holds(self, k: int, record: dict, recompute: bool = True) -> bool:
-        """Whether chunk k's part is what ``compute`` wrote, as far as a check short of redoing it can tell.
-
-        The part must match its checksum, hold the input's bad rows byte for byte (they are the input's:
-        recorded ones that are not, or unrecorded ones, fail) and protected rows that are finite and not
-        zero; with ``recompute``, one batch of its protected rows, chosen at random, is recomputed (the
-        same rows in the same batch as ``compute`` gives them) and must equal the part's bit for bit.
-        Input rows that no longer match their recorded checksum are refused (ValueError): the input
-        changed since the job began.
-        """
-        start, stop = self.bounds(k)
-        part = read_part(self.parts / f"{k:06d}.bin", (stop - start, self.gallery.dim), self.gallery.dtype)
-        if part is None or sha256_of(part) != record["sha256"]:
-            return False
-        loaded = self.read(k)
-        if loaded.input_sha256 != record["input_sha256"]:
-            raise _changed_error(self.gallery.path, record, self.parts.parent)
-        rows = loaded.chunk.rows
-        bad, good = _bad_and_good(rows)
-        if bad.tolist() != record["bad"] or part[bad].tobytes() != rows[bad].tobytes() or bad_rows_of(part[good]).size:
-            return False
-        if not recompute or not good.any():
-            return True
-        size = self.spec.batch_size
-        i = secrets.randbelow(-(-int(good.sum()) // size)) * size
-        batch = _good_z(loaded, good)[i:i + size]
-        out = np.empty((len(batch), rows.shape[1]), rows.dtype)
-        self.protect(batch, out)
-        return out.tobytes() == part[good][i:i + size].tobytes()
-
-    def save(self, k: int, record: dict, rows: np.ndarray) -> dict:
-        """Write chunk k's part file; the record gains its sha256."""
-        return {**record, "sha256": write_part(self.parts / f"{k:06d}.bin", rows)}
-
-    def run(self, k: int, fail: bool = False) -> dict:
-        """Compute and save chunk k; its record."""
-        record, rows = self.compute(k, fail=fail)
-        return record if rows is None else self.save(k, record, rows)
-
-
-@dataclass
-class Loaded:
-    """A chunk as read ahead of its computation."""
-
-    chunk: Chunk
-    z: torch.Tensor
-    input_sha256: str
-
-
-def _bad_and_good(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The bad rows' indices (``bad_rows_of``) and a mask of the others."""
-    bad = bad_rows_of(rows)
-    good = np.ones(len(rows), dtype=bool)
-    good[bad] = False
-    return bad, good
-
-
-def _good_z(loaded: Loaded, good: np.ndarray) -> torch.Tensor:
-    """The rows to protect, laid out as the batches are cut from them (a recomputed batch must match)."""
-    return loaded.z if good.all() else loaded.z[torch.from_numpy(good)]
 
 
 class Cosines:
@@ -332,254 +162,6 @@ class Cosines:
                 **{name: quantile(p) for name, p in (("p05", 0.05), ("p25", 0.25), ("median", 0.5), ("p75", 0.75),
                                                      ("p95", 0.95))},
                 "max": self.high}
-
-
-def write_atomic(path: Path, data, tmp: Path | None = None) -> None:
-    """Write ``data`` (bytes-like) to ``path`` through ``tmp`` (default ``<path>.tmp``), fsynced and renamed, so a
-    reader finds the old file or the new one, never a part. The temporary file is opened without following a link."""
-    tmp = tmp or path.with_name(path.name + ".tmp")
-    with open(tmp, "wb", opener=open_nofollow) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_part(path: Path, rows: np.ndarray) -> str:
-    """Write rows' bytes to ``path`` (``write_atomic``); return their sha256."""
-    data = memoryview(np.ascontiguousarray(rows)).cast("B")
-    write_atomic(path, data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def read_part(path: Path, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray | None:
-    """A part's rows, or None when it is missing or has the wrong size."""
-    rows = np.empty(shape, dtype)
-    try:
-        with open(path, "rb", opener=open_nofollow) as f:
-            if os.fstat(f.fileno()).st_size != rows.nbytes or f.readinto(memoryview(rows).cast("B")) != rows.nbytes:
-                return None
-    except FileNotFoundError:
-        return None
-    return rows
-
-
-def _plain(value):
-    """JSON round trip, so a fingerprint compares equal to the one read back from a manifest."""
-    return json.loads(json.dumps(value))
-
-
-def _differences(new: dict, old: dict) -> list[str]:
-    """Fingerprint entries that differ, as "key" or "key.subkey"."""
-    out = []
-    for key in sorted(new.keys() | old.keys()):
-        a, b = new.get(key), old.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{key}.{sub}" for sub in sorted(a.keys() | b.keys()) if a.get(sub) != b.get(sub)]
-        elif a != b:
-            out.append(key)
-    return out
-
-
-def _is_int(value, low: int, high: int) -> bool:
-    """An integer (not a bool, not 1.0) in [low, high]."""
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
-def _is_sha256(value) -> bool:
-    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
-
-
-def _check_manifest(data: dict, fingerprint: dict) -> str | None:
-    """The first malformed entry of a manifest whose fingerprint is this job's, as "field: expected ...";
-    None when there is none.
-
-    The manifest's schema, in one place (a new field is a line here): ``chunks`` maps chunk numbers of this
-    layout to records of the rows they cover (``start``, ``stop``), the sha256 of those input rows
-    (``input_sha256``) and of the part (``sha256``), and the bad rows, chunk-local and ascending (``bad``);
-    ``final`` is null, or the assembled output's identity (``ino``, ``size``, ``mtime_ns``) and ``result``.
-    Other keys (an older version's ``input_stat`` and per-chunk ``cosine``) are ignored: nothing reads them.
-    """
-    rows, size = fingerprint["input"]["rows"], fingerprint["layout"]["chunk_rows"]
-    chunks = data.get("chunks")
-    if not isinstance(chunks, dict):
-        return "chunks: expected an object of chunk records"
-    for key, rec in chunks.items():
-        field = f"chunks.{key}"
-        if not (key.isdecimal() and len(key) < 20 and key == str(int(key)) and int(key) * size < rows):
-            return f"{field}: expected a chunk number, 0 to {-(-rows // size) - 1}"
-        start = int(key) * size
-        stop = min(start + size, rows)
-        if not isinstance(rec, dict):
-            return f"{field}: expected a chunk record"
-        for name, ok, what in [
-            ("start", _is_int(rec.get("start"), start, start), f"{start}"),
-            ("stop", _is_int(rec.get("stop"), stop, stop), f"{stop}"),
-            ("input_sha256", _is_sha256(rec.get("input_sha256")), "a sha256 hex digest"),
-            ("sha256", _is_sha256(rec.get("sha256")), "a sha256 hex digest"),
-            ("bad", isinstance(rec.get("bad"), list) and all(_is_int(i, 0, stop - start - 1) for i in rec["bad"])
-             and all(a < b for a, b in zip(rec["bad"], rec["bad"][1:])),
-             f"ascending row numbers, 0 to {stop - start - 1}"),
-        ]:
-            if not ok:
-                return f"{field}.{name}: expected {what}"
-    final = data.get("final")
-    if final is None:
-        return None
-    result = final.get("result") if isinstance(final, dict) else None
-    if not isinstance(result, dict):
-        return "final: expected null, or the output's ino, size, mtime_ns and result"
-    for name, ok, what in [
-        *((name, _is_int(final.get(name), 0, 2**64), "a non-negative integer") for name in ("ino", "size", "mtime_ns")),
-        ("result.format", result.get("format") in FORMATS, f"one of {FORMATS}"),
-        ("result.policy", result.get("policy") in POLICIES, f"one of {POLICIES}"),
-        ("result.rows_written", _is_int(result.get("rows_written"), 0, rows), f"0 to {rows}"),
-        ("result.bad_rows", _is_int(result.get("bad_rows"), 0, rows), f"0 to {rows}"),
-        ("result.bad_rows_file", result.get("bad_rows_file") in (None, []) or isinstance(result["bad_rows_file"], str),
-         "null or a path"),  # [] for none: an older version's
-    ]:
-        if not ok:
-            return f"final.{name}: expected {what}"
-    return None
-
-
-def _read_manifest(work: Path, fingerprint: dict) -> dict | None:
-    """The job folder's manifest (``_check_manifest``), None when it has none; a ValueError when it is not
-    readable JSON, is malformed (naming the field) or belongs to another job (naming what differs)."""
-    path = work / "manifest.json"
-    try:
-        with open(path, "rb", opener=open_nofollow) as f:
-            raw = f.read()
-    except FileNotFoundError:
-        return None
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as err:
-        raise ValueError(f"{path} is not readable JSON ({err}); delete {work} to start over") from None
-    if not isinstance(data, dict):
-        problem = "expected a JSON object"
-    elif not isinstance(data.get("fingerprint"), dict):
-        problem = "fingerprint: expected an object"
-    else:
-        differ = _differences(fingerprint, data["fingerprint"])
-        if differ:
-            raise ValueError(f"{path} belongs to a different job ({', '.join(differ)} differ); rerun with the "
-                             f"same input, models and settings to resume it, or delete {work} to start over")
-        problem = _check_manifest(data, fingerprint)
-    if problem:
-        raise ValueError(f"{path} is malformed ({problem}); delete {work} to start over")
-    return data
-
-
-class Manifest:
-    """``manifest.json``: the job's fingerprint and its finished chunks, rewritten atomically on every change."""
-
-    def __init__(self, work: Path, fingerprint: dict, chunks: dict | None = None, final: dict | None = None):
-        self.work, self.path = work, work / "manifest.json"
-        self.fingerprint, self.chunks, self.final = fingerprint, chunks or {}, final
-
-    @classmethod
-    def open(cls, work: Path, fingerprint: dict) -> Manifest:
-        """The job's manifest, created if new; one that is malformed or another job's is refused.
-
-        The folder is claimed (``_claim``) before anything is written: an older version's folder (its
-        manifest, no marker) becomes this job's only once its manifest is found valid for this job.
-        """
-        fingerprint = _plain(fingerprint)
-        data = _read_manifest(work, fingerprint)
-        _claim(work)
-        (work / "parts").mkdir(exist_ok=True)
-        if data is None:
-            manifest = cls(work, fingerprint)
-            manifest.save()
-            return manifest
-        return cls(work, fingerprint, {int(k): v for k, v in data["chunks"].items()}, data.get("final"))
-
-    def save(self) -> None:
-        write_atomic(self.path, json.dumps({"fingerprint": self.fingerprint, "chunks": self.chunks,
-                                            "final": self.final}).encode())
-
-    def add(self, k: int, record: dict) -> None:
-        self.chunks[k] = record
-        self.save()
-
-    def drop_broken_parts(self, job: ChunkJob, recompute: bool) -> int:
-        """Forget finished chunks that do not hold up (``ChunkJob.holds``): they are recomputed."""
-        broken = [k for k, rec in self.chunks.items() if not job.holds(k, rec, recompute)]
-        for k in broken:
-            del self.chunks[k]
-        if broken:
-            self.save()
-        return len(broken)
-
-
-class Prefetch:
-    """Runs an iterator in a background thread, up to ``depth`` items queued, so reading overlaps compute."""
-
-    def __init__(self, iterable, depth: int = 1):
-        self._queue: queue.Queue = queue.Queue(depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._fill, args=(iter(iterable),), daemon=True)
-        self._thread.start()
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def _fill(self, items) -> None:
-        try:
-            for item in items:
-                if not self._put((True, item)):
-                    return
-        except BaseException as err:  # handed to the consumer
-            self._put((False, err))
-            return
-        self._put((False, None))
-
-    def __iter__(self):
-        while True:
-            ok, item = self._queue.get()
-            if ok:
-                yield item
-            elif item is None:
-                return
-            else:
-                raise item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def __enter__(self) -> Prefetch:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def run_local(job: ChunkJob, pending: list[int], record, fail: bool, progress=None) -> None:
-    """Protect the pending chunks in this process. While one chunk is computed, the next is read and checksummed
-    (a reader thread) and the previous one is written and recorded (a writer thread)."""
-
-    def save(k: int, rec: dict, rows: np.ndarray) -> None:
-        record(k, job.save(k, rec, rows))
-
-    with Prefetch((k, job.read(k)) for k in pending) as chunks, ThreadPoolExecutor(1) as writer:
-        saving = None
-        for k, loaded in chunks:
-            rec, rows = job.compute(k, loaded, fail=fail, progress=progress)
-            if saving is not None:
-                saving.result()  # one part in flight; a write error stops the job here
-            if rows is None:
-                record(k, rec)  # bad rows under "fail": raises
-            saving = writer.submit(save, k, rec, rows)
-        if saving is not None:
-            saving.result()
 
 
 def _bad_rows_error(path: Path, rows: list[int], listed: Path | None = None) -> BadFeaturesError:
@@ -626,11 +208,6 @@ def _json_id(value):
     if isinstance(value, bytes):
         return value.hex()
     return str(value)
-
-
-def _changed_error(path: Path, record: dict, work: Path) -> ValueError:
-    return ValueError(f"{path}: rows {record['start']}..{record['stop'] - 1} changed after they were protected "
-                      f"(the input was modified during the job, or its manifest altered); delete {work} to start over")
 
 
 def assemble(gallery: Gallery, manifest: Manifest, num_chunks: int, fmt: str, output: Path, policy: str,
@@ -704,137 +281,6 @@ def assemble(gallery: Gallery, manifest: Manifest, num_chunks: int, fmt: str, ou
     os.replace(tmp, output)
     _remove_job(work)
     return result
-
-
-def _stat(path: Path) -> dict:
-    st = path.stat()  # a rename keeps all three: they identify the assembled file under its final name
-    return {"ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _check_workspace(work: Path) -> None:
-    """Refuse (ValueError) a job folder the job may not take as its own, before it writes or deletes anything.
-
-    Taken: no folder yet; a real folder (not a link) holding only what the job writes (``JOB_FILES``,
-    ``parts/`` of part files), as regular files, and the job's marker. A folder an older version left
-    has no marker: it is taken when it holds this job's valid manifest (``Manifest.open`` checks it and
-    then writes the marker) or no data at all (an empty lock file, an empty ``parts/``: a job stopped
-    before its manifest was written).
-    """
-    try:
-        st = os.lstat(work)
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(st.st_mode):
-        problem = "is a symbolic link"
-    elif not stat.S_ISDIR(st.st_mode):
-        problem = "is not a folder"
-    else:
-        names, unknown, data = set(), [], False  # data: anything but an empty lock file and an empty parts/
-        for entry in os.scandir(work):
-            if entry.name == "parts" and entry.is_dir(follow_symlinks=False):
-                for part in os.scandir(entry.path):
-                    data = True
-                    if not (PART.fullmatch(part.name) and part.is_file(follow_symlinks=False)):
-                        unknown.append(f"parts/{part.name}")
-            elif entry.name in JOB_FILES and entry.is_file(follow_symlinks=False):
-                names.add(entry.name)
-                data |= entry.name != "lock" or entry.stat(follow_symlinks=False).st_size > 0
-            else:
-                unknown.append(entry.name)
-        if unknown:
-            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-            problem = f"holds {', '.join(sorted(unknown)[:5])}{more}, which the job did not write"
-        elif MARKER in names and not _is_marker(work / MARKER):
-            problem = f"has a {MARKER} that this tool did not write"
-        elif MARKER not in names and data and "manifest.json" not in names:
-            problem = f"has neither the job's marker ({MARKER}) nor a manifest"
-        else:
-            return
-    raise ValueError(f"{work} {problem}: the job works only in a folder it made, and deletes only its own files "
-                     "there; move that away (or choose another output) and rerun")
-
-
-def _is_marker(path: Path) -> bool:
-    try:
-        with open(path, "rb", opener=open_nofollow) as f:
-            data = json.loads(f.read(4096))
-    except ValueError:
-        return False
-    return isinstance(data, dict) and data.get("created_by") == CREATED_BY
-
-
-def _claim(work: Path) -> None:
-    """Write the marker that makes ``work`` the job's folder (``_check_workspace``), where it has none."""
-    if not os.path.lexists(work / MARKER):
-        write_atomic(work / MARKER, json.dumps({"created_by": CREATED_BY, "output": work.name[:-len(".job")]}).encode())
-
-
-def _remove_job(work: Path) -> None:
-    """Delete the job's own files from its folder, then the folder if that leaves it empty.
-
-    Parts first, then the manifest (which knows the output is final, so an interrupted cleanup can
-    finish), the marker last. The folder is opened without following a link and must hold the marker;
-    only regular files under the names the job gives them are deleted. Anything else found there is
-    left, with the folder, and named in a warning (the output is complete all the same).
-    """
-    try:
-        fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError as err:
-        raise ValueError(f"{work} is not the job's folder ({err.strerror}); nothing in it was deleted") from None
-    try:
-        if not _is_file(MARKER, fd):
-            raise ValueError(f"{work} has no job marker ({MARKER}); nothing in it was deleted")
-        try:
-            parts = os.open("parts", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-        except OSError:  # none, or not a folder: left, and named below
-            parts = None
-        if parts is not None:
-            try:
-                for name in os.listdir(parts):
-                    if PART.fullmatch(name) and _is_file(name, parts):
-                        os.unlink(name, dir_fd=parts)
-            finally:
-                os.close(parts)
-            with contextlib.suppress(OSError):  # not empty: left, and named below
-                os.rmdir("parts", dir_fd=fd)
-        last = ["manifest.json", MARKER]
-        for name in [*sorted(JOB_FILES - set(last)), *last]:
-            if _is_file(name, fd):
-                os.unlink(name, dir_fd=fd)
-        left = os.listdir(fd)
-    finally:
-        os.close(fd)
-    if left:
-        warnings.warn(f"{work} was left in place: the job deleted its own files, and it still holds "
-                      f"{', '.join(sorted(left))}", stacklevel=2)
-    else:
-        os.rmdir(work)
-
-
-def _is_file(name: str, dir_fd: int) -> bool:
-    """Whether ``name`` in the folder ``dir_fd`` is a regular file (a link is not followed)."""
-    try:
-        return stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
-    except FileNotFoundError:
-        return False
-
-
-@contextlib.contextmanager
-def _workspace(work: Path):
-    """The job folder, made if new or checked (``_check_workspace``), and locked while the job runs: a second
-    process on the same output stops with a clear error."""
-    import fcntl
-
-    work.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        work.mkdir()
-    _check_workspace(work)
-    with open(work / "lock", "a", opener=open_nofollow) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"another job is running on {work}") from None
-        yield
 
 
 def protect_gallery(
@@ -922,8 +368,6 @@ def protect_gallery(
             stack.enter_context(deterministic_cudnn())
             ray = None
             if engine == "ray":
-                from .distributed import ray_session
-
                 ray = stack.enter_context(ray_session(ray_address, workers))
             job, fingerprint = _prepare(spec, gallery, ray)
             fit = _preflight(job, min_anchor_cosine, force)
@@ -973,8 +417,6 @@ def _shadow_spec(shadow) -> str | nn.Module | list:
 def _prepare(spec: JobSpec, gallery: Gallery, ray) -> tuple[ChunkJob, dict]:
     """The job that computes chunks here (or, on Ray, checks the models on the driver) and its fingerprint."""
     if ray is not None:
-        from .distributed import use_gpus
-
         spec.device = "cuda" if use_gpus(ray, spec.device) else "cpu"  # what the Ray actors use
         job = ChunkJob(dataclasses.replace(spec, device="cpu", backend="reference"), gallery)
         engine = {"engine": "ray", "backend": spec.backend, "device": "gpu" if spec.device == "cuda" else "cpu"}
@@ -1060,8 +502,6 @@ def _compute(job: ChunkJob, spec: JobSpec, manifest: Manifest, on_bad_rows: str,
                 bar.update(rec["stop"] - rec["start"])
 
         if pending and ray is not None:
-            from .distributed import run_ray
-
             run_ray(ray, spec, pending, record, workers, spec.device == "cuda", fail)
         elif pending:
             run_local(job, pending, record, fail, progress=bar.update)

@@ -1,0 +1,110 @@
+"""The package's layout: names keep working from the modules they lived in before the rooms were split,
+and the import graph has no loop (module-level imports) and no import back up into a package's own
+``__init__`` from the backends and the gallery job."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# old module -> (its new module, names importable from both)
+MOVED = {
+    "advface_engine.backends.decoder": ("advface_engine.backends.modules", [
+        "as_input_of", "autocast_copy", "channels_last", "compute_dtypes", "first_float", "fold_batchnorm",
+        "fold_encoder_batchnorm", "own_parameters", "own_tensors", "storages", "submodules", "weights_key"]),
+    "advface_engine.backends": ("advface_engine.backends.options", [
+        "FUSED_DTYPES", "FUSED_OPTIONS", "check_fused_options"]),
+    "advface_engine.telemetry": ("advface_engine.speed.telemetry", ["PEAK_TFLOPS", "conv_tf32"]),
+    "advface_engine.bench_report": ("advface_engine.speed.report", [
+        "load_results", "markdown_table", "speedups", "write_report", "plot", "run", "register"]),
+    "advface_engine.gallery.job": ("advface_engine.gallery.store", [
+        "MARKER", "CREATED_BY", "JOB_FILES", "PART", "POLICIES", "Manifest", "read_part", "sha256_of",
+        "write_atomic", "write_part"]),
+}
+# every public name of gallery/job.py before its split
+GALLERY_JOB = ["CHUNK_BYTES", "COSINE_BINS", "CREATED_BY", "ENGINES", "JOB_FILES", "MARKER", "PART", "POLICIES",
+               "SIDECAR_FORMATS", "STATS_ROWS", "VERSIONS", "ChunkJob", "Cosines", "GalleryResult", "JobSpec",
+               "Loaded", "Manifest", "Prefetch", "assemble", "deterministic_cudnn", "protect_gallery", "provenance",
+               "read_part", "run_local", "sha256_of", "write_atomic", "write_part"]
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_moved_names_are_the_same_objects_at_their_old_place(old):
+    new, names = MOVED[old]
+    before, after = importlib.import_module(old), importlib.import_module(new)
+    for name in names:
+        assert getattr(before, name) is getattr(after, name), name
+
+
+def test_gallery_job_keeps_every_public_name():
+    job = importlib.import_module("advface_engine.gallery.job")
+    assert [name for name in GALLERY_JOB if not hasattr(job, name)] == []
+
+
+def test_fused_keeps_its_graph_and_encoder_names():
+    pytest.importorskip("triton")
+    from advface_engine.backends import encoder, fused, graphs
+
+    assert fused.CompiledEncoder is encoder.CompiledEncoder and fused.EagerGraph is graphs.EagerGraph
+    assert fused.graph_size is graphs.graph_size
+
+
+def _module_imports(path: Path, name: str, package: bool) -> tuple[set[str], list[tuple[int, str]]]:
+    """(modules imported at module level, (line, module) of those imported inside functions and classes),
+    relative imports resolved; those for type checkers only are left out."""
+    base = name.split(".") if package else name.split(".")[:-1]
+    tree = ast.parse(path.read_text())
+    typing_only = {id(node) for block in tree.body if isinstance(block, ast.If)
+                   and ast.unparse(block.test) == "TYPE_CHECKING" for node in ast.walk(block)}
+    top, inner = set(), []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom) or not node.level or id(node) in typing_only:
+            continue
+        where = ".".join(base[:len(base) - node.level + 1] + ([node.module] if node.module else []))
+        found = {f"{where}.{alias.name}" for alias in node.names} | {where}
+        if node in tree.body:
+            top |= found
+        else:
+            inner.append((node.lineno, where))
+    return top, inner
+
+
+def _modules() -> dict[str, tuple[Path, bool]]:
+    found = {}
+    for path in (ROOT / "advface_engine").rglob("*.py"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        package = parts[-1] == "__init__"
+        found[".".join(parts[:-1] if package else parts)] = (path, package)
+    return found
+
+
+def test_no_import_loop_and_no_lazy_import_back_up():
+    modules = _modules()
+    graph = {}
+    for name, (path, package) in modules.items():
+        top, inner = _module_imports(path, name, package)
+        graph[name] = {other for other in top if other in modules and other != name}
+        if name.startswith(("advface_engine.backends", "advface_engine.gallery")):
+            room = ".".join(name.split(".")[:2])
+            # make_backend's import of the fused backend stays lazy: Triton is optional
+            allowed = {("advface_engine.backends", "advface_engine.backends.fused")}
+            lazy = [(line, other) for line, other in inner if other.startswith(room) and (name, other) not in allowed]
+            assert lazy == [], f"{name} imports {lazy} inside a function"
+    state: dict[str, int] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for other in sorted(graph[name]):
+            assert state.get(other) != 1, " -> ".join(path + [other])
+            if other not in state:
+                visit(other, path + [other])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
