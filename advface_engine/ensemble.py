@@ -18,6 +18,10 @@ class ShadowEnsemble(nn.ModuleList):
     It is a container, not a decoder: calling it raises, so no code takes it for one shadow by mistake.
     ``members(shadow)`` gives the decoders of an ensemble or of a single shadow alike."""
 
+    def __init__(self, shadows: Iterable[nn.Module]):
+        super().__init__(shadows)
+        self.training = False  # a container's own mode means nothing (and must not read as a shadow in training)
+
     def forward(self, *args, **kwargs):
         raise TypeError("a ShadowEnsemble is not one decoder: run each of its shadows (advface_engine.ensemble."
                         "members)")

@@ -111,6 +111,19 @@ def test_the_ensemble_fools_each_of_its_shadows():
         assert l1(S, together) > l1(S, alone)
 
 
+def test_an_ensemble_runs_each_shadow_folded(models, features):
+    """The reference runs every shadow of an ensemble as it runs one: BatchNorm folded, NHWC on a CPU."""
+    shadow, encoder = models
+    protector = afe.Protector([shadow, tiny_models("upconv", seed=4)[0]], encoder, afe.ProtectConfig(steps=1))
+    protector(features)
+    run = protector.backend.step_shadow()
+    assert isinstance(run, ShadowEnsemble) and not protector.shadow.training
+    assert all(not any(isinstance(m, nn.BatchNorm2d) for m in one.modules()) for one in run)
+    single = afe.Protector(shadow, encoder, afe.ProtectConfig(steps=1))
+    single(features)
+    assert [type(m) for m in run[0].modules()] == [type(m) for m in single.backend.step_shadow().modules()]
+
+
 def test_shadow_ensemble_is_not_a_decoder():
     shadows, _ = three_shadows(torch.float32)
     ensemble = as_shadow(shadows)

@@ -90,6 +90,14 @@ def objective(shadow: nn.Module, encoder: nn.Module, z_t: Tensor, x_shadow: list
     return sum(shadow_objective(s, encoder, z_t, x, z, config) for s, x in zip(members(shadow), x_shadow))
 
 
+def gradient(shadow: nn.Module, encoder: nn.Module, z_t: Tensor, x_shadow: list[Tensor], z: Tensor,
+             config: ProtectConfig) -> Tensor:
+    """g_t = d objective / d z_t, taken one shadow at a time and summed (the same gradient; each shadow's
+    graph is freed before the next one runs)."""
+    return sum(torch.autograd.grad(shadow_objective(s, encoder, z_t, x, z, config), z_t)[0]
+               for s, x in zip(members(shadow), x_shadow))
+
+
 def shadow_objective(shadow: nn.Module, encoder: nn.Module, z_t: Tensor, x_shadow: Tensor, z: Tensor,
                      config: ProtectConfig) -> Tensor:
     """``objective`` of one shadow."""
@@ -175,7 +183,7 @@ class ReferenceBackend:
     def step_shadow(self) -> nn.Module:
         """S as run at every step (each shadow of an ensemble): the same function as ``self.shadow``, less
         work."""
-        if any(m.training for m in self.shadow.modules()):
+        if any(m.training for shadow in members(self.shadow) for m in shadow.modules()):
             return self.shadow
         key = weights_key(self.shadow)
         if self._folded is None or self._folded[0] != key:
@@ -192,8 +200,7 @@ class ReferenceBackend:
         z_t = guard(random_start(anchor, z, cfg), frame, cfg.min_cosine) if cfg.random_start else anchor.clone()
         z_t.requires_grad_(True)
         for _ in range(cfg.steps):
-            loss = objective(shadow, self.encoder, z_t, x_shadow, z, cfg)  # per-sample sums; rows independent
-            (grad,) = torch.autograd.grad(loss, z_t)
+            grad = gradient(shadow, self.encoder, z_t, x_shadow, z, cfg)  # per-sample sums; rows independent
             with torch.no_grad():
                 z_prev = z_t.detach().clone() if cfg.constraint == "per_step" else None
                 z_t.add_(step_direction(grad, cfg.norm), alpha=cfg.alpha)
