@@ -282,6 +282,8 @@ def test_eval_writes_json_report_grids_and_curve(tiny_eval):
     assert rows[0]["success"] == {a: own[a]["success"] for a in results["attackers"]}
     assert rows[2]["unseen_max"] == rows[2]["success"]["strong"] == rows[2]["unseen_mean"]
     assert "| dcgan+upconv | pixel |" in report and "unseen mean [95% CI]" in report
+    assert f"protects with one `dcgan` shadow and the `pixel` objective (row `dcgan`, pixel: unseen attackers " \
+           f"{100 * rows[0]['unseen_mean']:.2f}%)" in report
     assert {p["method"] for p in results["sweep"]} == {"advface", "random", "dp"}
     cosine = results["anchor_only"]["cosine"]  # how near E(S(z)) is to z: docs/evaluation.md, shadow mismatch
     assert 0 < cosine < 1 and f"mean cos(E(S(z)), z) {cosine:.3f} before the guard" in report

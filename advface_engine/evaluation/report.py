@@ -307,8 +307,16 @@ def transfer_lines(results: dict, attackers: list[str], names: dict) -> list[str
         worst = _pct(r["unseen_max"]) if r["unseen_max"] is not None else "-"
         rows.append(["+".join(r["shadows"]), r["objective"]] + [_pct(r["success"][a]) for a in attackers]
                     + [unseen, worst, interval(r["offline_loss"])])
-    return lines + _table(["shadows", "objective"] + [names[a] for a in attackers]
-                          + ["unseen mean [95% CI]", "worst unseen", "offline loss [95% CI]"], rows)
+    lines += _table(["shadows", "objective"] + [names[a] for a in attackers]
+                    + ["unseen mean [95% CI]", "worst unseen", "offline loss [95% CI]"], rows)
+    own = next((r for r in results["transfer"] if r["shadows"] == [s["shadow"]] and r["objective"] == cfg["objective"]),
+               None)
+    if own is not None and own["unseen_mean"] is not None:
+        lines += ["", f"This run's config protects with one `{s['shadow']}` shadow and the `{cfg['objective']}` "
+                      f"objective (row `{s['shadow']}`, {cfg['objective']}: unseen attackers "
+                      f"{_pct(own['unseen_mean'])}%), the library's default: an ensemble needs a trained shadow per "
+                      "family and costs the sum of its shadows' time; docs/evaluation.md weighs the rows above."]
+    return lines
 
 
 def _seeds_plain(values: list[float]) -> str:
