@@ -307,3 +307,4 @@ def test_cli_takes_several_shadows(tmp_path, capsys):
     cfg = afe.ProtectConfig(steps=2, ensemble_anchor="mean", anchor="shadow")
     want = afe.Protector([a, b], encoder, cfg, backend="reference")(torch.from_numpy(rows)).numpy()
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), want)
+

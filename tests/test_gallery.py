@@ -832,3 +832,30 @@ def test_triton_version_joins_the_fingerprint_where_fused_kernels_may_run():
     assert job_module._kernel_versions({"backend": "auto", "device": "gpu"}) == {"triton": triton.__version__}
     assert job_module._kernel_versions({"backend": "reference", "device": "NVIDIA H100 80GB HBM3"}) == {}
     assert job_module._kernel_versions({"backend": "auto", "device": "cpu"}) == {}
+
+
+def test_gallery_job_takes_the_decoder_dtype(tmp_path, capsys):
+    """--decoder-dtype bf16 (backend_options): the job equals the Protector with that option, differs from fp32,
+    and records the option in its provenance; an option no backend takes is refused before anything is written."""
+    rows = gallery_rows(40, seed=4)
+    np.save(tmp_path / "gallery.npy", rows)
+    shadow, encoder = tiny_models(feature_dim=DIM)
+    for name, module in (("s", shadow), ("e", encoder)):
+        afe.save_model(module, tmp_path / f"{name}.safetensors")
+    args = ["protect", "--input", str(tmp_path / "gallery.npy"), "--shadow", str(tmp_path / "s.safetensors"),
+            "--encoder", str(tmp_path / "e.safetensors"), "--device", "cpu", "--no-progress", "--steps", "3", "--force"]
+    assert main([*args, "--output", str(tmp_path / "bf16.npy"), "--decoder-dtype", "bf16"]) == 0
+    assert main([*args, "--output", str(tmp_path / "fp32.npy")]) == 0
+    cfg = afe.ProtectConfig(steps=3)
+    want = afe.Protector(shadow, encoder, cfg, backend_options={"dtype": "bf16"})(torch.from_numpy(rows)).numpy()
+    got = np.load(tmp_path / "bf16.npy")
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, np.load(tmp_path / "fp32.npy"))
+    made = json.loads((tmp_path / "bf16.npy.provenance.json").read_text())
+    assert made["backend_options"] == {"dtype": "bf16"}
+    assert json.loads((tmp_path / "fp32.npy.provenance.json").read_text())["backend_options"] is None
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="only the option dtype"):
+        protect_gallery(tmp_path / "gallery.npy", tmp_path / "x.npy", shadow, encoder, backend="reference",
+                        backend_options={"graphs": False}, device="cpu", progress=False, force=True)
+    assert not (tmp_path / "x.npy").exists() and not (tmp_path / "x.npy.job").exists()

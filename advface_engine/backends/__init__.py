@@ -24,7 +24,7 @@ from ..errors import UnsupportedModelError
 from .options import FUSED_DTYPES as FUSED_DTYPES  # re-exported: the fused backend's options
 from .options import FUSED_OPTIONS as FUSED_OPTIONS
 from .options import check_fused_options
-from .reference import ReferenceBackend
+from .reference import REFERENCE_DTYPES, ReferenceBackend
 
 BACKEND_NAMES = ("auto", "reference", "fused")  # built in
 ENTRY_POINT_GROUP = "advface_engine.backends"
@@ -96,7 +96,8 @@ def make_backend(name: str, shadow: nn.Module, encoder: nn.Module, config: Prote
     """Build backend ``name``; "auto" picks fused on a CUDA device, else reference.
 
     ``options`` go to the fused backend (e.g. dtype="bf16", graphs=False), the reference backend (dtype
-    "fp32" or "bf16", asked for by name: "auto" off the GPU ignores options) or a plugin's factory.
+    "fp32" or "bf16"; "auto" off the GPU keeps such a dtype and ignores the fused options) or a plugin's
+    factory.
     ``shadow`` may be a list of shadows (``ensemble.as_shadow``).
     """
     shadow = as_shadow(shadow)
@@ -118,8 +119,9 @@ def make_backend(name: str, shadow: nn.Module, encoder: nn.Module, config: Prote
         from .fused import FusedBackend
 
         return FusedBackend(shadow, encoder, config, **options)
-    if _device_of(shadow).type != "cuda":
-        return ReferenceBackend(shadow, encoder, config)
+    if _device_of(shadow).type != "cuda":  # the reference, in the dtype asked for where it has it
+        dtype = options.get("dtype")
+        return ReferenceBackend(shadow, encoder, config, **({"dtype": dtype} if dtype in REFERENCE_DTYPES else {}))
     try:
         from .fused import FusedBackend
 

@@ -303,6 +303,7 @@ def protect_gallery(
     id_key: str | None = None,
     encoder_arch: str | None = None,
     encoder_options: dict | None = None,
+    backend_options: dict | None = None,
     overwrite: bool = False,
     progress: bool = True,
     min_anchor_cosine: float | None = MIN_ANCHOR_COSINE,
@@ -313,7 +314,8 @@ def protect_gallery(
     shadow, encoder: checkpoint paths (``save_model``) or modules; shadow may be a list of them, an ensemble
     protecting together (``Protector``), its checksums in the fingerprint in order; the encoder may also be any file
     ``load_encoder`` takes (ONNX; a state dict with ``encoder_arch``), ``encoder_options`` its other keywords
-    (an ONNX model's ``channel_order``, ``mean``, ``std``, ``input_size``). ``format``: the output's format,
+    (an ONNX model's ``channel_order``, ``mean``, ``std``, ``input_size``). ``backend_options``: the Protector's
+    (e.g. ``{"dtype": "bf16"}``: the decoder in bfloat16), in the fingerprint. ``format``: the output's format,
     by default the output's suffix, else the input's. ``chunk_rows``: rows per checkpointed chunk
     (default: about 32 MiB of rows, a multiple of ``batch_size``). ``engine="ray"``: Ray Data
     actors, ``workers`` of them (default one per GPU, else per CPU), on ``ray_address`` or a local Ray.
@@ -340,6 +342,8 @@ def protect_gallery(
         raise ValueError(f"min_anchor_cosine must be a number in [-1, 1] or None, got {min_anchor_cosine!r}")
     if not isinstance(force, bool):
         raise ValueError(f"force must be True or False, got {force!r}")
+    if backend_options is not None and not isinstance(backend_options, dict):
+        raise ValueError(f"backend_options must be a dict of the backend's options, got {backend_options!r}")
     if encoder_options is not None and (not isinstance(encoder_options, dict) or isinstance(encoder, nn.Module)):
         raise ValueError("encoder_options are load_encoder's keywords (a dict) for an encoder given as a file; "
                          f"got {type(encoder_options).__name__} with a {type(encoder).__name__} encoder")
@@ -363,7 +367,7 @@ def protect_gallery(
         chunk_rows = chunk_rows or batch_size * max(1, CHUNK_BYTES // (row_bytes * batch_size))
         spec = JobSpec(str(src), shadow, encoder, config if config is not None else ProtectConfig(),
                        str(work / "parts"), batch_size, chunk_rows, backend, device, embedding_key, id_key,
-                       encoder_arch, encoder_options)
+                       encoder_arch, encoder_options, backend_options)
         with contextlib.ExitStack() as stack:
             stack.enter_context(deterministic_cudnn())
             ray = None
@@ -418,7 +422,7 @@ def _prepare(spec: JobSpec, gallery: Gallery, ray) -> tuple[ChunkJob, dict]:
     """The job that computes chunks here (or, on Ray, checks the models on the driver) and its fingerprint."""
     if ray is not None:
         spec.device = "cuda" if use_gpus(ray, spec.device) else "cpu"  # what the Ray actors use
-        job = ChunkJob(dataclasses.replace(spec, device="cpu", backend="reference"), gallery)
+        job = ChunkJob(dataclasses.replace(spec, device="cpu", backend="reference", backend_options=None), gallery)
         engine = {"engine": "ray", "backend": spec.backend, "device": "gpu" if spec.device == "cuda" else "cpu"}
     else:
         job = ChunkJob(spec, gallery)
@@ -429,7 +433,7 @@ def _prepare(spec: JobSpec, gallery: Gallery, ray) -> tuple[ChunkJob, dict]:
         "input": {**gallery.fingerprint(), "embedding_key": spec.embedding_key, "id_key": spec.id_key},
         "shadow": _checksums(job.shadow), "encoder": model_checksum(job.encoder),  # weights, not file bytes
         "encoder_arch": spec.encoder_arch, "encoder_preprocessing": getattr(job.encoder, "preprocessing", None),
-        "config": spec.config.to_dict(),
+        "config": spec.config.to_dict(), "backend_options": spec.backend_options,  # bf16 changes the results
         "engine": {**engine, "advface_engine": __version__, "torch": torch.__version__, **_kernel_versions(engine)},
         "layout": {"chunk_rows": spec.chunk_rows, "batch_size": spec.batch_size}, "bad_rows": BAD_ROWS,
     }

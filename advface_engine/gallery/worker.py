@@ -45,6 +45,7 @@ class JobSpec:
     id_key: str | None = None
     encoder_arch: str | None = None  # for a plain state-dict encoder file (``load_encoder``)
     encoder_options: dict | None = None  # other ``load_encoder`` keywords: an ONNX encoder's preprocessing
+    backend_options: dict | None = None  # the backend's options (Protector's), e.g. {"dtype": "bf16"}
 
 
 @contextlib.contextmanager
@@ -79,7 +80,8 @@ class ChunkJob:
         self.encoder = _load(spec.encoder, self.device,
                              lambda path, device: load_encoder(path, spec.encoder_arch, device,
                                                                **(spec.encoder_options or {})))
-        self.protector = Protector(shadow=self.shadow, encoder=self.encoder, config=spec.config, backend=spec.backend)
+        self.protector = Protector(shadow=self.shadow, encoder=self.encoder, config=spec.config, backend=spec.backend,
+                                   backend_options=spec.backend_options)
         self.parts = Path(spec.parts)
         self.num_chunks = -(-self.gallery.num_rows // spec.chunk_rows)
 
