@@ -428,3 +428,17 @@ def test_bf16_decoder_option_stays_close_to_fp32(family):
     ensemble = afe.Protector([S, tiny_models("upconv", seed=3)[0]], E, cfg, backend="reference",
                              backend_options={"dtype": "bf16"})
     assert ensemble(z).shape == z.shape
+
+
+def test_auto_on_a_cpu_keeps_a_reference_dtype_and_says_when_it_cannot(models, features):
+    """backend "auto" off the GPU: dtype bf16 reaches the reference backend; a fused-only dtype (fp16) is said
+    to be dropped, not silently; the fused backend's other options are the fused backend's alone."""
+    import warnings
+
+    S, E = models
+    assert afe.Protector(S, E, backend_options={"dtype": "bf16"}).backend.dtype == "bf16"
+    with pytest.warns(UserWarning, match="decoder dtype 'fp16' is the fused backend's"):
+        assert afe.Protector(S, E, backend_options={"dtype": "fp16"}).backend.dtype == "fp32"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert afe.Protector(S, E, backend_options={"graphs": False}).backend.dtype == "fp32"

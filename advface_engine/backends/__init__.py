@@ -121,6 +121,9 @@ def make_backend(name: str, shadow: nn.Module, encoder: nn.Module, config: Prote
         return FusedBackend(shadow, encoder, config, **options)
     if _device_of(shadow).type != "cuda":  # the reference, in the dtype asked for where it has it
         dtype = options.get("dtype")
+        if dtype is not None and dtype not in REFERENCE_DTYPES:
+            warnings.warn(f"decoder dtype {dtype!r} is the fused backend's (a CUDA GPU); the reference backend runs "
+                          f"here, in fp32 (it takes {sorted(REFERENCE_DTYPES)})", stacklevel=3)
         return ReferenceBackend(shadow, encoder, config, **({"dtype": dtype} if dtype in REFERENCE_DTYPES else {}))
     try:
         from .fused import FusedBackend

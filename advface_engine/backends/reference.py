@@ -81,26 +81,19 @@ def guard(u: Tensor, frame: tuple[Tensor, Tensor], min_cosine: float | None) -> 
     return torch.where(outside, edge, u)
 
 
-def objective(shadow: nn.Module, encoder: nn.Module, z_t: Tensor, x_shadow: list[Tensor], z: Tensor,
-              config: ProtectConfig) -> Tensor:
-    """What each step ascends, summed over the rows (each row's gradient is its own term's) and over the
-    shadows (each against its own x~_k): "pixel" ||S(z_t) - x~||_1 (Eq. 4); "identity"
-    1 - cos(E(S(z_t)), z), the encoder's verdict on the shadow's reconstruction; "pixel+identity" the
-    mean per-pixel L1 + identity_weight * that."""
-    return sum(shadow_objective(s, encoder, z_t, x, z, config) for s, x in zip(members(shadow), x_shadow))
-
-
 def gradient(shadow: nn.Module, encoder: nn.Module, z_t: Tensor, x_shadow: list[Tensor], z: Tensor,
              config: ProtectConfig) -> Tensor:
-    """g_t = d objective / d z_t, taken one shadow at a time and summed (the same gradient; each shadow's
-    graph is freed before the next one runs)."""
-    return sum(torch.autograd.grad(shadow_objective(s, encoder, z_t, x, z, config), z_t)[0]
+    """g_t: the gradient of the objective summed over the shadows (each against its own x~_k), taken one
+    shadow at a time (the same sum; each shadow's graph is freed before the next one runs)."""
+    return sum(torch.autograd.grad(objective(s, encoder, z_t, x, z, config), z_t)[0]
                for s, x in zip(members(shadow), x_shadow))
 
 
-def shadow_objective(shadow: nn.Module, encoder: nn.Module, z_t: Tensor, x_shadow: Tensor, z: Tensor,
-                     config: ProtectConfig) -> Tensor:
-    """``objective`` of one shadow."""
+def objective(shadow: nn.Module, encoder: nn.Module, z_t: Tensor, x_shadow: Tensor, z: Tensor,
+              config: ProtectConfig) -> Tensor:
+    """What each step ascends for one shadow, summed over the rows (each row's gradient is its own term's):
+    "pixel" ||S(z_t) - x~||_1 (Eq. 4); "identity" 1 - cos(E(S(z_t)), z), the encoder's verdict on the
+    shadow's reconstruction; "pixel+identity" the mean per-pixel L1 + identity_weight * that."""
     x_t = shadow(z_t)
     if config.objective == "pixel":
         return (x_t - x_shadow).abs().sum()
@@ -137,11 +130,12 @@ REFERENCE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # the decoder's preci
 
 
 class LowPrecision(nn.Module):
-    """A decoder run in ``dtype``: z cast in, the image cast back to z's dtype, so the steps stay in z's."""
+    """A decoder whose weights are in ``dtype``: z cast in, the image cast back to z's dtype, so the steps
+    stay in z's."""
 
     def __init__(self, shadow: nn.Module, dtype: torch.dtype):
         super().__init__()
-        self.shadow, self.dtype = shadow.to(dtype), dtype
+        self.shadow, self.dtype = shadow, dtype
 
     def forward(self, z: Tensor) -> Tensor:
         return self.shadow(z.to(self.dtype)).to(z.dtype)
