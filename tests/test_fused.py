@@ -637,9 +637,9 @@ def _formula_kernels(monkeypatch, dtypes=("fp32", "fp16", "bf16")) -> None:
 
     import advface_engine.backends.plan as plan_module
 
-    for name in ("sign_step_project", "linear_sign_step"):
-        monkeypatch.setattr(fused_module, name, getattr(kernel_formulas, name))
-    for name in ("l1_sign_backward", "act_backward", "bias_act", "head_conv", "head_conv_backward"):
+    monkeypatch.setattr(fused_module, "sign_step_project", kernel_formulas.sign_step_project)  # an ensemble's step
+    for name in ("l1_sign_backward", "act_backward", "bias_act", "head_conv", "head_conv_backward", "sign_step_project",
+                 "linear_sign_step"):  # DecoderPlan.step launches the step kernels
         monkeypatch.setattr(plan_module, name, getattr(kernel_formulas, name))
     monkeypatch.setattr(fused_module, "CPU_DTYPES", dtypes)
 

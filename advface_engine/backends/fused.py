@@ -1,12 +1,14 @@
 """Fused backend: the reference loop with an explicit decoder backward, Triton kernels around the
 convolutions, and (on a GPU) the whole protection of a batch captured once as a CUDA graph.
 
-Per step: y = S(z_t) (plan forward, saving only what the backward needs); g = sign(y - x~) *
-head'(y) (kernels/head_conv.py with the last convolution, or kernels/l1_sign.py); the plan's
-backward down to the first Linear; then g_h @ W with the sign step, the projection and, on the
-last step, the L2 normalisation in the matmul's epilogue (kernels/linear_step.py), the utility
-guard between the two. z, the anchor and the step arithmetic are float32 whatever the decoder's
-dtype. Same semantics as reference.py: shadow_targets, random_start, project, guard.
+Per step, one call into the plan (DecoderPlan.step): y = S(z_t) (plan forward, saving only what
+the backward needs); g = sign(y - x~) * head'(y) (kernels/head_conv.py with the last convolution,
+or kernels/l1_sign.py); the plan's backward down to the first Linear; then g_h @ W with the sign
+step, the projection and, on the last step, the L2 normalisation in the matmul's epilogue
+(kernels/linear_step.py), the utility guard between the two. An ensemble sums its plans'
+gradients at z (DecoderPlan.z_gradient) and takes the standalone step (kernels/sign_step.py).
+z, the anchor and the step arithmetic are float32 whatever the decoder's dtype. Same semantics
+as reference.py: shadow_targets, random_start, project, guard.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from ..config import ProtectConfig
 from ..ensemble import ShadowEnsemble, members, which
 from ..errors import UnsupportedModelError
 from ..kernels import interpreted
-from ..kernels.linear_step import linear_sign_step
 from ..kernels.sign_step import sign_step_project
 from .encoder import CompiledEncoder, encode, faster_encoder
 from .graphs import CaptureFailed, Captures, CudaGraph, EagerGraph, graph_size
@@ -181,10 +182,7 @@ class FusedBackend:
         for one shadow, tests and inspection)."""
         total = None
         for plan, x in zip(self.plans, x_shadow):
-            grad, _ = plan.l1_gradient(z_t, x, loss)
-            if plan.first_linear is not None:
-                grad = grad.reshape(grad.shape[0], -1).float() @ plan.first_linear.weight.float()
-            grad = grad.reshape(z_t.shape).float()
+            grad = plan.z_gradient(z_t, x, loss)
             total = grad if total is None else total.add_(grad)
         return total
 
@@ -195,22 +193,18 @@ class FusedBackend:
         ``x_shadow``: targets()'s images, one per shadow. ``z_low``: z_t in the decoder's dtype, which the
         decoder reads instead of casting z_t, and which the step kernel rewrites with the new z_t (one cast
         kernel less per step). ``frame``: the guard's guard_frame(z), None without the guard. One shadow:
-        g_h @ W and the step in one kernel (linear_step); an ensemble: the summed gradient, then the step."""
-        cfg, plan = self.config, self.plan
+        its plan's step (g_h @ W and the step in one kernel, DecoderPlan.step); an ensemble: the summed
+        gradient, then the standalone step."""
+        cfg = self.config
         args = (cfg.alpha, cfg.eps, cfg.norm, cfg.constraint, cfg.normalize and last)
         cap = None if frame is None else (*frame, cfg.min_cosine)
-        if len(self.plans) > 1:
-            grad = self.gradient(z_t if z_low is None else z_low, x_shadow, loss)
-            sign_step_project(z_t, grad, anchor, *args, z_low=None if last else z_low, guard=cap)
-            return
-        grad, stem_saved = self.decoder_gradient(z_t if z_low is None else z_low, x_shadow[0], loss, stem=True)
+        z_in = z_t if z_low is None else z_low  # what the decoders read
         z_low = None if last else z_low  # nothing reads it after the last step
-        if plan.first_linear is not None:
-            linear_sign_step(grad.reshape(grad.shape[0], -1), plan.first_linear.weight, z_t, anchor, *args,
-                             split_k=self.split_k, tf32=self.dtype == "tf32", z_low=z_low, guard=cap,
-                             **({} if stem_saved is None else plan.stem_backward(stem_saved)))
+        if len(self.plans) == 1:
+            self.plan.step(z_t, anchor, x_shadow[0], *args, loss=loss, z_in=z_in, z_low=z_low, guard=cap,
+                           split_k=self.split_k)
         else:
-            sign_step_project(z_t, grad.reshape(z_t.shape).float(), anchor, *args, z_low=z_low, guard=cap)
+            sign_step_project(z_t, self.gradient(z_in, x_shadow, loss), anchor, *args, z_low=z_low, guard=cap)
 
     def protect(self, z: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The whole protection of a batch (no host synchronisation, so it can be captured)."""

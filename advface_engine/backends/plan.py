@@ -25,6 +25,8 @@ from ..kernels.act_backward import act_backward
 from ..kernels.bias_act import bias_act
 from ..kernels.head_conv import head_conv, head_conv_backward, supported
 from ..kernels.l1_sign import l1_sign_backward
+from ..kernels.linear_step import linear_sign_step
+from ..kernels.sign_step import sign_step_project
 from ..models.decoders import DenseBlock
 from .modules import batchnorm_site, opens_image, unflattened_shape
 
@@ -311,11 +313,13 @@ class DecoderPlan:
     """ops[0] .. ops[-1] then the head; ``forward`` returns (y, saved), ``backward`` runs to ops[0]'s output.
 
     When ``first_linear`` is set, ops[0] is the Linear from the feature, whose input gradient is
-    left to the fused step kernel (kernels/linear_step.py).
+    left to the fused step kernel (kernels/linear_step.py): ``step`` runs a whole protection step.
+    ``tf32``: that kernel's matmul in TF32 (for fp32 weights).
     """
 
-    def __init__(self, ops: list, head: str, dtype: torch.dtype, device: torch.device, channels_last: bool = False):
-        self.ops, self.head, self.dtype, self.channels_last = ops, head, dtype, channels_last
+    def __init__(self, ops: list, head: str, dtype: torch.dtype, device: torch.device, channels_last: bool = False,
+                 tf32: bool = False):
+        self.ops, self.head, self.dtype, self.channels_last, self.tf32 = ops, head, dtype, channels_last, tf32
         parts = ops + [part for op in ops for layer in getattr(op, "layers", []) for part in layer]
         for part in parts:  # parameters were folded in float64; now the plan's device and dtype
             for name in ("weight", "bias", "scale", "shift", "slope"):
@@ -374,6 +378,32 @@ class DecoderPlan:
             stem_saved = self.ops[1].backward(stem_saved, saved[1])
         return grad, stem_saved
 
+    def z_gradient(self, z: Tensor, target: Tensor, loss: Tensor | None = None) -> Tensor:
+        """The gradient of sum |S(z) - target| with respect to z, float32 in z's shape: l1_gradient carried
+        through the first Linear by a matmul (materialised: the sum over an ensemble's shadows)."""
+        grad, _ = self.l1_gradient(z, target, loss)
+        if self.first_linear is not None:
+            grad = grad.reshape(grad.shape[0], -1).float() @ self.first_linear.weight.float()
+        return grad.reshape(z.shape).float()
+
+    def step(self, z_t: Tensor, anchor: Tensor, target: Tensor, alpha: float, eps: float, norm: str,
+             constraint: str, normalize: bool, loss: Tensor | None = None, z_in: Tensor | None = None,
+             z_low: Tensor | None = None, guard: tuple | None = None, split_k: int | None = None) -> None:
+        """One step of Eq. 4 on this decoder, z_t (fp32) updated in place: the L1 gradient at z_t (``z_in``, z_t
+        in the plan's dtype, when given: read instead of casting z_t), then, with a first Linear, g_h @ W and
+        the step in one kernel (linear_sign_step, which also runs the stem activation's backward), else the
+        standalone step (sign_step_project). ``alpha`` .. ``normalize``, ``z_low`` (rewritten with the new z_t)
+        and ``guard`` as those kernels take them; ``loss`` as in l1_gradient; ``split_k`` linear_sign_step's."""
+        z_in = z_t if z_in is None else z_in
+        args = (alpha, eps, norm, constraint, normalize)
+        if self.first_linear is None:
+            sign_step_project(z_t, self.z_gradient(z_in, target, loss), anchor, *args, z_low=z_low, guard=guard)
+            return
+        grad, stem_saved = self.l1_gradient(z_in, target, loss, stem=True)
+        linear_sign_step(grad.reshape(grad.shape[0], -1), self.first_linear.weight, z_t, anchor, *args,
+                         split_k=split_k, tf32=self.tf32, z_low=z_low, guard=guard,
+                         **({} if stem_saved is None else self.stem_backward(stem_saved)))
+
     def stem_backward(self, stem_saved: Tensor) -> dict:
         """linear_sign_step's arguments for the stem activation's backward, given what it saved (flat)."""
         act, (channels, inner) = self.stem_act, self._stem_layout
@@ -413,7 +443,7 @@ def build_plan(shadow: nn.Module, dtype: torch.dtype = torch.float32, device: to
     """Walk the shadow decoder once, fold eval BatchNorm into the layer before it (``batchnorm_site``, the
     reference's rule, over the decoder's modules in the order they run: nested Sequentials flattened, no-ops
     left out) and build the plan (with ``channels_last``, convolutions and the activations between them run
-    in NHWC layout; with ``tf32``, the fused head convolution's matmuls too)."""
+    in NHWC layout; with ``tf32``, the fused head convolution's and the step kernel's matmuls too)."""
     modules = [m for m in _flatten(shadow) if not isinstance(m, nn.Dropout)]
     head = "identity"
     if modules and type(modules[-1]) in HEAD_MODULES:
@@ -468,7 +498,7 @@ def build_plan(shadow: nn.Module, dtype: torch.dtype = torch.float32, device: to
         ops[-1] = HeadConv(last, head, ops[-2] if len(ops) >= 2 and isinstance(ops[-2], Act) else None, tf32)
     if device is None:
         device = next((p.device for p in shadow.parameters()), torch.device("cpu"))
-    return DecoderPlan(ops, head, dtype, device, channels_last)
+    return DecoderPlan(ops, head, dtype, device, channels_last, tf32)
 
 
 def _fuse_biases(ops: list) -> None:
