@@ -16,7 +16,6 @@ SUBCOMMAND_MODULES = [
     "advface_engine.evaluation.cli",
     "advface_engine.gallery.command",
     "advface_engine.speed.report",
-    "advface_engine.kernels.aot",
 ]
 
 

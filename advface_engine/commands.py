@@ -1,4 +1,4 @@
-"""Core subcommands: train-encoder, train-shadow and demo (protect lives in gallery/command.py)."""
+"""Core subcommands: train-encoder, train-shadow, demo and check-kernels (protect lives in gallery/command.py)."""
 
 from __future__ import annotations
 
@@ -99,8 +99,17 @@ def cmd_train_shadow(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_kernels(args: argparse.Namespace) -> int:
+    """The ahead-of-time kernel check (kernels/aot.py) for what the fused backend launches kernels for."""
+    from .backends.launches import fused_launches
+    from .kernels import aot
+
+    return aot.run(args, fused_launches())
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from .demo import add_demo_parser
+    from .kernels.aot import add_arguments as add_kernel_check_args
 
     p = sub.add_parser("train-encoder", help="train a small recognition encoder (CosFace) on labelled faces")
     p.add_argument("--output", required=True, help="encoder checkpoint (.safetensors)")
@@ -130,3 +139,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train_shadow)
 
     add_demo_parser(sub)
+
+    p = sub.add_parser("check-kernels", help="compile the fused kernels for CUDA GPUs and check them (no GPU needed)")
+    add_kernel_check_args(p)
+    p.set_defaults(func=cmd_check_kernels)

@@ -4,7 +4,9 @@ Triton's wheel ships ptxas, so every kernel variant the fused backend launches (
 each decoder family's head and activations, the gradient matmul's block shapes, the split-K
 and epilogue variants) can be compiled here to a cubin, through the same argument
 specialisation as a real launch, and inspected. Each launcher module declares its variants
-next to itself (``aot_variants``, kernels/variants.py); this tool iterates them (``LAUNCHERS``):
+next to itself (``aot_variants``, kernels/variants.py); this tool iterates them (``LAUNCHERS``) for
+the ``Launches`` its caller gives: what the fused backend launches kernels for, which the backends
+build (advface_engine/backends/launches.py; this package imports nothing above it):
 
 - registers, shared memory, and spills (stack frame): at most MAX_SPILL bytes, the few that
   ptxas may trade for occupancy; more means the tile does not fit the register file;
@@ -13,7 +15,7 @@ next to itself (``aot_variants``, kernels/variants.py); this tool iterates them 
 - no atomics in the step kernels, so that z is the same bit for bit on every run;
 - no 64-bit integer division in the elementwise kernels (emulated, it would dominate them).
 
-    advface check-kernels --arch 90 80      (or python -m advface_engine.kernels.aot)
+    advface check-kernels --arch 90 80      (or python -m advface_engine.cli check-kernels ...)
 
 Needs compiled Triton, not the interpreter: unset TRITON_INTERPRET.
 """
@@ -37,7 +39,6 @@ from .variants import Launches, Variant, tensor, variant
 
 # the launcher modules, each declaring the variants it launches (aot_variants)
 LAUNCHERS = (l1_sign, act_backward, linear_step, head_conv, bias_act, sign_step)
-FAMILIES = ("dcgan", "nbnet", "upconv")
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes per block
 MAX_SPILL = 32  # bytes
 MMA_KINDS = {"tf32": "tf32", "bf16": "bf16", "f16": "fp16"}
@@ -59,36 +60,10 @@ class Report:
     div64: int = 0  # 64-bit integer divisions / remainders in the PTX (emulated: dozens of instructions each)
 
 
-def plan_ops(family: str, feature_dim: int = 512, size: int = 112) -> tuple[str, set[tuple[str, bool]]]:
-    """The head and the (activation, BatchNorm-scale) pairs of a decoder family's plan."""
-    from ..backends.plan import Act, Dense, build_plan
-    from ..models import build_model
-
-    plan = build_plan(build_model(family, feature_dim=feature_dim, size=size).eval())
-    acts = [op for op in plan.ops if isinstance(op, Act)]
-    acts += [act for op in plan.ops if isinstance(op, Dense) for act, _ in op.layers]
-    return plan.head, {(act.kind, act.scale is not None) for act in acts}
-
-
-def launches(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3 * 112 * 112) -> Launches:
-    """What the fused backend launches kernels for with these decoder families and feature dims: its dtype
-    options, every output head (tanh is the families' default, sigmoid and identity are options) and the
-    activations of the families' plans."""
-    from ..backends.options import FUSED_DTYPES  # the fused backend's dtype options, each compiled
-
-    heads, acts = set(l1_sign.HEADS), set()
-    for family in families:
-        head, family_acts = plan_ops(family)
-        heads.add(head)
-        acts |= family_acts
-    return Launches(FUSED_DTYPES, sorted(heads), sorted(acts), tuple(dims), per_sample)
-
-
-def variants(families=FAMILIES, dims=(128, 512, 1024, 4096), per_sample: int = 3 * 112 * 112) -> list[Variant]:
-    """Every specialisation the fused backend launches for these decoder families and feature dims, as each
-    launcher declares them."""
-    wanted = launches(families, dims, per_sample)
-    return [v for launcher in LAUNCHERS for v in launcher.aot_variants(wanted)]
+def variants(launches: Launches) -> list[Variant]:
+    """Every specialisation the fused backend launches for ``launches`` (its dtypes, heads, activations and
+    feature dims: backends/launches.py's fused_launches), as each launcher declares them."""
+    return [v for launcher in LAUNCHERS for v in launcher.aot_variants(launches)]
 
 
 def unavailable() -> str | None:
@@ -203,10 +178,11 @@ def _die_with_parent() -> None:
             os._exit(1)
 
 
-def compile_all(arches=(90,), selection: list[Variant] | None = None, workers: int = 2) -> list[Report]:
+def compile_all(arches, selection: list[Variant], workers: int = 2) -> list[Report]:
+    """Compile each variant of ``selection`` (``variants(launches)`` or part of it) for each arch."""
     if interpreted():
         raise RuntimeError("ahead-of-time compilation needs compiled Triton: unset TRITON_INTERPRET")
-    jobs = [(v, arch) for arch in arches for v in (selection or variants())]
+    jobs = [(v, arch) for arch in arches for v in selection]
     with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent) as pool:
         return list(pool.map(compile_variant, *zip(*jobs, strict=True)))
 
@@ -226,14 +202,15 @@ def probe_error(arch: int = 90) -> str | None:
     return None if report.ok else f"a trivial kernel does not compile for sm_{arch} either ({report.error})"
 
 
-def run(args: argparse.Namespace) -> int:
-    """Compile and check; exit status 1 when a variant has a problem, 2 when nothing can be compiled here."""
+def run(args: argparse.Namespace, launches: Launches) -> int:
+    """Compile and check the variants of ``launches`` (the parsed ``add_arguments`` select among them); exit
+    status 1 when a variant has a problem, 2 when nothing can be compiled here."""
     why = unavailable() or ("TRITON_INTERPRET is set: this check needs compiled Triton" if interpreted() else None)
     why = why or probe_error(args.arch[0])
     if why is not None:
         print(f"cannot compile ahead of time: {why}", file=sys.stderr)
         return 2
-    selection = [v for v in variants() if args.filter in v.name]
+    selection = [v for v in variants(launches) if args.filter in v.name]
     if args.sample:
         selection = sample(selection)
     if not selection:
@@ -250,16 +227,17 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(problems(r) for r in reports) else 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("check-kernels", help="compile the fused kernels for CUDA GPUs and check them (no GPU needed)")
-    add_arguments(p)
-    p.set_defaults(func=run)
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, launches: Launches | None = None) -> int:
+    """The check for ``launches``; without them (``python -m advface_engine.kernels.aot``), exit status 2 and
+    a pointer to ``advface check-kernels``, which builds them from the fused backend."""
     parser = argparse.ArgumentParser(description="Compile the fused kernels for CUDA archs (no GPU needed).")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if launches is None:
+        print("the kernel variants to check come from the fused backend: run `advface check-kernels` "
+              "(python -m advface_engine.cli check-kernels)", file=sys.stderr)
+        return 2
+    return run(args, launches)
 
 
 if __name__ == "__main__":

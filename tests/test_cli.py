@@ -149,6 +149,15 @@ def test_check_kernels_tells_a_toolchain_failure_from_a_kernel_fault(monkeypatch
     assert "trivial kernel does not compile" in capsys.readouterr().err
 
 
+def test_the_kernels_module_run_alone_points_to_check_kernels(capsys):
+    """python -m advface_engine.kernels.aot has no Launches (the kernels do not import the backends that say
+    what they launch): it exits 2 naming advface check-kernels instead of checking nothing."""
+    import advface_engine.kernels.aot as aot
+
+    assert aot.main(["--arch", "90"]) == 2
+    assert "advface check-kernels" in capsys.readouterr().err
+
+
 def _subparsers():
     """{name: parser} of every advface subcommand (aliases once)."""
     import argparse

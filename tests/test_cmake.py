@@ -20,5 +20,5 @@ def test_cmake_configures_targets_and_ctest(tmp_path):
     listed = subprocess.run(["ctest", "--test-dir", str(tmp_path), "-N"], capture_output=True, text=True, timeout=60)
     assert "Test #1: pytest" in listed.stdout and "Test #2: kernels_aot" in listed.stdout
     tests = (tmp_path / "CTestTestfile.cmake").read_text()
-    assert '"advface_engine.kernels.aot" "--arch" "90" "86"' in tests  # the arch list as separate arguments
+    assert '"advface_engine.cli" "check-kernels" "--arch" "90" "86"' in tests  # the arch list as separate arguments
     assert sys.executable in tests and "--unset=TRITON_INTERPRET" in tests

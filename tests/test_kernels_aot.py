@@ -1,9 +1,10 @@
 """The fused kernels compiled for real GPUs (sm_90: H100/H200, sm_80: A100) without one.
 
 kernels/aot.py runs Triton's compiler and the ptxas it ships on every variant the fused backend
-launches; these tests run it in a subprocess (the suite itself runs Triton's interpreter) and
-check each cubin: compiles, no register spills, shared memory within the GPU's limit, and the
-gradient matmul's precision (no tensor cores in fp32, tf32 only when asked, bf16/fp16 ops).
+launches (backends/launches.py says which); these tests run it as ``advface check-kernels`` in a
+subprocess (the suite itself runs Triton's interpreter) and check each cubin: compiles, no
+register spills, shared memory within the GPU's limit, and the gradient matmul's precision (no
+tensor cores in fp32, tf32 only when asked, bf16/fp16 ops).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 from advface_engine.kernels.aot import Report, problems, unavailable
 
 ARCHES = ("90", "80")
+CHECK = [sys.executable, "-m", "advface_engine.cli", "check-kernels"]  # advface check-kernels
 
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
@@ -34,8 +36,7 @@ def _aot(tmp: Path, *args: str) -> subprocess.CompletedProcess:
     """The checker in a subprocess; the whole sweep (hundreds of compiles) gets 30 minutes: a busy 2-core machine's
     worst seen was over 10."""
     env = _compiled_triton_env(tmp)
-    return subprocess.run([sys.executable, "-m", "advface_engine.kernels.aot", "--json", *args], env=env,
-                          capture_output=True, text=True, timeout=1800)
+    return subprocess.run([*CHECK, "--json", *args], env=env, capture_output=True, text=True, timeout=1800)
 
 
 def _reports(tmp: Path, *args: str) -> list[dict]:
@@ -69,7 +70,7 @@ def test_compiler_workers_die_with_the_check(tmp_path):
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "advface_engine.kernels.aot", "--arch", "90", "--workers", "2"],
+    proc = subprocess.Popen([*CHECK, "--arch", "90", "--workers", "2"],
                             env=_compiled_triton_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline, workers = time.monotonic() + 120, []
@@ -152,8 +153,9 @@ def _problems_of_changed_variant(tmp: Path, name: str, **changes) -> tuple[list 
     with compiled Triton); its problems and the subprocess's stderr."""
     code = (
         "import json, dataclasses, sys; from advface_engine.kernels import aot\n"
+        "from advface_engine.backends.launches import fused_launches\n"
         "name, changes = sys.argv[1], json.loads(sys.argv[2])\n"
-        "v = [v for v in aot.variants() if v.name == name][0]\n"
+        "v = [v for v in aot.variants(fused_launches()) if v.name == name][0]\n"
         "r = aot.compile_variant(dataclasses.replace(v, kwargs=tuple(sorted((dict(v.kwargs) | changes).items()))))\n"
         "print(json.dumps(aot.problems(r)))\n"
     )

@@ -1,6 +1,6 @@
 """The package's layout: names keep working from the modules they lived in before the rooms were split,
-and the import graph has no loop (module-level imports) and no import back up into a package's own
-``__init__`` from the backends and the gallery job."""
+and the import graph has no loop (module-level imports), no import back up into a package's own
+``__init__`` from the backends and the gallery job, and none from the kernels into the rest of the package."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+KERNELS = "advface_engine.kernels"  # the top-level kernels/ folder, installed as this package
 
 # old module -> (its new module, names importable from both)
 MOVED = {
@@ -55,31 +56,41 @@ def test_fused_keeps_its_graph_and_encoder_names():
 
 
 def _module_imports(path: Path, name: str, package: bool) -> tuple[set[str], list[tuple[int, str]]]:
-    """(modules imported at module level, (line, module) of those imported inside functions and classes),
-    relative imports resolved; those for type checkers only are left out."""
+    """(the package's modules imported at module level, (line, module) of those imported inside functions
+    and classes), relative imports resolved, absolute ones of advface_engine included; those for type
+    checkers only are left out."""
     base = name.split(".") if package else name.split(".")[:-1]
     tree = ast.parse(path.read_text())
     typing_only = {id(node) for block in tree.body if isinstance(block, ast.If)
                    and ast.unparse(block.test) == "TYPE_CHECKING" for node in ast.walk(block)}
     top, inner = set(), []
     for node in ast.walk(tree):
-        if not isinstance(node, ast.ImportFrom) or not node.level or id(node) in typing_only:
+        if id(node) in typing_only:
             continue
-        where = ".".join(base[:len(base) - node.level + 1] + ([node.module] if node.module else []))
-        found = {f"{where}.{alias.name}" for alias in node.names} | {where}
+        if isinstance(node, ast.Import):  # import advface_engine.x: each module named
+            wheres = sorted(alias.name for alias in node.names if alias.name.split(".")[0] == "advface_engine")
+            found = set(wheres)
+        elif isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == "advface_engine"):
+            where = node.module if not node.level else ".".join(
+                base[:len(base) - node.level + 1] + ([node.module] if node.module else []))
+            wheres, found = [where], {f"{where}.{alias.name}" for alias in node.names} | {where}
+        else:
+            continue
         if node in tree.body:
             top |= found
         else:
-            inner.append((node.lineno, where))
+            inner += [(node.lineno, where) for where in wheres]
     return top, inner
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:
+    """{module name: (path, package?)} of advface_engine, its kernels (the top-level kernels/ folder) included."""
     found = {}
-    for path in (ROOT / "advface_engine").rglob("*.py"):
-        parts = list(path.relative_to(ROOT).with_suffix("").parts)
-        package = parts[-1] == "__init__"
-        found[".".join(parts[:-1] if package else parts)] = (path, package)
+    for folder, package_name in ((ROOT / "advface_engine", "advface_engine"), (ROOT / "kernels", KERNELS)):
+        for path in folder.rglob("*.py"):
+            parts = package_name.split(".") + list(path.relative_to(folder).with_suffix("").parts)
+            package = parts[-1] == "__init__"
+            found[".".join(parts[:-1] if package else parts)] = (path, package)
     return found
 
 
@@ -108,3 +119,17 @@ def test_no_import_loop_and_no_lazy_import_back_up():
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
+
+
+def test_kernels_import_nothing_else_of_the_package():
+    """The kernels stand alone: what they need of the fused backend comes from their callers (the ahead-of-time
+    check takes a Launches from ``advface check-kernels``), so no module of kernels/ imports another subpackage
+    of advface_engine, at module level or inside a function, relatively (``..``) or not."""
+    modules = _modules()
+    assert KERNELS in modules and f"{KERNELS}.aot" in modules
+    for name, (path, package) in modules.items():
+        if name == KERNELS or name.startswith(f"{KERNELS}."):
+            top, inner = _module_imports(path, name, package)
+            outside = sorted(other for other in top | {other for _, other in inner}
+                             if other != KERNELS and not other.startswith(f"{KERNELS}."))
+            assert outside == [], f"{name} imports {outside}"
