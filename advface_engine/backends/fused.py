@@ -170,13 +170,6 @@ class FusedBackend:
                 self.encoder, x_shadow, self.dtype, self.channels_last, self.compile_encoder)
         return self._encoder_copy or (self.encoder, False)
 
-    def decoder_gradient(self, z_t: Tensor, x_shadow: Tensor, loss: Tensor | None = None,
-                         stem: bool = False) -> tuple[Tensor, Tensor | None]:
-        """The L1 gradient carried back to the first Linear's output (or to z if there is none), and
-        None; with ``stem``, DecoderPlan.l1_gradient's (gradient, saved) of the stem activation left
-        to the step kernel."""
-        return self.plan.l1_gradient(z_t, x_shadow, loss, stem=stem)
-
     def gradient(self, z_t: Tensor, x_shadow: list[Tensor], loss: Tensor | None = None) -> Tensor:
         """g_t of Eq. 4 with respect to z, summed over the shadows (materialised: the loop of an ensemble;
         for one shadow, tests and inspection)."""
