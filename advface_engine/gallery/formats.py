@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import io
 import json
 import math
 import os
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import RefusedFileError
 
 FORMATS = ("npy", "safetensors", "parquet", "faiss")
+RAW_FORMATS = ("npy", "safetensors", "faiss")  # one raw C-order array at a known offset: written in place
 SUFFIXES = {".npy": "npy", ".safetensors": "safetensors", ".parquet": "parquet", ".pq": "parquet",
             ".faiss": "faiss", ".index": "faiss"}
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -113,6 +114,12 @@ class Gallery:
 
     def close(self) -> None:
         pass
+
+
+def _pwrite(fd: int, data, offset: int) -> None:
+    view, done = memoryview(data).cast("B"), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
 
 
 def _pread(fd: int, out: np.ndarray, offset: int, path: Path) -> np.ndarray:
@@ -501,60 +508,91 @@ def open_nofollow(path, flags: int) -> int:
     return os.open(path, flags | os.O_NOFOLLOW, 0o666)
 
 
-class GalleryWriter:
-    """Writes a gallery of ``num_rows`` rows shaped like ``like`` to ``path``, one chunk at a time (its files
-    opened without following a link: they live in the job's folder). ``provenance``: a JSON-able record
-    written, as JSON text under PROVENANCE_KEY, into a safetensors header's metadata or a Parquet schema's
-    (beside what the input's held); npy and FAISS have no room for it."""
+def npy_header(like: Gallery, num_rows: int, ids_dtype: np.dtype | None,
+               provenance: str | None) -> tuple[bytes, bytes]:
+    """A .npy file's bytes before its rows (the header of a (num_rows, dim) array) and after them (none)."""
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": np.lib.format.dtype_to_descr(like.dtype),
+                                                "fortran_order": False, "shape": (num_rows, like.dim)})
+    return head.getvalue(), b""
 
-    def __init__(self, fmt: str, path: Path, like: Gallery, num_rows: int, scratch: Path,
-                 provenance: dict | None = None):
+
+def safetensors_header(like: Gallery, num_rows: int, ids_dtype: np.dtype | None,
+                       provenance: str | None) -> tuple[bytes, bytes]:
+    """A safetensors file's bytes before its rows (the header: the embeddings tensor and the ids tensor after
+    it, under the input's names where it is safetensors, its metadata and the provenance) and after them
+    (none)."""
+    names = {v: k for k, v in ST_DTYPES.items()}
+    info = getattr(like, "info", {}) if like.format == "safetensors" else {}
+    key, id_key = info.get("embedding_key", "embeddings"), info.get("id_key", "ids")
+    row_bytes = num_rows * like.dim * like.dtype.itemsize
+    header: dict = {key: {"dtype": names[like.dtype.type], "shape": [num_rows, like.dim],
+                          "data_offsets": [0, row_bytes]}}
+    if ids_dtype is not None:
+        header[id_key] = {"dtype": names[ids_dtype.type], "shape": [num_rows],
+                          "data_offsets": [row_bytes, row_bytes + num_rows * ids_dtype.itemsize]}
+    metadata = {**info.get("metadata", {}), **({PROVENANCE_KEY: provenance} if provenance else {})}
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, b""
+
+
+def faiss_header(like: Gallery, num_rows: int, ids_dtype: np.dtype | None,
+                 provenance: str | None) -> tuple[bytes, bytes]:
+    """A FAISS flat index's bytes before its rows (the ID map's header where it has ids, the flat index's, the
+    code count) and after them (the id count, before the ids), as faiss/impl/index_write.cpp writes them;
+    the input's metric and ID map type where it is FAISS."""
+    info = getattr(like, "info", {}) if like.format == "faiss" else {}
+    metric = info.get("metric", 0)
+    fourcc = {0: b"IxFI", 1: b"IxF2"}[metric]
+    header = FAISS_HEADER.pack(like.dim, num_rows, FAISS_DUMMY, FAISS_DUMMY, True, metric)
+    flat = fourcc + header + struct.pack("<Q", num_rows * like.dim)
+    if ids_dtype is None:
+        return flat, b""
+    return info.get("idmap", b"IxMp") + header + flat, struct.pack("<Q", num_rows)
+
+
+RAW_HEADERS = {"npy": npy_header, "safetensors": safetensors_header, "faiss": faiss_header}
+
+
+class GalleryWriter:
+    """Writes a gallery of ``num_rows`` rows shaped like ``like`` to ``path`` (opened without following a link:
+    it lives in the job's folder). ``provenance``: a JSON-able record written, as JSON text under
+    PROVENANCE_KEY, into a safetensors header's metadata or a Parquet schema's (beside what the input's
+    held); npy and FAISS have no room for it.
+
+    npy, safetensors and FAISS files (RAW_FORMATS) are laid out whole when opened: the header, then room
+    for every row and id at its offset (a sparse file). ``write_at`` puts rows [start, start + n) and their
+    ids in place, in any order, and ``read_at`` reads them back; ``write`` appends chunk after chunk. With
+    ``keep`` an existing file's rows and ids are kept and its header written again (a job resumes the output
+    it writes in place). Parquet is written chunk after chunk (``write``) only.
+    """
+
+    def __init__(self, fmt: str, path: Path, like: Gallery, num_rows: int, provenance: dict | None = None,
+                 keep: bool = False):
         self.fmt, self.path, self.like, self.num_rows = fmt, path, like, num_rows
         self.provenance = json.dumps(provenance, sort_keys=True) if provenance is not None else None
         self.has_ids = like.ids_dtype is not None
         self.ids_dtype = np.dtype(np.int64) if fmt == "faiss" else like.ids_dtype
-        self._ids_path = scratch / "ids.tmp"
+        self.written, self._fd = 0, None  # rows appended by ``write``; the file of a raw format
         if fmt == "parquet":
             self._open_parquet()
             return
-        self._file = open(path, "wb", opener=open_nofollow)
-        self._ids_file = open(self._ids_path, "wb", opener=open_nofollow) if self.has_ids else None
-        row_bytes = num_rows * like.dim * like.dtype.itemsize
-        if fmt == "npy":
-            np.lib.format.write_array_header_1_0(self._file, {
-                "descr": np.lib.format.dtype_to_descr(like.dtype), "fortran_order": False,
-                "shape": (num_rows, like.dim)})
-        elif fmt == "safetensors":
-            self._file.write(self._safetensors_header(row_bytes))
-        else:
-            self._file.write(self._faiss_header())
-
-    def _safetensors_header(self, row_bytes: int) -> bytes:
-        names = {v: k for k, v in ST_DTYPES.items()}
-        info = getattr(self.like, "info", {}) if self.like.format == "safetensors" else {}
-        key, id_key = info.get("embedding_key", "embeddings"), info.get("id_key", "ids")
-        header: dict = {key: {"dtype": names[self.like.dtype.type], "shape": [self.num_rows, self.like.dim],
-                              "data_offsets": [0, row_bytes]}}
-        if self.has_ids:
-            ids_bytes = self.num_rows * self.ids_dtype.itemsize
-            header[id_key] = {"dtype": names[self.ids_dtype.type], "shape": [self.num_rows],
-                              "data_offsets": [row_bytes, row_bytes + ids_bytes]}
-        metadata = {**info.get("metadata", {}), **({PROVENANCE_KEY: self.provenance} if self.provenance else {})}
-        if metadata:
-            header["__metadata__"] = metadata
-        raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-        raw += b" " * (-len(raw) % 8)
-        return struct.pack("<Q", len(raw)) + raw
-
-    def _faiss_header(self) -> bytes:
-        info = getattr(self.like, "info", {}) if self.like.format == "faiss" else {}
-        metric = info.get("metric", 0)
-        fourcc = {0: b"IxFI", 1: b"IxF2"}[metric]
-        header = FAISS_HEADER.pack(self.like.dim, self.num_rows, FAISS_DUMMY, FAISS_DUMMY, True, metric)
-        flat = fourcc + header + struct.pack("<Q", self.num_rows * self.like.dim)
-        if not self.has_ids:
-            return flat
-        return info.get("idmap", b"IxMp") + header + flat
+        self.row_size = like.dim * like.dtype.itemsize
+        row_bytes = num_rows * self.row_size
+        head, middle = RAW_HEADERS[fmt](like, num_rows, self.ids_dtype if self.has_ids else None, self.provenance)
+        self.rows_offset, self.ids_offset = len(head), len(head) + row_bytes + len(middle)
+        size = self.ids_offset + (num_rows * self.ids_dtype.itemsize if self.has_ids else 0)
+        self._fd = open_nofollow(path, os.O_RDWR | os.O_CREAT | (0 if keep else os.O_TRUNC))
+        try:
+            os.ftruncate(self._fd, size)
+            _pwrite(self._fd, head, 0)
+            _pwrite(self._fd, middle, self.rows_offset + row_bytes)
+        except BaseException:
+            self.close()
+            raise
 
     def _open_parquet(self) -> None:
         pa = _need("pyarrow", "gallery")
@@ -575,15 +613,36 @@ class GalleryWriter:
         self._writer = pq.ParquetWriter(self._sink, schema)
 
     def write(self, chunk: Chunk) -> None:
+        """Append a chunk's rows (and ids, and for Parquet its table) after those written before."""
         rows = np.ascontiguousarray(chunk.rows, dtype=self.like.dtype)
         if not len(rows):  # every row of the chunk skipped
             return
         if self.fmt == "parquet":
             self._write_parquet(chunk, rows)
-            return
-        self._file.write(memoryview(rows).cast("B"))
-        if self._ids_file is not None:
-            self._ids_file.write(np.ascontiguousarray(chunk.ids, dtype=self.ids_dtype).tobytes())
+        else:
+            self.write_at(self.written, rows, chunk.ids)
+        self.written += len(rows)
+
+    def write_at(self, start: int, rows: np.ndarray, ids: np.ndarray | None = None) -> None:
+        """Rows [start, start + len(rows)) and their ids, at their place in the file (not Parquet)."""
+        _pwrite(self._fd, np.ascontiguousarray(rows, dtype=self.like.dtype), self.rows_offset + start * self.row_size)
+        if self.has_ids:
+            _pwrite(self._fd, np.ascontiguousarray(ids, dtype=self.ids_dtype),
+                    self.ids_offset + start * self.ids_dtype.itemsize)
+
+    def read_at(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows [start, stop) and their ids (None without ids) as the file holds them (not Parquet); a
+        RefusedFileError when the file ends before them."""
+        rows = _pread(self._fd, np.empty((stop - start, self.like.dim), self.like.dtype),
+                      self.rows_offset + start * self.row_size, self.path)
+        if not self.has_ids:
+            return rows, None
+        return rows, _pread(self._fd, np.empty(stop - start, self.ids_dtype),
+                            self.ids_offset + start * self.ids_dtype.itemsize, self.path)
+
+    def sync(self) -> None:
+        """What was written so far, on disk (``fdatasync``; not Parquet)."""
+        os.fdatasync(self._fd)
 
     def _write_parquet(self, chunk: Chunk, rows: np.ndarray) -> None:
         import pyarrow as pa
@@ -602,20 +661,18 @@ class GalleryWriter:
         self._writer.write_table(table, row_group_size=max(len(table), 1))
 
     def finish(self) -> None:
-        """Complete the file (ids after the rows where the format wants them) and fsync it."""
+        """Complete the file, fsync and close it."""
         if self.fmt == "parquet":
             self._writer.close()
             self._sink.flush()
             os.fsync(self._sink.fileno())
             self._sink.close()
             return
-        if self._ids_file is not None:
-            self._ids_file.close()
-            if self.fmt == "faiss":
-                self._file.write(struct.pack("<Q", self.num_rows))
-            with open(self._ids_path, "rb", opener=open_nofollow) as ids:
-                shutil.copyfileobj(ids, self._file, 1 << 22)
-            self._ids_path.unlink()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        os.fsync(self._fd)
+        self.close()
+
+    def close(self) -> None:
+        """Close the file as it is (a job stopped before its end; not Parquet)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
