@@ -80,6 +80,21 @@ def test_in_place_gives_the_bytes_assembled_from_parts_with_no_second_pass(tmp_p
     assert not (tmp_path / f"out.{FORMATS[fmt]}.job").exists()
 
 
+def test_a_chunk_is_on_disk_before_the_manifest_records_it(tmp_path, ckpt, monkeypatch):
+    """Nothing recorded is lost to a crash, a power cut included: each chunk's rows are written, then
+    fdatasynced, then recorded (a resume would recompute a recorded chunk the disk lost, but not for free)."""
+    src, _ = gallery_file(tmp_path, "npy")
+    events, write_at, sync, add = [], job_module.GalleryWriter.write_at, job_module.GalleryWriter.sync, \
+        job_module.Manifest.add
+    monkeypatch.setattr(job_module.GalleryWriter, "write_at",
+                        lambda self, start, *a: (events.append(("write", start // CHUNK)), write_at(self, start, *a)))
+    monkeypatch.setattr(job_module.GalleryWriter, "sync", lambda self: (events.append(("sync",)), sync(self)))
+    monkeypatch.setattr(job_module.Manifest, "add", lambda self, k, rec: (events.append(("record", k)),
+                                                                         add(self, k, rec)))
+    run(src, tmp_path / "out.npy", ckpt, on_bad_rows="copy")
+    assert events == [event for k in range(3) for event in (("write", k), ("sync",), ("record", k))]
+
+
 def _kill_at(where, k=1):
     """A context in which the job is killed at ``where`` (for chunk k where that is a chunk's step)."""
     if where == "after-chunks":
