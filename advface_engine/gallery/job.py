@@ -46,7 +46,7 @@ Bad rows, with NaN or Inf or all zero (no direction to protect), follow ``on_bad
 reads the whole input first and, before any work, stops with an error naming them, "skip"
 drops them and "copy" stores them unchanged; all three list them in ``<output>.bad-rows.json``.
 Stored chunks always hold bad rows unchanged, so the policy is applied at assembly and may change between
-reruns (skipped rows make the output written in place one to write again, without them: ``compact.<format>``).
+reruns (with rows skipped, an output written in place is written again without them: ``compact.<format>``).
 """
 
 from __future__ import annotations

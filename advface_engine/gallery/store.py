@@ -1,6 +1,7 @@
 """The gallery job's durable storage in its folder ``<output>.job``: the one atomic write (``write_atomic``:
-temporary file, fsync, rename), part files and their checksums, the manifest of finished chunks, and the
-folder itself (claimed with a marker, locked while a job runs, removed file by file by name).
+temporary file, fsync, rename), where finished chunks are stored (``PartFiles``, or ``OutputInPlace``: the
+output's temporary file) and their checksums, the manifest of finished chunks, and the folder itself
+(claimed with a marker, locked while a job runs, removed file by file by name).
 
 The job folder is the job's own: made by it, with a marker file (``MARKER``) in it, and locked while
 the job runs. The job refuses a folder it cannot take as its own (a link, a folder holding anything
