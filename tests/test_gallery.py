@@ -21,7 +21,7 @@ import advface_engine as afe
 from advface_engine.cli import main
 from advface_engine.gallery import formats, open_gallery, protect_gallery
 from advface_engine.gallery import job as job_module
-from advface_engine.gallery import worker as worker_module
+from advface_engine.gallery import store as store_module
 from advface_engine.models import save_model
 
 pa = pytest.importorskip("pyarrow")
@@ -423,16 +423,28 @@ def test_input_changed_between_samples_is_caught_at_assembly(tmp_path, ckpt, mon
     assert not (tmp_path / "out.safetensors").exists()
 
 
-def test_corrupt_part_is_recomputed(tmp_path, ckpt):
+@pytest.mark.parametrize("fmt", ["safetensors", "parquet"], ids=["in-place", "parts"])
+def test_corrupt_part_is_recomputed(tmp_path, ckpt, fmt):
+    """A damaged byte in a finished chunk's stored rows (the output written in place, or a part file) is
+    found on resume, and that chunk computed again."""
     src, *_ = with_bad_rows(tmp_path, bad=(140, 141, 149))
+    dst = tmp_path / f"out.{fmt}"
     with killed_at_chunk():
-        run(src, tmp_path / "out.safetensors", ckpt, on_bad_rows="copy")
-    part = tmp_path / "out.safetensors.job" / "parts" / "000001.bin"
-    part.write_bytes(b"\0" + part.read_bytes()[1:])
-    resumed = run(src, tmp_path / "out.safetensors", ckpt, on_bad_rows="copy")
-    run(src, tmp_path / "fresh.safetensors", ckpt, on_bad_rows="copy")
+        run(src, dst, ckpt, on_bad_rows="copy")
+    work = tmp_path / f"out.{fmt}.job"
+    if fmt == "parquet":
+        where, at = work / "parts" / "000001.bin", 0
+    else:
+        where, stored = work / "output.safetensors", open_gallery(work / "output.safetensors")
+        at = stored.rows_offset + CHUNK * DIM * 4  # chunk 1's first byte
+        stored.close()
+    data = bytearray(where.read_bytes())
+    data[at] ^= 0xFF
+    where.write_bytes(bytes(data))
+    resumed = run(src, dst, ckpt, on_bad_rows="copy")
+    run(src, tmp_path / f"fresh.{fmt}", ckpt, on_bad_rows="copy")
     assert resumed.resumed_chunks == 1
-    assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "fresh.safetensors").read_bytes()
+    assert dst.read_bytes() == (tmp_path / f"fresh.{fmt}").read_bytes()
 
 
 @pytest.mark.parametrize("fmt", ["npy", "safetensors", "parquet", "faiss_idmap"])
@@ -706,24 +718,29 @@ def test_existing_output_needs_overwrite(tmp_path, ckpt):
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), reference(gallery_rows(), ckpt))
 
 
-def test_a_full_disk_names_where_and_the_rerun_resumes(tmp_path, ckpt, monkeypatch):
+@pytest.mark.parametrize("fmt", ["npy", "parquet"], ids=["in-place", "parts"])
+def test_a_full_disk_names_where_and_the_rerun_resumes(tmp_path, ckpt, monkeypatch, fmt):
     import errno
 
     np.save(tmp_path / "in.npy", gallery_rows())
-    real, calls = worker_module.write_part, []
+    # what ChunkJob.save writes with: the output in place, or a part file
+    owner, name = (job_module.GalleryWriter, "write_at") if fmt == "npy" else (store_module, "write_part")
+    real, calls = getattr(owner, name), []
 
-    def full_after_two(path, rows):
-        calls.append(path)
+    def full_after_two(*args):
+        calls.append(args)
         if len(calls) > 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, rows)
+        return real(*args)
 
+    dst = tmp_path / f"out.{fmt}"
     with monkeypatch.context() as m:
-        m.setattr(worker_module, "write_part", full_after_two)  # what ChunkJob.save calls
-        with pytest.raises(OSError, match=r"No space left on device \(writing .*out.npy.job or .*out.npy; finished"):
-            run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt)
-    assert run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt).resumed_chunks == 2
-    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), reference(gallery_rows(), ckpt))
+        m.setattr(owner, name, full_after_two)
+        with pytest.raises(OSError, match=rf"No space left on device \(writing .*out.{fmt}.job or .*out.{fmt}; "
+                                          "finished"):
+            run(tmp_path / "in.npy", dst, ckpt)
+    assert run(tmp_path / "in.npy", dst, ckpt).resumed_chunks == 2
+    np.testing.assert_array_equal(read(fmt, dst)[0], reference(gallery_rows(), ckpt))
 
 
 def test_second_process_on_the_same_output_is_refused(tmp_path, ckpt):

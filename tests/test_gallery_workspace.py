@@ -160,12 +160,15 @@ def test_recorded_bad_rows_are_checked_against_the_input(ckpt, interrupted, chun
 
 @pytest.mark.parametrize("forgery", ["zeroed", "unprotected", "another-chunk"])
 def test_a_forged_part_with_its_checksum_updated_is_recomputed(ckpt, interrupted, forgery):
+    """Chunk 0's rows in the output written in place replaced, and the manifest given their checksum."""
     src, dst, work, clean_path, _ = interrupted
-    part = work / "parts" / "000000.bin"
-    data = {"zeroed": bytes(len(part.read_bytes())), "unprotected": np.load(src)[:CHUNK].tobytes(),
-            "another-chunk": (work / "parts" / "000001.bin").read_bytes()}[forgery]
-    part.write_bytes(data)
-    edit_manifest(work, lambda m: m["chunks"]["0"].update(sha256=hashlib.sha256(data).hexdigest()))
+    stored = np.load(work / "output.npy", mmap_mode="r+")
+    data = {"zeroed": np.zeros_like(stored[:CHUNK]), "unprotected": np.load(src)[:CHUNK],
+            "another-chunk": np.array(stored[CHUNK:2 * CHUNK])}[forgery]
+    stored[:CHUNK] = data
+    stored.flush()
+    del stored
+    edit_manifest(work, lambda m: m["chunks"]["0"].update(sha256=hashlib.sha256(data.tobytes()).hexdigest()))
     assert job(src, dst, ckpt).resumed_chunks == 1
     assert dst.read_bytes() == clean_path.read_bytes()
 
@@ -263,8 +266,8 @@ def test_fuzzed_manifests_give_the_right_output_or_a_value_error(tmp_path, ckpt,
 
 @pytest.mark.parametrize("fmt", ["npy", "parquet"])
 def test_the_writer_never_writes_through_a_link(tmp_path, fmt):
-    """The assembled output and its ids scratch file live in the job's folder: a link put in their place
-    is an error, and the file it points to is left as it was."""
+    """The output's temporary file lives in the job's folder: a link put in its place is an error, and the
+    file it points to is left as it was."""
     import errno
 
     from advface_engine.gallery.formats import GalleryWriter, open_gallery
@@ -276,7 +279,7 @@ def test_the_writer_never_writes_through_a_link(tmp_path, fmt):
     gallery = open_gallery(tmp_path / "in.npy")
     try:
         with pytest.raises(OSError) as err:
-            GalleryWriter(fmt, tmp_path / f"output.{fmt}", gallery, gallery.num_rows, tmp_path)
+            GalleryWriter(fmt, tmp_path / f"output.{fmt}", gallery, gallery.num_rows)
         assert err.value.errno == errno.ELOOP
     finally:
         gallery.close()

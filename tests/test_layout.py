@@ -32,6 +32,17 @@ GALLERY_JOB = ["CHUNK_BYTES", "COSINE_BINS", "CREATED_BY", "ENGINES", "JOB_FILES
                "SIDECAR_FORMATS", "STATS_ROWS", "VERSIONS", "ChunkJob", "Cosines", "GalleryResult", "JobSpec",
                "Loaded", "Manifest", "Prefetch", "assemble", "deterministic_cudnn", "protect_gallery", "provenance",
                "read_part", "run_local", "sha256_of", "write_atomic", "write_part"]
+# every public name of gallery/formats.py before it became a package (one module per format), and its module now
+GALLERY_FORMATS = {
+    "advface_engine.gallery.formats": ["FORMATS", "SUFFIXES", "GalleryWriter", "check_convertible", "format_of",
+                                       "open_gallery"],
+    "advface_engine.gallery.formats.base": ["FLOAT_DTYPES", "PROVENANCE_KEY", "Chunk", "Gallery", "RawGallery",
+                                            "open_nofollow"],
+    "advface_engine.gallery.formats.npy": ["NPY_LENGTH", "NPY_MAX_HEADER", "open_npy"],
+    "advface_engine.gallery.formats.safetensors": ["ST_DTYPES", "open_safetensors"],
+    "advface_engine.gallery.formats.parquet": ["ParquetGallery"],
+    "advface_engine.gallery.formats.faiss": ["FAISS_DUMMY", "FAISS_FLAT", "FAISS_HEADER", "FAISS_IDMAP", "open_faiss"],
+}
 
 
 @pytest.mark.parametrize("old", sorted(MOVED))
@@ -45,6 +56,16 @@ def test_moved_names_are_the_same_objects_at_their_old_place(old):
 def test_gallery_job_keeps_every_public_name():
     job = importlib.import_module("advface_engine.gallery.job")
     assert [name for name in GALLERY_JOB if not hasattr(job, name)] == []
+
+
+def test_gallery_formats_keeps_every_public_name_with_each_format_in_its_module():
+    formats = importlib.import_module("advface_engine.gallery.formats")
+    for module, names in GALLERY_FORMATS.items():
+        home = importlib.import_module(module)
+        assert [name for name in names if getattr(formats, name, None) is not getattr(home, name)] == [], module
+    for fmt in formats.FORMATS:  # each format's reader and writer side by side
+        module = importlib.import_module(f"advface_engine.gallery.formats.{fmt}")
+        assert hasattr(module, "layout" if fmt in formats.RAW_FORMATS else "ParquetSink"), fmt
 
 
 def test_fused_keeps_its_graph_and_encoder_names():

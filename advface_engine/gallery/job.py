@@ -1,10 +1,14 @@
 """Re-protect a stored gallery: streamed, resumable after ``kill -9``, byte-identical, refusing foreign manifests.
 
 The gallery is cut into chunks of ``chunk_rows`` rows, protected in batches of ``batch_size``. Each
-finished chunk is written to ``<output>.job/parts/<k>.bin`` (``write_atomic``: temporary file, fsync,
-rename) and recorded in ``<output>.job/manifest.json`` (rewritten atomically) with the sha256 of its
-input rows and of its output bytes. When every chunk is done the output is assembled from the parts
-in the target format, in a temporary file renamed onto ``output``; then the job folder is removed.
+finished chunk is stored durably and recorded in ``<output>.job/manifest.json`` (rewritten atomically)
+with the sha256 of its input rows and of its output bytes. npy, safetensors and FAISS outputs of the
+local engine are written in place: the output's temporary file ``<output>.job/output.<format>`` is laid
+out whole (header first) and each chunk's rows and ids are written at their offset and fdatasynced
+(``OutputInPlace``), so when every chunk is done the file only needs an fsync and a rename onto
+``output``. Parquet outputs and Ray jobs keep each chunk in ``<output>.job/parts/<k>.bin``
+(``PartFiles``: ``write_atomic``, temporary file, fsync, rename) and assemble the output from the parts
+at the end, in a temporary file renamed onto ``output``. Then the job folder is removed.
 
 This module orchestrates: it checks the arguments, fingerprints the job (``_prepare``), runs the
 preflight (``_preflight``), has the pending chunks computed by the local engine (local.py) or Ray
@@ -22,8 +26,10 @@ the models (checksums of their architecture and weights), the config, the engine
 whose fingerprint differs is refused, and a malformed manifest is refused naming the field
 (``_check_manifest``). Nothing in it is taken on trust that the input can check: a resumed chunk's
 input rows are read again and must match their checksum (else the input changed since the job
-began: refused), its recorded bad rows must be the input's, and at assembly the input's rows are
-checked again and, with the parts, give the summary's figures.
+began: refused), its recorded bad rows must be the input's, and ids stored in place must be the
+input's. The summary's figures come from the input's rows and the output's: gathered as chunks are stored,
+read at assembly for resumed chunks (``Figures``); at assembly every chunk's input rows are read and
+checked again if the input file changed (inode, size, mtime, ctime) since the job read them.
 
 What a manifest and parts can forge: checksums need no secret, so whoever can write the job folder
 can give a part any bytes and its matching sha256. The cheap checks (bad rows kept byte for byte,
@@ -39,8 +45,8 @@ versions), in its metadata or a ``.provenance.json`` beside it; it holds nothing
 Bad rows, with NaN or Inf or all zero (no direction to protect), follow ``on_bad_rows``: "fail"
 reads the whole input first and, before any work, stops with an error naming them, "skip"
 drops them and "copy" stores them unchanged; all three list them in ``<output>.bad-rows.json``.
-Parts always hold bad rows unchanged, so the policy is applied at assembly and may change between
-reruns.
+Stored chunks always hold bad rows unchanged, so the policy is applied at assembly and may change between
+reruns (with rows skipped, an output written in place is written again without them: ``compact.<format>``).
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ from ..models.io import model_checksum
 from ..progress import progress_bar
 from ..stats import FIT_ROWS, MIN_ANCHOR_COSINE, sample_rows
 from .distributed import ray_session, run_ray, use_gpus
-from .formats import Chunk, Gallery, GalleryWriter, check_convertible, format_of, open_gallery
+from .formats import RAW_FORMATS, Chunk, Gallery, GalleryWriter, check_convertible, format_of, open_gallery
 from .local import Prefetch, run_local
 from .store import (
     CREATED_BY,
@@ -75,6 +81,8 @@ from .store import (
     PART,
     POLICIES,
     Manifest,
+    OutputInPlace,
+    PartFiles,
     _check_workspace,
     _claim,
     _plain,
@@ -91,9 +99,10 @@ from .worker import ChunkJob, JobSpec, Loaded, _changed_error, deterministic_cud
 
 # the names of the job's parts, importable from here as well as from their modules
 __all__ = ["CHUNK_BYTES", "COSINE_BINS", "CREATED_BY", "ENGINES", "JOB_FILES", "MARKER", "PART", "POLICIES",
-           "SIDECAR_FORMATS", "STATS_ROWS", "VERSIONS", "ChunkJob", "Cosines", "GalleryResult", "GalleryWriter",
-           "JobSpec", "Loaded", "Manifest", "Prefetch", "assemble", "deterministic_cudnn", "model_checksum",
-           "protect_gallery", "provenance", "read_part", "run_local", "sha256_of", "write_atomic", "write_part"]
+           "SIDECAR_FORMATS", "STATS_ROWS", "VERSIONS", "ChunkJob", "Cosines", "Figures", "GalleryResult",
+           "GalleryWriter", "JobSpec", "Loaded", "Manifest", "OutputInPlace", "PartFiles", "Prefetch", "assemble",
+           "deterministic_cudnn", "model_checksum", "protect_gallery", "provenance", "read_part", "run_local",
+           "sha256_of", "write_atomic", "write_part"]
 
 ENGINES = ("local", "ray")
 CHUNK_BYTES = 32 << 20  # default chunk: about 32 MiB of rows, a multiple of the batch size
@@ -129,20 +138,25 @@ class Cosines:
     summary: count, mean, min and max exact, quantiles from a histogram of COSINE_BINS bins over [-1, 1]."""
 
     def __init__(self):
-        self.total, self.count, self.low, self.high = 0.0, 0, math.inf, -math.inf
+        self.sums, self.count, self.low, self.high = [], 0, math.inf, -math.inf
         self.hist = np.zeros(COSINE_BINS, np.int64)
 
+    @property
+    def total(self) -> float:
+        """The sum of the cosines, the same whatever order their chunks came in (``math.fsum``)."""
+        return math.fsum(self.sums)
+
     def add(self, z: np.ndarray, protected: np.ndarray) -> None:
-        """The rows' cosines, in float64 a block of rows at a time (whole-chunk float64 copies would be the
-        job's largest allocation)."""
+        """The rows' cosines, in float64 a block of 256 KiB at a time (whole-chunk float64 copies would be the
+        job's largest allocation; blocks that fit the cache are faster too)."""
         if not len(z):
             return
-        cos, block = np.empty(len(z)), 4096
+        cos, block = np.empty(len(z)), max(1, 32768 // z.shape[1])
         for i in range(0, len(z), block):
             a, b = z[i:i + block].astype(np.float64), protected[i:i + block].astype(np.float64)
             cos[i:i + block] = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1),
                                                            1e-30)
-        self.total += float(cos.sum())
+        self.sums.append(float(cos.sum()))
         self.count += len(cos)
         self.low, self.high = min(self.low, float(cos.min())), max(self.high, float(cos.max()))
         bins = np.clip(((cos + 1) * (COSINE_BINS / 2)).astype(np.int64), 0, COSINE_BINS - 1)
@@ -162,6 +176,59 @@ class Cosines:
                 **{name: quantile(p) for name, p in (("p05", 0.05), ("p25", 0.25), ("median", 0.5), ("p75", 0.75),
                                                      ("p95", 0.95))},
                 "max": self.high}
+
+
+class Figures:
+    """The summary's figures, from the input's rows and the output's (never from the manifest), gathered a chunk
+    at a time in any order and combined in chunk order: the cosines of every protected row (``Cosines``), a
+    seeded sample of up to STATS_ROWS (input, protected) row pairs for ``Protector.stats``, and the bad rows
+    with their ids. ``input_changed``: whether the input file changed since the figures began, so rows read
+    from it before may no longer be its rows."""
+
+    def __init__(self, gallery: Gallery):
+        self.path, self.state = gallery.path, _file_state(gallery.path)
+        self.cosines, self.sample = Cosines(), sample_rows(gallery.num_rows, STATS_ROWS)
+        self.picked: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.bad: dict[int, tuple[list[int], list]] = {}
+
+    def __contains__(self, k: int) -> bool:
+        return k in self.picked
+
+    def add(self, k: int, rec: dict, chunk: Chunk, rows: np.ndarray) -> None:
+        """Chunk k's figures (``rec`` its record): ``chunk`` its input rows and ids, ``rows`` the output's (bad
+        rows unchanged)."""
+        z, bad = chunk.rows, np.asarray(rec["bad"], dtype=np.int64)
+        good = np.ones(len(z), dtype=bool)
+        good[bad] = False
+        self.cosines.add(z[good], rows[good]) if bad.size else self.cosines.add(z, rows)
+        mine = self.sample[(self.sample >= rec["start"]) & (self.sample < rec["stop"])] - rec["start"]
+        mine = mine[good[mine]]
+        self.picked[k] = (z[mine], rows[mine])
+        self.bad[k] = ((rec["start"] + bad).tolist(),
+                       [_json_id(i) for i in chunk.ids[bad].tolist()] if chunk.ids is not None else [])
+
+    def bad_rows(self) -> tuple[list[int], list]:
+        """Every bad row, ascending, and their ids (empty where the gallery has none)."""
+        rows, ids = [], []
+        for k in sorted(self.bad):
+            rows += self.bad[k][0]
+            ids += self.bad[k][1]
+        return rows, ids
+
+    def stats(self, stats_of) -> dict | None:
+        """``stats_of(z, protected)`` (Protector.stats) of the sample's rows, summarised; None without any."""
+        pairs = [self.picked[k] for k in sorted(self.picked)]
+        z, protected = (np.concatenate(side) for side in zip(*pairs)) if pairs else ((), ())
+        return stats_of(torch.from_numpy(z), torch.from_numpy(protected)).summary() if len(z) else None
+
+    def input_changed(self) -> bool:
+        return _file_state(self.path) != self.state
+
+
+def _file_state(path: Path) -> tuple[int, int, int, int]:
+    """A file's inode, size, mtime and ctime: any write (or a replaced file) changes one of them."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _bad_rows_error(path: Path, rows: list[int], listed: Path | None = None) -> BadFeaturesError:
@@ -210,53 +277,62 @@ def _json_id(value):
     return str(value)
 
 
-def assemble(gallery: Gallery, manifest: Manifest, num_chunks: int, fmt: str, output: Path, policy: str,
-             progress: bool = True, stats_of=None, fit: dict | None = None) -> GalleryResult:
-    """Write the output from the parts, rename it onto ``output``, remove the job folder.
+def assemble(job: ChunkJob, manifest: Manifest, figures: Figures, fmt: str, output: Path, policy: str,
+             progress: bool = True, fit: dict | None = None) -> GalleryResult:
+    """Complete the output, rename it onto ``output``, remove the job folder.
 
-    Parts were checked when written or when the job resumed (``ChunkJob.holds``). The input is read
-    again, chunk by chunk: its rows must still match their recorded checksum (else it changed during
-    the job), and with the parts they give the summary's figures, so no figure comes from the manifest:
-    the cosines of every protected row and ``stats_of(z, protected)`` (Protector.stats) of a seeded
-    sample of up to STATS_ROWS of them. ``fit``: the preflight's figures, reported with them. The output
-    carries the job's ``provenance``: in its metadata (safetensors, Parquet) or in ``<output>.provenance.json``
-    beside it (npy, FAISS).
+    Written in place (``OutputInPlace``), the temporary output holds every chunk's rows and ids already: it
+    is the output, fsynced and renamed, unless bad rows are skipped (the rows kept are then written again,
+    to ``compact.<format>``). From part files (``PartFiles``) the output is written in the target format,
+    chunk by chunk. Chunks were checked when stored or when the job resumed (``ChunkJob.holds``).
+
+    The summary's figures come from the input's rows and the output's, never from the manifest
+    (``Figures``): those of the chunks computed in this run were gathered as they were stored; for the
+    others, the input's rows and the stored ones are read here, and so is every chunk when the input file
+    changed since the job read it: its rows must still match their recorded checksum, else the input
+    changed during the job. ``fit``: the preflight's figures, reported with them. The output carries the
+    job's ``provenance``: in its metadata (safetensors, Parquet) or in ``<output>.provenance.json`` beside
+    it (npy, FAISS).
     """
-    work, records = manifest.work, [manifest.chunks[k] for k in range(num_chunks)]
+    gallery, work, store = job.gallery, manifest.work, job.store
+    records = [manifest.chunks[k] for k in range(job.num_chunks)]
     num_bad = sum(len(r["bad"]) for r in records)
-    tmp = work / f"output.{fmt}"
+    rows_written = gallery.num_rows - (num_bad if policy == "skip" else 0)
     made = provenance(manifest.fingerprint, policy)
-    writer = GalleryWriter(fmt, tmp, gallery, gallery.num_rows - (num_bad if policy == "skip" else 0), work,
-                           None if fmt in SIDECAR_FORMATS else made)
-    bad_rows, bad_ids, cosines = [], [], Cosines()
-    sample, picked = sample_rows(gallery.num_rows, STATS_ROWS), []
+    rewrite = not isinstance(store, OutputInPlace) or rows_written < gallery.num_rows
+    if rewrite:
+        tmp = work / f"{'compact' if isinstance(store, OutputInPlace) else 'output'}.{fmt}"
+        writer = GalleryWriter(fmt, tmp, gallery, rows_written, None if fmt in SIDECAR_FORMATS else made)
+    else:
+        writer = store.writer
+    recheck = figures.input_changed()
     for k, rec in enumerate(progress_bar(records, progress=progress, desc="assemble", unit="chunk")):
-        rows = read_part(work / "parts" / f"{k:06d}.bin", (rec["stop"] - rec["start"], gallery.dim), gallery.dtype)
-        if rows is None:
+        if k in figures and not rewrite and not recheck:
+            continue
+        stored = store.load(k, rec["start"], rec["stop"])
+        if stored is None:
             manifest.chunks.pop(k)
             manifest.save()
-            raise ValueError(f"{work}/parts/{k:06d}.bin is missing or truncated; rerun to recompute that chunk")
+            raise ValueError(f"{work}: chunk {k}'s stored rows ({rec['start']}..{rec['stop'] - 1}) are missing or "
+                             "truncated; rerun to recompute that chunk")
         chunk = gallery.read(rec["start"], rec["stop"])
         if sha256_of(chunk.rows) != rec["input_sha256"]:
             raise _changed_error(gallery.path, rec, work)
-        bad = np.asarray(rec["bad"], dtype=np.int64)
-        good = np.ones(len(rows), dtype=bool)
-        good[bad] = False
-        cosines.add(chunk.rows[good], rows[good]) if bad.size else cosines.add(chunk.rows, rows)
-        mine = sample[(sample >= rec["start"]) & (sample < rec["stop"])] - rec["start"]
-        mine = mine[good[mine]]
-        picked.append((chunk.rows[mine], rows[mine]))
-        chunk = Chunk(rows, chunk.ids, chunk.table)
-        if bad.size:
-            bad_rows += (rec["start"] + bad).tolist()
-            if chunk.ids is not None:
-                bad_ids += [_json_id(i) for i in chunk.ids[bad].tolist()]
-            if policy == "skip":
-                chunk = chunk.take(good)
-            else:
-                chunk.unchanged = ~good
-        writer.write(chunk)
+        if k not in figures:
+            figures.add(k, rec, chunk, stored[0])
+        if rewrite:
+            chunk = Chunk(stored[0], chunk.ids, chunk.table)
+            if rec["bad"]:
+                good = np.ones(len(chunk.rows), dtype=bool)
+                good[rec["bad"]] = False
+                if policy == "skip":
+                    chunk = chunk.take(good)
+                else:
+                    chunk.unchanged = ~good
+            writer.write(chunk)
     writer.finish()
+    store.close()
+    bad_rows, bad_ids = figures.bad_rows()
     side = output.with_name(output.name + ".bad-rows.json")
     if bad_rows:
         _write_bad_rows(output, gallery, policy, bad_rows, bad_ids, work / "bad-rows.json.tmp")
@@ -267,18 +343,15 @@ def assemble(gallery: Gallery, manifest: Manifest, num_chunks: int, fmt: str, ou
         write_atomic(made_side, json.dumps(made, indent=1, sort_keys=True).encode(), work / "provenance.json.tmp")
     elif made_side.exists():  # an earlier output's, in a format that had no room for it
         made_side.unlink()
-    stats = {"fit": fit} if fit is not None else {}
-    z, protected = (np.concatenate(parts) for parts in zip(*picked)) if picked else (np.zeros((0, 0)),) * 2
-    if stats_of is not None and len(z):
-        stats["sample"] = stats_of(torch.from_numpy(z), torch.from_numpy(protected)).summary()
-    result = GalleryResult(output, fmt, gallery.num_rows, writer.num_rows, len(bad_rows), num_chunks, 0,
-                           side if bad_rows else None, cosines.summary(), stats or None)
-    manifest.final = {**_stat(tmp), "result": {"format": fmt, "policy": policy, "rows_written": writer.num_rows,
-                                               "bad_rows": len(bad_rows),
-                                               "bad_rows_file": str(side) if bad_rows else None,
-                                               "cosine": result.cosine, "stats": result.stats}}
+    sample = figures.stats(job.protector.stats)
+    stats = {**({"fit": fit} if fit is not None else {}), **({"sample": sample} if sample is not None else {})}
+    result = GalleryResult(output, fmt, gallery.num_rows, rows_written, len(bad_rows), job.num_chunks, 0,
+                           side if bad_rows else None, figures.cosines.summary(), stats or None)
+    manifest.final = {**_stat(writer.path), "result": {
+        "format": fmt, "policy": policy, "rows_written": rows_written, "bad_rows": len(bad_rows),
+        "bad_rows_file": str(side) if bad_rows else None, "cosine": result.cosine, "stats": result.stats}}
     manifest.save()
-    os.replace(tmp, output)
+    os.replace(writer.path, output)
     _remove_job(work)
     return result
 
@@ -385,12 +458,15 @@ def protect_gallery(
                 _refuse_bad_rows(gallery, chunk_rows, dst, progress)
             stack.enter_context(_workspace(work))
             manifest = Manifest.open(work, fingerprint)
+            if ray is None and fmt in RAW_FORMATS:  # the output written in place: no second pass at the end
+                made = None if fmt in SIDECAR_FORMATS else provenance(manifest.fingerprint, on_bad_rows)
+                job.store = stack.enter_context(contextlib.closing(OutputInPlace(GalleryWriter(
+                    fmt, work / f"output.{fmt}", gallery, gallery.num_rows, made, keep=True))))
             manifest.drop_broken_parts(job, recompute=ray is None)  # the Ray driver's model is not the actors'
-            resumed = len(manifest.chunks)
+            resumed, figures = len(manifest.chunks), Figures(gallery)
             try:
-                _compute(job, spec, manifest, on_bad_rows, ray, workers, progress)
-                result = assemble(gallery, manifest, job.num_chunks, fmt, dst, on_bad_rows, progress,
-                                  job.protector.stats, fit)
+                _compute(job, spec, manifest, on_bad_rows, ray, workers, progress, figures)
+                result = assemble(job, manifest, figures, fmt, dst, on_bad_rows, progress, fit)
             except OSError as err:
                 if err.filename is None:  # e.g. a full disk while writing: say where
                     raise OSError(err.errno, f"{err.strerror} (writing {work} or {dst}; finished chunks are "
@@ -491,8 +567,9 @@ def _kernel_versions(engine: dict) -> dict:
 
 
 def _compute(job: ChunkJob, spec: JobSpec, manifest: Manifest, on_bad_rows: str, ray, workers: int | None,
-             progress: bool) -> None:
-    """Compute the chunks the manifest does not hold yet, here or by Ray actors (built from ``spec``)."""
+             progress: bool, figures: Figures) -> None:
+    """Compute the chunks the manifest does not hold yet, here (their ``figures`` gathered as they are stored)
+    or by Ray actors (built from ``spec``)."""
     path, fail = job.gallery.path, on_bad_rows == "fail"  # bad rows were looked for before (_refuse_bad_rows)
     pending = [k for k in range(job.num_chunks) if k not in manifest.chunks]
     done = sum(r["stop"] - r["start"] for r in manifest.chunks.values())
@@ -508,7 +585,7 @@ def _compute(job: ChunkJob, spec: JobSpec, manifest: Manifest, on_bad_rows: str,
         if pending and ray is not None:
             run_ray(ray, spec, pending, record, workers, spec.device == "cuda", fail)
         elif pending:
-            run_local(job, pending, record, fail, progress=bar.update)
+            run_local(job, pending, record, fail, progress=bar.update, seen=figures.add)
 
 
 def _finished(work: Path, fingerprint: dict, output: Path, fmt: str, policy: str) -> GalleryResult | None:

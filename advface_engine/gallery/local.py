@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .formats import Chunk
 from .worker import ChunkJob
 
 
@@ -61,21 +62,25 @@ class Prefetch:
         self.close()
 
 
-def run_local(job: ChunkJob, pending: list[int], record, fail: bool, progress=None) -> None:
+def run_local(job: ChunkJob, pending: list[int], record, fail: bool, progress=None, seen=None) -> None:
     """Protect the pending chunks in this process. While one chunk is computed, the next is read and checksummed
-    (a reader thread) and the previous one is written and recorded (a writer thread)."""
+    (a reader thread) and the previous one is stored and recorded, then handed to ``seen(k, record, chunk, rows)``
+    (the input's chunk and its protected rows: the summary's figures), by a writer thread."""
 
-    def save(k: int, rec: dict, rows: np.ndarray) -> None:
-        record(k, job.save(k, rec, rows))
+    def save(k: int, rec: dict, chunk: Chunk, rows: np.ndarray) -> None:
+        rec = job.save(k, rec, rows, chunk.ids)
+        record(k, rec)
+        if seen is not None:
+            seen(k, rec, chunk, rows)
 
     with Prefetch((k, job.read(k)) for k in pending) as chunks, ThreadPoolExecutor(1) as writer:
         saving = None
         for k, loaded in chunks:
             rec, rows = job.compute(k, loaded, fail=fail, progress=progress)
             if saving is not None:
-                saving.result()  # one part in flight; a write error stops the job here
+                saving.result()  # one chunk in flight; a write error stops the job here
             if rows is None:
                 record(k, rec)  # bad rows under "fail": raises
-            saving = writer.submit(save, k, rec, rows)
+            saving = writer.submit(save, k, rec, loaded.chunk, rows)
         if saving is not None:
             saving.result()

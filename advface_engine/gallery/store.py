@@ -1,6 +1,7 @@
 """The gallery job's durable storage in its folder ``<output>.job``: the one atomic write (``write_atomic``:
-temporary file, fsync, rename), part files and their checksums, the manifest of finished chunks, and the
-folder itself (claimed with a marker, locked while a job runs, removed file by file by name).
+temporary file, fsync, rename), where finished chunks are stored (``PartFiles``, or ``OutputInPlace``: the
+output's temporary file) and their checksums, the manifest of finished chunks, and the folder itself
+(claimed with a marker, locked while a job runs, removed file by file by name).
 
 The job folder is the job's own: made by it, with a marker file (``MARKER``) in it, and locked while
 the job runs. The job refuses a folder it cannot take as its own (a link, a folder holding anything
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import RefusedFileError
 from .formats import FORMATS, open_nofollow
 
 if TYPE_CHECKING:
@@ -30,9 +32,11 @@ if TYPE_CHECKING:
 POLICIES = ("fail", "skip", "copy")  # on_bad_rows: what the job does with bad rows (a manifest's result records it)
 MARKER = "advface-job.json"  # written in the job folder when the job makes it: only such a folder is the job's
 CREATED_BY = "advface-engine protect-gallery"
-# every file the job writes in its folder (GalleryWriter's ids.tmp and output.<format> included), and its parts
+# every file the job writes in its folder (output.<format> and compact.<format>, the output written in place
+# less the skipped bad rows, included; ids.tmp an older version's), and its parts
 JOB_FILES = frozenset({MARKER, MARKER + ".tmp", "lock", "manifest.json", "manifest.json.tmp", "bad-rows.json.tmp",
-                       "provenance.json.tmp", "ids.tmp", *(f"output.{fmt}" for fmt in FORMATS)})
+                       "provenance.json.tmp", "ids.tmp", *(f"{name}.{fmt}" for name in ("output", "compact")
+                                                           for fmt in FORMATS)})
 PART = re.compile(r"\d{6,}\.bin(\.tmp)?")
 
 
@@ -69,6 +73,65 @@ def read_part(path: Path, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray
     except FileNotFoundError:
         return None
     return rows
+
+
+class PartFiles:
+    """Chunk k's output rows kept in ``parts/<k>.bin`` (``write_part``), the output written from them at
+    assembly: for Parquet (a table to write, its other columns read from the input) and on Ray (actors on
+    other nodes write their own files)."""
+
+    def __init__(self, folder: Path, dim: int, dtype: np.dtype):
+        self.folder, self.dim, self.dtype = folder, dim, dtype
+
+    def save(self, k: int, start: int, rows: np.ndarray, ids: np.ndarray | None) -> str:
+        """Write chunk k's rows (rows [start, start + len(rows)) of the output; ids are the input's, kept there)
+        durably; their sha256."""
+        return write_part(self.folder / f"{k:06d}.bin", rows)
+
+    def load(self, k: int, start: int, stop: int) -> tuple[np.ndarray, None] | None:
+        """Chunk k's rows as stored (no ids), or None when its part is missing or truncated."""
+        rows = read_part(self.folder / f"{k:06d}.bin", (stop - start, self.dim), self.dtype)
+        return None if rows is None else (rows, None)
+
+    def close(self) -> None:
+        pass
+
+
+class OutputInPlace:
+    """Chunk k's output rows and ids written straight into the output's temporary file, at their offset
+    (``GalleryWriter.write_at``, the file laid out whole, header first): npy, safetensors and FAISS on the
+    local engine. When every chunk is done, the file is the output: assembly is an fsync and a rename, not
+    a second pass over the data.
+
+    Why this is as durable as part files: a chunk's rows are written and ``fdatasync``ed before the manifest
+    records it with their sha256, as a part is; a crash before that leaves it unrecorded (recomputed, its
+    bytes overwritten). On resume the recorded chunks' rows are read back from the file and checked as parts
+    are (``ChunkJob.holds``: the sha256, bad rows, a batch recomputed) and their ids against the input's, so
+    a truncated, damaged or missing file (read as zeros where it was cut) is recomputed chunk by chunk, never
+    trusted; the header, which depends on nothing the chunks wrote, is written again whenever the file is
+    opened. Part files as well as the file would write the data twice for nothing a resume needs.
+    """
+
+    def __init__(self, writer):
+        self.writer = writer
+
+    def save(self, k: int, start: int, rows: np.ndarray, ids: np.ndarray | None) -> str:
+        """Write chunk k's rows at rows [start, start + len(rows)) of the output, with their ids, durably; the
+        rows' sha256."""
+        self.writer.write_at(start, rows, ids)
+        self.writer.sync()
+        return sha256_of(rows)
+
+    def load(self, k: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """Rows [start, stop) of the output and their ids (None without ids) as the file holds them, or None
+        when it ends before them."""
+        try:
+            return self.writer.read_at(start, stop)
+        except RefusedFileError:
+            return None
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _plain(value):

@@ -1,7 +1,8 @@
-"""The gallery job's worker: what turns chunk numbers into part files, the same in this process and in
-a Ray actor (``JobSpec`` holds what it needs, picklable). A chunk's rows are read, its bad rows (NaN or
+"""The gallery job's worker: what turns chunk numbers into stored output rows, the same in this process and
+in a Ray actor (``JobSpec`` holds what it needs, picklable). A chunk's rows are read, its bad rows (NaN or
 Inf, all zero) kept unchanged, the others protected batch by batch under deterministic cuDNN, so a
-recomputed chunk gives the same bytes; a finished part is checked short of redoing it (``ChunkJob.holds``).
+recomputed chunk gives the same bytes; they are stored in a part file or in place in the output
+(``ChunkJob.store``: store.py), and a finished chunk is checked short of redoing it (``ChunkJob.holds``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..models import load_encoder
 from ..models.io import load_model
 from ..protect import Protector
 from .formats import Chunk, Gallery, open_gallery
-from .store import read_part, sha256_of, write_part
+from .store import OutputInPlace, PartFiles, sha256_of
 
 
 @dataclass
@@ -69,7 +70,11 @@ def _load(model: str | os.PathLike | nn.Module, device: torch.device, loader) ->
 
 
 class ChunkJob:
-    """Turns chunk numbers into part files: read rows, protect the finite ones, write and checksum."""
+    """Turns chunk numbers into stored output rows: read rows, protect the finite ones, store and checksum.
+
+    ``store``: where the rows go, part files (``PartFiles``, the default: in a Ray actor too) or the output's
+    temporary file (``OutputInPlace``, which the job sets for the local engine where the format allows).
+    """
 
     def __init__(self, spec: JobSpec, gallery: Gallery | None = None):
         self.spec = spec
@@ -82,7 +87,8 @@ class ChunkJob:
                                                                **(spec.encoder_options or {})))
         self.protector = Protector(shadow=self.shadow, encoder=self.encoder, config=spec.config, backend=spec.backend,
                                    backend_options=spec.backend_options)
-        self.parts = Path(spec.parts)
+        self.work = Path(spec.parts).parent
+        self.store: PartFiles | OutputInPlace = PartFiles(Path(spec.parts), self.gallery.dim, self.gallery.dtype)
         self.num_chunks = -(-self.gallery.num_rows // spec.chunk_rows)
 
     def bounds(self, k: int) -> tuple[int, int]:
@@ -137,22 +143,25 @@ class ChunkJob:
         return record, out
 
     def holds(self, k: int, record: dict, recompute: bool = True) -> bool:
-        """Whether chunk k's part is what ``compute`` wrote, as far as a check short of redoing it can tell.
+        """Whether chunk k's stored rows (its part, or its rows in the output) are what ``compute`` wrote, as
+        far as a check short of redoing it can tell.
 
-        The part must match its checksum, hold the input's bad rows byte for byte (they are the input's:
+        They must match their checksum, hold the input's bad rows byte for byte (they are the input's:
         recorded ones that are not, or unrecorded ones, fail) and protected rows that are finite and not
-        zero; with ``recompute``, one batch of its protected rows, chosen at random, is recomputed (the
-        same rows in the same batch as ``compute`` gives them) and must equal the part's bit for bit.
-        Input rows that no longer match their recorded checksum are refused (ValueError): the input
-        changed since the job began.
+        zero; ids stored beside them must be the input's; with ``recompute``, one batch of its protected
+        rows, chosen at random, is recomputed (the same rows in the same batch as ``compute`` gives them)
+        and must equal the stored ones bit for bit. Input rows that no longer match their recorded checksum
+        are refused (ValueError): the input changed since the job began.
         """
         start, stop = self.bounds(k)
-        part = read_part(self.parts / f"{k:06d}.bin", (stop - start, self.gallery.dim), self.gallery.dtype)
-        if part is None or sha256_of(part) != record["sha256"]:
+        stored = self.store.load(k, start, stop)
+        if stored is None or sha256_of(stored[0]) != record["sha256"]:
             return False
-        loaded = self.read(k)
+        (part, ids), loaded = stored, self.read(k)
         if loaded.input_sha256 != record["input_sha256"]:
-            raise _changed_error(self.gallery.path, record, self.parts.parent)
+            raise _changed_error(self.gallery.path, record, self.work)
+        if ids is not None and ids.tobytes() != np.asarray(loaded.chunk.ids, ids.dtype).tobytes():
+            return False
         rows = loaded.chunk.rows
         bad, good = _bad_and_good(rows)
         if bad.tolist() != record["bad"] or part[bad].tobytes() != rows[bad].tobytes() or bad_rows_of(part[good]).size:
@@ -166,9 +175,10 @@ class ChunkJob:
         self.protect(batch, out)
         return out.tobytes() == part[good][i:i + size].tobytes()
 
-    def save(self, k: int, record: dict, rows: np.ndarray) -> dict:
-        """Write chunk k's part file; the record gains its sha256."""
-        return {**record, "sha256": write_part(self.parts / f"{k:06d}.bin", rows)}
+    def save(self, k: int, record: dict, rows: np.ndarray, ids: np.ndarray | None = None) -> dict:
+        """Store chunk k's rows (and the input's ids for them, where the store keeps ids); the record gains
+        their sha256."""
+        return {**record, "sha256": self.store.save(k, record["start"], rows, ids)}
 
     def run(self, k: int, fail: bool = False) -> dict:
         """Compute and save chunk k; its record."""
