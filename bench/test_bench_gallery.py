@@ -31,6 +31,7 @@ from advface_engine.models import build_model, save_model
 # (its shadow decoder is the benchmarks' default on CPU), "tiny512" a decoder so small that the job's I/O weighs most.
 SCALES = {"demo": (DEMO.feature_dim, DEMO.size, DEMO.decoder_width, 10, 2048, 1024, 65536),
           "tiny512": (512, 16, 1, 1, 65536, 4096, 16384)}
+ROUNDS = 3  # job/engine pairs timed after the warm-up pair (their median)
 
 # VmHWM, not ru_maxrss: after fork + exec, ru_maxrss starts from the parent's peak (pytest's, here)
 RSS_JOB = """
@@ -86,8 +87,8 @@ def test_gallery_job_vs_engine(benchmark, tmp_path, scale):
             protector(z[i:i + batch])
         seconds["engine"].append(time.perf_counter() - start)
 
-    benchmark.pedantic(pair, rounds=5, iterations=1, warmup_rounds=1)
-    job, engine = (rows / statistics.median(seconds[k][-5:]) for k in ("job", "engine"))
+    benchmark.pedantic(pair, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    job, engine = (rows / statistics.median(seconds[k][-ROUNDS:]) for k in ("job", "engine"))
     benchmark.extra_info.update(job_rows_per_s=job, engine_rows_per_s=engine, job_over_engine=job / engine)
 
 

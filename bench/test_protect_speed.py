@@ -87,7 +87,7 @@ def interleaved(benchmark, models, backend: str, batch: int, cases: dict, group:
             seconds[name].append(time.perf_counter() - start)
 
     benchmark.group = group
-    benchmark.pedantic(each, rounds=10, iterations=1)
+    benchmark.pedantic(each, rounds=6, iterations=1)
     ms = {name: 1e3 * statistics.median(values) for name, values in seconds.items()}
     first, *others = ms
     benchmark.extra_info.update(backend=backend, batch=batch, **{f"{name}_ms": v for name, v in ms.items()},
