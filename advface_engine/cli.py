@@ -8,7 +8,7 @@ import importlib
 import sys
 
 from .config_args import positive_int
-from .threads import torch_threads
+from .threads import keep_freed_memory, torch_threads
 
 # Modules that add subcommands: each defines register(subparsers) and sets a ``func`` default.
 SUBCOMMAND_MODULES = [
@@ -34,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; ``argv`` None means this process is the command (sys.argv), which then keeps its freed
+    memory (``keep_freed_memory``); a command called in-process with its arguments leaves the allocator as is."""
     args = build_parser().parse_args(argv)
+    if argv is None:
+        keep_freed_memory()
     try:
         with torch_threads(args.threads):
             return int(args.func(args) or 0)

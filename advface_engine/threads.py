@@ -6,12 +6,19 @@ run), those spinning threads hold the cores the others need and everything slows
 magnitude (docs/cli.md, Threads, has the measured figures). So each command runs as many threads as
 there are usable cores less the ones busy when it starts (``--threads N`` chooses;
 ``torch.set_num_threads`` in Python).
+
+The commands also keep freed memory in the process (``keep_freed_memory``): glibc's malloc otherwise
+maps fresh pages for every large tensor and unmaps them when it is freed, so each step of a protection
+faults in its activations again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
+import sys
 from collections.abc import Iterator
 
 
@@ -58,3 +65,24 @@ def torch_threads(threads: int | None) -> Iterator[int]:
         yield chosen
     finally:
         torch.set_num_threads(saved)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+KEEP_BYTES = 1 << 30  # blocks below this come from the heap, and up to this much free heap is kept
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc serve blocks under KEEP_BYTES from its heap and keep up to that much freed heap,
+    instead of a fresh mmap per large tensor (page faults on every first touch) and munmap on free.
+
+    Process-wide and for the process's life: memory freed after a peak is reused, not returned to the
+    system. The command line calls it; a library user may. Results do not change, only where memory
+    comes from. Returns whether it applied (glibc on Linux only; elsewhere it does nothing)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
