@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
-import sys
 from collections.abc import Iterator
 
 
@@ -69,6 +67,7 @@ def torch_threads(threads: int | None) -> Iterator[int]:
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 KEEP_BYTES = 1 << 30  # blocks below this come from the heap, and up to this much free heap is kept
+OLD_GLIBC_MAX = 32 << 20  # the largest mmap threshold glibc accepted before 2.35
 
 
 def keep_freed_memory() -> bool:
@@ -77,12 +76,10 @@ def keep_freed_memory() -> bool:
 
     Process-wide and for the process's life: memory freed after a peak is reused, not returned to the
     system. The command line calls it; a library user may. Results do not change, only where memory
-    comes from. Returns whether it applied (glibc on Linux only; elsewhere it does nothing)."""
-    if not sys.platform.startswith("linux"):
-        return False
+    comes from. Returns whether it applied (glibc only; elsewhere it does nothing)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the process already runs
+    except (OSError, AttributeError):  # no mallopt: not glibc
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
+    applied = mallopt(M_MMAP_THRESHOLD, KEEP_BYTES) or mallopt(M_MMAP_THRESHOLD, OLD_GLIBC_MAX)
+    return bool(applied) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
