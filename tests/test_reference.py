@@ -409,6 +409,63 @@ def test_folded_decoder_is_the_same_function():
 
 
 @pytest.mark.parametrize("family", ["dcgan", "nbnet", "upconv"])
+def test_inplace_activations_change_no_value(family):
+    """The reference's step decoder, its activations in place, gives the same image and z-gradient to the bit
+    as the same folded decoder without; every family has some in place."""
+    import copy
+
+    from advface_engine.backends.modules import channels_last, fold_batchnorm, inplace_activations
+
+    S, _ = tiny_models(family)
+    plain = channels_last(fold_batchnorm(S))
+    fast = inplace_activations(copy.deepcopy(plain))
+    assert sum(getattr(m, "inplace", False) for m in fast.modules()) >= 2
+    assert not any(getattr(m, "inplace", False) for m in plain.modules())
+    z = F.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(1)), dim=1)
+    target = plain(z).detach() + 0.1
+    grads = []
+    for decoder in (plain, fast):
+        z_t = z.clone().requires_grad_(True)
+        x = decoder(z_t)
+        grads.append((x, torch.autograd.grad((x - target).abs().sum(), z_t)[0]))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_inplace_activations_only_where_nothing_else_reads_the_input():
+    """In place after a Linear, convolution or BatchNorm (through Identity, reshapes, nested Sequentials); not
+    after a layer whose backward reads its output (Sigmoid), not on the Sequential's own input, not inside a
+    Sequential with a forward of its own (it may reuse any output), not a LeakyReLU of negative slope."""
+    from advface_engine.backends.modules import inplace_activations
+
+    class Residual(nn.Sequential):
+        def forward(self, x):
+            h = self[0](x)
+            return self[1](h) + h
+
+    cases = [
+        (nn.Sequential(nn.Linear(4, 8), nn.Identity(), nn.ReLU()), True),
+        (nn.Sequential(nn.Linear(4, 8), nn.Sequential(nn.Unflatten(1, (2, 2, 2)), nn.Identity()), nn.ReLU()), True),
+        (nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8).eval(), nn.LeakyReLU(0.2)), True),
+        (nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.ReLU()), False),
+        (nn.Sequential(nn.Identity(), nn.ReLU(), nn.Linear(4, 8)), False),
+        (nn.Sequential(nn.Linear(4, 8), nn.LeakyReLU(-0.5)), False),
+        (Residual(nn.Linear(4, 4), nn.ReLU()), False),
+    ]
+    z = torch.randn(3, 4)
+    for model, expected in cases:
+        want = model(z)
+        z_t = z.clone().requires_grad_(True)
+        want_grad = torch.autograd.grad(model(z_t).sum(), z_t)[0]
+        inplace_activations(model)
+        acts = [m for m in model.modules() if isinstance(m, nn.ReLU | nn.LeakyReLU)]
+        assert [a.inplace for a in acts] == [expected], model
+        z_t = z.clone().requires_grad_(True)
+        got = model(z_t)
+        assert torch.equal(got, want)
+        assert torch.equal(torch.autograd.grad(got.sum(), z_t)[0], want_grad)
+
+
+@pytest.mark.parametrize("family", ["dcgan", "nbnet", "upconv"])
 def test_bf16_decoder_option_stays_close_to_fp32(family):
     """backend_options={"dtype": "bf16"}: the decoder in bfloat16, z and the steps in float32; bf16's 8-bit
     mantissa flips some gradient signs, so the results agree with fp32's within bf16's tolerance (most entries

@@ -163,6 +163,34 @@ class ChannelsLast(nn.Module):
         return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
+# layers whose input-gradient backward never reads their output, and modules that pass values through
+OUTPUT_UNUSED = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.modules.batchnorm._BatchNorm)
+PASS_THROUGH = (nn.Identity, nn.Flatten, nn.Unflatten, ChannelsLast)
+
+
+def inplace_activations(shadow: nn.Module) -> nn.Module:
+    """``shadow`` with each ReLU (and LeakyReLU of slope >= 0) made in-place where the tensor it overwrites
+    is the fresh output of a Linear, convolution or BatchNorm before it in a plain nn.Sequential (through
+    Identity, reshapes and ChannelsLast): nothing else reads that tensor, forward or backward. One
+    activation-sized tensor less to allocate per activation and step, the same values."""
+    def backwards(module: nn.Module) -> list[nn.Module]:  # the modules a value went through, last first
+        if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+            return [m for child in reversed(module) for m in backwards(child)]
+        return [module]
+
+    for seq in [m for m in shadow.modules() if isinstance(m, nn.Sequential)]:
+        if type(seq).forward is not nn.Sequential.forward:  # a forward of its own may read any layer's output
+            continue
+        for i, act in enumerate(seq):
+            if not (type(act) is nn.ReLU or (type(act) is nn.LeakyReLU and act.negative_slope >= 0)):
+                continue
+            before = [m for child in reversed(list(seq)[:i]) for m in backwards(child)]
+            made = next((m for m in before if not isinstance(m, PASS_THROUGH)), None)
+            if isinstance(made, OUTPUT_UNUSED):
+                act.inplace = True
+    return shadow
+
+
 def opens_image(module: nn.Module) -> bool:
     """Whether ``module`` turns flat features into (C, H, W) images (an Unflatten of dim 1 into three
     sizes): where a decoder's NHWC layout begins, in the reference (``channels_last``) and in the fused

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..config import ProtectConfig
 from ..ensemble import ShadowEnsemble, members
 from ..noise import ball_noise
-from .modules import as_input_of, channels_last, fold_batchnorm, weights_key
+from .modules import as_input_of, channels_last, fold_batchnorm, inplace_activations, weights_key
 
 
 def shadow_targets(z: Tensor, shadow: nn.Module, encoder: nn.Module,
@@ -143,13 +143,14 @@ class LowPrecision(nn.Module):
 
 def faster_shadow(shadow: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """``fold_batchnorm(shadow)``, in ``dtype`` if given (``LowPrecision``), laid out ``channels_last`` in float32
-    or bfloat16 on a CPU."""
+    or bfloat16 on a CPU, its activations in place where that is safe (``inplace_activations``)."""
     folded = fold_batchnorm(shadow)
     if dtype is not None:
         folded = folded.to(dtype)
     like = next(folded.parameters(), torch.empty(0, dtype=torch.float64))
     if like.device.type == "cpu" and like.dtype in (torch.float32, torch.bfloat16):  # oneDNN's dtypes
         folded = channels_last(folded)
+    folded = inplace_activations(folded)
     return folded if dtype is None else LowPrecision(folded, dtype)
 
 
@@ -157,8 +158,9 @@ class ReferenceBackend:
     """Plain PyTorch autograd with respect to the feature only.
 
     The decoder it runs is ``fold_batchnorm(shadow)``, in float32 or bfloat16 on a CPU through
-    ``channels_last`` (the layout oneDNN's convolutions run fastest in), rebuilt whenever the
-    shadow's weights change; in training mode it runs the shadow itself.
+    ``channels_last`` (the layout oneDNN's convolutions run fastest in), with its ReLUs in place where
+    nothing else reads their input, rebuilt whenever the shadow's weights change; in training mode it
+    runs the shadow itself.
 
     dtype: "fp32" (default) runs the decoder in the shadow's own dtype; "bf16" in bfloat16 (opt-in, for
     CPUs with bfloat16 matrix units: AMX, AVX512-BF16), z, the anchor and the steps staying in the
