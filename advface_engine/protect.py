@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .backends import ReplayingBackend, make_backend
 from .backends.modules import as_input_of, first_float, own_parameters, submodules
+from .backends.reference import FasterShadow
 from .config import ProtectConfig
 from .ensemble import as_shadow, members, which
 from .errors import ModelMismatchError
@@ -156,6 +157,7 @@ class Protector:
             raise TypeError(f"config must be a ProtectConfig, got {type(config).__name__}")
         self.shadow, self.encoder, self._config = shadow, encoder, config
         self.backend = make_backend(backend, shadow, encoder, config, **(backend_options or {}))
+        self._measured = FasterShadow(shadow)  # what stats and check_fit run: S as the reference runs it
         self._replay = self.backend.run_replay if isinstance(self.backend, ReplayingBackend) else None
         self._checked: set[tuple] = set()
         self._warned = False
@@ -183,7 +185,8 @@ class Protector:
         device, dtype = self._place(z)
         with self._lock, frozen(self.shadow, self.encoder), torch.inference_mode(False), \
                 torch.autocast(device.type, enabled=False):
-            return protection_stats(self._work(z, device, dtype), z_adv, self.shadow, self.encoder, self._config)
+            return protection_stats(self._work(z, device, dtype), z_adv, self._measured(), self.encoder,
+                                    self._config)
 
     def check_fit(self, z: Tensor | np.ndarray, rows: int = FIT_ROWS, seed: int = 0) -> FitReport:
         """How near the shadow's anchor E(S(z)) is to z, on a seeded sample of ``rows`` rows of z (all of
@@ -199,7 +202,7 @@ class Protector:
                 torch.autocast(device.type, enabled=False):
             work = self._work(z[picked], device, dtype)
             check_models(z.shape[1], self.shadow, self.encoder, work)
-            return fit_report(work, self.shadow, self.encoder, self._config)
+            return fit_report(work, self._measured(), self.encoder, self._config)
 
     def _place(self, z: Tensor) -> tuple[torch.device, torch.dtype]:
         """Where and in what precision the work runs: the shadow's device and dtype."""

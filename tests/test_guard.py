@@ -212,6 +212,37 @@ def test_stats_per_row():
     assert torch.isnan(original.l1_gain).all() and (original.anchor_cosine > 0.9999).all()
 
 
+def test_stats_and_check_fit_run_the_folded_shadow():
+    """Protector.stats and check_fit run S as the reference runs it (BatchNorm folded: cheaper), with the figures
+    of the shadow itself to rounding, rebuilt when the shadow's weights change."""
+    from advface_engine.stats import fit_report, protection_stats
+
+    shadow, encoder = tiny_models()
+    z = features(16)
+    cfg = afe.ProtectConfig(eps=0.1, alpha=0.03, steps=3, min_cosine=0.5, anchor="shadow", random_start=False)
+    p = afe.Protector(shadow, encoder, cfg)
+    z_adv = p(z)
+    ran = []
+    hooks = [m.register_forward_hook(lambda m, args, out: ran.append(len(args[0]))) for m in shadow.modules()
+             if isinstance(m, torch.nn.BatchNorm2d)]
+    assert hooks
+    got, fit = p.stats(z, z_adv), p.check_fit(z)
+    assert len(z) not in ran  # the shadow's own BatchNorm layers ran on the model check's probe only
+    with torch.no_grad():
+        want = protection_stats(z, z_adv, shadow, encoder, cfg)
+        want_fit = fit_report(z, shadow, encoder, cfg)
+    for name in ("anchor_cosine", "cosine", "l1_gain"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-4, atol=1e-4)
+    assert fit.median == pytest.approx(want_fit.median, abs=1e-5)
+    with torch.no_grad():
+        shadow[0].weight.mul_(1.5)
+    moved = p.stats(z, z_adv).l1_gain
+    with torch.no_grad():
+        torch.testing.assert_close(moved, protection_stats(z, z_adv, shadow, encoder, cfg).l1_gain,
+                                   rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(moved, got.l1_gain)
+
+
 def test_check_fit_tells_a_fitting_shadow_from_a_random_one():
     z = features(300)
     fit = afe.Protector(*fitting_models()).check_fit(z)
@@ -268,13 +299,15 @@ def test_gallery_job_refuses_a_shadow_that_does_not_fit(tmp_path, capsys):
     out = capsys.readouterr().out
     guard = afe.ProtectConfig().min_cosine
     assert f"cos(feature, protected feature): min {guard:.3f}" in out and "shadow fit (preflight, 256 rows)" in out
-    assert "sample of 300 protected rows: guard held" in out and "anchor cosine median" in out
+    assert "sample of 256 protected rows: guard held" in out and "anchor cosine median" in out
 
 
 def test_gallery_job_runs_a_fitting_shadow_and_reports_its_figures(tmp_path):
     import numpy as np
 
     from advface_engine.gallery import protect_gallery
+    from advface_engine.gallery.job import STATS_ROWS
+    from advface_engine.stats import sample_rows
 
     src = _gallery(tmp_path)
     shadow, encoder = fitting_models()
@@ -287,8 +320,9 @@ def test_gallery_job_runs_a_fitting_shadow_and_reports_its_figures(tmp_path):
     cos = (z * out).sum(1) / np.linalg.norm(z, axis=1) / np.linalg.norm(out, axis=1)
     assert result.cosine["min"] == pytest.approx(cos.min(), abs=1e-12) and cos.min() >= cfg.min_cosine - 1e-6
     assert result.cosine["median"] == pytest.approx(np.median(cos), abs=3e-4)  # a histogram bin (1e-4) away
-    assert sample["rows"] == 300 and 0 <= sample["guard_active"] < 1
-    want = afe.protect(torch.from_numpy(np.load(src)), shadow, encoder, cfg, return_stats=True)[1].summary()
+    picked = sample_rows(300, STATS_ROWS)  # a seeded sample of the 300 rows
+    assert sample["rows"] == len(picked) == 256 and 0 <= sample["guard_active"] < 1
+    want = afe.protect(torch.from_numpy(np.load(src)[picked]), shadow, encoder, cfg, return_stats=True)[1].summary()
     assert sample["anchor_cosine"]["median"] == pytest.approx(want["anchor_cosine"]["median"], abs=1e-6)
     with pytest.raises(ValueError, match="min_anchor_cosine"):
         protect_gallery(src, tmp_path / "x.npy", shadow, encoder, cfg, device="cpu", min_anchor_cosine=2.0)

@@ -154,6 +154,24 @@ def faster_shadow(shadow: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
     return folded if dtype is None else LowPrecision(folded, dtype)
 
 
+class FasterShadow:
+    """``FasterShadow(shadow, dtype)()``: the shadow as the reference runs it, ``faster_shadow`` of each member
+    of an ensemble, rebuilt whenever the shadow's weights change; in training mode the shadow itself."""
+
+    def __init__(self, shadow: nn.Module, dtype: torch.dtype | None = None):
+        self.shadow, self.dtype = shadow, dtype
+        self._built: tuple[tuple, nn.Module] | None = None
+
+    def __call__(self) -> nn.Module:
+        if any(m.training for shadow in members(self.shadow) for m in shadow.modules()):
+            return self.shadow
+        key = weights_key(self.shadow)
+        if self._built is None or self._built[0] != key:
+            built = [faster_shadow(s, self.dtype) for s in members(self.shadow)]
+            self._built = key, built[0] if len(built) == 1 else ShadowEnsemble(built)
+        return self._built[1]
+
+
 class ReferenceBackend:
     """Plain PyTorch autograd with respect to the feature only.
 
@@ -174,18 +192,12 @@ class ReferenceBackend:
         if dtype not in REFERENCE_DTYPES:
             raise ValueError(f"reference backend dtype must be one of {sorted(REFERENCE_DTYPES)}, got {dtype!r}")
         self.shadow, self.encoder, self.config, self.dtype = shadow, encoder, config, dtype
-        self._folded: tuple[tuple, nn.Module] | None = None
+        self._faster = FasterShadow(shadow, REFERENCE_DTYPES[dtype])
 
     def step_shadow(self) -> nn.Module:
         """S as run at every step (each shadow of an ensemble): the same function as ``self.shadow``, less
         work."""
-        if any(m.training for shadow in members(self.shadow) for m in shadow.modules()):
-            return self.shadow
-        key = weights_key(self.shadow)
-        if self._folded is None or self._folded[0] != key:
-            folded = [faster_shadow(s, REFERENCE_DTYPES[self.dtype]) for s in members(self.shadow)]
-            self._folded = key, folded[0] if len(folded) == 1 else ShadowEnsemble(folded)
-        return self._folded[1]
+        return self._faster()
 
     def run(self, z: Tensor) -> Tensor:
         cfg = self.config

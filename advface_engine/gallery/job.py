@@ -106,7 +106,8 @@ __all__ = ["CHUNK_BYTES", "COSINE_BINS", "CREATED_BY", "ENGINES", "JOB_FILES", "
 
 ENGINES = ("local", "ray")
 CHUNK_BYTES = 32 << 20  # default chunk: about 32 MiB of rows, a multiple of the batch size
-STATS_ROWS = 1024  # protected rows whose ProtectionStats the summary reports (four forward passes each)
+STATS_ROWS = 256  # protected rows whose ProtectionStats the summary reports (four forward passes each), as many as
+# the preflight samples: enough for its quantiles and the guard's share (+-3 points), a small cost on a small gallery
 COSINE_BINS = 20_000  # histogram of cos(z, protected z) over [-1, 1]: the summary's quantiles within 1e-4
 SIDECAR_FORMATS = ("npy", "faiss")  # formats with no room for metadata: provenance goes to <output>.provenance.json
 VERSIONS = ("advface_engine", "torch", "triton")  # the fingerprint's engine entries that the provenance keeps
