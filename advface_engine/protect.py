@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .backends import ReplayingBackend, make_backend
 from .backends.modules import as_input_of, first_float, own_parameters, submodules
-from .backends.reference import FasterShadow
+from .backends.reference import FasterShadow, ReferenceBackend
 from .config import ProtectConfig
 from .ensemble import as_shadow, members, which
 from .errors import ModelMismatchError
@@ -157,7 +157,9 @@ class Protector:
             raise TypeError(f"config must be a ProtectConfig, got {type(config).__name__}")
         self.shadow, self.encoder, self._config = shadow, encoder, config
         self.backend = make_backend(backend, shadow, encoder, config, **(backend_options or {}))
-        self._measured = FasterShadow(shadow)  # what stats and check_fit run: S as the reference runs it
+        # what stats and check_fit run: S as the reference runs it (the reference backend's own, in float32)
+        same = isinstance(self.backend, ReferenceBackend) and self.backend.dtype == "fp32"
+        self._measured = self.backend.faster if same else FasterShadow(shadow)
         self._replay = self.backend.run_replay if isinstance(self.backend, ReplayingBackend) else None
         self._checked: set[tuple] = set()
         self._warned = False
