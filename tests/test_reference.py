@@ -434,7 +434,8 @@ def test_inplace_activations_change_no_value(family):
 def test_inplace_activations_only_where_nothing_else_reads_the_input():
     """In place after a Linear, convolution or BatchNorm (through Identity, reshapes, nested Sequentials); not
     after a layer whose backward reads its output (Sigmoid), not on the Sequential's own input, not inside a
-    Sequential with a forward of its own (it may reuse any output), not a LeakyReLU of negative slope."""
+    Sequential with a forward of its own (it may reuse any output), not a LeakyReLU of negative slope, not
+    where a forward hook may keep the tensor."""
     from advface_engine.backends.modules import inplace_activations
 
     class Residual(nn.Sequential):
@@ -442,6 +443,9 @@ def test_inplace_activations_only_where_nothing_else_reads_the_input():
             h = self[0](x)
             return self[1](h) + h
 
+    kept = []
+    hooked = nn.Linear(4, 8)
+    hooked.register_forward_hook(lambda m, args, out: kept.append(out))  # a hook that keeps the layer's output
     cases = [
         (nn.Sequential(nn.Linear(4, 8), nn.Identity(), nn.ReLU()), True),
         (nn.Sequential(nn.Linear(4, 8), nn.Sequential(nn.Unflatten(1, (2, 2, 2)), nn.Identity()), nn.ReLU()), True),
@@ -450,6 +454,7 @@ def test_inplace_activations_only_where_nothing_else_reads_the_input():
         (nn.Sequential(nn.Identity(), nn.ReLU(), nn.Linear(4, 8)), False),
         (nn.Sequential(nn.Linear(4, 8), nn.LeakyReLU(-0.5)), False),
         (Residual(nn.Linear(4, 4), nn.ReLU()), False),
+        (nn.Sequential(hooked, nn.ReLU()), False),
     ]
     z = torch.randn(3, 4)
     for model, expected in cases:
@@ -463,6 +468,7 @@ def test_inplace_activations_only_where_nothing_else_reads_the_input():
         got = model(z_t)
         assert torch.equal(got, want)
         assert torch.equal(torch.autograd.grad(got.sum(), z_t)[0], want_grad)
+    assert all((k == kept[0]).all() for k in kept) and (kept[0] < 0).any()  # the kept outputs were not clamped
 
 
 @pytest.mark.parametrize("family", ["dcgan", "nbnet", "upconv"])

@@ -171,13 +171,16 @@ PASS_THROUGH = (nn.Identity, nn.Flatten, nn.Unflatten, ChannelsLast)
 def inplace_activations(shadow: nn.Module) -> nn.Module:
     """``shadow`` with each ReLU (and LeakyReLU of slope >= 0) made in-place where the tensor it overwrites
     is the fresh output of a Linear, convolution or BatchNorm before it in a plain nn.Sequential (through
-    Identity, reshapes and ChannelsLast): nothing else reads that tensor, forward or backward. One
-    activation-sized tensor less to allocate per activation and step, the same values."""
+    Identity, reshapes and ChannelsLast), in a shadow without forward hooks: nothing else reads that tensor,
+    forward or backward. One activation-sized tensor less to allocate per activation and step, the same
+    values."""
     def backwards(module: nn.Module) -> list[nn.Module]:  # the modules a value went through, last first
         if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
             return [m for child in reversed(module) for m in backwards(child)]
         return [module]
 
+    if nn.modules.module._global_forward_hooks or any(m._forward_hooks for m in shadow.modules()):
+        return shadow  # a forward hook may keep a tensor an activation would overwrite
     for seq in [m for m in shadow.modules() if isinstance(m, nn.Sequential)]:
         if type(seq).forward is not nn.Sequential.forward:  # a forward of its own may read any layer's output
             continue
