@@ -58,3 +58,48 @@ def test_relative_links_resolve(page: Path):
         elif anchor and file.suffix == ".md" and anchor not in anchors(file.read_text()):
             broken.append(f"{target}: no heading #{anchor} in {file.relative_to(ROOT)}")
     assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+SHELL_FENCE = re.compile(r"^ *```(?:bash|sh)\n(.*?)^ *```", re.S | re.M)
+
+
+INLINE_COMMAND = re.compile(r"`(advface [a-z][a-z-]*\s[^`]*--[^`]*)`")  # with an option: a command to paste
+
+
+def command_lines(text: str) -> list[str]:
+    """The ``advface`` commands of a page: in its bash blocks (continuation lines joined, comments dropped, one
+    entry per command of a ``&&`` or ``;`` chain), then in its inline code where one is given with options."""
+    out = []
+    for block in SHELL_FENCE.findall(text):
+        for line in block.replace("\\\n", " ").splitlines():
+            for command in re.split(r"&&|;", line.split(" #")[0]):
+                if command.strip().startswith("advface "):
+                    out.append(command.strip())
+    return out + [" ".join(c.split()) for c in INLINE_COMMAND.findall(FENCE.sub("", text))]
+
+
+def test_command_lines_are_found_in_bash_blocks_and_inline_commands_with_options():
+    text = ("```bash\nadvface demo --threads 1   # a comment\npip install x && advface eval \\\n  --scale tiny\n```\n"
+            "`advface protect` and `advface eval --scale\nmedium` and `advface COMMAND --help`\n"
+            "```python\nadvface = 1\n```\n")
+    assert command_lines(text) == ["advface demo --threads 1", "advface eval    --scale tiny",
+                                   "advface eval --scale medium"]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_documented_commands_parse(page: Path):
+    """Every command a page shows in a bash block takes the options it is shown with (pasted, it does not stop
+    at its parser)."""
+    import shlex
+
+    from advface_engine.cli import build_parser
+
+    refused = []
+    for command in command_lines(page.read_text()):
+        argv = shlex.split(command)[1:]
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit as stop:  # --help and --version exit 0, an unknown option 2
+            if stop.code:
+                refused.append(command)
+    assert not refused, f"{page.relative_to(ROOT)}: the parser refuses {refused}"
