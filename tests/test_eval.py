@@ -546,6 +546,42 @@ def test_shadow_identity_weight_reaches_shadows_only(monkeypatch):
     assert weights == {settings.seed + 1: 1.5, settings.seed + 2: 0.0}
 
 
+def test_an_ensemble_that_repeats_a_family_trains_it_again_with_another_seed(monkeypatch):
+    """dcgan+dcgan+upconv: the first dcgan is the server's shadow itself, the second another one trained with
+    seed + 21; each is trained once and kept."""
+    from advface_engine.evaluation import benchmark
+
+    settings = benchmark.settings_for("tiny", ensembles=[["dcgan", "dcgan", "upconv"]])
+    seeds = {}
+
+    def record(decoder, *args, seed, **kwargs):
+        seeds[id(decoder)] = seed
+        return [0.0]
+
+    given = []
+
+    class Recording:  # the Protector, recording the shadows it is given
+        def __init__(self, shadow, encoder, config, backend):
+            given.append(shadow)
+
+        def __call__(self, z):
+            return z
+
+    monkeypatch.setattr(benchmark, "train_decoder", record)
+    monkeypatch.setattr(benchmark, "Protector", Recording)
+    run = benchmark.Run.__new__(benchmark.Run)
+    run.s, run.progress, run.device, run.encoder = settings, False, torch.device("cpu"), None
+    run.timings, run.training, run._shadows = {}, {}, {}
+    run.server_images, run.z = torch.zeros(1, 3, 32, 32), torch.zeros(2, settings.feature_dim)
+    run.protect(settings.config(), ["dcgan", "dcgan", "upconv"])
+    (shadows,) = given
+    assert [seeds[id(m)] for m in shadows] == [1, 21, 1]
+    assert shadows[0] is run.shadow("dcgan") and shadows[1] is run.shadow("dcgan", copy=1)
+    assert shadows[2] is run.shadow("upconv") and len(seeds) == 3  # nothing trained twice
+    assert "train shadow dcgan #2" in run.timings
+    assert benchmark.shadow_sets(settings)[-1] == ("dcgan", "dcgan", "upconv")
+
+
 def test_eval_rejects_bad_settings(tmp_path):
     from advface_engine.evaluation.benchmark import load_settings, settings_for
 
@@ -617,9 +653,8 @@ def test_eval_output_must_be_a_folder_before_the_run(tmp_path, monkeypatch, caps
     ({"scale": ["tiny"]}, "scale must be one of"),
     ({"protect": {"eps": "x"}}, "protect: eps must be a number"),
     ({"ensembles": "dcgan+nbnet"}, "'ensembles' must be a list of lists of strings or null, got 'dcgan+nbnet'"),
-    ({"ensembles": [["dcgan"]]}, "ensembles: 'dcgan' is not two or more distinct decoder families"),
-    ({"ensembles": [["dcgan", "dcgan"]]}, "ensembles: 'dcgan+dcgan' is not two or more distinct"),
-    ({"ensembles": [["dcgan", "vae"]]}, "ensembles: 'dcgan+vae' is not two or more distinct decoder families"),
+    ({"ensembles": [["dcgan"]]}, "ensembles: 'dcgan' is not two or more decoder families"),
+    ({"ensembles": [["dcgan", "vae"]]}, "ensembles: 'dcgan+vae' is not two or more decoder families"),
     ({"transfer_objectives": ["pix"]}, "transfer_objectives: unknown objective 'pix'"),
 ])
 def test_eval_settings_file_is_type_checked(tmp_path, data, message):

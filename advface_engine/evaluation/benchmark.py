@@ -51,6 +51,7 @@ from .verification import cosine_scores, embed, resampled_accuracy, ten_fold_acc
 ATTACKER_FIRST = 100_000
 GALLERY_FIRST = 200_000
 MISMATCH_FIRST = 300_000
+SHADOW_COPY_SEED = 20  # an ensemble's k-th shadow of one family trains with seed + 1 + 20 k (the first: seed + 1)
 MISMATCH_SEED = 7919  # added to the run's seed: the mismatch shadow's faces come from another render seed
 FOLDS = 10
 METHODS = ("unprotected", "random", "dp", "advface")
@@ -195,9 +196,9 @@ def settings_for(scale: str = "small", **overrides) -> EvalSettings:
     if settings.shadow not in settings.families:
         raise ValueError(f"the shadow family {settings.shadow!r} must be one of families {settings.families}")
     for ensemble in settings.ensembles or ():
-        if len(ensemble) < 2 or len(set(ensemble)) < len(ensemble) or not set(ensemble) <= set(DECODERS):
-            raise ValueError(f"ensembles: {'+'.join(ensemble)!r} is not two or more distinct decoder families "
-                             f"({sorted(DECODERS)})")
+        if len(ensemble) < 2 or not set(ensemble) <= set(DECODERS):
+            raise ValueError(f"ensembles: {'+'.join(ensemble)!r} is not two or more decoder families "
+                             f"({sorted(DECODERS)}; a family repeated is trained again with another seed)")
     for objective in settings.transfer_objectives:
         if objective not in OBJECTIVES:
             raise ValueError(f"transfer_objectives: unknown objective {objective!r}; known: {OBJECTIVES}")
@@ -448,13 +449,19 @@ class Run:
                              name=f"attacker {STRONG}", decoder=decoder,
                              epochs=s.strong_epochs or (3 * s.decoder_epochs + 1) // 2)
 
-    def shadow(self, family: str | None = None, identity_weight: float | None = None) -> nn.Module:
+    def shadow(self, family: str | None = None, identity_weight: float | None = None, copy: int = 0) -> nn.Module:
         """The server's shadow of ``family`` trained with ``identity_weight`` (default: the settings'), trained
-        on first use and kept."""
+        on first use and kept. ``copy`` k > 0 is another shadow of that family, the same but for its seed (its
+        initial weights and data order): an ensemble that repeats a family."""
         key = (family or self.s.shadow,
                self.s.shadow_identity_weight if identity_weight is None else float(identity_weight))
+        if copy:
+            key += (copy,)
         if key not in self._shadows:
-            self._shadows[key] = self._decoder(key[0], "shadow", self.server_images, identity_weight=key[1])
+            self._shadows[key] = self._decoder(
+                key[0], "shadow", self.server_images, identity_weight=key[1],
+                seed=self.s.seed + 1 + SHADOW_COPY_SEED * copy if copy else None,
+                name=f"shadow {key[0]} #{copy + 1}" if copy else None)
         return self._shadows[key]
 
     def mismatch_shadow(self) -> nn.Module:
@@ -482,9 +489,10 @@ class Run:
     def protect(self, config: ProtectConfig, shadow: str | nn.Module | list | None = None,
                 batch_size: int = 1024) -> Tensor:
         """AdvFace features of every image (the stored gallery), in batches; ``shadow`` a family, a module or a
-        list of them (an ensemble)."""
+        list of them (an ensemble; a family named again is its next copy, ``shadow(copy=...)``)."""
         if isinstance(shadow, (list, tuple)):
-            module = [one if isinstance(one, nn.Module) else self.shadow(one) for one in shadow]
+            module = [one if isinstance(one, nn.Module) else self.shadow(one, copy=shadow[:k].count(one))
+                      for k, one in enumerate(shadow)]
         else:
             module = shadow if isinstance(shadow, nn.Module) else self.shadow(shadow)
         protector = Protector(module, self.encoder, config, backend=self.s.backend)

@@ -72,7 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the shadow set x attacker matrix: a shadow of every family and ensembles of them (default: "
                         "on, off at the medium scale)")
     p.add_argument("--ensembles", type=_ensembles, metavar="A+B,...",
-                   help="the matrix's ensembles, e.g. dcgan+nbnet,dcgan+nbnet+upconv (default: the shadow's family "
+                   help="the matrix's ensembles, e.g. dcgan+nbnet,dcgan+nbnet+upconv; a family repeated (dcgan+dcgan) "
+                        "is trained again with another seed (default: the shadow's family "
                         "with one, two, ... other families)")
     p.add_argument("--transfer-objectives", type=_names, metavar="NAMES",
                    help="objectives each row of the matrix is protected with (default pixel)")
