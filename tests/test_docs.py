@@ -12,6 +12,8 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")  # [text](target), not images
 FENCE = re.compile(r"^ *(```|~~~).*?^ *\1", re.S | re.M)
 CODE = re.compile(r"`[^`\n]*`")
+SHELL_FENCE = re.compile(r"^ *```(?:bash|sh)\n(.*?)^ *```", re.S | re.M)
+INLINE_COMMAND = re.compile(r"`(advface [a-z][a-z-]*\s[^`]*--[^`]*)`")  # with an option: a command to paste
 
 
 def _prose(text: str) -> str:
@@ -60,12 +62,6 @@ def test_relative_links_resolve(page: Path):
     assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
 
 
-SHELL_FENCE = re.compile(r"^ *```(?:bash|sh)\n(.*?)^ *```", re.S | re.M)
-
-
-INLINE_COMMAND = re.compile(r"`(advface [a-z][a-z-]*\s[^`]*--[^`]*)`")  # with an option: a command to paste
-
-
 def command_lines(text: str) -> list[str]:
     """The ``advface`` commands of a page: in its bash blocks (continuation lines joined, comments dropped, one
     entry per command of a ``&&`` or ``;`` chain), then in its inline code where one is given with options."""
@@ -88,8 +84,8 @@ def test_command_lines_are_found_in_bash_blocks_and_inline_commands_with_options
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_documented_commands_parse(page: Path):
-    """Every command a page shows in a bash block takes the options it is shown with (pasted, it does not stop
-    at its parser)."""
+    """Every command a page shows (``command_lines``) takes the options it is shown with: pasted, it does not
+    stop at its parser."""
     import shlex
 
     from advface_engine.cli import build_parser
