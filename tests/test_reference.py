@@ -446,6 +446,9 @@ def test_inplace_activations_only_where_nothing_else_reads_the_input():
     kept = []
     hooked = nn.Linear(4, 8)
     hooked.register_forward_hook(lambda m, args, out: kept.append(out))  # a hook that keeps the layer's output
+    kept_input = []
+    pre_hooked = nn.ReLU()
+    pre_hooked.register_forward_pre_hook(lambda m, args: kept_input.append(args[0]))  # keeps the ReLU's input
     cases = [
         (nn.Sequential(nn.Linear(4, 8), nn.Identity(), nn.ReLU()), True),
         (nn.Sequential(nn.Linear(4, 8), nn.Sequential(nn.Unflatten(1, (2, 2, 2)), nn.Identity()), nn.ReLU()), True),
@@ -455,6 +458,7 @@ def test_inplace_activations_only_where_nothing_else_reads_the_input():
         (nn.Sequential(nn.Linear(4, 8), nn.LeakyReLU(-0.5)), False),
         (Residual(nn.Linear(4, 4), nn.ReLU()), False),
         (nn.Sequential(hooked, nn.ReLU()), False),
+        (nn.Sequential(nn.Linear(4, 8), pre_hooked), False),
     ]
     z = torch.randn(3, 4)
     for model, expected in cases:
@@ -468,7 +472,31 @@ def test_inplace_activations_only_where_nothing_else_reads_the_input():
         got = model(z_t)
         assert torch.equal(got, want)
         assert torch.equal(torch.autograd.grad(got.sum(), z_t)[0], want_grad)
-    assert all((k == kept[0]).all() for k in kept) and (kept[0] < 0).any()  # the kept outputs were not clamped
+    for held in (kept, kept_input):  # what each hook kept is what the Linear computed: not clamped
+        assert all((k == held[0]).all() for k in held) and (held[0] < 0).any()
+
+
+def test_a_global_hook_added_later_turns_in_place_activations_off():
+    """A forward hook registered for every module after the reference's copy was built: the copy is built
+    again without in-place activations, so what the hook keeps is what the layers computed."""
+    from advface_engine.backends.reference import FasterShadow
+
+    torch.manual_seed(0)
+    shadow = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    faster = FasterShadow(shadow)
+    assert faster()[1].inplace
+    kept = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: kept.append(out) if isinstance(m, nn.Linear) and out.shape[1] == 8 else None)
+    z = torch.randn(16, 4)
+    try:
+        built = faster()
+        assert not built[1].inplace
+        out = built(z)
+    finally:
+        handle.remove()
+    assert (kept[0] < 0).any() and torch.allclose(out, shadow(z), atol=1e-6)
+    assert faster()[1].inplace  # the hook gone, in place again
 
 
 @pytest.mark.parametrize("family", ["dcgan", "nbnet", "upconv"])

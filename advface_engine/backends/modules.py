@@ -168,6 +168,11 @@ OUTPUT_UNUSED = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.modules.batchnorm.
 PASS_THROUGH = (nn.Identity, nn.Flatten, nn.Unflatten, ChannelsLast)
 
 
+def global_forward_hooks() -> bool:
+    """Whether any forward or forward pre-hook is registered for every module (``register_module_forward_hook``)."""
+    return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
 def inplace_activations(shadow: nn.Module) -> nn.Module:
     """``shadow`` with each ReLU (and LeakyReLU of slope >= 0) made in-place where the tensor it overwrites
     is the fresh output of a Linear, convolution or BatchNorm before it in a plain nn.Sequential (through
@@ -179,8 +184,8 @@ def inplace_activations(shadow: nn.Module) -> nn.Module:
             return [m for child in reversed(module) for m in backwards(child)]
         return [module]
 
-    if nn.modules.module._global_forward_hooks or any(m._forward_hooks for m in shadow.modules()):
-        return shadow  # a forward hook may keep a tensor an activation would overwrite
+    if global_forward_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in shadow.modules()):
+        return shadow  # a forward (pre-)hook may keep a tensor an activation would overwrite
     for seq in [m for m in shadow.modules() if isinstance(m, nn.Sequential)]:
         if type(seq).forward is not nn.Sequential.forward:  # a forward of its own may read any layer's output
             continue

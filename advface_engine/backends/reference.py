@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..config import ProtectConfig
 from ..ensemble import ShadowEnsemble, members
 from ..noise import ball_noise
-from .modules import as_input_of, channels_last, fold_batchnorm, inplace_activations, weights_key
+from .modules import as_input_of, channels_last, fold_batchnorm, global_forward_hooks, inplace_activations, weights_key
 
 
 def shadow_targets(z: Tensor, shadow: nn.Module, encoder: nn.Module,
@@ -156,7 +156,8 @@ def faster_shadow(shadow: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
 
 class FasterShadow:
     """``FasterShadow(shadow, dtype)()``: the shadow as the reference runs it, ``faster_shadow`` of each member
-    of an ensemble, rebuilt whenever the shadow's weights change; in training mode the shadow itself."""
+    of an ensemble, rebuilt whenever the shadow's weights change or a global forward hook comes or goes; in
+    training mode the shadow itself."""
 
     def __init__(self, shadow: nn.Module, dtype: torch.dtype | None = None):
         self.shadow, self.dtype = shadow, dtype
@@ -165,7 +166,7 @@ class FasterShadow:
     def __call__(self) -> nn.Module:
         if any(m.training for shadow in members(self.shadow) for m in shadow.modules()):
             return self.shadow
-        key = weights_key(self.shadow)
+        key = weights_key(self.shadow), global_forward_hooks()  # a global hook added later turns in-place off
         if self._built is None or self._built[0] != key:
             built = [faster_shadow(s, self.dtype) for s in members(self.shadow)]
             self._built = key, built[0] if len(built) == 1 else ShadowEnsemble(built)
