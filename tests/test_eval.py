@@ -582,6 +582,29 @@ def test_an_ensemble_that_repeats_a_family_trains_it_again_with_another_seed(mon
     assert benchmark.shadow_sets(settings)[-1] == ("dcgan", "dcgan", "upconv")
 
 
+def test_report_says_what_a_repeated_family_is():
+    """The transfer table names a repeated family's rows `dcgan+dcgan`; the report says they are other seeds."""
+    from advface_engine.evaluation.report import transfer_lines
+
+    figure = {"estimate": 0.1, "low": 0.05, "high": 0.15}
+
+    def row(shadows):
+        return {"shadows": shadows, "objective": "pixel", "success": {"upconv": 0.5}, "unseen_mean": 0.5,
+                "unseen_interval": figure, "unseen_max": 0.5, "offline_loss": figure}
+
+    results = {"settings": {"shadow": "dcgan"},
+               "config": {"eps": 0.1, "min_cosine": 0.875, "anchor": "original", "ensemble_anchor": "first",
+                          "objective": "pixel"},
+               "identity_inference": {"unprotected": {"upconv": {"success": 0.9}}},
+               "transfer": [row(["dcgan"]), row(["dcgan", "upconv"])]}
+    note = "A family named k times is k shadows of it"
+    assert not any(note in line for line in transfer_lines(results, ["upconv"], {"upconv": "upconv"}))
+    results["transfer"].append(row(["dcgan", "dcgan"]))
+    lines = transfer_lines(results, ["upconv"], {"upconv": "upconv"})
+    assert any(line.startswith("| dcgan+dcgan | pixel |") for line in lines)
+    assert any(note in line and "seed + 1 + 20 j" in line for line in lines)
+
+
 def test_eval_rejects_bad_settings(tmp_path):
     from advface_engine.evaluation.benchmark import load_settings, settings_for
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .benchmark import METHODS
+from .benchmark import METHODS, SHADOW_COPY_SEED
 from .grids import save_grid
 
 METHOD_NAMES = {"unprotected": "Unprotected", "random": "Random", "dp": "DP (Laplace)", "advface": "AdvFace"}
@@ -309,13 +309,16 @@ def transfer_lines(results: dict, attackers: list[str], names: dict) -> list[str
                     + [unseen, worst, interval(r["offline_loss"])])
     lines += _table(["shadows", "objective"] + [names[a] for a in attackers]
                     + ["unseen mean [95% CI]", "worst unseen", "offline loss [95% CI]"], rows)
+    if any(len(set(r["shadows"])) < len(r["shadows"]) for r in results["transfer"]):
+        lines += ["", f"A family named k times is k shadows of it, the same but for their training seeds: seed + 1 + "
+                      f"{SHADOW_COPY_SEED} j for the j-th (j = 0: the server's shadow)."]
     own = next((r for r in results["transfer"] if r["shadows"] == [s["shadow"]] and r["objective"] == cfg["objective"]),
                None)
     if own is not None and own["unseen_mean"] is not None:
         lines += ["", f"This run's config protects with one `{s['shadow']}` shadow and the `{cfg['objective']}` "
                       f"objective (row `{s['shadow']}`, {cfg['objective']}: unseen attackers "
-                      f"{_pct(own['unseen_mean'])}%), the library's default: an ensemble needs a trained shadow per "
-                      "family and costs the sum of its shadows' time; docs/evaluation.md weighs the rows above."]
+                      f"{_pct(own['unseen_mean'])}%), the library's default: an ensemble needs several trained shadows "
+                      "and costs the sum of their times; docs/evaluation.md weighs the rows above."]
     return lines
 
 
