@@ -68,7 +68,8 @@ def add_renamed(parser, new: str, *old: str, **kwargs) -> argparse.Action:
 
 def add_protect_args(parser: argparse.ArgumentParser) -> None:
     """One flag per ProtectConfig field: --eps --alpha --steps --norm --constraint --anchor --no-normalize
-    --[no-]random-start --seed --min-cosine --objective --objective-weight --ensemble-anchor."""
+    --[no-]random-start --seed --min-cosine --objective --objective-weight --ensemble-anchor --smoothing
+    --smoothing-scale."""
     d = ProtectConfig()
     g = parser.add_argument_group("protection")
     g.add_argument("--eps", type=float, default=d.eps, help=f"perturbation budget (default {d.eps})")
@@ -99,6 +100,11 @@ def add_protect_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ensemble-anchor", choices=ENSEMBLE_ANCHORS, default=d.ensemble_anchor,
                    help=f"with several --shadow and --anchor shadow: the first shadow's anchor, or the mean of all "
                         f"(default {d.ensemble_anchor})")
+    g.add_argument("--smoothing", type=int, default=d.smoothing, metavar="M",
+                   help=f"each step's gradient averaged over M noisy copies of the feature (M times the cost; "
+                        f"reference backend); 0: the plain gradient (default {d.smoothing})")
+    g.add_argument("--smoothing-scale", type=float, default=d.smoothing_scale, metavar="S",
+                   help=f"the copies' noise, relative to |z| / sqrt(D) (default {d.smoothing_scale})")
 
 
 FLAGS = {"identity_weight": "--objective-weight", "normalize": "--no-normalize"}  # where a flag is not the field's name

@@ -80,6 +80,11 @@ def uniform(keys: tuple[Tensor, Tensor], count: int, stream: int) -> Tensor:
     return _mix(_counters(count, stream, first.device) ^ first).bitwise_xor_(second).to(torch.float64).mul_(2.0 ** -32)
 
 
+def normal(keys: tuple[Tensor, Tensor], count: int) -> Tensor:
+    """(B, count) float64 standard normals by Box-Muller from streams 1 and 2 of ``keys``."""
+    return torch.sqrt(-2 * torch.log1p(-uniform(keys, count, 1))) * torch.cos(2 * torch.pi * uniform(keys, count, 2))
+
+
 def ball_noise(z: Tensor, seed: int, eps: float, norm: str) -> Tensor:
     """Per row of z, a point drawn uniformly from the eps-ball around 0 (float64, on z's device): each
     coordinate uniform in [-eps, eps] for "linf"; for "l2" a direction uniform on the sphere (Box-Muller
@@ -88,6 +93,13 @@ def ball_noise(z: Tensor, seed: int, eps: float, norm: str) -> Tensor:
     dim = z.shape[1]
     if norm == "linf":
         return uniform(keys, dim, 0).mul_(2 * eps).sub_(eps)
-    normal = torch.sqrt(-2 * torch.log1p(-uniform(keys, dim, 1))) * torch.cos(2 * torch.pi * uniform(keys, dim, 2))
-    direction = normal / (normal.norm(dim=1, keepdim=True) + 1e-12)
+    draws = normal(keys, dim)
+    direction = draws / (draws.norm(dim=1, keepdim=True) + 1e-12)
     return direction * eps * uniform(keys, 1, 3) ** (1.0 / dim)
+
+
+def copy_noise(keys: tuple[Tensor, Tensor], dim: int, index: int) -> Tensor:
+    """(B, dim) float64 standard normals for the ``index``-th noisy copy of the rows of ``keys`` (row_keys):
+    drawn from keys mixed with index + 1, so no copy reuses the random start's draws or another copy's."""
+    salt = _mix(torch.tensor(index + 1, dtype=torch.int64, device=keys[0].device))
+    return normal((_mix(keys[0] ^ salt), _mix(keys[1] ^ salt)), dim)

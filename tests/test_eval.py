@@ -779,6 +779,9 @@ def test_report_says_flip_and_states_the_l2_baselines(tiny_eval):
     text = markdown(l2, {}, "curve.png")
     assert "flip-augmented embeddings (--flip)" in text
     assert "b = eps/sqrt(2D)" in text and "noise RMS L2 norm = eps" in text and "random unit direction" in text
+    assert "noisy copies" not in text
+    l2["config"].update(smoothing=4, smoothing_scale=0.6)
+    assert "averaged over 4 noisy copies (scale 0.6)" in markdown(l2, {}, "curve.png")
 
 
 def test_report_removes_stale_grids_only(tiny_eval, tmp_path):

@@ -3,12 +3,14 @@ statistics: uniform in the ball, independent across rows and coordinates, a func
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from advface_engine.noise import BASES, MASK, PRIMES, ball_noise, row_keys, uniform
+from advface_engine.noise import BASES, MASK, PRIMES, ball_noise, copy_noise, row_keys, uniform
 
 
 def mix(x: int) -> int:
@@ -41,6 +43,23 @@ def test_noise_equals_the_python_formulas(dtype, seed):
     got = ball_noise(z, seed, 0.1, "linf")
     want = torch.tensor([python_linf(row, seed, 0.1) for row in z], dtype=torch.float64)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
+
+
+def python_copy_noise(first: int, second: int, count: int, index: int) -> list[float]:
+    """copy_noise for one row's keys written with Python integers: Box-Muller of streams 1 and 2 of the keys
+    mixed with mix(index + 1)."""
+    salt = mix(index + 1)
+    first, second = mix(first ^ salt), mix(second ^ salt)
+    u = [[(mix(mix(4 * j + s) ^ first) ^ second) * 2.0 ** -32 for j in range(count)] for s in (1, 2)]
+    return [math.sqrt(-2 * math.log1p(-a)) * math.cos(2 * math.pi * b) for a, b in zip(*u)]
+
+
+@pytest.mark.parametrize("index", [0, 1, 29])
+def test_copy_noise_equals_the_python_formulas(index):
+    z = F.normalize(torch.randn(3, 24, generator=torch.Generator().manual_seed(index)), dim=1)
+    keys = row_keys(z, 11)
+    want = torch.tensor([python_copy_noise(int(a), int(b), 24, index) for a, b in zip(*keys)], dtype=torch.float64)
+    torch.testing.assert_close(copy_noise(keys, 24, index), want, rtol=0, atol=1e-12)
 
 
 def test_noise_is_a_function_of_seed_and_row_bytes():

@@ -103,6 +103,9 @@ class FusedBackend:
         if config.objective != "pixel":  # "auto" falls back to the reference backend, with a warning
             raise UnsupportedModelError(f"the fused backend steps on the pixel objective (Eq. 4) only, not "
                                         f"objective={config.objective!r}: use backend 'reference'")
+        if config.smoothing:
+            raise UnsupportedModelError(f"the fused backend takes the plain gradient, not smoothing="
+                                        f"{config.smoothing}: use backend 'reference'")
         self.shadow, self.encoder, self.config = shadow, encoder, config
         self.dtype, self.graphs, self.split_k, self.record_loss = dtype, graphs, split_k, record_loss
         self.compile_encoder = compile_encoder

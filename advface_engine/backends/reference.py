@@ -5,7 +5,8 @@
     z_{t+1} = Proj_eps(z_t + alpha * sign(g_t)),  z_0 = z~   (2, 5)
 
 and the utility guard after each of them: Cap(u) moves u onto {u : cos(u, z) >= min_cosine}. With an
-ensemble of shadows S_1..S_K, x~_k = S_k(z) and g_t = d/dz sum_k || S_k(z_t) - x~_k ||_1.
+ensemble of shadows S_1..S_K, x~_k = S_k(z) and g_t = d/dz sum_k || S_k(z_t) - x~_k ||_1. With smoothing m,
+g_t is the mean of g at m noisy copies z_t + s ||z_t|| / sqrt(D) n_tj (smoothed_gradient).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from ..config import ProtectConfig
 from ..ensemble import ShadowEnsemble, members
-from ..noise import ball_noise
+from ..noise import ball_noise, copy_noise, row_keys
 from .modules import as_input_of, channels_last, fold_batchnorm, global_forward_hooks, inplace_activations, weights_key
 
 
@@ -87,6 +88,20 @@ def gradient(shadow: nn.Module, encoder: nn.Module, z_t: Tensor, x_shadow: list[
     shadow at a time (the same sum; each shadow's graph is freed before the next one runs)."""
     return sum(torch.autograd.grad(objective(s, encoder, z_t, x, z, config), z_t)[0]
                for s, x in zip(members(shadow), x_shadow))
+
+
+def smoothed_gradient(shadow: nn.Module, encoder: nn.Module, z_t: Tensor, x_shadow: list[Tensor], z: Tensor,
+                      config: ProtectConfig, keys: tuple[Tensor, Tensor], step: int) -> Tensor:
+    """The mean of ``gradient`` at config.smoothing noisy copies of z_t, z_t + s ||z_t|| / sqrt(D) n_j, n_j the
+    row's normals for copy j of this step (noise.copy_noise of the caller's row keys: batch-independent).
+    The noise is a constant offset, so each copy's gradient with respect to it is the one with respect to z_t."""
+    scale = config.smoothing_scale * z_t.detach().norm(dim=1, keepdim=True) / z_t.shape[1] ** 0.5
+    total = torch.zeros_like(z_t)
+    for j in range(config.smoothing):
+        noise = copy_noise(keys, z_t.shape[1], step * config.smoothing + j).to(z_t.dtype)
+        copy = (z_t.detach() + scale * noise).requires_grad_(True)
+        total += gradient(shadow, encoder, copy, x_shadow, z, config)
+    return total / config.smoothing
 
 
 def objective(shadow: nn.Module, encoder: nn.Module, z_t: Tensor, x_shadow: Tensor, z: Tensor,
@@ -208,8 +223,12 @@ class ReferenceBackend:
         anchor = guard(anchor, frame, cfg.min_cosine)
         z_t = guard(random_start(anchor, z, cfg), frame, cfg.min_cosine) if cfg.random_start else anchor.clone()
         z_t.requires_grad_(True)
-        for _ in range(cfg.steps):
-            grad = gradient(shadow, self.encoder, z_t, x_shadow, z, cfg)  # per-sample sums; rows independent
+        keys = row_keys(z, cfg.seed) if cfg.smoothing else None
+        for t in range(cfg.steps):
+            if keys is None:
+                grad = gradient(shadow, self.encoder, z_t, x_shadow, z, cfg)  # per-sample sums; rows independent
+            else:
+                grad = smoothed_gradient(shadow, self.encoder, z_t, x_shadow, z, cfg, keys, t)
             with torch.no_grad():
                 z_prev = z_t.detach().clone() if cfg.constraint == "per_step" else None
                 z_t.add_(step_direction(grad, cfg.norm), alpha=cfg.alpha)

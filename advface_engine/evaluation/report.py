@@ -128,6 +128,9 @@ def markdown(results: dict, grid_files: dict[str, str], curve_file: str) -> str:
     data, res = results["data"], results["resolution"]
     seeds = results["seeds"]
     weight = f" (weight {cfg['identity_weight']:g})" if cfg["objective"] == "pixel+identity" else ""
+    if cfg.get("smoothing"):  # results of versions before smoothing have no such field
+        weight += (f", each step's gradient averaged over {cfg['smoothing']} noisy copies "
+                   f"(scale {cfg['smoothing_scale']:g})")
     lines = [
         f"# AdvFace evaluation ({label} faces)",
         "",
