@@ -3,6 +3,7 @@
 The random start must not depend on where a row sits (its batch, its chunk, a resumed job), so each row's
 noise is a function of the seed and the row's own bytes. It is computed in a few integer tensor operations
 on the rows' device: no copy to the host, no generator per row, nothing a CUDA graph could not capture.
+Smoothing's noisy copies (``copy_noise``) draw from the same row keys, mixed with the copy's index.
 The same row, seed and dtype give the same bits on every device (integer arithmetic; the L2 ball's
 logarithm and cosine may round differently in the last place between CPU and GPU).
 
