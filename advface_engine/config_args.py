@@ -110,9 +110,16 @@ def add_protect_args(parser: argparse.ArgumentParser) -> None:
 FLAGS = {"identity_weight": "--objective-weight", "normalize": "--no-normalize"}  # where a flag is not the field's name
 
 
+def check_smoothing_scale(smoothing: int, scale: float) -> None:
+    """Refuse --smoothing-scale set (away from its default) without --smoothing: it would silently do nothing."""
+    if smoothing == 0 and scale != ProtectConfig.smoothing_scale:
+        raise ValueError(f"--smoothing-scale {scale:g} takes effect only with --smoothing M (M >= 1)")
+
+
 def config_from_args(args: argparse.Namespace) -> ProtectConfig:
     """The ProtectConfig of the flags; a value it refuses is an error naming the flag, not the field."""
     fields = [f.name for f in dataclasses.fields(ProtectConfig)]
+    check_smoothing_scale(args.smoothing, args.smoothing_scale)
     try:
         return ProtectConfig(**{name: getattr(args, name) for name in fields})
     except (TypeError, ValueError) as err:  # ProtectConfig's messages begin with the field's name

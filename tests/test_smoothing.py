@@ -99,7 +99,17 @@ def test_smoothing_flags():
     cfg = config_from_args(parser.parse_args(["--smoothing", "4", "--smoothing-scale", "0.3"]))
     assert (cfg.smoothing, cfg.smoothing_scale) == (4, 0.3)
     with pytest.raises(ValueError, match="^--smoothing-scale must be"):
-        config_from_args(parser.parse_args(["--smoothing-scale", "-1"]))
+        config_from_args(parser.parse_args(["--smoothing", "2", "--smoothing-scale", "-1"]))
+    with pytest.raises(ValueError, match="^--smoothing-scale 0.3 takes effect only with --smoothing M"):
+        config_from_args(parser.parse_args(["--smoothing-scale", "0.3"]))  # silently ignored otherwise
+
+
+def test_eval_refuses_a_smoothing_scale_without_smoothing(tmp_path, capsys):
+    from advface_engine.cli import main
+
+    assert main(["eval", "--scale", "tiny", "--smoothing-scale", "0.3", "--output", str(tmp_path / "e")]) == 2
+    assert "--smoothing-scale 0.3 takes effect only with --smoothing M" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()  # refused before anything is written
 
 
 @pytest.mark.interpreter

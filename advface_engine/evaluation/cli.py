@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..config import ProtectConfig
-from ..config_args import add_protect_args, add_renamed, min_cosine_arg, positive_int
+from ..config_args import add_protect_args, add_renamed, check_smoothing_scale, min_cosine_arg, positive_int
 from ..models import DECODERS
 
 NOT_GIVEN = object()  # a protection flag's default here: None is a value (--min-cosine none), not "not given"
@@ -141,6 +141,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from .report import write_report
 
     settings = settings_from_args(args)
+    config = settings.config()
+    check_smoothing_scale(config.smoothing, config.smoothing_scale)
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output} exists and is not a folder")
