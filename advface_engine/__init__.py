@@ -9,8 +9,9 @@
 from . import backends, errors
 from .config import ProtectConfig
 from .models import build_model, load_encoder, load_model, save_model
+from .principal import principal_directions
 from .protect import Protector, protect
 
 __version__ = "0.2.0"
 __all__ = ["ProtectConfig", "Protector", "__version__", "backends", "build_model", "errors", "load_encoder",
-           "load_model", "protect", "save_model"]
+           "load_model", "principal_directions", "protect", "save_model"]

@@ -20,6 +20,7 @@ from .config import ProtectConfig
 from .ensemble import as_shadow, members, which
 from .errors import ModelMismatchError
 from .features import as_tensor, check_features, warn_far_from_unit
+from .principal import check_basis
 from .stats import FIT_ROWS, FitReport, ProtectionStats, fit_report, protection_stats, sample_rows
 
 _FROZEN_LOCK = threading.Lock()
@@ -135,6 +136,10 @@ class Protector:
     protection (four forward passes more; CPU tensors, also for NumPy input); ``check_fit(z)`` tells
     whether the shadow fits before any. Rows far from unit norm under ``normalize=True`` are protected
     with a ``FeatureNormWarning``, given once per Protector.
+
+    ``keep_out``: a (k, D) basis with orthonormal rows, ``principal_directions(clean_features, k)``: every
+    iterate's change is kept out of its span, so verification, which reads features along the principal
+    directions, loses less at the same guard (reference backend; "auto" falls back to it on a GPU).
     """
 
     def __init__(
@@ -145,6 +150,7 @@ class Protector:
         backend: str = "auto",
         backend_options: dict | None = None,
         return_stats: bool = False,
+        keep_out: Tensor | np.ndarray | None = None,
     ):
         if not isinstance(encoder, nn.Module):
             raise TypeError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}")
@@ -156,7 +162,8 @@ class Protector:
         if not isinstance(config, ProtectConfig):
             raise TypeError(f"config must be a ProtectConfig, got {type(config).__name__}")
         self.shadow, self.encoder, self._config = shadow, encoder, config
-        self.backend = make_backend(backend, shadow, encoder, config, **(backend_options or {}))
+        self.keep_out = None if keep_out is None else check_basis(keep_out)
+        self.backend = make_backend(backend, shadow, encoder, config, keep_out=self.keep_out, **(backend_options or {}))
         # what stats and check_fit run: S as the reference runs it (the reference backend's own, in float32)
         same = isinstance(self.backend, ReferenceBackend) and self.backend.dtype == "fp32"
         self._measured = self.backend.faster if same else FasterShadow(shadow)
@@ -256,7 +263,10 @@ def protect(
     config: ProtectConfig | None = None,
     backend: str = "reference",
     return_stats: bool = False,
+    keep_out: Tensor | np.ndarray | None = None,
 ) -> Tensor | np.ndarray | tuple[Tensor | np.ndarray, ProtectionStats]:
     """Replace features z (B, D), a tensor or a NumPy array, by adversarial features of the same type,
-    dtype and shape (ALGORITHM.md, Eq. 2-5); with ``return_stats``, ``(z_adv, ProtectionStats)``."""
-    return Protector(shadow=shadow, encoder=encoder, config=config, backend=backend, return_stats=return_stats)(z)
+    dtype and shape (ALGORITHM.md, Eq. 2-5); with ``return_stats``, ``(z_adv, ProtectionStats)``;
+    ``keep_out`` as for ``Protector``."""
+    return Protector(shadow=shadow, encoder=encoder, config=config, backend=backend, return_stats=return_stats,
+                     keep_out=keep_out)(z)

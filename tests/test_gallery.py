@@ -876,3 +876,81 @@ def test_gallery_job_takes_the_decoder_dtype(tmp_path, capsys):
         protect_gallery(tmp_path / "gallery.npy", tmp_path / "x.npy", shadow, encoder, backend="reference",
                         backend_options={"graphs": False}, device="cpu", progress=False, force=True)
     assert not (tmp_path / "x.npy").exists() and not (tmp_path / "x.npy.job").exists()
+
+
+def test_keep_out_basis_file_protects_as_the_protector_and_joins_the_fingerprint(tmp_path, ckpt, capsys):
+    from advface_engine.principal import basis_checksum, load_basis
+
+    rows = gallery_rows()
+    rows[9] = 0  # a bad row: left out of the basis
+    np.save(tmp_path / "in.npy", rows)
+    assert main(["basis", "--input", str(tmp_path / "in.npy"), "-o", str(tmp_path / "b.safetensors"), "-k", "4",
+                 "--chunk-rows", "40", "--no-progress"]) == 0
+    assert f"the top 4 principal directions of {ROWS - 1} rows of dim {DIM}" in capsys.readouterr().out
+    basis = load_basis(tmp_path / "b.safetensors")
+    torch.testing.assert_close(basis, afe.principal_directions(np.delete(rows, 9, axis=0), 4), rtol=0, atol=1e-5)
+    assert main(["protect-gallery", "--input", str(tmp_path / "in.npy"), "--output", str(tmp_path / "out.npy"),
+                 "--shadow", ckpt["shadow"], "--encoder", ckpt["encoder"],
+                 "--keep-out", str(tmp_path / "b.safetensors"), "--steps", "2", "--batch-size", str(BATCH),
+                 "--chunk-rows", str(CHUNK), "--device", "cpu", "--on-bad-rows", "copy", "--force",
+                 "--no-progress"]) == 0
+    protector = afe.Protector(*ckpt["modules"], config=CONFIG, backend="reference", keep_out=basis)
+    good = np.ones(ROWS, dtype=bool)
+    good[9] = False
+    want = np.concatenate([protector(torch.from_numpy(rows[c:c + CHUNK][b:b + BATCH][good[c:c + CHUNK][b:b + BATCH]]))
+                           .numpy() for c in range(0, ROWS, CHUNK) for b in range(0, min(CHUNK, ROWS - c), BATCH)])
+    got = np.load(tmp_path / "out.npy")
+    np.testing.assert_array_equal(got[good], want)
+    assert not np.allclose(got[good], reference(rows[good], ckpt), atol=1e-4)  # the basis changed the rows
+    assert provenance_of("npy", tmp_path / "out.npy")["keep_out"] == basis_checksum(basis)
+    run(tmp_path / "in.npy", tmp_path / "plain.npy", ckpt, on_bad_rows="copy")
+    assert "keep_out" not in provenance_of("npy", tmp_path / "plain.npy")  # a job without one: as it always was
+
+
+def test_a_job_resumed_with_another_basis_is_refused(tmp_path, ckpt):
+    from advface_engine.principal import save_basis
+
+    src, *_ = with_bad_rows(tmp_path, bad=(140, 141, 149))
+    dst = tmp_path / "out.safetensors"
+    clean = np.delete(gallery_rows(), [140, 141, 149], axis=0)
+    save_basis(tmp_path / "a.safetensors", afe.principal_directions(clean, 4))
+    save_basis(tmp_path / "b.safetensors", afe.principal_directions(clean, 5))
+    with killed_at_chunk():
+        run(src, dst, ckpt, on_bad_rows="copy", keep_out=tmp_path / "a.safetensors")
+    for other in (tmp_path / "b.safetensors", None):
+        with pytest.raises(ValueError, match=r"belongs to a different job \(keep_out"):
+            run(src, dst, ckpt, on_bad_rows="copy", keep_out=other)
+    assert run(src, dst, ckpt, on_bad_rows="copy", keep_out=tmp_path / "a.safetensors").resumed_chunks == 2
+
+
+@pytest.mark.parametrize("basis, error", [
+    (torch.eye(8)[:2], "is a basis of 8-dim features and .* holds 16-dim rows"),
+    (torch.ones(2, DIM), "orthonormal"), ("missing.safetensors", "no basis file at"),
+    ("not-a-basis", "holds no tensor 'basis'")])
+def test_a_bad_basis_is_refused_before_any_work(tmp_path, ckpt, basis, error):
+    from safetensors.torch import save_file
+
+    src = tmp_path / "in.npy"
+    np.save(src, gallery_rows())
+    if basis == "not-a-basis":
+        save_file({"weights": torch.eye(2)}, str(tmp_path / "w.safetensors"))
+        basis = tmp_path / "w.safetensors"
+    elif isinstance(basis, str):
+        basis = tmp_path / basis
+    with pytest.raises((ValueError, FileNotFoundError), match=error):
+        run(src, tmp_path / "out.npy", ckpt, keep_out=basis)
+    assert not (tmp_path / "out.npy").exists() and not (tmp_path / "out.npy.job").exists()
+
+
+@pytest.mark.ray
+def test_ray_equals_local_with_a_basis(tmp_path, ckpt, local_ray, monkeypatch):
+    from advface_engine.principal import save_basis
+
+    rows = gallery_rows()
+    np.save(tmp_path / "in.npy", rows)
+    save_basis(tmp_path / "b.safetensors", afe.principal_directions(rows, 4))
+    local = run(tmp_path / "in.npy", tmp_path / "local.npy", ckpt, keep_out=tmp_path / "b.safetensors")
+    monkeypatch.setattr(job_module, "run_local", None)  # the Ray run must not fall back to this process
+    remote = run(tmp_path / "in.npy", tmp_path / "ray.npy", ckpt, engine="ray", keep_out=tmp_path / "b.safetensors")
+    assert remote.rows_written == local.rows_written == ROWS
+    np.testing.assert_array_equal(np.load(tmp_path / "ray.npy"), np.load(tmp_path / "local.npy"))

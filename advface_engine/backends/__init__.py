@@ -92,19 +92,30 @@ def _device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def make_backend(name: str, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig, **options) -> Backend:
+def _no_keep_out(keep_out: Tensor | None) -> None:
+    """The fused backend's refusal of a keep_out basis ("auto" falls back to the reference backend on it)."""
+    if keep_out is not None:
+        raise UnsupportedModelError("the fused backend does not keep the steps out of a basis (keep_out): use "
+                                    "backend 'reference'")
+
+
+def make_backend(name: str, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig,
+                 keep_out: Tensor | None = None, **options) -> Backend:
     """Build backend ``name``; "auto" picks fused on a CUDA device, else reference.
 
     ``options`` go to the fused backend (e.g. dtype="bf16", graphs=False), the reference backend (dtype
     "fp32" or "bf16"; "auto" off the GPU keeps such a dtype and ignores the fused options) or a plugin's
     factory.
-    ``shadow`` may be a list of shadows (``ensemble.as_shadow``).
+    ``shadow`` may be a list of shadows (``ensemble.as_shadow``). ``keep_out``: a basis the steps are kept out
+    of (``ReferenceBackend``); the reference backend alone takes it, "auto" falls back to it on a GPU.
     """
     shadow = as_shadow(shadow)
     if name not in BACKEND_NAMES:
         factory = _plugin(name) if isinstance(name, str) else None
         if factory is None:
             raise ValueError(f"backend must be one of {available()}, got {name!r}")
+        if keep_out is not None:
+            raise ValueError(f"backend {name!r} takes no keep_out basis: use backend 'reference'")
         backend = factory(shadow, encoder, config, **options)
         if not isinstance(backend, Backend):
             raise TypeError(f"backend {name!r}: its factory gave a {type(backend).__name__}, which has no `name` "
@@ -113,22 +124,25 @@ def make_backend(name: str, shadow: nn.Module, encoder: nn.Module, config: Prote
     if name == "reference":
         if set(options) - {"dtype"}:
             raise ValueError(f"the reference backend takes only the option dtype, got {sorted(options)}")
-        return ReferenceBackend(shadow, encoder, config, **options)
+        return ReferenceBackend(shadow, encoder, config, keep_out=keep_out, **options)
     check_fused_options(options)
     if name == "fused":
         from .fused import FusedBackend
 
+        _no_keep_out(keep_out)
         return FusedBackend(shadow, encoder, config, **options)
     if _device_of(shadow).type != "cuda":  # the reference, in the dtype asked for where it has it
         dtype = options.get("dtype")
         if dtype is not None and dtype not in REFERENCE_DTYPES:
             warnings.warn(f"decoder dtype {dtype!r} is the fused backend's (a CUDA GPU); the reference backend runs "
                           f"here, in fp32 (it takes {sorted(REFERENCE_DTYPES)})", stacklevel=3)
-        return ReferenceBackend(shadow, encoder, config, **({"dtype": dtype} if dtype in REFERENCE_DTYPES else {}))
+        return ReferenceBackend(shadow, encoder, config, keep_out=keep_out,
+                                **({"dtype": dtype} if dtype in REFERENCE_DTYPES else {}))
     try:
         from .fused import FusedBackend
 
+        _no_keep_out(keep_out)
         return FusedBackend(shadow, encoder, config, **options)
     except (ImportError, UnsupportedModelError) as err:
         warnings.warn(f"fused backend unavailable ({err}); using the reference backend", stacklevel=3)
-        return ReferenceBackend(shadow, encoder, config)
+        return ReferenceBackend(shadow, encoder, config, keep_out=keep_out)

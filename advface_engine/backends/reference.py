@@ -6,7 +6,9 @@
 
 and the utility guard after each of them: Cap(u) moves u onto {u : cos(u, z) >= min_cosine}. With an
 ensemble of shadows S_1..S_K, x~_k = S_k(z) and g_t = d/dz sum_k || S_k(z_t) - x~_k ||_1. With smoothing m,
-g_t is the mean of g at m noisy copies z_t + s ||z_t|| / sqrt(D) n_tj (smoothed_gradient).
+g_t is the mean of g at m noisy copies z_t + s ||z_t|| / sqrt(D) n_tj (smoothed_gradient). With a basis B
+to keep out (k orthonormal rows), each iterate's change from z loses its part along B before the guard:
+u -> z + (I - B^T B)(u - z) (kept_out).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import Tensor, nn
 from ..config import ProtectConfig
 from ..ensemble import ShadowEnsemble, members
 from ..noise import ball_noise, copy_noise, row_keys
+from ..principal import check_basis
 from .modules import as_input_of, channels_last, fold_batchnorm, global_forward_hooks, inplace_activations, weights_key
 
 
@@ -80,6 +83,15 @@ def guard(u: Tensor, frame: tuple[Tensor, Tensor], min_cosine: float | None) -> 
     turn = torch.where(across_norm > 1e-6 * radius, across / across_norm.clamp_min(1e-30), fallback)
     edge = radius * (min_cosine * z_hat + (1 - min_cosine ** 2) ** 0.5 * turn)
     return torch.where(outside, edge, u)
+
+
+def kept_out(u: Tensor, z: Tensor, basis: Tensor | None) -> Tensor:
+    """u with its change from z taken out of the span of ``basis``'s orthonormal rows: z + (I - B^T B)(u - z);
+    u itself when there is no basis."""
+    if basis is None:
+        return u
+    change = u - z
+    return z + change - (change @ basis.T) @ basis
 
 
 def gradient(shadow: nn.Module, encoder: nn.Module, z_t: Tensor, x_shadow: list[Tensor], z: Tensor,
@@ -200,14 +212,19 @@ class ReferenceBackend:
     CPUs with bfloat16 matrix units: AMX, AVX512-BF16), z, the anchor and the steps staying in the
     shadow's dtype. bfloat16 flips some gradient signs: the results agree with fp32's within bf16's
     tolerance, not to the bit.
+
+    keep_out: a (k, D) basis with orthonormal rows (``principal.principal_directions``) whose span every
+    iterate's change from z is kept out of (``kept_out``), before the guard; None: no such constraint.
     """
 
     name = "reference"
 
-    def __init__(self, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig, dtype: str = "fp32"):
+    def __init__(self, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig, dtype: str = "fp32",
+                 keep_out: Tensor | None = None):
         if dtype not in REFERENCE_DTYPES:
             raise ValueError(f"reference backend dtype must be one of {sorted(REFERENCE_DTYPES)}, got {dtype!r}")
         self.shadow, self.encoder, self.config, self.dtype = shadow, encoder, config, dtype
+        self.keep_out = None if keep_out is None else check_basis(keep_out)
         self.faster = FasterShadow(shadow, REFERENCE_DTYPES[dtype])
 
     def step_shadow(self) -> nn.Module:
@@ -218,10 +235,15 @@ class ReferenceBackend:
     def run(self, z: Tensor) -> Tensor:
         cfg = self.config
         shadow = self.step_shadow()
+        basis = self._basis(z)
         x_shadow, anchor = shadow_targets(z, shadow, self.encoder, cfg)
         frame = guard_frame(z) if cfg.min_cosine is not None else None
         anchor = guard(anchor, frame, cfg.min_cosine)
-        z_t = guard(random_start(anchor, z, cfg), frame, cfg.min_cosine) if cfg.random_start else anchor.clone()
+        if cfg.random_start or basis is not None:
+            start = random_start(anchor, z, cfg) if cfg.random_start else anchor
+            z_t = guard(kept_out(start, z, basis), frame, cfg.min_cosine)
+        else:
+            z_t = anchor.clone()
         z_t.requires_grad_(True)
         keys = row_keys(z, cfg.seed) if cfg.smoothing else None
         for t in range(cfg.steps):
@@ -232,6 +254,15 @@ class ReferenceBackend:
             with torch.no_grad():
                 z_prev = z_t.detach().clone() if cfg.constraint == "per_step" else None
                 z_t.add_(step_direction(grad, cfg.norm), alpha=cfg.alpha)
-                z_t.copy_(guard(project(z_t, z_prev, anchor, cfg), frame, cfg.min_cosine))
+                z_t.copy_(guard(kept_out(project(z_t, z_prev, anchor, cfg), z, basis), frame, cfg.min_cosine))
         z_t = z_t.detach()
         return F.normalize(z_t, dim=1) if cfg.normalize else z_t
+
+    def _basis(self, z: Tensor) -> Tensor | None:
+        """The keep_out basis on z's device and in its dtype, checked against z's feature dim."""
+        if self.keep_out is None:
+            return None
+        if self.keep_out.shape[1] != z.shape[1]:
+            raise ValueError(f"keep_out is a basis of {self.keep_out.shape[1]}-dim features and these features "
+                             f"have {z.shape[1]} dims: make it from features of this encoder")
+        return self.keep_out.to(device=z.device, dtype=z.dtype)

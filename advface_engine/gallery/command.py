@@ -10,7 +10,7 @@ from ..backends import available
 from ..config_args import add_protect_args, config_from_args, positive_int, threshold_arg
 from ..progress import format_rate
 from ..stats import FIT_ROWS, MIN_ANCHOR_COSINE
-from .formats import FORMATS
+from .formats import FORMATS, open_gallery
 from .job import ENGINES, POLICIES, protect_gallery
 
 
@@ -67,10 +67,49 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"{FIT_ROWS} rows is below C, i.e. the shadow does not fit this encoder and gallery "
                         f"(default {MIN_ANCHOR_COSINE}; 'none': never refuse)")
     p.add_argument("--force", action="store_true", help="run even when the preflight finds the shadow does not fit")
+    p.add_argument("--keep-out", metavar="FILE",
+                   help="a basis file (advface basis): keep the steps out of those principal directions, so the "
+                        "guard costs less accuracy (reference backend)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (on a terminal) or progress lines (in a log)")
     add_protect_args(p)
     p.set_defaults(func=run)
+
+    b = sub.add_parser(
+        "basis", help="the top principal directions of a gallery's features, for protect-gallery --keep-out",
+        description="Read a gallery file (or any features of the same encoder) chunk by chunk and write the top K "
+                    "principal directions of its rows (NaN, Inf and zero rows left out) as a basis file.")
+    b.add_argument("--input", required=True, help="features file (.npy, .safetensors, .parquet, .faiss/.index)")
+    b.add_argument("--output", "-o", required=True, help="basis file to write (.safetensors)")
+    b.add_argument("-k", type=positive_int, default=16, help="principal directions kept out (default 16)")
+    b.add_argument("--embedding-key", help="embedding tensor / column (default: the only 2-D tensor / list column)")
+    b.add_argument("--chunk-rows", type=positive_int, default=65536, help="rows read at a time (default 65536)")
+    b.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    b.set_defaults(func=run_basis)
+
+
+def run_basis(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..features import bad_rows_of
+    from ..principal import Moments, save_basis
+    from ..progress import progress_bar
+
+    gallery = open_gallery(args.input, args.embedding_key, None)
+    try:
+        moments = Moments(gallery.dim)
+        with progress_bar(total=gallery.num_rows, unit="row", unit_scale=True, desc="basis",
+                          progress=args.progress) as bar:
+            for start in range(0, gallery.num_rows, args.chunk_rows):
+                rows = gallery.read(start, min(start + args.chunk_rows, gallery.num_rows)).rows
+                moments.add(np.delete(rows, bad_rows_of(rows), axis=0))
+                bar.update(len(rows))
+        basis = moments.directions(args.k)
+    finally:
+        gallery.close()
+    save_basis(args.output, basis)
+    print(f"wrote {args.output}: the top {args.k} principal directions of {moments.count} rows of dim {gallery.dim}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
                              "std": args.encoder_std},
             backend_options={"dtype": args.decoder_dtype} if args.decoder_dtype else None,
             overwrite=args.overwrite, progress=args.progress, min_anchor_cosine=args.min_anchor_cosine,
-            force=args.force)
+            force=args.force, keep_out=args.keep_out)
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback through torch
         work = Path(f"{args.output}.job")
         kept = f"; finished chunks are kept in {work}: rerun the same command to resume" if work.is_dir() else ""

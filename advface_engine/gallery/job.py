@@ -22,7 +22,8 @@ run. On a GPU that needs deterministic kernels: cuDNN is held to its determinist
 the job (``deterministic_cudnn``; the fused kernels use no atomics).
 
 The manifest holds a fingerprint of the input (size and a hash of its header and sampled blocks),
-the models (checksums of their architecture and weights), the config, the engine and the layout; a rerun
+the models (checksums of their architecture and weights), the config, the keep_out basis (its checksum,
+where one is given), the engine and the layout; a rerun
 whose fingerprint differs is refused, and a malformed manifest is refused naming the field
 (``_check_manifest``). Nothing in it is taken on trust that the input can check: a resumed chunk's
 input rows are read again and must match their checksum (else the input changed since the job
@@ -61,7 +62,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .. import __version__
 from ..config import ProtectConfig
@@ -69,6 +70,7 @@ from ..ensemble import members
 from ..errors import BadFeaturesError
 from ..features import BAD_ROWS, bad_rows_of
 from ..models.io import model_checksum
+from ..principal import basis_checksum, check_basis
 from ..progress import progress_bar
 from ..stats import FIT_ROWS, MIN_ANCHOR_COSINE, sample_rows
 from .distributed import ray_session, run_ray, use_gpus
@@ -382,6 +384,7 @@ def protect_gallery(
     progress: bool = True,
     min_anchor_cosine: float | None = MIN_ANCHOR_COSINE,
     force: bool = False,
+    keep_out: str | os.PathLike | Tensor | np.ndarray | None = None,
 ) -> GalleryResult:
     """Replace every embedding of a stored gallery by its protected feature (ALGORITHM.md), streamed and resumable.
 
@@ -395,9 +398,16 @@ def protect_gallery(
     actors, ``workers`` of them (default one per GPU, else per CPU), on ``ray_address`` or a local Ray.
     ``min_anchor_cosine``: the preflight (``_preflight``) refuses a shadow whose anchors E(S(z)) have a
     median cosine to the gallery's features below it, before anything is written; None or ``force`` runs
-    anyway.
+    anyway. ``keep_out``: a basis file (``advface basis``) or a (k, D) tensor: the Protector's keep_out, its
+    checksum in the fingerprint.
     """
     shadow = _shadow_spec(shadow)
+    if isinstance(keep_out, (str, os.PathLike)):
+        keep_out = os.fspath(keep_out)
+        if not os.path.isfile(keep_out):
+            raise FileNotFoundError(f"no basis file at {keep_out}")
+    elif keep_out is not None:
+        keep_out = check_basis(keep_out)
     if on_bad_rows not in POLICIES:
         raise ValueError(f"on_bad_rows must be one of {POLICIES}, got {on_bad_rows!r}")
     if engine not in ENGINES:
@@ -441,7 +451,7 @@ def protect_gallery(
         chunk_rows = chunk_rows or batch_size * max(1, CHUNK_BYTES // (row_bytes * batch_size))
         spec = JobSpec(str(src), shadow, encoder, config if config is not None else ProtectConfig(),
                        str(work / "parts"), batch_size, chunk_rows, backend, device, embedding_key, id_key,
-                       encoder_arch, encoder_options, backend_options)
+                       encoder_arch, encoder_options, backend_options, keep_out)
         with contextlib.ExitStack() as stack:
             stack.enter_context(deterministic_cudnn())
             ray = None
@@ -514,6 +524,8 @@ def _prepare(spec: JobSpec, gallery: Gallery, ray) -> tuple[ChunkJob, dict]:
         "engine": {**engine, "advface_engine": __version__, "torch": torch.__version__, **_kernel_versions(engine)},
         "layout": {"chunk_rows": spec.chunk_rows, "batch_size": spec.batch_size}, "bad_rows": BAD_ROWS,
     }
+    if job.keep_out is not None:  # only then: a job without one keeps the fingerprint it always had
+        fingerprint["keep_out"] = basis_checksum(job.keep_out)
     return job, fingerprint
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..config import ProtectConfig
 from ..devices import resolve_device
@@ -24,6 +24,7 @@ from ..errors import ModelMismatchError
 from ..features import bad_rows_of
 from ..models import load_encoder
 from ..models.io import load_model
+from ..principal import load_basis
 from ..protect import Protector
 from .formats import Chunk, Gallery, open_gallery
 from .store import OutputInPlace, PartFiles, sha256_of
@@ -47,6 +48,7 @@ class JobSpec:
     encoder_arch: str | None = None  # for a plain state-dict encoder file (``load_encoder``)
     encoder_options: dict | None = None  # other ``load_encoder`` keywords: an ONNX encoder's preprocessing
     backend_options: dict | None = None  # the backend's options (Protector's), e.g. {"dtype": "bf16"}
+    keep_out: str | Tensor | None = None  # a basis file (``principal.save_basis``) or tensor: Protector's keep_out
 
 
 @contextlib.contextmanager
@@ -85,8 +87,15 @@ class ChunkJob:
         self.encoder = _load(spec.encoder, self.device,
                              lambda path, device: load_encoder(path, spec.encoder_arch, device,
                                                                **(spec.encoder_options or {})))
+        self.keep_out = spec.keep_out if spec.keep_out is None or isinstance(spec.keep_out, Tensor) \
+            else load_basis(spec.keep_out)
+        if self.keep_out is not None and self.keep_out.shape[1] != self.gallery.dim:
+            named = "" if isinstance(spec.keep_out, Tensor) else f" {spec.keep_out}"
+            raise ValueError(f"keep_out{named} is a basis of {self.keep_out.shape[1]}-dim features and "
+                             f"{self.gallery.path} holds {self.gallery.dim}-dim rows: make it from features of "
+                             "this encoder")
         self.protector = Protector(shadow=self.shadow, encoder=self.encoder, config=spec.config, backend=spec.backend,
-                                   backend_options=spec.backend_options)
+                                   backend_options=spec.backend_options, keep_out=self.keep_out)
         self.work = Path(spec.parts).parent
         self.store: PartFiles | OutputInPlace = PartFiles(Path(spec.parts), self.gallery.dim, self.gallery.dtype)
         self.num_chunks = -(-self.gallery.num_rows // spec.chunk_rows)
