@@ -31,7 +31,7 @@ from advface_engine.evaluation import (
 )
 from advface_engine.evaluation.baselines import dp_scale
 from advface_engine.evaluation.datasets import load_bin_payload
-from advface_engine.evaluation.verification import fold_accuracies
+from advface_engine.evaluation.verification import fold_accuracies, gallery_accuracy
 
 # ---------------------------------------------------------------- 10-fold protocol
 
@@ -56,6 +56,27 @@ def test_ten_fold_hand_computed():
     np.testing.assert_allclose(thresholds, 0.5)
     mean, std, threshold = ten_fold_accuracy(scores, issame)
     assert mean == pytest.approx(0.95) and std == pytest.approx(0.15) and threshold == pytest.approx(0.5)
+
+
+def test_gallery_accuracy_is_the_best_balanced_accuracy_over_every_ordered_pair():
+    g = torch.Generator().manual_seed(0)
+    labels = np.repeat(np.arange(12), 4)
+    centres = torch.nn.functional.normalize(torch.randn(12, 8, generator=g), dim=1)
+    clean = torch.nn.functional.normalize(centres[labels] + 0.6 * torch.randn(48, 8, generator=g), dim=1)
+    stored = torch.nn.functional.normalize(clean + 0.3 * torch.randn(48, 8, generator=g), dim=1)
+    # brute force: every ordered pair i != j, every threshold between sorted scores
+    scores = (stored.double() @ clean.double().T).numpy()
+    off = ~np.eye(48, dtype=bool)
+    s, same = scores[off], (labels[:, None] == labels[None, :])[off]
+    best = max(((s[same] >= t).mean() + (s[~same] < t).mean()) / 2 for t in np.concatenate([s, [2.0]]))
+    got = gallery_accuracy(stored, clean, labels, block=7)  # blocks that do not divide the rows
+    assert abs(got - best) < 2e-3 and 0.6 < got < 1
+    assert gallery_accuracy(clean, clean, labels) > got  # the noise costs accuracy
+    assert gallery_accuracy(clean, clean, np.arange(48) % 2) < 0.6  # labels that mean nothing: near chance
+    with pytest.raises(ValueError, match="two images of one identity"):
+        gallery_accuracy(clean, clean, np.arange(48))
+    with pytest.raises(ValueError, match="same N images"):
+        gallery_accuracy(clean, clean[:5], labels)
 
 
 def test_ten_fold_rejects_bad_input():
@@ -306,6 +327,10 @@ def test_eval_reports_intervals_seeds_and_resolution(tiny_eval):
         assert p["offline_loss"]["low"] <= p["offline_loss"]["high"]
     assert results["pareto"] and all(p["method"] == "advface" for p in results["pareto"])
     assert "Pareto front" in report and "| stronger attacker |" in report.replace("attacker | adaptive", "attacker |")
+    gallery = results["verification"]["advface"]["gallery"]  # synthetic faces: identities known
+    assert gallery["loss"] == pytest.approx(results["verification"]["clean"]["gallery"] - gallery["accuracy"])
+    assert len(gallery["loss_per_seed"]) == 1 and "Gallery-wide offline loss" in report
+    assert all(p["gallery_loss"] is not None for p in results["sweep"])
 
 
 def test_the_sweep_holds_the_evaluated_config_as_measured_in_the_tables(tiny_eval):

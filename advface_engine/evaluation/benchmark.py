@@ -38,6 +38,7 @@ from ..data import synthetic_faces
 from ..devices import resolve_device
 from ..models import ARCHITECTURES, DECODERS, ENCODERS, IResNet, build_model, load_model
 from ..models.io import read_metadata
+from ..principal import principal_directions
 from ..progress import progress_bar
 from ..protect import Protector
 from ..train import train_decoder, train_encoder
@@ -46,7 +47,7 @@ from .baselines import dp_baseline, dp_epsilon, dp_scale, random_baseline
 from .bootstrap import bootstrap_interval, resample_counts
 from .datasets import VerificationSet, folder_set, read_bin, synthetic_set
 from .quality import reconstruction_quality
-from .verification import cosine_scores, embed, resampled_accuracy, ten_fold_accuracy
+from .verification import cosine_scores, embed, gallery_accuracy, resampled_accuracy, ten_fold_accuracy
 
 ATTACKER_FIRST = 100_000
 GALLERY_FIRST = 200_000
@@ -94,6 +95,7 @@ class EvalSettings:
     mismatch_identities: int = 40
     mismatch_per_identity: int = 5
     protect: dict = field(default_factory=dict)
+    keep_out: int = 0  # k > 0: the steps kept out of the top k principal directions of the clean gallery's features
     sweep_eps: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
     sweep_steps: tuple[int, ...] = ()  # every sweep axis gets the config's own value added
     sweep_min_cosine: tuple[float | None, ...] = (0.8, 0.9, None)
@@ -215,6 +217,9 @@ def settings_for(scale: str = "small", **overrides) -> EvalSettings:
     for name in ("num_seeds", "replicates"):
         if getattr(settings, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(settings, name)}")
+    if not 0 <= settings.keep_out < settings.feature_dim:
+        raise ValueError(f"keep_out must be in [0, {settings.feature_dim - 1}] (below the feature dim "
+                         f"{settings.feature_dim}; 0: off), got {settings.keep_out}")
     _check_inputs(settings)
     return settings
 
@@ -354,6 +359,7 @@ class Measurement:
 
     offline: np.ndarray
     online: np.ndarray
+    gallery: float | None = None  # gallery_accuracy offline, where the images' identities are known
     hits: dict[str, np.ndarray] = field(default_factory=dict)
     hits_self: dict[str, np.ndarray] = field(default_factory=dict)
     quality: dict[str, dict] = field(default_factory=dict)
@@ -387,9 +393,12 @@ class Run:
         self.stored, self.other = self.left[positive], self.right[positive]
         # each stored feature is reconstructed once, however many positive pairs attack it
         self.attacked, self.attack_rows = torch.unique(self.stored, return_inverse=True)
+        # the server's basis is its gallery's, as an operator's would be (principal.principal_directions)
+        self.keep_out = principal_directions(self.z, s.keep_out) if s.keep_out else None
         self.clean_scores = cosine_scores(self.z[self.left], self.z[self.right])
         accuracy, std, threshold = ten_fold_accuracy(self.clean_scores, self.data.issame, FOLDS)
-        self.clean = {"accuracy": accuracy, "std": std, "threshold": threshold}
+        self.clean = {"accuracy": accuracy, "std": std, "threshold": threshold,
+                      "gallery": self._gallery_accuracy(self.z)}
         self.threshold = threshold
         self.counts = resample_counts(fold_labels(len(self.data.issame)), s.replicates, seed=[s.seed, 1])
         self._clean_replicates: np.ndarray | None = None
@@ -478,10 +487,13 @@ class Run:
     def train_adaptive(self, config: ProtectConfig) -> None:
         """The adaptive attacker for ``config``: it knows the algorithm and the config, trains its own shadow
         (the server's family and identity weight) on its own faces, protects its own features with it, and
-        trains an ``adaptive_family`` reconstruction network on (protected feature, image) pairs."""
+        trains an ``adaptive_family`` reconstruction network on (protected feature, image) pairs; with keep_out,
+        its basis is its own faces' principal directions."""
         s = self.s
         own = self._decoder(s.shadow, "shadow", self.attacker_images, seed=s.seed + 4, name="adaptive shadow")
-        protector = Protector(own, self.encoder, config, backend=s.backend)
+        basis = principal_directions(embed(self.encoder, self.attacker_images, flip=s.flip), s.keep_out) \
+            if s.keep_out else None
+        protector = Protector(own, self.encoder, config, backend=s.backend, keep_out=basis)
         self.attackers[ADAPTIVE] = self._decoder(s.adaptive_family, "attacker", self.attacker_images,
                                                  seed=s.seed + 5, name=f"attacker {ADAPTIVE}",
                                                  encoder=ProtectedEncoder(self.encoder, protector))
@@ -495,7 +507,7 @@ class Run:
                       for k, one in enumerate(shadow)]
         else:
             module = shadow if isinstance(shadow, nn.Module) else self.shadow(shadow)
-        protector = Protector(module, self.encoder, config, backend=self.s.backend)
+        protector = Protector(module, self.encoder, config, backend=self.s.backend, keep_out=self.keep_out)
         z = self.z.to(self.device)
         return torch.cat([protector(z[i:i + batch_size]).cpu() for i in range(0, len(z), batch_size)])
 
@@ -517,7 +529,7 @@ class Run:
         """Scores of every pair and each attacker's hits for these stored features; the first ``quality_rows``
         reconstructions get L1 / PSNR / SSIM, the first ``grid_rows`` are kept for the grids."""
         m = Measurement(cosine_scores(stored[self.left], self.z[self.right]),
-                        cosine_scores(stored[self.left], stored[self.right]))
+                        cosine_scores(stored[self.left], stored[self.right]), self._gallery_accuracy(stored))
         for name in attackers:
             m.hits[name], m.hits_self[name], images = attack_hits(
                 self.attackers[name], self.encoder, stored[self.attacked], self.z[self.other], self.z[self.stored],
@@ -528,6 +540,10 @@ class Run:
             if grid_rows:
                 m.images[name] = images[:grid_rows]
         return m
+
+    def _gallery_accuracy(self, stored: Tensor) -> float | None:
+        labels = self.data.labels
+        return None if labels is None else gallery_accuracy(stored, self.z, labels)
 
     def clean_replicates(self) -> np.ndarray:
         """The clean 10-fold accuracy of each bootstrap resample (computed once, shared by every interval)."""
@@ -583,6 +599,10 @@ def verification_figures(runs: list[Run], measured: list[Measurement], intervals
                      "loss_per_seed": [run.clean["accuracy"] - a for run, (a, _, _) in zip(runs, per_seed)]}
         if mode in intervals:
             out[mode]["loss"] = loss_interval(runs, measured, mode)
+    if all(m.gallery is not None for m in measured):
+        losses = [run.clean["gallery"] - m.gallery for run, m in zip(runs, measured)]
+        out["gallery"] = {"loss": float(np.mean(losses)), "loss_per_seed": losses,
+                          "accuracy": float(np.mean([m.gallery for m in measured]))}
     return out
 
 
@@ -617,6 +637,7 @@ def point(runs: list[Run], stored: list[Tensor], cross: list[str], measured: lis
     attack = attack_figures(runs, measured, cross, cross)["cross_family_mean"]
     return {"offline": verification["offline"]["accuracy"], "online": verification["online"]["accuracy"],
             "attack_success": attack["success"], "offline_loss": verification["offline"]["loss"],
+            "gallery_loss": verification.get("gallery", {}).get("loss"),
             "attack_interval": attack["interval"],
             "per_seed": {"offline_loss": verification["offline"]["loss_per_seed"],
                          "attack_success": attack["per_seed"]}}
@@ -654,7 +675,9 @@ def run_evaluation(s: EvalSettings, progress: bool = True) -> dict:
                "epsilon": dp_epsilon(config.eps, s.feature_dim, config.norm)},
         "verification": {"clean": {"accuracy": float(np.mean([r.clean["accuracy"] for r in runs])),
                                    "std": float(np.mean([r.clean["std"] for r in runs])),
-                                   "per_seed": [r.clean["accuracy"] for r in runs]}},
+                                   "per_seed": [r.clean["accuracy"] for r in runs],
+                                   **({"gallery": float(np.mean([r.clean["gallery"] for r in runs]))}
+                                      if all(r.clean["gallery"] is not None for r in runs) else {})}},
         "identity_inference": {},
         "attackers": attackers,
         "cross_family_attackers": cross,
@@ -674,7 +697,8 @@ def run_evaluation(s: EvalSettings, progress: bool = True) -> dict:
             grids.setdefault(name, {})[method] = images
     n = len(first.z)
     results["throughput"] = {"advface features per second": n / max(first.timings["protect advface"], 1e-9),
-                             "backend": Protector(first.shadow(), first.encoder, config, s.backend).backend_name}
+                             "backend": Protector(first.shadow(), first.encoder, config, s.backend,
+                                                  keep_out=first.keep_out).backend_name}
     if s.transfer:
         results["transfer"] = transfer_matrix(runs, config, attackers, taken, progress)
     results["anchor_only"] = {**point(runs, [run.protect(config.replace(steps=0)) for run in runs], cross),

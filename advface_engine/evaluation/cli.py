@@ -77,6 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "with one, two, ... other families)")
     p.add_argument("--transfer-objectives", type=_names, metavar="NAMES",
                    help="objectives each row of the matrix is protected with (default pixel)")
+    p.add_argument("--keep-out", type=int, metavar="K",
+                   help="keep the steps out of the top K principal directions of the clean gallery's features "
+                        "(Protector keep_out; default 0: off)")
     p.add_argument("--sweep-eps", type=_floats, help="comma-separated eps values of the privacy/utility curve")
     p.add_argument("--sweep-steps", type=_ints, help="comma-separated step counts swept as well")
     p.add_argument("--sweep-min-cosine", type=_guards, help="comma-separated guards swept as well ('none': no guard)")
@@ -116,7 +119,7 @@ def settings_from_args(args: argparse.Namespace):
     flags = {name: getattr(args, name) for name in (
         "shadow_identity_weight", "families", "num_seeds", "sweep_eps", "sweep_steps", "sweep_min_cosine",
         "sweep_anchor", "sweep_objective", "sweep_identity_weight", "replicates", "flip", "backend", "device", "bin",
-        "folder", "pairs", "transfer", "ensembles", "transfer_objectives")}
+        "folder", "pairs", "transfer", "ensembles", "transfer_objectives", "keep_out")}
     flags.update(shadow=args.shadow_arch, shadow_checkpoint=args.shadow_file, encoder_checkpoint=args.encoder_file)
     if args.shadow_file in DECODERS and not os.path.exists(args.shadow_file):  # the old spelling --shadow FAMILY
         print(f"advface eval: warning: --shadow {args.shadow_file} (a family) is deprecated and will be removed in "

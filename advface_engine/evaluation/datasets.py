@@ -24,13 +24,16 @@ from ..data.folders import open_image
 
 @dataclass
 class VerificationSet:
-    """``images`` (N, 3, S, S) in [-1, 1]; pair k compares ``images[left[k]]`` with ``images[right[k]]``."""
+    """``images`` (N, 3, S, S) in [-1, 1]; pair k compares ``images[left[k]]`` with ``images[right[k]]``;
+    ``labels`` (N,) each image's identity where the set knows it (synthetic faces, a folder without a pair
+    file), else None."""
 
     name: str
     images: Tensor
     left: np.ndarray
     right: np.ndarray
     issame: np.ndarray
+    labels: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.left, self.right = np.asarray(self.left, dtype=np.int64), np.asarray(self.right, dtype=np.int64)
@@ -38,6 +41,10 @@ class VerificationSet:
         if not (len(self.left) == len(self.right) == len(self.issame)):
             raise ValueError("left, right and issame must have the same length")
         n = len(self.images)
+        if self.labels is not None:
+            self.labels = np.asarray(self.labels, dtype=np.int64)
+            if self.labels.shape != (n,):
+                raise ValueError(f"labels must name the identity of each of the {n} images")
         both = np.concatenate([self.left, self.right])
         if len(both) and (both.min() < 0 or both.max() >= n):
             raise ValueError(f"pair indices must lie in [0, {n})")
@@ -194,7 +201,7 @@ def synthetic_set(num_identities: int = 100, per_identity: int = 10, size: int =
     """Synthetic faces of identities [first_identity, first_identity + num_identities) with a pair list."""
     images, labels = synthetic_faces(num_identities, per_identity, size, seed=seed, first_identity=first_identity)
     left, right, issame = pairs_from_labels(labels.numpy(), pairs_per_fold, folds, seed)
-    return VerificationSet("synthetic", images, left, right, issame)
+    return VerificationSet("synthetic", images, left, right, issame, labels.numpy())
 
 
 def read_pair_file(path: str | os.PathLike) -> list[tuple[str, str, bool]]:
@@ -220,7 +227,7 @@ def folder_set(root: str | os.PathLike, size: int = 112, pair_file: str | os.Pat
     if pair_file is None:
         images, labels, _ = load_image_folder(root, size)
         left, right, issame = pairs_from_labels(labels.numpy(), pairs_per_fold, folds, seed)
-        return VerificationSet(root.name, images, left, right, issame)
+        return VerificationSet(root.name, images, left, right, issame, labels.numpy())
     rows = read_pair_file(pair_file)
     names = sorted({name for a, b, _ in rows for name in (a, b)})
     index = {name: k for k, name in enumerate(names)}

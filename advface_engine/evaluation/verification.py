@@ -57,6 +57,39 @@ def fold_accuracies(scores, issame, folds: int = 10) -> tuple[np.ndarray, np.nda
     return np.array(accuracies), np.array(thresholds)
 
 
+SCORE_BINS = 1 << 16  # gallery_accuracy's bins over [-1, 1]: thresholds 3e-5 apart
+
+
+def gallery_accuracy(stored: Tensor, clean: Tensor, labels, block: int = 512) -> float:
+    """Balanced accuracy (the mean of the genuine accept and impostor reject rates) of score >= t at the best
+    t, over every ordered pair (i, j), i != j, of a gallery: score cos(stored_i, clean_j), genuine when
+    labels agree. Every image meets every other, so it rests on far more pairs than a pair list (N (N - 1)
+    of them, N (n - 1) genuine for n images per identity); offline when ``stored`` is protected and ``clean`` is not.
+    Scores are counted in SCORE_BINS bins over [-1, 1], ``block`` rows at a time, and the best t is taken
+    among the bin edges: memory stays O(block N)."""
+    labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    a, b = F.normalize(stored.double(), dim=1), F.normalize(clean.double(), dim=1)
+    if a.shape != b.shape or labels.shape != (a.shape[0],):
+        raise ValueError("stored, clean and labels must describe the same N images")
+    genuine = torch.zeros(SCORE_BINS, dtype=torch.float64)
+    impostor = torch.zeros(SCORE_BINS, dtype=torch.float64)
+    for start in range(0, a.shape[0], block):
+        scores = a[start:start + block] @ b.T
+        rows = torch.arange(start, min(start + block, a.shape[0]))
+        same = labels[rows, None] == labels[None, :]
+        other = torch.ones_like(same)
+        other[torch.arange(len(rows)), rows] = False  # a row never meets itself
+        index = ((scores.clamp(-1, 1) + 1) / 2 * (SCORE_BINS - 1)).round().long()
+        genuine += torch.bincount(index[same & other], minlength=SCORE_BINS).double()
+        impostor += torch.bincount(index[~same], minlength=SCORE_BINS).double()
+    if not genuine.sum() or not impostor.sum():
+        raise ValueError("a gallery accuracy needs two images of one identity and two identities")
+    # threshold at bin k: bins >= k accepted; the accept rate of genuine pairs, the reject rate of impostors
+    accepted = genuine.flip(0).cumsum(0).flip(0) / genuine.sum()
+    rejected = torch.cat([torch.zeros(1, dtype=torch.float64), impostor.cumsum(0)[:-1]]) / impostor.sum()
+    return float(((accepted + rejected) / 2).max())
+
+
 def ten_fold_accuracy(scores, issame, folds: int = 10) -> tuple[float, float, float]:
     """(mean accuracy, std of fold accuracies, mean of the fold thresholds); accuracies in [0, 1]."""
     accuracies, thresholds = fold_accuracies(scores, issame, folds)
