@@ -67,15 +67,16 @@ def gallery_accuracy(stored: Tensor, clean: Tensor, labels, block: int = 512) ->
     of them, N (n - 1) genuine for n images per identity); offline when ``stored`` is protected and ``clean`` is not.
     Scores are counted in SCORE_BINS bins over [-1, 1], ``block`` rows at a time, and the best t is taken
     among the bin edges: memory stays O(block N)."""
-    labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-    a, b = F.normalize(stored.double(), dim=1), F.normalize(clean.double(), dim=1)
+    a = F.normalize(stored.detach().double(), dim=1)
+    b = F.normalize(clean.detach().to(a.device).double(), dim=1)
+    labels = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=a.device)
     if a.shape != b.shape or labels.shape != (a.shape[0],):
         raise ValueError("stored, clean and labels must describe the same N images")
-    genuine = torch.zeros(SCORE_BINS, dtype=torch.float64)
-    impostor = torch.zeros(SCORE_BINS, dtype=torch.float64)
+    genuine = torch.zeros(SCORE_BINS, dtype=torch.float64, device=a.device)
+    impostor = torch.zeros(SCORE_BINS, dtype=torch.float64, device=a.device)
     for start in range(0, a.shape[0], block):
         scores = a[start:start + block] @ b.T
-        rows = torch.arange(start, min(start + block, a.shape[0]))
+        rows = torch.arange(start, min(start + block, a.shape[0]), device=a.device)
         same = labels[rows, None] == labels[None, :]
         other = torch.ones_like(same)
         other[torch.arange(len(rows)), rows] = False  # a row never meets itself
@@ -86,7 +87,7 @@ def gallery_accuracy(stored: Tensor, clean: Tensor, labels, block: int = 512) ->
         raise ValueError("a gallery accuracy needs two images of one identity and two identities")
     # threshold at bin k: bins >= k accepted; the accept rate of genuine pairs, the reject rate of impostors
     accepted = genuine.flip(0).cumsum(0).flip(0) / genuine.sum()
-    rejected = torch.cat([torch.zeros(1, dtype=torch.float64), impostor.cumsum(0)[:-1]]) / impostor.sum()
+    rejected = torch.cat([impostor.new_zeros(1), impostor.cumsum(0)[:-1]]) / impostor.sum()
     return float(((accepted + rejected) / 2).max())
 
 
