@@ -514,6 +514,17 @@ def test_adaptive_attacker_trains_on_features_it_protected_itself(monkeypatch):
     assert not torch.allclose(protected, clean, atol=1e-3)  # it trains on protected features, not clean ones
 
 
+def test_the_adaptive_attacker_keeps_out_its_own_faces_principal_directions(monkeypatch):
+    from advface_engine import principal_directions
+    from advface_engine.evaluation.verification import embed
+
+    run, calls = _bare_run(monkeypatch, keep_out=4)
+    run.train_adaptive(ProtectConfig(steps=2))
+    view = calls[1]["encoder"]
+    own = principal_directions(embed(run.encoder, run.attacker_images), 4)
+    assert torch.equal(view.protector.keep_out, own)  # its basis, from the faces it has, not the gallery's
+
+
 def test_mismatch_shadow_trains_on_other_faces(monkeypatch):
     from advface_engine.evaluation import benchmark
 
@@ -586,7 +597,7 @@ def test_an_ensemble_that_repeats_a_family_trains_it_again_with_another_seed(mon
     given = []
 
     class Recording:  # the Protector, recording the shadows it is given
-        def __init__(self, shadow, encoder, config, backend):
+        def __init__(self, shadow, encoder, config, backend, keep_out=None):
             given.append(shadow)
 
         def __call__(self, z):
@@ -597,7 +608,7 @@ def test_an_ensemble_that_repeats_a_family_trains_it_again_with_another_seed(mon
     run = benchmark.Run.__new__(benchmark.Run)
     run.s, run.progress, run.device, run.encoder = settings, False, torch.device("cpu"), None
     run.timings, run.training, run._shadows = {}, {}, {}
-    run.server_images, run.z = torch.zeros(1, 3, 32, 32), torch.zeros(2, settings.feature_dim)
+    run.server_images, run.z, run.keep_out = torch.zeros(1, 3, 32, 32), torch.zeros(2, settings.feature_dim), None
     run.protect(settings.config(), ["dcgan", "dcgan", "upconv"])
     (shadows,) = given
     assert [seeds[id(m)] for m in shadows] == [1, 21, 1]
