@@ -8,7 +8,6 @@ at the same guard (docs/evaluation.md, "Keeping the steps out of the principal d
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -109,4 +108,16 @@ def load_basis(path: str | os.PathLike) -> Tensor:
 
 def basis_checksum(basis: Tensor) -> str:
     """sha256 of the basis as float32 bytes: what a gallery job's fingerprint records of it."""
-    return hashlib.sha256(basis.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
+    from .gallery.store import sha256_of
+
+    return sha256_of(basis.detach().float().cpu().numpy())
+
+
+def variance_share(basis: Tensor, features: Tensor | np.ndarray) -> float:
+    """The share of the centred features' variance along the basis's span: near k's share of the features'
+    own principal directions when the basis was made from this encoder's features, far lower when not (a
+    basis of another encoder keeps out directions these features hardly use, and protects as without it)."""
+    z = torch.as_tensor(features).detach().to(device="cpu", dtype=torch.float64)
+    centred = z - z.mean(0)
+    total = centred.square().sum().item()
+    return (centred @ basis.double().cpu().T).square().sum().item() / total if total > 0 else float("nan")

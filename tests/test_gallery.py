@@ -894,6 +894,9 @@ def test_keep_out_basis_file_protects_as_the_protector_and_joins_the_fingerprint
                  "--keep-out", str(tmp_path / "b.safetensors"), "--steps", "2", "--batch-size", str(BATCH),
                  "--chunk-rows", str(CHUNK), "--device", "cpu", "--on-bad-rows", "copy", "--force",
                  "--no-progress"]) == 0
+    share = re.search(r"keep_out basis: its 4 directions hold ([\d.]+)% of the preflight rows' variance",
+                      capsys.readouterr().out)
+    assert share and 25 < float(share.group(1)) < 100  # 4 of 16 random directions' top ones: above a quarter
     protector = afe.Protector(*ckpt["modules"], config=CONFIG, backend="reference", keep_out=basis)
     good = np.ones(ROWS, dtype=bool)
     good[9] = False

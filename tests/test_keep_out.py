@@ -70,6 +70,17 @@ def test_principal_directions_span_the_top_components():
     assert torch.equal(afe.principal_directions(z.numpy(), 4), basis)  # NumPy in, the same basis
 
 
+def test_variance_share_tells_a_basis_of_these_features_from_another():
+    from advface_engine.principal import variance_share
+
+    z = clustered_rows()
+    own = variance_share(afe.principal_directions(z, 4), z)
+    other = variance_share(afe.principal_directions(clustered_rows(seed=1).flip(1), 4), z)
+    eigen = np.linalg.eigvalsh(np.cov(z.double().numpy().T, bias=True))[::-1]
+    assert own == pytest.approx(eigen[:4].sum() / eigen.sum(), rel=1e-6)  # the top 4 eigenvalues' share
+    assert other < own / 2
+
+
 @pytest.mark.parametrize("features, k, match", [
     (clustered_rows(), 0, "k must be an integer in"), (clustered_rows(), 16, "k must be an integer in"),
     (clustered_rows(), True, "k must be"), (clustered_rows(), 2.0, "k must be"),

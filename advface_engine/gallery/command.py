@@ -159,6 +159,10 @@ def summary_lines(result, anchor: str = "shadow") -> list[str]:
         which = "" if fit.get("shadows", 1) == 1 else f" of the worst of {fit['shadows']}, shadow {fit['shadow'] + 1}"
         lines.append(f"shadow fit (preflight, {fit['rows']} rows): median cos(E(S(z)), z) "
                      f"{fit['anchor_cosine']['median']:.3f}{which}")
+        if "keep_out" in fit:
+            kept = fit["keep_out"]
+            lines.append(f"keep_out basis: its {kept['k']} directions hold {100 * kept['variance_share']:.1f}% of the "
+                         f"preflight rows' variance (low: a basis of other features, which protects as without it)")
     if "sample" in stats:
         s = stats["sample"]
         gain = s["l1_gain"]["median"]

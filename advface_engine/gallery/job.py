@@ -70,7 +70,7 @@ from ..ensemble import members
 from ..errors import BadFeaturesError
 from ..features import BAD_ROWS, bad_rows_of
 from ..models.io import model_checksum
-from ..principal import basis_checksum, check_basis
+from ..principal import basis_checksum, check_basis, variance_share
 from ..progress import progress_bar
 from ..stats import FIT_ROWS, MIN_ANCHOR_COSINE, sample_rows
 from .distributed import ray_session, run_ray, use_gpus
@@ -131,7 +131,8 @@ class GalleryResult:
     # "min", "max" exact, quantiles "p05" ... "p95" within 1e-4 (``Cosines``); None without protected rows,
     # or when a rerun only finished the cleanup of a job already assembled
     cosine: dict | None = None
-    # "fit": the preflight's FitReport (rows, anchor_cosine quantiles); "sample": ProtectionStats.summary() of
+    # "fit": the preflight's FitReport (rows, anchor_cosine quantiles; with a keep_out basis, "keep_out": its k and
+    # its share of the preflight rows' variance, ``principal.variance_share``); "sample": ProtectionStats.summary() of
     # a seeded sample of up to STATS_ROWS protected rows, computed at assembly from the input and the output
     stats: dict | None = None
 
@@ -564,7 +565,10 @@ def _preflight(job: ChunkJob, min_anchor_cosine: float | None, force: bool) -> d
     if min_anchor_cosine is not None and not force and not report.fits(min_anchor_cosine):
         raise ValueError(f"{job.gallery.path}: {report.message(min_anchor_cosine)}. To run anyway: --force "
                          "(force=True)")
-    return dataclasses.asdict(report)
+    fit = dataclasses.asdict(report)
+    if job.keep_out is not None:  # the basis's share of these rows' variance: low when made from other features
+        fit["keep_out"] = {"k": job.keep_out.shape[0], "variance_share": variance_share(job.keep_out, picked)}
+    return fit
 
 
 def _kernel_versions(engine: dict) -> dict:
