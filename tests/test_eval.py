@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import re
+import types
 
 import numpy as np
 import pytest
@@ -30,8 +31,17 @@ from advface_engine.evaluation import (
     write_bin,
 )
 from advface_engine.evaluation.baselines import dp_scale
+from advface_engine.evaluation.benchmark import Measurement, gallery_loss_interval
+from advface_engine.evaluation.bootstrap import resample_counts
 from advface_engine.evaluation.datasets import load_bin_payload
-from advface_engine.evaluation.verification import fold_accuracies, gallery_accuracy
+from advface_engine.evaluation.verification import (
+    SCORE_BINS,
+    best_balanced_accuracy,
+    fold_accuracies,
+    gallery_accuracy,
+    gallery_histograms,
+    resampled_gallery_accuracy,
+)
 
 # ---------------------------------------------------------------- 10-fold protocol
 
@@ -77,6 +87,78 @@ def test_gallery_accuracy_is_the_best_balanced_accuracy_over_every_ordered_pair(
         gallery_accuracy(clean, clean, np.arange(48))
     with pytest.raises(ValueError, match="same N images"):
         gallery_accuracy(clean, clean[:5], labels)
+
+
+def _weighted_gallery_accuracy(stored, clean, labels, weights) -> float:
+    """Brute force: every ordered pair i != j weighted by its probe identity's weight, every threshold."""
+    scores = (stored.double() @ clean.double().T).numpy()
+    off = ~np.eye(len(labels), dtype=bool)
+    s, same = scores[off], (labels[:, None] == labels[None, :])[off]
+    w = np.broadcast_to(weights[labels][:, None], scores.shape)[off]
+    return max(((w * (s >= t))[same].sum() / w[same].sum() + (w * (s < t))[~same].sum() / w[~same].sum()) / 2
+               for t in np.concatenate([s, [2.0]]))
+
+
+def _noisy_gallery(identities: int = 12, per_identity: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    labels = np.repeat(np.arange(identities), per_identity)
+    centres = torch.nn.functional.normalize(torch.randn(identities, 8, generator=g), dim=1)
+    clean = torch.nn.functional.normalize(centres[labels] + 0.6 * torch.randn(len(labels), 8, generator=g), dim=1)
+    stored = torch.nn.functional.normalize(clean + 0.3 * torch.randn(len(labels), 8, generator=g), dim=1)
+    return labels, clean, stored
+
+
+def test_gallery_histograms_count_every_ordered_pair_by_its_probe_identity():
+    labels, clean, stored = _noisy_gallery()
+    labels = labels * 3 + 5  # any integer names: identities in np.unique order
+    genuine, impostor = gallery_histograms(stored, clean, labels, block=5)
+    assert genuine.shape == impostor.shape == (12, SCORE_BINS)
+    assert genuine.sum(1).tolist() == [4 * 3] * 12 and impostor.sum(1).tolist() == [4 * 44] * 12
+    # the bins are the scores': identity 0's genuine scores land where they lie
+    scores = (stored[:4].double() @ clean[:4].double().T).numpy()[~np.eye(4, dtype=bool)]
+    index = np.round((scores + 1) / 2 * (SCORE_BINS - 1)).astype(int)
+    assert genuine[0].nonzero().flatten().tolist() == sorted(set(index.tolist()))
+    # batched accuracies are the one-by-one ones
+    batch = best_balanced_accuracy(genuine[:3], impostor[:3])
+    assert batch.tolist() == [float(best_balanced_accuracy(genuine[k], impostor[k])) for k in range(3)]
+
+
+def test_resampled_gallery_accuracy_weights_each_identitys_probe_rows():
+    labels, clean, stored = _noisy_gallery()
+    histograms = gallery_histograms(stored, clean, labels)
+    counts = np.ones((3, 12), dtype=np.int32)
+    counts[1, :6] = 0  # half the identities left out
+    counts[2] = np.random.default_rng(0).multinomial(12, np.full(12, 1 / 12))  # a bootstrap draw
+    got = resampled_gallery_accuracy(histograms, counts, block=2)
+    assert got[0] == pytest.approx(gallery_accuracy(stored, clean, labels), abs=1e-12)
+    for r in (1, 2):
+        assert abs(got[r] - _weighted_gallery_accuracy(stored, clean, labels, counts[r].astype(float))) < 2e-3
+    assert len(set(np.round(got, 9))) == 3  # the draws move it
+    with pytest.raises(ValueError, match="11 columns for 12 identities"):
+        resampled_gallery_accuracy(histograms, counts[:, :11])
+
+
+def test_gallery_loss_interval_over_identities():
+    """Two seeds: the estimate is the mean of their gallery-wide losses, the interval holds it, identical
+    features give a zero-width interval at zero, and more noise gives a larger loss."""
+    runs, noisy, same = [], [], []
+    for seed in (0, 1):
+        labels, clean, stored = _noisy_gallery(identities=30, seed=seed)
+        counts = resample_counts(np.zeros(30), 200, seed=[seed, 2])
+        histograms = gallery_histograms(clean, clean, labels)
+        runs.append(types.SimpleNamespace(
+            gallery_counts=counts, clean={"gallery": gallery_accuracy(clean, clean, labels)},
+            clean_gallery_replicates=resampled_gallery_accuracy(histograms, counts)))
+        for out, features in ((noisy, stored), (same, clean)):
+            h = gallery_histograms(features, clean, labels)
+            out.append(Measurement(np.zeros(1), np.zeros(1), float(best_balanced_accuracy(h[0].sum(0), h[1].sum(0))),
+                                   resampled_gallery_accuracy(h, counts)))
+    interval = gallery_loss_interval(runs, noisy)
+    losses = [run.clean["gallery"] - m.gallery for run, m in zip(runs, noisy)]
+    assert interval["estimate"] == pytest.approx(np.mean(losses)) and min(losses) > 0
+    assert interval["low"] < interval["estimate"] < interval["high"] and interval["low"] > 0
+    zero = gallery_loss_interval(runs, same)
+    assert zero["estimate"] == zero["low"] == zero["high"] == 0.0
 
 
 def test_ten_fold_rejects_bad_input():
@@ -328,7 +410,10 @@ def test_eval_reports_intervals_seeds_and_resolution(tiny_eval):
     assert results["pareto"] and all(p["method"] == "advface" for p in results["pareto"])
     assert "Pareto front" in report and "| stronger attacker |" in report.replace("attacker | adaptive", "attacker |")
     gallery = results["verification"]["advface"]["gallery"]  # synthetic faces: identities known
-    assert gallery["loss"] == pytest.approx(results["verification"]["clean"]["gallery"] - gallery["accuracy"])
+    loss = gallery["loss"]
+    assert loss["estimate"] == pytest.approx(results["verification"]["clean"]["gallery"] - gallery["accuracy"])
+    assert loss["low"] <= loss["estimate"] <= loss["high"] and loss["replicates"] == 200
+    assert f"AdvFace {100 * loss['estimate']:.2f} [{100 * loss['low']:.2f}, {100 * loss['high']:.2f}]" in report
     assert len(gallery["loss_per_seed"]) == 1 and "Gallery-wide offline loss" in report
     assert all(p["gallery_loss"] is not None for p in results["sweep"])
 

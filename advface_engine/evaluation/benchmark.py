@@ -47,7 +47,15 @@ from .baselines import dp_baseline, dp_epsilon, dp_scale, random_baseline
 from .bootstrap import bootstrap_interval, resample_counts
 from .datasets import VerificationSet, folder_set, read_bin, synthetic_set
 from .quality import reconstruction_quality
-from .verification import cosine_scores, embed, gallery_accuracy, resampled_accuracy, ten_fold_accuracy
+from .verification import (
+    best_balanced_accuracy,
+    cosine_scores,
+    embed,
+    gallery_histograms,
+    resampled_accuracy,
+    resampled_gallery_accuracy,
+    ten_fold_accuracy,
+)
 
 ATTACKER_FIRST = 100_000
 GALLERY_FIRST = 200_000
@@ -360,6 +368,7 @@ class Measurement:
     offline: np.ndarray
     online: np.ndarray
     gallery: float | None = None  # gallery_accuracy offline, where the images' identities are known
+    gallery_replicates: np.ndarray | None = None  # its value on each of the run's identity resamples
     hits: dict[str, np.ndarray] = field(default_factory=dict)
     hits_self: dict[str, np.ndarray] = field(default_factory=dict)
     quality: dict[str, dict] = field(default_factory=dict)
@@ -397,10 +406,14 @@ class Run:
         self.keep_out = principal_directions(self.z, s.keep_out) if s.keep_out else None
         self.clean_scores = cosine_scores(self.z[self.left], self.z[self.right])
         accuracy, std, threshold = ten_fold_accuracy(self.clean_scores, self.data.issame, FOLDS)
-        self.clean = {"accuracy": accuracy, "std": std, "threshold": threshold,
-                      "gallery": self._gallery_accuracy(self.z)}
         self.threshold = threshold
         self.counts = resample_counts(fold_labels(len(self.data.issame)), s.replicates, seed=[s.seed, 1])
+        # the gallery-wide figures' resamples draw identities (their images' pairs go with them)
+        labels = self.data.labels
+        self.gallery_counts = None if labels is None else \
+            resample_counts(np.zeros(len(np.unique(labels))), s.replicates, seed=[s.seed, 2])
+        gallery, self.clean_gallery_replicates = self._gallery_accuracy(self.z)
+        self.clean = {"accuracy": accuracy, "std": std, "threshold": threshold, "gallery": gallery}
         self._clean_replicates: np.ndarray | None = None
 
     def _timed(self, key: str, fn):
@@ -529,7 +542,7 @@ class Run:
         """Scores of every pair and each attacker's hits for these stored features; the first ``quality_rows``
         reconstructions get L1 / PSNR / SSIM, the first ``grid_rows`` are kept for the grids."""
         m = Measurement(cosine_scores(stored[self.left], self.z[self.right]),
-                        cosine_scores(stored[self.left], stored[self.right]), self._gallery_accuracy(stored))
+                        cosine_scores(stored[self.left], stored[self.right]), *self._gallery_accuracy(stored))
         for name in attackers:
             m.hits[name], m.hits_self[name], images = attack_hits(
                 self.attackers[name], self.encoder, stored[self.attacked], self.z[self.other], self.z[self.stored],
@@ -541,9 +554,14 @@ class Run:
                 m.images[name] = images[:grid_rows]
         return m
 
-    def _gallery_accuracy(self, stored: Tensor) -> float | None:
-        labels = self.data.labels
-        return None if labels is None else gallery_accuracy(stored, self.z, labels)
+    def _gallery_accuracy(self, stored: Tensor) -> tuple[float | None, np.ndarray | None]:
+        """``gallery_accuracy`` of these stored features against the clean ones, and its value on each identity
+        resample (``gallery_counts``); (None, None) where the identities are not known."""
+        if self.gallery_counts is None:
+            return None, None
+        histograms = gallery_histograms(stored, self.z, self.data.labels)
+        accuracy = float(best_balanced_accuracy(histograms[0].sum(0), histograms[1].sum(0)))
+        return accuracy, resampled_gallery_accuracy(histograms, self.gallery_counts)
 
     def clean_replicates(self) -> np.ndarray:
         """The clean 10-fold accuracy of each bootstrap resample (computed once, shared by every interval)."""
@@ -576,6 +594,22 @@ def loss_interval(runs: list[Run], measured: list[Measurement], mode: str = "off
     return bootstrap_interval(statistic, [run.counts for run in runs])
 
 
+def gallery_loss_interval(runs: list[Run], measured: list[Measurement]) -> dict:
+    """Gallery-wide accuracy lost to the stored features (clean minus protected, a fraction), mean over runs, with
+    its paired bootstrap interval over identities: each resample draws a run's gallery identities with
+    replacement, and clean and stored features are scored on the same draw (taken in ``Run.measure``)."""
+
+    def statistic(k: int, w: np.ndarray) -> np.ndarray:
+        run, m = runs[k], measured[k]
+        if w is run.gallery_counts:
+            return run.clean_gallery_replicates - m.gallery_replicates
+        if not (w == 1).all():
+            raise ValueError("the gallery-wide replicates are taken on the run's own identity resamples only")
+        return np.full(len(w), run.clean["gallery"] - m.gallery)  # all-one counts: the gallery as measured
+
+    return bootstrap_interval(statistic, [run.gallery_counts for run in runs])
+
+
 def success_interval(runs: list[Run], hits: list[np.ndarray]) -> dict:
     """Attack success (the mean of per-feature hits, a fraction), mean over runs, with its bootstrap interval:
     the attacked features are the positive pairs', resampled with them."""
@@ -601,7 +635,7 @@ def verification_figures(runs: list[Run], measured: list[Measurement], intervals
             out[mode]["loss"] = loss_interval(runs, measured, mode)
     if all(m.gallery is not None for m in measured):
         losses = [run.clean["gallery"] - m.gallery for run, m in zip(runs, measured)]
-        out["gallery"] = {"loss": float(np.mean(losses)), "loss_per_seed": losses,
+        out["gallery"] = {"loss": gallery_loss_interval(runs, measured), "loss_per_seed": losses,
                           "accuracy": float(np.mean([m.gallery for m in measured]))}
     return out
 

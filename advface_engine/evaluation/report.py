@@ -107,8 +107,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def interval(figure: dict) -> str:
-    """An interval in percentage points: "1.23 [0.98, 1.50]"."""
+def interval(figure: dict | float) -> str:
+    """An interval in percentage points: "1.23 [0.98, 1.50]"; a bare figure (results of versions whose
+    gallery-wide loss had no interval) as "1.23"."""
+    if not isinstance(figure, dict):
+        return _pct(figure)
     return f"{_pct(figure['estimate'])} [{_pct(figure['low'])}, {_pct(figure['high'])}]"
 
 
@@ -118,7 +121,7 @@ def _seeds(values: list[float]) -> str:
 
 def _point_cells(p: dict) -> list[str]:
     gallery = p.get("gallery_loss")  # None without identities (a .bin), absent in results of older versions
-    return [_pct(p["offline"]), interval(p["offline_loss"]), "-" if gallery is None else _pct(gallery),
+    return [_pct(p["offline"]), interval(p["offline_loss"]), "-" if gallery is None else interval(gallery),
             _pct(p["online"]), interval(p["attack_interval"])]
 
 
@@ -175,11 +178,12 @@ def markdown(results: dict, grid_files: dict[str, str], curve_file: str) -> str:
     lines += _table(["method", "offline", "offline loss [95% CI]", "online", "online loss [95% CI]",
                      "offline loss per seed"], rows)
     if "gallery" in clean:
-        losses = ", ".join(f"{METHOD_NAMES[m]} {_pct(results['verification'][m]['gallery']['loss'])} "
+        losses = ", ".join(f"{METHOD_NAMES[m]} {interval(results['verification'][m]['gallery']['loss'])} "
                            f"({_seeds(results['verification'][m]['gallery']['loss_per_seed'])})" for m in METHODS[1:])
         lines += ["", f"Gallery-wide offline loss, every ordered pair of the gallery's images (stored side against "
                       f"clean side, balanced accuracy at the best threshold; clean {_pct(clean['gallery'])}%), far "
-                      f"more pairs than the protocol's, mean over seeds (each seed's): {losses}."]
+                      f"more pairs than the protocol's, mean over seeds [95% CI: the gallery's identities resampled] "
+                      f"(each seed's): {losses}."]
     names = {a: f"attacker {a}" + (" (same as shadow)" if a == s["shadow"] else "") for a in attackers}
     names.update({"strong": "stronger attacker", "adaptive": f"adaptive attacker ({s['adaptive_family']})"})
     lines += [
@@ -235,8 +239,8 @@ def markdown(results: dict, grid_files: dict[str, str], curve_file: str) -> str:
                   f"{_seeds_plain(results['anchor_only']['fit'])}). Loss and success as above.", ""]
         rows = [[f"guard min_cosine {_guard(m['min_cosine'])}"] + _point_cells(m["guard"])] if "guard" in m else []
         rows.append(["no guard"] + _point_cells(m["no_guard"]))
-        lines += _table(["mismatched shadow", "offline", "offline loss [95% CI]", "gallery-wide loss", "online",
-                         "attack success [95% CI]"], rows)
+        lines += _table(["mismatched shadow", "offline", "offline loss [95% CI]", "gallery-wide loss [95% CI]",
+                         "online", "attack success [95% CI]"], rows)
     lines += ["", "## Privacy / utility sweep", "",
               f"alpha keeps the ratio alpha/eps = {cfg['alpha'] / cfg['eps']:g}; anchor `original` starts at random; "
               "w: the shadow's identity weight; Random and DP at the config's guard. Attack success: the "
@@ -249,7 +253,7 @@ def markdown(results: dict, grid_files: dict[str, str], curve_file: str) -> str:
                 f"{p['shadow_identity_weight']:g}" if advface else "-"] + _point_cells(p)
 
     header = ["method", "eps", "steps", "guard", "anchor", "objective", "w", "offline", "offline loss [95% CI]",
-              "gallery-wide loss", "online", "attack success [95% CI]"]
+              "gallery-wide loss [95% CI]", "online", "attack success [95% CI]"]
     lines += _table(header, [row(p) for p in results["sweep"]])
     anchor = results["anchor_only"]
     start = "z_0 = E(S(z)), Eq. 5" if cfg["anchor"] == "shadow" else "z_0 = z"

@@ -57,38 +57,68 @@ def fold_accuracies(scores, issame, folds: int = 10) -> tuple[np.ndarray, np.nda
     return np.array(accuracies), np.array(thresholds)
 
 
-SCORE_BINS = 1 << 16  # gallery_accuracy's bins over [-1, 1]: thresholds 3e-5 apart
+SCORE_BINS = 1 << 12  # gallery_histograms' bins over [-1, 1]: thresholds 5e-4 apart (the best balanced accuracy
+#                       is flat at its maximum, so the grid moves it by far less than a hundredth of a point)
 
 
-def gallery_accuracy(stored: Tensor, clean: Tensor, labels, block: int = 512) -> float:
-    """Balanced accuracy (the mean of the genuine accept and impostor reject rates) of score >= t at the best
-    t, over every ordered pair (i, j), i != j, of a gallery: score cos(stored_i, clean_j), genuine when
-    labels agree. Every image meets every other, so it rests on far more pairs than a pair list (N (N - 1)
-    of them, N (n - 1) genuine for n images per identity); offline when ``stored`` is protected and ``clean`` is not.
-    Scores are counted in SCORE_BINS bins over [-1, 1], ``block`` rows at a time, and the best t is taken
-    among the bin edges: memory stays O(block N)."""
+def gallery_histograms(stored: Tensor, clean: Tensor, labels, block: int = 512) -> tuple[Tensor, Tensor]:
+    """The scores cos(stored_i, clean_j) of every ordered pair (i, j), i != j, of a gallery, counted in
+    SCORE_BINS bins over [-1, 1] per identity of i: (genuine, impostor), each (identities, SCORE_BINS) float64,
+    the identities in ``np.unique(labels)`` order; genuine when the labels agree. ``block`` rows at a time:
+    memory stays O(block N)."""
     a = F.normalize(stored.detach().double(), dim=1)
     b = F.normalize(clean.detach().to(a.device).double(), dim=1)
-    labels = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=a.device)
-    if a.shape != b.shape or labels.shape != (a.shape[0],):
+    names, identity = np.unique(np.asarray(labels, dtype=np.int64), return_inverse=True)
+    identity = torch.as_tensor(identity.reshape(-1), device=a.device)
+    if a.shape != b.shape or identity.shape != (a.shape[0],):
         raise ValueError("stored, clean and labels must describe the same N images")
-    genuine = torch.zeros(SCORE_BINS, dtype=torch.float64, device=a.device)
-    impostor = torch.zeros(SCORE_BINS, dtype=torch.float64, device=a.device)
+    genuine = torch.zeros(len(names) * SCORE_BINS, dtype=torch.float64, device=a.device)
+    impostor = torch.zeros_like(genuine)
     for start in range(0, a.shape[0], block):
-        scores = a[start:start + block] @ b.T
         rows = torch.arange(start, min(start + block, a.shape[0]), device=a.device)
-        same = labels[rows, None] == labels[None, :]
+        scores = a[rows] @ b.T
+        same = identity[rows, None] == identity[None, :]
         other = torch.ones_like(same)
         other[torch.arange(len(rows)), rows] = False  # a row never meets itself
         index = ((scores.clamp(-1, 1) + 1) / 2 * (SCORE_BINS - 1)).round().long()
-        genuine += torch.bincount(index[same & other], minlength=SCORE_BINS).double()
-        impostor += torch.bincount(index[~same], minlength=SCORE_BINS).double()
+        index += (identity[rows] * SCORE_BINS)[:, None]
+        genuine += torch.bincount(index[same & other], minlength=len(genuine)).double()
+        impostor += torch.bincount(index[~same], minlength=len(impostor)).double()
+    genuine, impostor = genuine.view(len(names), SCORE_BINS), impostor.view(len(names), SCORE_BINS)
     if not genuine.sum() or not impostor.sum():
         raise ValueError("a gallery accuracy needs two images of one identity and two identities")
-    # threshold at bin k: bins >= k accepted; the accept rate of genuine pairs, the reject rate of impostors
-    accepted = genuine.flip(0).cumsum(0).flip(0) / genuine.sum()
-    rejected = torch.cat([impostor.new_zeros(1), impostor.cumsum(0)[:-1]]) / impostor.sum()
-    return float(((accepted + rejected) / 2).max())
+    return genuine, impostor
+
+
+def best_balanced_accuracy(genuine: Tensor, impostor: Tensor) -> Tensor:
+    """The best balanced accuracy (the mean of the genuine accept and impostor reject rates) of score >= t, t
+    among the bin edges, of score counts binned as ``gallery_histograms``' (bins on the last dim; any leading
+    dims are batched)."""
+    # threshold at bin k: bins >= k accepted
+    accepted = genuine.flip(-1).cumsum(-1).flip(-1) / genuine.sum(-1, keepdim=True)
+    rejected = (impostor.cumsum(-1) - impostor) / impostor.sum(-1, keepdim=True)
+    return ((accepted + rejected) / 2).amax(-1)
+
+
+def gallery_accuracy(stored: Tensor, clean: Tensor, labels, block: int = 512) -> float:
+    """Balanced accuracy at the best threshold over every ordered pair (i, j), i != j, of a gallery: score
+    cos(stored_i, clean_j), genuine when labels agree (``gallery_histograms``). Every image meets every other,
+    so it rests on far more pairs than a pair list (N (N - 1) of them, N (n - 1) genuine for n images per
+    identity); offline when ``stored`` is protected and ``clean`` is not."""
+    genuine, impostor = gallery_histograms(stored, clean, labels, block)
+    return float(best_balanced_accuracy(genuine.sum(0), impostor.sum(0)))
+
+
+def resampled_gallery_accuracy(histograms: tuple[Tensor, Tensor], counts: np.ndarray, block: int = 256) -> np.ndarray:
+    """``gallery_accuracy`` of each bootstrap resample of the identities, given as counts (R, identities)
+    (``bootstrap.resample_counts``): a resample takes identity c's probe rows, and so its pairs, counts[r, c]
+    times. (R,) float64."""
+    genuine, impostor = histograms
+    counts = torch.as_tensor(np.atleast_2d(counts), dtype=torch.float64, device=genuine.device)
+    if counts.shape[1] != genuine.shape[0]:
+        raise ValueError(f"counts have {counts.shape[1]} columns for {genuine.shape[0]} identities")
+    return torch.cat([best_balanced_accuracy(w @ genuine, w @ impostor)
+                      for w in counts.split(block)]).cpu().numpy()
 
 
 def ten_fold_accuracy(scores, issame, folds: int = 10) -> tuple[float, float, float]:
