@@ -37,8 +37,12 @@ class CompiledReference(ReferenceBackend):
         return self.compiled[key]
 
 
-def make_protector(name: str, shadow: nn.Module | list, encoder: nn.Module, config: ProtectConfig) -> Callable:
-    """``z -> z_adv`` for backend ``name``; skips the test where the backend cannot run here."""
+def make_protector(name: str, shadow: nn.Module | list, encoder: nn.Module, config: ProtectConfig,
+                   keep_out: torch.Tensor | None = None) -> Callable:
+    """``z -> z_adv`` for backend ``name`` (with a keep_out basis: the reference or fused backend); skips the test
+    where the backend cannot run here."""
+    if keep_out is not None and name in ("naive", "compiled"):
+        raise ValueError(f"backend {name!r} takes no keep_out basis")
     if name == "naive":
         return NaivePGD(shadow, encoder, config)
     if name.startswith("fused"):
@@ -49,13 +53,14 @@ def make_protector(name: str, shadow: nn.Module | list, encoder: nn.Module, conf
         except ImportError as err:
             pytest.skip(f"the fused backend is not importable: {err}")
         dtype = "bf16" if "-bf16" in name else "fp32"  # fused[-bf16][-nchw][+graph]
-        return Protector(shadow=shadow, encoder=encoder, config=config, backend="fused",
+        return Protector(shadow=shadow, encoder=encoder, config=config, backend="fused", keep_out=keep_out,
                          backend_options={"graphs": name.endswith("+graph"), "dtype": dtype,
                                           "channels_last": False if "-nchw" in name else None})
     if name not in ("reference", "reference-bf16", "compiled"):
         raise ValueError(f"unknown backend {name!r}")
     options = {"dtype": "bf16"} if name == "reference-bf16" else {}
-    protector = Protector(shadow=shadow, encoder=encoder, config=config, backend="reference", backend_options=options)
+    protector = Protector(shadow=shadow, encoder=encoder, config=config, backend="reference", backend_options=options,
+                          keep_out=keep_out)
     if name == "compiled":
         if CompiledReference.failure:
             pytest.skip(CompiledReference.failure)

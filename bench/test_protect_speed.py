@@ -14,7 +14,7 @@ import torch
 from conftest import BACKENDS, OFFLINE, ON_GPU, ONLINE
 from harness import PAPER, make_protector, measure, synchronize, warm_up
 
-from advface_engine import ProtectConfig
+from advface_engine import ProtectConfig, principal_directions
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -66,15 +66,29 @@ def test_ensemble_cost(benchmark, models, ensemble_shadows, backend, batch, step
     benchmark.extra_info.update({f"K={k}_over_members": ms[f"K={k}"] / sum(alone[:k]) for k in (2, 3)})
 
 
+@pytest.mark.parametrize("backend", ("reference", "fused-bf16+graph"))
+@pytest.mark.parametrize("batch,steps", GUARD_CASES, ids=[f"B{b}-T{t}" for b, t in GUARD_CASES])
+def test_keep_out_cost(benchmark, models, backend, batch, steps):
+    """The defaults with the steps kept out of 16 principal directions (keep_out: per step two (B, D) x (D, 16)
+    matmuls, and on the fused backend the guard as torch operations after the step kernel) against the
+    defaults alone."""
+    shadow, _, dim = models
+    gallery = torch.nn.functional.normalize(torch.randn(4096, dim, generator=torch.Generator().manual_seed(2)), dim=1)
+    basis = principal_directions(gallery * torch.linspace(2, 0.5, dim), 16).to(next(shadow.parameters()).device)
+    config = ProtectConfig(steps=steps)
+    interleaved(benchmark, models, backend, batch, {"defaults": (shadow, config), "keep_out": (shadow, config, basis)},
+                f"keep_out B={batch} T={steps}")
+
+
 def interleaved(benchmark, models, backend: str, batch: int, cases: dict, group: str) -> dict[str, float]:
-    """Cases ({name: (shadow or shadows, config)}) timed in alternation, each round one call of each, so a
-    shared machine's load is fair to all; extra_info: the median ms of each and each one's over the first's.
-    Returns the medians."""
+    """Cases ({name: (shadow or shadows, config[, keep_out basis])}) timed in alternation, each round one call of
+    each, so a shared machine's load is fair to all; extra_info: the median ms of each and each one's over the
+    first's. Returns the medians."""
     _, encoder, dim = models
     device = next(encoder.parameters()).device
     z = torch.nn.functional.normalize(torch.randn(batch, dim, generator=torch.Generator().manual_seed(batch)),
                                       dim=1).to(device)
-    protect = {name: make_protector(backend, shadow, encoder, cfg) for name, (shadow, cfg) in cases.items()}
+    protect = {name: make_protector(backend, shadow, encoder, *case) for name, (shadow, *case) in cases.items()}
     seconds = {name: [] for name in protect}
     for fn in protect.values():
         warm_up(fn, z, calls=1)

@@ -1,5 +1,5 @@
 """keep_out: the steps kept out of the top principal directions of clean features (principal_directions),
-against the equation written out in float64; its basis checked; reference backend only."""
+against the equation written out in float64; its basis checked; the fused backend against the reference."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import fitting_models, tiny_models
 
 import advface_engine as afe
-from advface_engine.backends import UnsupportedModelError, make_backend
+from advface_engine.backends import make_backend
 from advface_engine.noise import ball_noise
 
 
@@ -157,11 +157,93 @@ def test_other_backends_refuse_a_basis(monkeypatch):
         make_backend("keep-out-test", shadow, encoder, afe.ProtectConfig(), keep_out=torch.eye(16)[:2])
 
 
+# -- the fused backend (Triton's interpreter on a CPU; captured graphs on a GPU) ---------------------------------
+
+FUSED_CFG = afe.ProtectConfig(eps=0.05, alpha=0.01, steps=5, anchor="shadow", random_start=False, min_cosine=0.8)
+
+
 @pytest.mark.interpreter
-def test_fused_backend_says_it_does_not_keep_out():
-    shadow, encoder = tiny_models()
-    with pytest.raises(UnsupportedModelError, match="keep_out"):
-        make_backend("fused", shadow, encoder, afe.ProtectConfig(), keep_out=torch.eye(16)[:2])
+@pytest.mark.parametrize("changes", [
+    {}, dict(anchor="original", random_start=True, seed=3), dict(norm="l2", eps=0.2, alpha=0.08),
+    dict(constraint="per_step"), dict(steps=0), dict(min_cosine=None)], ids=str)
+def test_fused_keeps_out_as_the_reference_does(changes):
+    from test_fused import agreement, shadow_variant
+
+    shadow, encoder = shadow_variant("dcgan"), tiny_models()[1]
+    cfg = FUSED_CFG.replace(**changes)
+    z = unit_rows(16, seed=1)
+    basis = afe.principal_directions(clustered_rows(), 6)
+    got = afe.protect(z, shadow, encoder, cfg, backend="fused", keep_out=basis)
+    want = afe.protect(z, shadow, encoder, cfg, backend="reference", keep_out=basis)
+    assert agreement(got, want, cfg.alpha) >= 0.999, (got - want).abs().max()
+    if cfg.min_cosine is not None:
+        assert (F.cosine_similarity(got.double(), z.double(), dim=1) >= cfg.min_cosine - 1e-6).all()
+    if cfg.steps:  # the basis changed the result: the comparison is not between two plain runs
+        plain = afe.protect(z, shadow, encoder, cfg, backend="fused")
+        assert (got - plain).abs().max() > cfg.alpha
+
+
+@pytest.mark.interpreter
+def test_fused_kept_change_is_orthogonal_to_the_basis_in_every_path():
+    """Without the guard and the normalisation, the change from z has no part along B: one shadow (the fused
+    matmul's step), an ensemble (the standalone step), an fp16 decoder (z_low rewritten after the kept step),
+    and the graph's bookkeeping (EagerGraph) with a random start."""
+    from test_fused import agreement, shadow_variant
+
+    from advface_engine.backends.fused import EagerGraph, FusedBackend
+    from advface_engine.ensemble import as_shadow
+    from advface_engine.protect import frozen
+
+    encoder = tiny_models()[1]
+    z = unit_rows(8, seed=2)
+    basis = afe.principal_directions(clustered_rows(), 4)
+    cfg = FUSED_CFG.replace(min_cosine=None, normalize=False, anchor="original", random_start=True, seed=1)
+    one, ensemble = shadow_variant("dcgan"), as_shadow([shadow_variant("dcgan"), shadow_variant("nbnet")])
+    for shadow, options in ((one, {}), (ensemble, {}), (one, dict(dtype="fp16")), (one, dict(graphs=True))):
+        backend = FusedBackend(shadow, encoder, cfg, keep_out=basis, **{"graphs": False, **options})
+        backend.graph_type = EagerGraph
+        with frozen(backend.shadow, encoder), torch.no_grad():
+            got = backend.run(z)
+        assert ((got - z) @ basis.T).abs().max() < 1e-5, options
+        assert ((got - z).norm(dim=1) > 0.02).all()
+        want = afe.protect(z, shadow, encoder, cfg, backend="reference", keep_out=basis)
+        assert agreement(got, want, cfg.alpha) >= (0.98 if options.get("dtype") == "fp16" else 0.999), options
+
+
+@pytest.mark.interpreter
+def test_fused_refuses_a_basis_of_other_features_at_the_call():
+    from test_fused import shadow_variant
+
+    protector = afe.Protector(shadow_variant("dcgan"), tiny_models()[1], backend="fused", keep_out=torch.eye(8)[:2])
+    with pytest.raises(ValueError, match="keep_out is a basis of 8-dim features and these features have 16"):
+        protector(unit_rows(3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_gpu_kept_steps_in_the_captured_graph(dtype):
+    """keep_out inside the CUDA graph: the guard holds, each row close to the reference's, and the change
+    without the guard orthogonal to the basis."""
+    from test_fused import _gpu_models
+
+    from advface_engine.backends.fused import FusedBackend, _tf32
+    from advface_engine.protect import frozen
+
+    shadow, encoder = _gpu_models()
+    z = unit_rows(64, seed=4).cuda()
+    basis = afe.principal_directions(clustered_rows(), 6).cuda()
+    for cfg in (FUSED_CFG.replace(steps=10), FUSED_CFG.replace(min_cosine=None, normalize=False)):
+        backend = FusedBackend(shadow, encoder, cfg, dtype=dtype, graphs=True, keep_out=basis)
+        with frozen(shadow, encoder):
+            got = backend.run(z)
+        assert backend.graphs, "the capture fell back to eager"
+        if cfg.min_cosine is None:
+            assert ((got - z) @ basis.T).abs().max() < 1e-4
+        else:
+            assert (F.cosine_similarity(got.double(), z.double(), dim=1) >= cfg.min_cosine - 1e-6).all()
+        with _tf32(False):  # the reference in IEEE fp32 (cuDNN allows TF32 by default)
+            want = afe.protect(z, shadow, encoder, cfg, backend="reference", keep_out=basis)
+        assert F.cosine_similarity(got, want, dim=1).min() >= 0.98
 
 
 @pytest.mark.parametrize("k", [-1, 64])

@@ -92,13 +92,6 @@ def _device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _no_keep_out(keep_out: Tensor | None) -> None:
-    """The fused backend's refusal of a keep_out basis ("auto" falls back to the reference backend on it)."""
-    if keep_out is not None:
-        raise UnsupportedModelError("the fused backend does not keep the steps out of a basis (keep_out): use "
-                                    "backend 'reference'")
-
-
 def make_backend(name: str, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig,
                  keep_out: Tensor | None = None, **options) -> Backend:
     """Build backend ``name``; "auto" picks fused on a CUDA device, else reference.
@@ -107,7 +100,7 @@ def make_backend(name: str, shadow: nn.Module, encoder: nn.Module, config: Prote
     "fp32" or "bf16"; "auto" off the GPU keeps such a dtype and ignores the fused options) or a plugin's
     factory.
     ``shadow`` may be a list of shadows (``ensemble.as_shadow``). ``keep_out``: a basis the steps are kept out
-    of (``ReferenceBackend``); the reference backend alone takes it, "auto" falls back to it on a GPU.
+    of (``ReferenceBackend``), taken by both built-in backends; a plugin is not given one.
     """
     shadow = as_shadow(shadow)
     if name not in BACKEND_NAMES:
@@ -129,8 +122,7 @@ def make_backend(name: str, shadow: nn.Module, encoder: nn.Module, config: Prote
     if name == "fused":
         from .fused import FusedBackend
 
-        _no_keep_out(keep_out)
-        return FusedBackend(shadow, encoder, config, **options)
+        return FusedBackend(shadow, encoder, config, keep_out=keep_out, **options)
     if _device_of(shadow).type != "cuda":  # the reference, in the dtype asked for where it has it
         dtype = options.get("dtype")
         if dtype is not None and dtype not in REFERENCE_DTYPES:
@@ -141,8 +133,7 @@ def make_backend(name: str, shadow: nn.Module, encoder: nn.Module, config: Prote
     try:
         from .fused import FusedBackend
 
-        _no_keep_out(keep_out)
-        return FusedBackend(shadow, encoder, config, **options)
+        return FusedBackend(shadow, encoder, config, keep_out=keep_out, **options)
     except (ImportError, UnsupportedModelError) as err:
         warnings.warn(f"fused backend unavailable ({err}); using the reference backend", stacklevel=3)
         return ReferenceBackend(shadow, encoder, config, keep_out=keep_out)

@@ -7,8 +7,10 @@ or kernels/l1_sign.py); the plan's backward down to the first Linear; then g_h @
 step, the projection and, on the last step, the L2 normalisation in the matmul's epilogue
 (kernels/linear_step.py), the utility guard between the two. An ensemble sums its plans'
 gradients at z (DecoderPlan.z_gradient) and takes the standalone step (kernels/sign_step.py).
-z, the anchor and the step arithmetic are float32 whatever the decoder's dtype. Same semantics
-as reference.py: shadow_targets, random_start, project, guard.
+With a keep_out basis the kernel steps and projects only, and reference.kept_out, the guard and the
+last step's normalisation follow as torch operations (in the same graph). z, the anchor and the step
+arithmetic are float32 whatever the decoder's dtype. Same semantics as reference.py: shadow_targets,
+random_start, project, guard, kept_out.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from ..ensemble import ShadowEnsemble, members, which
 from ..errors import UnsupportedModelError
 from ..kernels import interpreted
 from ..kernels.sign_step import sign_step_project
+from ..principal import check_basis
 from .encoder import CompiledEncoder, encode, faster_encoder
 from .graphs import CaptureFailed, Captures, CudaGraph, EagerGraph, graph_size
 from .modules import first_float, storages, weights_key
 from .options import AUTOCAST_DTYPES, FUSED_DTYPES, check_fused_options
 from .plan import build_plan
-from .reference import guard, guard_frame, mean_direction, random_start
+from .reference import basis_for, guard, guard_frame, kept_out, mean_direction, random_start
 
 # the graph and encoder helpers, importable from here as well
 __all__ = ["CompiledEncoder", "CudaGraph", "EagerGraph", "FusedBackend", "graph_size"]
@@ -87,6 +90,8 @@ class FusedBackend:
              measurements disagree on (docs/benchmarks.md). The first call compiles, a second batch
              size once more (then dynamic), outside the CUDA graph; a compile that fails later warns
              and leaves E uncompiled. A CPU needs a C++ compiler.
+    keep_out: a (k, D) basis with orthonormal rows whose span every iterate's change from z is kept out of,
+             as in the reference backend (``reference.kept_out``, after the kernel's step and projection).
 
     The plan and the captured graphs are rebuilt when the models' weights change or move. When the
     graphs read only the backend's own tensors (the encoder as its copy, or not run), a call
@@ -97,7 +102,7 @@ class FusedBackend:
 
     def __init__(self, shadow: nn.Module, encoder: nn.Module, config: ProtectConfig, dtype: str = "fp32",
                  graphs: bool = True, split_k: int | None = None, record_loss: bool = False,
-                 channels_last: bool | None = None, compile_encoder: bool = False):
+                 channels_last: bool | None = None, compile_encoder: bool = False, keep_out: Tensor | None = None):
         check_fused_options(dict(dtype=dtype, graphs=graphs, split_k=split_k, record_loss=record_loss,
                                  channels_last=channels_last, compile_encoder=compile_encoder))
         if config.objective != "pixel":  # "auto" falls back to the reference backend, with a warning
@@ -109,6 +114,7 @@ class FusedBackend:
         self.shadow, self.encoder, self.config = shadow, encoder, config
         self.dtype, self.graphs, self.split_k, self.record_loss = dtype, graphs, split_k, record_loss
         self.compile_encoder = compile_encoder
+        self.basis = None if keep_out is None else check_basis(keep_out)  # the caller's; _build copies it
         self.channels_last = dtype in AUTOCAST_DTYPES if channels_last is None else channels_last
         self.losses: Tensor | None = None
         self.graph_type: type[CudaGraph] = CudaGraph
@@ -136,6 +142,8 @@ class FusedBackend:
                     raise UnsupportedModelError(f"{which(self.shadow, k)}: {err}") from err
                 raise
         self.plan = self.plans[0]
+        # the backend's own float32 copy on the plans' device: the graphs read it, never the caller's tensor
+        self.keep_out = None if self.basis is None else self.basis.to(device, torch.float32, copy=True)
         self._graphs.clear()
         self._encoder_copy: tuple[nn.Module, bool] | None | bool = False  # False: not tried yet (_encoder_for)
         self._own_memory: bool | None = None  # whether the graphs read only the backend's tensors (_check_later)
@@ -183,8 +191,9 @@ class FusedBackend:
         return total
 
     def step(self, z_t: Tensor, anchor: Tensor, x_shadow: list[Tensor], last: bool, loss: Tensor | None = None,
-             z_low: Tensor | None = None, frame: tuple[Tensor, Tensor] | None = None) -> None:
-        """z_t <- Cap(Proj(z_t + alpha * sign(g_t))) in place (unit-norm after the last step if normalize).
+             z_low: Tensor | None = None, frame: tuple[Tensor, Tensor] | None = None, z: Tensor | None = None) -> None:
+        """z_t <- Cap(Proj(z_t + alpha * sign(g_t))) in place (unit-norm after the last step if normalize);
+        with a keep_out basis Cap(Keep(Proj(.))), Keep taking the change from ``z`` (the caller's features).
 
         ``x_shadow``: targets()'s images, one per shadow. ``z_low``: z_t in the decoder's dtype, which the
         decoder reads instead of casting z_t, and which the step kernel rewrites with the new z_t (one cast
@@ -192,27 +201,40 @@ class FusedBackend:
         its plan's step (g_h @ W and the step in one kernel, DecoderPlan.step); an ensemble: the summed
         gradient, then the standalone step."""
         cfg = self.config
-        args = (cfg.alpha, cfg.eps, cfg.norm, cfg.constraint, cfg.normalize and last)
-        cap = None if frame is None else (*frame, cfg.min_cosine)
+        keep = self.keep_out is not None  # then the kernel steps and projects, and the rest follows here
+        normalize = cfg.normalize and last
+        args = (cfg.alpha, cfg.eps, cfg.norm, cfg.constraint, normalize and not keep)
+        cap = None if frame is None or keep else (*frame, cfg.min_cosine)
         z_in = z_t if z_low is None else z_low  # what the decoders read
         z_low = None if last else z_low  # nothing reads it after the last step
+        kernel_low = None if keep else z_low
         if len(self.plans) == 1:
-            self.plan.step(z_t, anchor, x_shadow[0], *args, loss=loss, z_in=z_in, z_low=z_low, guard=cap,
+            self.plan.step(z_t, anchor, x_shadow[0], *args, loss=loss, z_in=z_in, z_low=kernel_low, guard=cap,
                            split_k=self.split_k)
         else:
-            sign_step_project(z_t, self.gradient(z_in, x_shadow, loss), anchor, *args, z_low=z_low, guard=cap)
+            sign_step_project(z_t, self.gradient(z_in, x_shadow, loss), anchor, *args, z_low=kernel_low, guard=cap)
+        if keep:
+            z_t.copy_(guard(kept_out(z_t, z, self.keep_out), frame, cfg.min_cosine))
+            if normalize:
+                z_t.copy_(F.normalize(z_t, dim=1))
+            if z_low is not None:
+                z_low.copy_(z_t)
 
     def protect(self, z: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The whole protection of a batch (no host synchronisation, so it can be captured)."""
         cfg = self.config
         frame = None if cfg.min_cosine is None else tuple(t.contiguous() for t in guard_frame(z))
         x_shadow, anchor = self.targets(z, frame)
-        z_t = guard(anchor + noise, frame, cfg.min_cosine) if noise is not None else anchor.clone()
+        if noise is not None or self.keep_out is not None:
+            start = anchor + noise if noise is not None else anchor
+            z_t = guard(kept_out(start, z, self.keep_out), frame, cfg.min_cosine)
+        else:
+            z_t = anchor.clone()
         z_low = z_t.to(self.plan.dtype) if self.plan.dtype != torch.float32 else None  # then kept by the steps
         losses = torch.zeros(cfg.steps, z.shape[0], device=z.device) if self.record_loss else None
         for t in range(cfg.steps):
             self.step(z_t, anchor, x_shadow, last=t == cfg.steps - 1, loss=None if losses is None else losses[t],
-                      z_low=z_low, frame=frame)
+                      z_low=z_low, frame=frame, z=z)
         if cfg.steps == 0 and cfg.normalize:
             z_t = F.normalize(z_t, dim=1)
         return z_t, losses
@@ -254,6 +276,7 @@ class FusedBackend:
     def _run(self, z: Tensor) -> Tensor:
         """The protection of a non-empty batch on the current plan: replayed, or eager; sets losses."""
         z32 = z.float().contiguous()
+        basis_for(self.keep_out, z32)  # its dimension checked before anything runs
         noise = None
         if self.config.random_start:  # seeded from z's rows as the caller gave them, like the reference
             noise = random_start(torch.zeros_like(z32), z, self.config)

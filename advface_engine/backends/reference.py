@@ -94,6 +94,16 @@ def kept_out(u: Tensor, z: Tensor, basis: Tensor | None) -> Tensor:
     return z + change - (change @ basis.T) @ basis
 
 
+def basis_for(basis: Tensor | None, z: Tensor) -> Tensor | None:
+    """A keep_out basis on z's device and in its dtype, checked against z's feature dim; None stays None."""
+    if basis is None:
+        return None
+    if basis.shape[1] != z.shape[1]:
+        raise ValueError(f"keep_out is a basis of {basis.shape[1]}-dim features and these features have "
+                         f"{z.shape[1]} dims: make it from features of this encoder")
+    return basis.to(device=z.device, dtype=z.dtype)
+
+
 def gradient(shadow: nn.Module, encoder: nn.Module, z_t: Tensor, x_shadow: list[Tensor], z: Tensor,
              config: ProtectConfig) -> Tensor:
     """g_t: the gradient of the objective summed over the shadows (each against its own x~_k), taken one
@@ -235,7 +245,7 @@ class ReferenceBackend:
     def run(self, z: Tensor) -> Tensor:
         cfg = self.config
         shadow = self.step_shadow()
-        basis = self._basis(z)
+        basis = basis_for(self.keep_out, z)
         x_shadow, anchor = shadow_targets(z, shadow, self.encoder, cfg)
         frame = guard_frame(z) if cfg.min_cosine is not None else None
         anchor = guard(anchor, frame, cfg.min_cosine)
@@ -257,12 +267,3 @@ class ReferenceBackend:
                 z_t.copy_(guard(kept_out(project(z_t, z_prev, anchor, cfg), z, basis), frame, cfg.min_cosine))
         z_t = z_t.detach()
         return F.normalize(z_t, dim=1) if cfg.normalize else z_t
-
-    def _basis(self, z: Tensor) -> Tensor | None:
-        """The keep_out basis on z's device and in its dtype, checked against z's feature dim."""
-        if self.keep_out is None:
-            return None
-        if self.keep_out.shape[1] != z.shape[1]:
-            raise ValueError(f"keep_out is a basis of {self.keep_out.shape[1]}-dim features and these features "
-                             f"have {z.shape[1]} dims: make it from features of this encoder")
-        return self.keep_out.to(device=z.device, dtype=z.dtype)
