@@ -926,6 +926,51 @@ def test_a_job_resumed_with_another_basis_is_refused(tmp_path, ckpt):
     assert run(src, dst, ckpt, on_bad_rows="copy", keep_out=tmp_path / "a.safetensors").resumed_chunks == 2
 
 
+def test_keep_out_auto_makes_the_basis_advface_basis_makes_and_keeps_it_for_a_resume(tmp_path, ckpt, capsys,
+                                                                                       monkeypatch):
+    """--keep-out auto:4 protects as --keep-out with `advface basis -k 4`'s file, byte for byte; the basis is
+    kept in the job folder once the manifest is written, a resume reads it instead of making it again, and
+    the finished job leaves no folder."""
+    from advface_engine.principal import basis_checksum, load_basis
+
+    src, *_ = with_bad_rows(tmp_path, bad=(140, 141, 149))
+    assert main(["basis", "--input", str(src), "-o", str(tmp_path / "b.safetensors"), "-k", "4", "--no-progress"]) == 0
+    common = ["--shadow", ckpt["shadow"], "--encoder", ckpt["encoder"], "--steps", "2", "--batch-size", str(BATCH),
+              "--chunk-rows", str(CHUNK), "--device", "cpu", "--on-bad-rows", "copy", "--force", "--no-progress"]
+    for name, keep in (("file", str(tmp_path / "b.safetensors")), ("auto", "auto:4")):
+        assert main(["protect-gallery", "--input", str(src), "--output", str(tmp_path / f"{name}.safetensors"),
+                     "--keep-out", keep, *common]) == 0
+    assert "keep_out basis: its 4 directions hold" in capsys.readouterr().out
+    assert (tmp_path / "auto.safetensors").read_bytes() == (tmp_path / "file.safetensors").read_bytes()
+    assert not (tmp_path / "auto.safetensors.job").exists()
+    basis = load_basis(tmp_path / "b.safetensors")
+    assert provenance_of("safetensors", tmp_path / "auto.safetensors")["keep_out"] == basis_checksum(basis)
+
+    dst = tmp_path / "resumed.safetensors"
+    with killed_at_chunk():
+        run(src, dst, ckpt, on_bad_rows="copy", keep_out="auto:4")
+    torch.testing.assert_close(load_basis(tmp_path / "resumed.safetensors.job" / "basis.safetensors"), basis,
+                               rtol=0, atol=0)
+    made = []
+    monkeypatch.setattr(job_module, "gallery_basis", lambda *a, **kw: made.append(a) or (torch.eye(DIM)[:4], 0))
+    with pytest.raises(ValueError, match=r"belongs to a different job \(keep_out"):
+        run(src, dst, ckpt, on_bad_rows="copy", keep_out="auto:5")  # another k: another basis, made anew
+    assert len(made) == 1
+    assert run(src, dst, ckpt, on_bad_rows="copy", keep_out="auto:4").resumed_chunks == 2
+    assert len(made) == 1  # the kept basis was read, not made again
+    assert dst.read_bytes() == (tmp_path / "file.safetensors").read_bytes()
+    assert not (tmp_path / "resumed.safetensors.job").exists()
+
+
+@pytest.mark.parametrize("keep_out, error", [("auto:0", "'auto' or 'auto:K'"), ("auto:x", "'auto' or 'auto:K'"),
+                                             ("auto:16", "K must be below 16")])
+def test_a_bad_auto_keep_out_is_refused_before_any_work(tmp_path, ckpt, keep_out, error):
+    np.save(tmp_path / "in.npy", gallery_rows())
+    with pytest.raises(ValueError, match=error):
+        run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt, keep_out=keep_out)
+    assert not (tmp_path / "out.npy").exists() and not (tmp_path / "out.npy.job").exists()
+
+
 @pytest.mark.parametrize("basis, error", [
     (torch.eye(8)[:2], "is a basis of 8-dim features and .* holds 16-dim rows"),
     (torch.ones(2, DIM), "orthonormal"), ("missing.safetensors", "no basis file at"),

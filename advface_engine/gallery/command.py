@@ -11,7 +11,7 @@ from ..config_args import add_protect_args, config_from_args, positive_int, thre
 from ..progress import format_rate
 from ..stats import FIT_ROWS, MIN_ANCHOR_COSINE
 from .formats import FORMATS, open_gallery
-from .job import ENGINES, POLICIES, protect_gallery
+from .job import AUTO_K, BASIS_CHUNK_ROWS, ENGINES, POLICIES, gallery_basis, protect_gallery
 
 
 def _per_channel(text: str) -> float | list[float]:
@@ -67,9 +67,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"{FIT_ROWS} rows is below C, i.e. the shadow does not fit this encoder and gallery "
                         f"(default {MIN_ANCHOR_COSINE}; 'none': never refuse)")
     p.add_argument("--force", action="store_true", help="run even when the preflight finds the shadow does not fit")
-    p.add_argument("--keep-out", metavar="FILE",
+    p.add_argument("--keep-out", metavar="FILE|auto[:K]",
                    help="a basis file (advface basis): keep the steps out of those principal directions, so the "
-                        "guard costs less accuracy (reference backend)")
+                        f"guard costs less accuracy; 'auto' (or 'auto:K'): the top {AUTO_K} (K) principal "
+                        "directions of the input's rows, made by one more pass over it and kept for a resume")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (on a terminal) or progress lines (in a log)")
     add_protect_args(p)
@@ -81,34 +82,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "principal directions of its rows (NaN, Inf and zero rows left out) as a basis file.")
     b.add_argument("--input", required=True, help="features file (.npy, .safetensors, .parquet, .faiss/.index)")
     b.add_argument("--output", "-o", required=True, help="basis file to write (.safetensors)")
-    b.add_argument("-k", type=positive_int, default=16, help="principal directions kept out (default 16)")
+    b.add_argument("-k", type=positive_int, default=AUTO_K, help=f"principal directions kept out (default {AUTO_K})")
     b.add_argument("--embedding-key", help="embedding tensor / column (default: the only 2-D tensor / list column)")
-    b.add_argument("--chunk-rows", type=positive_int, default=65536, help="rows read at a time (default 65536)")
+    b.add_argument("--chunk-rows", type=positive_int, default=BASIS_CHUNK_ROWS,
+                   help=f"rows read at a time (default {BASIS_CHUNK_ROWS}, as protect-gallery --keep-out auto)")
     b.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     b.set_defaults(func=run_basis)
 
 
 def run_basis(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from ..features import bad_rows_of
-    from ..principal import Moments, save_basis
-    from ..progress import progress_bar
+    from ..principal import save_basis
 
     gallery = open_gallery(args.input, args.embedding_key, None)
     try:
-        moments = Moments(gallery.dim)
-        with progress_bar(total=gallery.num_rows, unit="row", unit_scale=True, desc="basis",
-                          progress=args.progress) as bar:
-            for start in range(0, gallery.num_rows, args.chunk_rows):
-                rows = gallery.read(start, min(start + args.chunk_rows, gallery.num_rows)).rows
-                moments.add(np.delete(rows, bad_rows_of(rows), axis=0))
-                bar.update(len(rows))
-        basis = moments.directions(args.k)
+        basis, rows = gallery_basis(gallery, args.k, args.progress, args.chunk_rows)
     finally:
         gallery.close()
     save_basis(args.output, basis)
-    print(f"wrote {args.output}: the top {args.k} principal directions of {moments.count} rows of dim {gallery.dim}")
+    print(f"wrote {args.output}: the top {args.k} principal directions of {rows} rows of dim {gallery.dim}")
     return 0
 
 

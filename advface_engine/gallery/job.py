@@ -23,7 +23,8 @@ the job (``deterministic_cudnn``; the fused kernels use no atomics).
 
 The manifest holds a fingerprint of the input (size and a hash of its header and sampled blocks),
 the models (checksums of their architecture and weights), the config, the keep_out basis (its checksum,
-where one is given), the engine and the layout; a rerun
+where one is given; one the job made of its input, ``keep_out="auto"``, is kept in the job folder for a
+resume), the engine and the layout; a rerun
 whose fingerprint differs is refused, and a malformed manifest is refused naming the field
 (``_check_manifest``). Nothing in it is taken on trust that the input can check: a resumed chunk's
 input rows are read again and must match their checksum (else the input changed since the job
@@ -70,13 +71,14 @@ from ..ensemble import members
 from ..errors import BadFeaturesError
 from ..features import BAD_ROWS, bad_rows_of
 from ..models.io import model_checksum
-from ..principal import basis_checksum, check_basis, variance_share
+from ..principal import Moments, basis_checksum, check_basis, load_basis, save_basis, variance_share
 from ..progress import progress_bar
 from ..stats import FIT_ROWS, MIN_ANCHOR_COSINE, sample_rows
 from .distributed import ray_session, run_ray, use_gpus
 from .formats import RAW_FORMATS, Chunk, Gallery, GalleryWriter, check_convertible, format_of, open_gallery
 from .local import Prefetch, run_local
 from .store import (
+    AUTO_BASIS,
     CREATED_BY,
     JOB_FILES,
     MARKER,
@@ -360,6 +362,48 @@ def assemble(job: ChunkJob, manifest: Manifest, figures: Figures, fmt: str, outp
     return result
 
 
+AUTO_K = 16  # keep_out="auto": the directions kept out, as measured (docs/evaluation.md)
+BASIS_CHUNK_ROWS = 65536  # rows read at a time for a basis: the same chunks give the same float64 sums
+
+
+def gallery_basis(gallery: Gallery, k: int, progress: bool = True,
+                  chunk_rows: int = BASIS_CHUNK_ROWS) -> tuple[Tensor, int]:
+    """The top ``k`` principal directions of a gallery's rows, bad rows left out, read chunk by chunk into
+    float64 moments (``principal.Moments``): (basis, rows used)."""
+    moments = Moments(gallery.dim)
+    with progress_bar(total=gallery.num_rows, unit="row", unit_scale=True, desc="basis", progress=progress) as bar:
+        for start in range(0, gallery.num_rows, chunk_rows):
+            rows = gallery.read(start, min(start + chunk_rows, gallery.num_rows)).rows
+            moments.add(np.delete(rows, bad_rows_of(rows), axis=0))
+            bar.update(len(rows))
+    return moments.directions(k), moments.count
+
+
+def auto_k(keep_out) -> int | None:
+    """k of a keep_out given as "auto" (AUTO_K) or "auto:K"; None for anything else (a file, a tensor)."""
+    if not isinstance(keep_out, str) or not (keep_out == "auto" or keep_out.startswith("auto:")):
+        return None
+    k = keep_out[len("auto:"):] if keep_out != "auto" else str(AUTO_K)
+    if not k.isdigit() or int(k) < 1:
+        raise ValueError(f"keep_out {keep_out!r}: 'auto' or 'auto:K' with K a positive integer (the directions "
+                         "kept out)")
+    return int(k)
+
+
+def _auto_basis(work: Path, gallery: Gallery, k: int, progress: bool) -> Tensor:
+    """keep_out "auto": the basis an earlier run of this job made and kept in its folder (``AUTO_BASIS``, written
+    once its manifest is), else the top ``k`` principal directions of the input (``gallery_basis``)."""
+    kept = work / AUTO_BASIS
+    if kept.is_file() and not kept.is_symlink():
+        basis = load_basis(kept)
+        if basis.shape == (k, gallery.dim):
+            return basis
+    if not k < gallery.dim:
+        raise ValueError(f"keep_out auto:{k} keeps out {k} directions of {gallery.dim}-dim rows: K must be below "
+                         f"{gallery.dim}")
+    return gallery_basis(gallery, k, progress)[0]
+
+
 def protect_gallery(
     input: str | os.PathLike,
     output: str | os.PathLike,
@@ -400,14 +444,16 @@ def protect_gallery(
     ``min_anchor_cosine``: the preflight (``_preflight``) refuses a shadow whose anchors E(S(z)) have a
     median cosine to the gallery's features below it, before anything is written; None or ``force`` runs
     anyway. ``keep_out``: a basis file (``advface basis``) or a (k, D) tensor: the Protector's keep_out, its
-    checksum in the fingerprint.
+    checksum in the fingerprint; "auto" (or "auto:K") makes it of the input's rows first, the top AUTO_K (K)
+    principal directions (``gallery_basis``: one more pass over the input), and keeps it in the job folder.
     """
     shadow = _shadow_spec(shadow)
-    if isinstance(keep_out, (str, os.PathLike)):
+    auto = auto_k(keep_out)
+    if auto is None and isinstance(keep_out, (str, os.PathLike)):
         keep_out = os.fspath(keep_out)
         if not os.path.isfile(keep_out):
             raise FileNotFoundError(f"no basis file at {keep_out}")
-    elif keep_out is not None:
+    elif auto is None and keep_out is not None:
         keep_out = check_basis(keep_out)
     if on_bad_rows not in POLICIES:
         raise ValueError(f"on_bad_rows must be one of {POLICIES}, got {on_bad_rows!r}")
@@ -448,6 +494,8 @@ def protect_gallery(
     try:
         fmt = format or format_of(dst) or gallery.format
         check_convertible(gallery, fmt)
+        if auto is not None:
+            keep_out = _auto_basis(work, gallery, auto, progress)
         row_bytes = gallery.dim * gallery.dtype.itemsize
         chunk_rows = chunk_rows or batch_size * max(1, CHUNK_BYTES // (row_bytes * batch_size))
         spec = JobSpec(str(src), shadow, encoder, config if config is not None else ProtectConfig(),
@@ -470,6 +518,8 @@ def protect_gallery(
                 _refuse_bad_rows(gallery, chunk_rows, dst, progress)
             stack.enter_context(_workspace(work))
             manifest = Manifest.open(work, fingerprint)
+            if auto is not None and not (work / AUTO_BASIS).exists():  # after the manifest: it names the basis
+                save_basis(work / AUTO_BASIS, keep_out)
             if ray is None and fmt in RAW_FORMATS:  # the output written in place: no second pass at the end
                 made = None if fmt in SIDECAR_FORMATS else provenance(manifest.fingerprint, on_bad_rows)
                 job.store = stack.enter_context(contextlib.closing(OutputInPlace(GalleryWriter(

@@ -34,8 +34,10 @@ MARKER = "advface-job.json"  # written in the job folder when the job makes it: 
 CREATED_BY = "advface-engine protect-gallery"
 # every file the job writes in its folder (output.<format> and compact.<format>, the output written in place
 # less the skipped bad rows, included; ids.tmp an older version's), and its parts
+AUTO_BASIS = "basis.safetensors"  # keep_out="auto": the basis the job made of its input, kept for a resume
 JOB_FILES = frozenset({MARKER, MARKER + ".tmp", "lock", "manifest.json", "manifest.json.tmp", "bad-rows.json.tmp",
-                       "provenance.json.tmp", "ids.tmp", *(f"{name}.{fmt}" for name in ("output", "compact")
+                       "provenance.json.tmp", "ids.tmp", AUTO_BASIS, AUTO_BASIS + ".tmp",
+                       *(f"{name}.{fmt}" for name in ("output", "compact")
                                                            for fmt in FORMATS)})
 PART = re.compile(r"\d{6,}\.bin(\.tmp)?")
 
