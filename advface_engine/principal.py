@@ -41,17 +41,24 @@ class Moments:
         """The top ``k`` principal directions of the rows added: a float32 (k, D) tensor with orthonormal rows,
         the eigenvectors of their covariance with the largest eigenvalues, each signed so its largest
         coordinate is positive (the same rows give the same basis)."""
+        _, vectors = torch.linalg.eigh(self._covariance(k))  # ascending eigenvalues
+        basis = vectors[:, -k:].flip(1).T
+        top = basis.abs().argmax(dim=1, keepdim=True)
+        return (basis * basis.gather(1, top).sign()).float().contiguous()
+
+    def variance_share(self, k: int) -> float:
+        """The share of the rows' variance that their top ``k`` principal directions hold."""
+        values = torch.linalg.eigvalsh(self._covariance(k)).clamp_min(0)
+        return float(values[-k:].sum() / values.sum()) if values.sum() > 0 else float("nan")
+
+    def _covariance(self, k: int) -> Tensor:
         dim = self.total.shape[0]
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < dim:
             raise ValueError(f"k must be an integer in [1, {dim - 1}] (below the feature dim {dim}), got {k!r}")
         if self.count <= k:
             raise ValueError(f"{k} principal directions need more than {k} feature rows, got {self.count}")
         mean = self.total / self.count
-        covariance = self.outer / self.count - torch.outer(mean, mean)
-        _, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
-        basis = vectors[:, -k:].flip(1).T
-        top = basis.abs().argmax(dim=1, keepdim=True)
-        return (basis * basis.gather(1, top).sign()).float().contiguous()
+        return self.outer / self.count - torch.outer(mean, mean)
 
 
 def principal_directions(features: Tensor | np.ndarray, k: int) -> Tensor:

@@ -879,15 +879,17 @@ def test_gallery_job_takes_the_decoder_dtype(tmp_path, capsys):
 
 
 def test_keep_out_basis_file_protects_as_the_protector_and_joins_the_fingerprint(tmp_path, ckpt, capsys):
-    from advface_engine.principal import basis_checksum, load_basis
+    from advface_engine.principal import basis_checksum, load_basis, variance_share
 
     rows = gallery_rows()
     rows[9] = 0  # a bad row: left out of the basis
     np.save(tmp_path / "in.npy", rows)
     assert main(["basis", "--input", str(tmp_path / "in.npy"), "-o", str(tmp_path / "b.safetensors"), "-k", "4",
                  "--chunk-rows", "40", "--no-progress"]) == 0
-    assert f"the top 4 principal directions of {ROWS - 1} rows of dim {DIM}" in capsys.readouterr().out
+    said = re.search(rf"the top 4 principal directions of {ROWS - 1} rows of dim {DIM}, holding ([\d.]+)% of their "
+                     "variance", capsys.readouterr().out)
     basis = load_basis(tmp_path / "b.safetensors")
+    assert float(said.group(1)) == pytest.approx(100 * variance_share(basis, np.delete(rows, 9, axis=0)), abs=0.06)
     torch.testing.assert_close(basis, afe.principal_directions(np.delete(rows, 9, axis=0), 4), rtol=0, atol=1e-5)
     assert main(["protect-gallery", "--input", str(tmp_path / "in.npy"), "--output", str(tmp_path / "out.npy"),
                  "--shadow", ckpt["shadow"], "--encoder", ckpt["encoder"],

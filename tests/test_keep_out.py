@@ -14,6 +14,7 @@ from conftest import fitting_models, tiny_models
 import advface_engine as afe
 from advface_engine.backends import make_backend
 from advface_engine.noise import ball_noise
+from advface_engine.principal import Moments
 
 
 def unit_rows(n: int, d: int = 16, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
@@ -79,6 +80,11 @@ def test_variance_share_tells_a_basis_of_these_features_from_another():
     eigen = np.linalg.eigvalsh(np.cov(z.double().numpy().T, bias=True))[::-1]
     assert own == pytest.approx(eigen[:4].sum() / eigen.sum(), rel=1e-6)  # the top 4 eigenvalues' share
     assert other < own / 2
+    moments = Moments(16)
+    for part in z.split(64):  # chunk by chunk, as a gallery is read
+        moments.add(part)
+    assert moments.variance_share(4) == pytest.approx(own, rel=1e-6)
+    assert moments.variance_share(8) > moments.variance_share(4)
 
 
 @pytest.mark.parametrize("features, k, match", [

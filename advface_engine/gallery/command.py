@@ -95,11 +95,12 @@ def run_basis(args: argparse.Namespace) -> int:
 
     gallery = open_gallery(args.input, args.embedding_key, None)
     try:
-        basis, rows = gallery_basis(gallery, args.k, args.progress, args.chunk_rows)
+        basis, moments = gallery_basis(gallery, args.k, args.progress, args.chunk_rows)
     finally:
         gallery.close()
     save_basis(args.output, basis)
-    print(f"wrote {args.output}: the top {args.k} principal directions of {rows} rows of dim {gallery.dim}")
+    print(f"wrote {args.output}: the top {args.k} principal directions of {moments.count} rows of dim {gallery.dim}, "
+          f"holding {100 * moments.variance_share(args.k):.1f}% of their variance")
     return 0
 
 

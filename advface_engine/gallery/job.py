@@ -367,16 +367,16 @@ BASIS_CHUNK_ROWS = 65536  # rows read at a time for a basis: the same chunks giv
 
 
 def gallery_basis(gallery: Gallery, k: int, progress: bool = True,
-                  chunk_rows: int = BASIS_CHUNK_ROWS) -> tuple[Tensor, int]:
+                  chunk_rows: int = BASIS_CHUNK_ROWS) -> tuple[Tensor, Moments]:
     """The top ``k`` principal directions of a gallery's rows, bad rows left out, read chunk by chunk into
-    float64 moments (``principal.Moments``): (basis, rows used)."""
+    float64 moments (``principal.Moments``): (basis, the moments)."""
     moments = Moments(gallery.dim)
     with progress_bar(total=gallery.num_rows, unit="row", unit_scale=True, desc="basis", progress=progress) as bar:
         for start in range(0, gallery.num_rows, chunk_rows):
             rows = gallery.read(start, min(start + chunk_rows, gallery.num_rows)).rows
             moments.add(np.delete(rows, bad_rows_of(rows), axis=0))
             bar.update(len(rows))
-    return moments.directions(k), moments.count
+    return moments.directions(k), moments
 
 
 def auto_k(keep_out) -> int | None:
