@@ -51,6 +51,17 @@ class Moments:
         values = torch.linalg.eigvalsh(self._covariance(k)).clamp_min(0)
         return float(values[-k:].sum() / values.sum()) if values.sum() > 0 else float("nan")
 
+    def directions_for(self, share: float) -> int:
+        """The fewest top principal directions that hold at least ``share`` of the rows' variance (at most
+        D - 1): how many a basis needs, whatever the features' dimension."""
+        if not 0 < share < 1:
+            raise ValueError(f"share must be in (0, 1), got {share!r}")
+        values = torch.linalg.eigvalsh(self._covariance(1)).clamp_min(0).flip(0)
+        if not values.sum() > 0:
+            raise ValueError("the rows do not vary: they have no principal directions")
+        held = values.cumsum(0) / values.sum()
+        return min(int((held < share).sum()) + 1, len(values) - 1)
+
     def _covariance(self, k: int) -> Tensor:
         dim = self.total.shape[0]
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < dim:

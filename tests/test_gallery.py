@@ -928,37 +928,41 @@ def test_a_job_resumed_with_another_basis_is_refused(tmp_path, ckpt):
     assert run(src, dst, ckpt, on_bad_rows="copy", keep_out=tmp_path / "a.safetensors").resumed_chunks == 2
 
 
+@pytest.mark.parametrize("keep, k_flag", [("auto:4", ["-k", "4"]), ("auto", [])], ids=["auto:4", "auto"])
 def test_keep_out_auto_makes_the_basis_advface_basis_makes_and_keeps_it_for_a_resume(tmp_path, ckpt, capsys,
-                                                                                       monkeypatch):
-    """--keep-out auto:4 protects as --keep-out with `advface basis -k 4`'s file, byte for byte; the basis is
-    kept in the job folder once the manifest is written, a resume reads it instead of making it again, and
+                                                                                       monkeypatch, keep, k_flag):
+    """--keep-out auto:4 protects as --keep-out with `advface basis -k 4`'s file, byte for byte, and "auto" as
+    `advface basis` with its default k (the fewest directions that hold AUTO_SHARE of the variance); the basis
+    is kept in the job folder once the manifest is written, a resume reads it instead of making it again, and
     the finished job leaves no folder."""
     from advface_engine.principal import basis_checksum, load_basis
 
     src, *_ = with_bad_rows(tmp_path, bad=(140, 141, 149))
-    assert main(["basis", "--input", str(src), "-o", str(tmp_path / "b.safetensors"), "-k", "4", "--no-progress"]) == 0
+    assert main(["basis", "--input", str(src), "-o", str(tmp_path / "b.safetensors"), *k_flag, "--no-progress"]) == 0
+    basis = load_basis(tmp_path / "b.safetensors")
+    k = basis.shape[0]
+    assert (k == 4) if k_flag else (1 < k < DIM)
     common = ["--shadow", ckpt["shadow"], "--encoder", ckpt["encoder"], "--steps", "2", "--batch-size", str(BATCH),
               "--chunk-rows", str(CHUNK), "--device", "cpu", "--on-bad-rows", "copy", "--force", "--no-progress"]
-    for name, keep in (("file", str(tmp_path / "b.safetensors")), ("auto", "auto:4")):
+    for name, keep_out in (("file", str(tmp_path / "b.safetensors")), ("auto", keep)):
         assert main(["protect-gallery", "--input", str(src), "--output", str(tmp_path / f"{name}.safetensors"),
-                     "--keep-out", keep, *common]) == 0
-    assert "keep_out basis: its 4 directions hold" in capsys.readouterr().out
+                     "--keep-out", keep_out, *common]) == 0
+    assert f"keep_out basis: its {k} directions hold" in capsys.readouterr().out
     assert (tmp_path / "auto.safetensors").read_bytes() == (tmp_path / "file.safetensors").read_bytes()
     assert not (tmp_path / "auto.safetensors.job").exists()
-    basis = load_basis(tmp_path / "b.safetensors")
     assert provenance_of("safetensors", tmp_path / "auto.safetensors")["keep_out"] == basis_checksum(basis)
 
     dst = tmp_path / "resumed.safetensors"
     with killed_at_chunk():
-        run(src, dst, ckpt, on_bad_rows="copy", keep_out="auto:4")
+        run(src, dst, ckpt, on_bad_rows="copy", keep_out=keep)
     torch.testing.assert_close(load_basis(tmp_path / "resumed.safetensors.job" / "basis.safetensors"), basis,
                                rtol=0, atol=0)
-    made = []
-    monkeypatch.setattr(job_module, "gallery_basis", lambda *a, **kw: made.append(a) or (torch.eye(DIM)[:4], 0))
+    made, moments = [], job_module.gallery_moments
+    monkeypatch.setattr(job_module, "gallery_moments", lambda *a, **kw: made.append(a) or moments(*a, **kw))
     with pytest.raises(ValueError, match=r"belongs to a different job \(keep_out"):
-        run(src, dst, ckpt, on_bad_rows="copy", keep_out="auto:5")  # another k: another basis, made anew
+        run(src, dst, ckpt, on_bad_rows="copy", keep_out=f"auto:{k + 1}")  # another k: another basis, made anew
     assert len(made) == 1
-    assert run(src, dst, ckpt, on_bad_rows="copy", keep_out="auto:4").resumed_chunks == 2
+    assert run(src, dst, ckpt, on_bad_rows="copy", keep_out=keep).resumed_chunks == 2
     assert len(made) == 1  # the kept basis was read, not made again
     assert dst.read_bytes() == (tmp_path / "file.safetensors").read_bytes()
     assert not (tmp_path / "resumed.safetensors.job").exists()

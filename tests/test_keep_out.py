@@ -85,6 +85,13 @@ def test_variance_share_tells_a_basis_of_these_features_from_another():
         moments.add(part)
     assert moments.variance_share(4) == pytest.approx(own, rel=1e-6)
     assert moments.variance_share(8) > moments.variance_share(4)
+    held = np.cumsum(eigen) / eigen.sum()  # the fewest directions holding a share: the first k where it is reached
+    for share in (0.5, 0.8, 0.9, 0.99):
+        k = moments.directions_for(share)
+        assert held[k - 1] >= share - 1e-9 and (k == 1 or held[k - 2] < share), (share, k)
+    assert moments.directions_for(0.999999999) == 15  # at most D - 1
+    with pytest.raises(ValueError, match="share must be in"):
+        moments.directions_for(1.0)
 
 
 @pytest.mark.parametrize("features, k, match", [

@@ -11,7 +11,7 @@ from ..config_args import add_protect_args, config_from_args, positive_int, thre
 from ..progress import format_rate
 from ..stats import FIT_ROWS, MIN_ANCHOR_COSINE
 from .formats import FORMATS, open_gallery
-from .job import AUTO_K, BASIS_CHUNK_ROWS, ENGINES, POLICIES, gallery_basis, protect_gallery
+from .job import AUTO_SHARE, BASIS_CHUNK_ROWS, ENGINES, POLICIES, gallery_moments, protect_gallery
 
 
 def _per_channel(text: str) -> float | list[float]:
@@ -69,8 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="run even when the preflight finds the shadow does not fit")
     p.add_argument("--keep-out", metavar="FILE|auto[:K]",
                    help="a basis file (advface basis): keep the steps out of those principal directions, so the "
-                        f"guard costs less accuracy; 'auto' (or 'auto:K'): the top {AUTO_K} (K) principal "
-                        "directions of the input's rows, made by one more pass over it and kept for a resume")
+                        f"guard costs less accuracy; 'auto': the fewest principal directions of the input's rows "
+                        f"that hold {AUTO_SHARE:.0%} of their variance ('auto:K': K of them), made by one more pass "
+                        "over it and kept for a resume")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (on a terminal) or progress lines (in a log)")
     add_protect_args(p)
@@ -82,7 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "principal directions of its rows (NaN, Inf and zero rows left out) as a basis file.")
     b.add_argument("--input", required=True, help="features file (.npy, .safetensors, .parquet, .faiss/.index)")
     b.add_argument("--output", "-o", required=True, help="basis file to write (.safetensors)")
-    b.add_argument("-k", type=positive_int, default=AUTO_K, help=f"principal directions kept out (default {AUTO_K})")
+    b.add_argument("-k", type=positive_int, help=f"principal directions kept out (default: the fewest that hold "
+                                                 f"{AUTO_SHARE:.0%} of the rows' variance, as --keep-out auto)")
     b.add_argument("--embedding-key", help="embedding tensor / column (default: the only 2-D tensor / list column)")
     b.add_argument("--chunk-rows", type=positive_int, default=BASIS_CHUNK_ROWS,
                    help=f"rows read at a time (default {BASIS_CHUNK_ROWS}, as protect-gallery --keep-out auto)")
@@ -95,12 +97,13 @@ def run_basis(args: argparse.Namespace) -> int:
 
     gallery = open_gallery(args.input, args.embedding_key, None)
     try:
-        basis, moments = gallery_basis(gallery, args.k, args.progress, args.chunk_rows)
+        moments = gallery_moments(gallery, args.progress, args.chunk_rows)
     finally:
         gallery.close()
-    save_basis(args.output, basis)
-    print(f"wrote {args.output}: the top {args.k} principal directions of {moments.count} rows of dim {gallery.dim}, "
-          f"holding {100 * moments.variance_share(args.k):.1f}% of their variance")
+    k = args.k or moments.directions_for(AUTO_SHARE)
+    save_basis(args.output, moments.directions(k))
+    print(f"wrote {args.output}: the top {k} principal directions of {moments.count} rows of dim {gallery.dim}, "
+          f"holding {100 * moments.variance_share(k):.1f}% of their variance")
     return 0
 
 

@@ -362,28 +362,32 @@ def assemble(job: ChunkJob, manifest: Manifest, figures: Figures, fmt: str, outp
     return result
 
 
-AUTO_K = 16  # keep_out="auto": the directions kept out, as measured (docs/evaluation.md)
+# keep_out="auto": the fewest principal directions that hold this share of the gallery's variance, a count that
+# follows the features' dimension and spectrum (chosen on 128- and 512-dim features: docs/evaluation.md)
+AUTO_SHARE = 0.9
 BASIS_CHUNK_ROWS = 65536  # rows read at a time for a basis: the same chunks give the same float64 sums
 
 
-def gallery_basis(gallery: Gallery, k: int, progress: bool = True,
-                  chunk_rows: int = BASIS_CHUNK_ROWS) -> tuple[Tensor, Moments]:
-    """The top ``k`` principal directions of a gallery's rows, bad rows left out, read chunk by chunk into
-    float64 moments (``principal.Moments``): (basis, the moments)."""
+def gallery_moments(gallery: Gallery, progress: bool = True, chunk_rows: int = BASIS_CHUNK_ROWS) -> Moments:
+    """The float64 moments (``principal.Moments``) of a gallery's rows, bad rows left out, read chunk by chunk:
+    its principal directions in one pass."""
     moments = Moments(gallery.dim)
     with progress_bar(total=gallery.num_rows, unit="row", unit_scale=True, desc="basis", progress=progress) as bar:
         for start in range(0, gallery.num_rows, chunk_rows):
             rows = gallery.read(start, min(start + chunk_rows, gallery.num_rows)).rows
             moments.add(np.delete(rows, bad_rows_of(rows), axis=0))
             bar.update(len(rows))
-    return moments.directions(k), moments
+    return moments
 
 
 def auto_k(keep_out) -> int | None:
-    """k of a keep_out given as "auto" (AUTO_K) or "auto:K"; None for anything else (a file, a tensor)."""
+    """k of a keep_out given as "auto:K"; 0 for "auto" (as many as hold AUTO_SHARE of the variance); None for
+    anything else (a file, a tensor)."""
     if not isinstance(keep_out, str) or not (keep_out == "auto" or keep_out.startswith("auto:")):
         return None
-    k = keep_out[len("auto:"):] if keep_out != "auto" else str(AUTO_K)
+    if keep_out == "auto":
+        return 0
+    k = keep_out[len("auto:"):]
     if not k.isdigit() or int(k) < 1:
         raise ValueError(f"keep_out {keep_out!r}: 'auto' or 'auto:K' with K a positive integer (the directions "
                          "kept out)")
@@ -391,17 +395,19 @@ def auto_k(keep_out) -> int | None:
 
 
 def _auto_basis(work: Path, gallery: Gallery, k: int, progress: bool) -> Tensor:
-    """keep_out "auto": the basis an earlier run of this job made and kept in its folder (``AUTO_BASIS``, written
-    once its manifest is), else the top ``k`` principal directions of the input (``gallery_basis``)."""
+    """keep_out "auto" (k 0) or "auto:k": the basis an earlier run of this job made and kept in its folder
+    (``AUTO_BASIS``, written once its manifest is), else the input's top principal directions, k of them or as
+    many as hold AUTO_SHARE of its variance (``gallery_moments``)."""
     kept = work / AUTO_BASIS
     if kept.is_file() and not kept.is_symlink():
         basis = load_basis(kept)
-        if basis.shape == (k, gallery.dim):
+        if basis.shape[1] == gallery.dim and k in (0, basis.shape[0]):
             return basis
     if not k < gallery.dim:
         raise ValueError(f"keep_out auto:{k} keeps out {k} directions of {gallery.dim}-dim rows: K must be below "
                          f"{gallery.dim}")
-    return gallery_basis(gallery, k, progress)[0]
+    moments = gallery_moments(gallery, progress)
+    return moments.directions(k or moments.directions_for(AUTO_SHARE))
 
 
 def protect_gallery(
@@ -444,8 +450,8 @@ def protect_gallery(
     ``min_anchor_cosine``: the preflight (``_preflight``) refuses a shadow whose anchors E(S(z)) have a
     median cosine to the gallery's features below it, before anything is written; None or ``force`` runs
     anyway. ``keep_out``: a basis file (``advface basis``) or a (k, D) tensor: the Protector's keep_out, its
-    checksum in the fingerprint; "auto" (or "auto:K") makes it of the input's rows first, the top AUTO_K (K)
-    principal directions (``gallery_basis``: one more pass over the input), and keeps it in the job folder.
+    checksum in the fingerprint; "auto" (or "auto:K") makes it of the input's rows first (one more pass): the
+    fewest top principal directions that hold AUTO_SHARE of their variance (K of them), kept in the job folder.
     """
     shadow = _shadow_spec(shadow)
     auto = auto_k(keep_out)
