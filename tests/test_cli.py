@@ -193,6 +193,14 @@ def test_every_option_has_help_and_one_spelling_per_concept():
     assert "--output" in shown["bench-report"] and "--output" in shown["demo"]
 
 
+def test_every_help_page_renders():
+    """argparse formats each help text with %: a literal % in one (a share of the variance) must be %%."""
+    for name, parser in _subparsers().items():
+        text = parser.format_help()
+        assert text.startswith("usage:"), name
+    assert "hold 90% of their variance" in " ".join(_subparsers()["protect-gallery"].format_help().split())
+
+
 @pytest.mark.parametrize("command, old, new, dest, value", [
     ("train-shadow", "--arch", "--shadow-arch", "shadow_arch", "upconv"),
     ("train-encoder", "--arch", "--encoder-arch", "encoder_arch", "iresnet18"),

@@ -70,8 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-out", metavar="FILE|auto[:K]",
                    help="a basis file (advface basis): keep the steps out of those principal directions, so the "
                         f"guard costs less accuracy; 'auto': the fewest principal directions of the input's rows "
-                        f"that hold {AUTO_SHARE:.0%} of their variance ('auto:K': K of them), made by one more pass "
-                        "over it and kept for a resume")
+                        f"that hold {100 * AUTO_SHARE:.0f}%% of their variance ('auto:K': K of them), made by one more "
+                        "pass over it and kept for a resume")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (on a terminal) or progress lines (in a log)")
     add_protect_args(p)
@@ -84,7 +84,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--input", required=True, help="features file (.npy, .safetensors, .parquet, .faiss/.index)")
     b.add_argument("--output", "-o", required=True, help="basis file to write (.safetensors)")
     b.add_argument("-k", type=positive_int, help=f"principal directions kept out (default: the fewest that hold "
-                                                 f"{AUTO_SHARE:.0%} of the rows' variance, as --keep-out auto)")
+                                                 f"{100 * AUTO_SHARE:.0f}%% of the rows' variance, as --keep-out "
+                                                 "auto)")
     b.add_argument("--embedding-key", help="embedding tensor / column (default: the only 2-D tensor / list column)")
     b.add_argument("--chunk-rows", type=positive_int, default=BASIS_CHUNK_ROWS,
                    help=f"rows read at a time (default {BASIS_CHUNK_ROWS}, as protect-gallery --keep-out auto)")
