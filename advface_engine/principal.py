@@ -41,14 +41,16 @@ class Moments:
         """The top ``k`` principal directions of the rows added: a float32 (k, D) tensor with orthonormal rows,
         the eigenvectors of their covariance with the largest eigenvalues, each signed so its largest
         coordinate is positive (the same rows give the same basis)."""
-        _, vectors = torch.linalg.eigh(self._covariance(k))  # ascending eigenvalues
+        self._check(k)
+        _, vectors = torch.linalg.eigh(self._covariance())  # ascending eigenvalues
         basis = vectors[:, -k:].flip(1).T
         top = basis.abs().argmax(dim=1, keepdim=True)
         return (basis * basis.gather(1, top).sign()).float().contiguous()
 
     def variance_share(self, k: int) -> float:
         """The share of the rows' variance that their top ``k`` principal directions hold."""
-        values = torch.linalg.eigvalsh(self._covariance(k)).clamp_min(0)
+        self._check(k)
+        values = torch.linalg.eigvalsh(self._covariance()).clamp_min(0)
         return float(values[-k:].sum() / values.sum()) if values.sum() > 0 else float("nan")
 
     def directions_for(self, share: float) -> int:
@@ -56,18 +58,22 @@ class Moments:
         D - 1): how many a basis needs, whatever the features' dimension."""
         if not 0 < share < 1:
             raise ValueError(f"share must be in (0, 1), got {share!r}")
-        values = torch.linalg.eigvalsh(self._covariance(1)).clamp_min(0).flip(0)
+        self._check(1)
+        values = torch.linalg.eigvalsh(self._covariance()).clamp_min(0).flip(0)
         if not values.sum() > 0:
             raise ValueError("the rows do not vary: they have no principal directions")
         held = values.cumsum(0) / values.sum()
         return min(int((held < share).sum()) + 1, len(values) - 1)
 
-    def _covariance(self, k: int) -> Tensor:
+    def _check(self, k: int) -> None:
+        """Refuse a k outside [1, D - 1], or one the rows added so far cannot give."""
         dim = self.total.shape[0]
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < dim:
             raise ValueError(f"k must be an integer in [1, {dim - 1}] (below the feature dim {dim}), got {k!r}")
         if self.count <= k:
             raise ValueError(f"{k} principal directions need more than {k} feature rows, got {self.count}")
+
+    def _covariance(self) -> Tensor:
         mean = self.total / self.count
         return self.outer / self.count - torch.outer(mean, mean)
 
