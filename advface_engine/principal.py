@@ -17,6 +17,9 @@ from torch import Tensor
 
 BASIS_KEY = "basis"  # the tensor a basis file holds
 ORTHONORMAL_TOLERANCE = 1e-3  # |B B^T - I| beyond this is not an orthonormal basis (float16 files round)
+# k None (keep_out "auto"): the fewest principal directions holding this share of the variance, a count that
+# follows the features' dimension and spectrum (chosen on 128- and 512-dim features: docs/evaluation.md)
+AUTO_SHARE = 0.9
 
 
 class Moments:
@@ -37,10 +40,12 @@ class Moments:
         self.total += rows.sum(0)
         self.outer += rows.T @ rows
 
-    def directions(self, k: int) -> Tensor:
-        """The top ``k`` principal directions of the rows added: a float32 (k, D) tensor with orthonormal rows,
-        the eigenvectors of their covariance with the largest eigenvalues, each signed so its largest
-        coordinate is positive (the same rows give the same basis)."""
+    def directions(self, k: int | None = None) -> Tensor:
+        """The top ``k`` principal directions of the rows added (None: as many as hold AUTO_SHARE of their
+        variance, ``directions_for``): a float32 (k, D) tensor with orthonormal rows, the eigenvectors of
+        their covariance with the largest eigenvalues, each signed so its largest coordinate is positive
+        (the same rows give the same basis)."""
+        k = self.directions_for(AUTO_SHARE) if k is None else k
         self._check(k)
         _, vectors = torch.linalg.eigh(self._covariance())  # ascending eigenvalues
         basis = vectors[:, -k:].flip(1).T
@@ -78,8 +83,9 @@ class Moments:
         return self.outer / self.count - torch.outer(mean, mean)
 
 
-def principal_directions(features: Tensor | np.ndarray, k: int) -> Tensor:
-    """The top ``k`` principal directions of ``features`` (N, D): ``Moments.directions`` of those rows."""
+def principal_directions(features: Tensor | np.ndarray, k: int | None = None) -> Tensor:
+    """The top ``k`` principal directions of ``features`` (N, D), None: as many as hold AUTO_SHARE of their
+    variance (``Moments.directions`` of those rows)."""
     z = torch.as_tensor(features)
     if z.ndim != 2:
         raise ValueError(f"features must be a (N, D) matrix, got shape {tuple(z.shape)}")

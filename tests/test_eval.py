@@ -599,14 +599,15 @@ def test_adaptive_attacker_trains_on_features_it_protected_itself(monkeypatch):
     assert not torch.allclose(protected, clean, atol=1e-3)  # it trains on protected features, not clean ones
 
 
-def test_the_adaptive_attacker_keeps_out_its_own_faces_principal_directions(monkeypatch):
+@pytest.mark.parametrize("keep_out", [4, "auto"])
+def test_the_adaptive_attacker_keeps_out_its_own_faces_principal_directions(monkeypatch, keep_out):
     from advface_engine import principal_directions
     from advface_engine.evaluation.verification import embed
 
-    run, calls = _bare_run(monkeypatch, keep_out=4)
+    run, calls = _bare_run(monkeypatch, keep_out=keep_out)
     run.train_adaptive(ProtectConfig(steps=2))
     view = calls[1]["encoder"]
-    own = principal_directions(embed(run.encoder, run.attacker_images), 4)
+    own = principal_directions(embed(run.encoder, run.attacker_images), None if keep_out == "auto" else keep_out)
     assert torch.equal(view.protector.keep_out, own)  # its basis, from the faces it has, not the gallery's
 
 

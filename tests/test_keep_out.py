@@ -14,7 +14,7 @@ from conftest import fitting_models, tiny_models
 import advface_engine as afe
 from advface_engine.backends import make_backend
 from advface_engine.noise import ball_noise
-from advface_engine.principal import Moments
+from advface_engine.principal import AUTO_SHARE, Moments
 
 
 def unit_rows(n: int, d: int = 16, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
@@ -263,7 +263,15 @@ def test_gpu_kept_steps_in_the_captured_graph(dtype):
 def test_eval_settings_refuse_a_keep_out_outside_the_feature_dim(k):
     from advface_engine.evaluation.benchmark import settings_for
 
-    with pytest.raises(ValueError, match=r"keep_out must be in \[0, 63\]"):
+    with pytest.raises(ValueError, match=r"keep_out must be 'auto' or in \[0, 63\]"):
+        settings_for("tiny", keep_out=k)
+
+
+@pytest.mark.parametrize("k", ["all", 1.5, True])
+def test_eval_settings_refuse_a_keep_out_neither_count_nor_auto(k):
+    from advface_engine.evaluation.benchmark import settings_for
+
+    with pytest.raises(ValueError, match="keep_out"):
         settings_for("tiny", keep_out=k)
 
 
@@ -271,10 +279,30 @@ def test_eval_keeps_the_steps_out_and_says_so(tmp_path):
     from advface_engine.cli import main
 
     out = tmp_path / "e"
-    assert main(["eval", "--scale", "tiny", "--keep-out", "4", "--output", str(out), "--no-progress",
+    assert main(["eval", "--scale", "tiny", "--keep-out", "auto", "--output", str(out), "--no-progress",
                  "--no-transfer", "--sweep-eps", "0.1", "--sweep-min-cosine", "0.85",
                  "--replicates", "50"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["settings"]["keep_out"] == 4
+    assert results["settings"]["keep_out"] == "auto"
     assert results["throughput"]["backend"] == "reference"
-    assert "kept out of the top 4 principal directions" in (out / "report.md").read_text()
+    (k,), (share,) = results["keep_out"]["directions"], results["keep_out"]["variance_share"]
+    assert share >= AUTO_SHARE and 1 <= k < results["settings"]["feature_dim"]
+    assert f"kept out of the top {k} principal directions of the clean gallery, per seed (as many as hold 90%" \
+        in (out / "report.md").read_text()
+
+
+def test_a_count_of_directions_is_reported_with_its_share():
+    from advface_engine.evaluation.report import _kept_out
+
+    assert _kept_out(16, {"directions": [16, 16], "variance_share": [0.8123, 0.8]}) == \
+        "16 principal directions of the clean gallery (81.2% / 80.0% of its variance, per seed)"
+    assert _kept_out(16, None) == "16 principal directions of the clean gallery"  # results of older versions
+
+
+def test_auto_takes_the_fewest_directions_that_hold_the_share():
+    z = clustered_rows(300, 16)
+    moments = Moments(16)
+    moments.add(z)
+    k = moments.directions_for(AUTO_SHARE)
+    assert moments.variance_share(k) >= AUTO_SHARE > moments.variance_share(k - 1)
+    assert torch.equal(afe.principal_directions(z), moments.directions(k))  # k None: by the share

@@ -38,7 +38,7 @@ from ..data import synthetic_faces
 from ..devices import resolve_device
 from ..models import ARCHITECTURES, DECODERS, ENCODERS, IResNet, build_model, load_model
 from ..models.io import read_metadata
-from ..principal import principal_directions
+from ..principal import principal_directions, variance_share
 from ..progress import progress_bar
 from ..protect import Protector
 from ..train import train_decoder, train_encoder
@@ -103,7 +103,9 @@ class EvalSettings:
     mismatch_identities: int = 40
     mismatch_per_identity: int = 5
     protect: dict = field(default_factory=dict)
-    keep_out: int = 0  # k > 0: the steps kept out of the top k principal directions of the clean gallery's features
+    # k > 0: the steps kept out of the top k principal directions of the clean gallery's features; "auto": as
+    # many as hold principal.AUTO_SHARE of their variance (per seed), as the gallery job's keep_out="auto"
+    keep_out: int | str = 0
     sweep_eps: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
     sweep_steps: tuple[int, ...] = ()  # every sweep axis gets the config's own value added
     sweep_min_cosine: tuple[float | None, ...] = (0.8, 0.9, None)
@@ -225,9 +227,10 @@ def settings_for(scale: str = "small", **overrides) -> EvalSettings:
     for name in ("num_seeds", "replicates"):
         if getattr(settings, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(settings, name)}")
-    if not 0 <= settings.keep_out < settings.feature_dim:
-        raise ValueError(f"keep_out must be in [0, {settings.feature_dim - 1}] (below the feature dim "
-                         f"{settings.feature_dim}; 0: off), got {settings.keep_out}")
+    if settings.keep_out != "auto" and not (isinstance(settings.keep_out, int)
+                                             and 0 <= settings.keep_out < settings.feature_dim):
+        raise ValueError(f"keep_out must be 'auto' or in [0, {settings.feature_dim - 1}] (below the feature dim "
+                         f"{settings.feature_dim}; 0: off), got {settings.keep_out!r}")
     _check_inputs(settings)
     return settings
 
@@ -247,8 +250,15 @@ def _typed(name: str, value, hint):
 def _as_type(value, hint):
     """``value`` converted to ``hint``, or a TypeError."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (types.UnionType, typing.Union):  # X | None
-        return None if value is None else _as_type(value, next(a for a in args if a is not type(None)))
+    if origin in (types.UnionType, typing.Union):  # X | None, X | Y: the first that takes the value
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _as_type(value, arg)
+            except TypeError:
+                pass
+        raise TypeError
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise TypeError
@@ -272,8 +282,8 @@ def _type_name(hint) -> str:
         if typing.get_origin(args[0]) is tuple:
             return "a list of lists of strings"
         return f"a list of {_LIST_NAMES[args[0]]}"
-    if type(None) in args:
-        return f"{_type_name(next(a for a in args if a is not type(None)))} or null"
+    if args:  # a union
+        return " or ".join(_type_name(a) if a is not type(None) else "null" for a in args)
     return _TYPE_NAMES[hint]
 
 
@@ -403,7 +413,7 @@ class Run:
         # each stored feature is reconstructed once, however many positive pairs attack it
         self.attacked, self.attack_rows = torch.unique(self.stored, return_inverse=True)
         # the server's basis is its gallery's, as an operator's would be (principal.principal_directions)
-        self.keep_out = principal_directions(self.z, s.keep_out) if s.keep_out else None
+        self.keep_out = self._basis(self.z)
         self.clean_scores = cosine_scores(self.z[self.left], self.z[self.right])
         accuracy, std, threshold = ten_fold_accuracy(self.clean_scores, self.data.issame, FOLDS)
         self.threshold = threshold
@@ -497,6 +507,11 @@ class Run:
             self._mismatch = self._decoder(s.shadow, "shadow", grey, seed=s.seed + 6, name="mismatch shadow")
         return self._mismatch
 
+    def _basis(self, features: Tensor) -> Tensor | None:
+        """The keep_out basis of these features (``principal_directions``; "auto": by AUTO_SHARE), None when off."""
+        keep_out = self.s.keep_out
+        return principal_directions(features, None if keep_out == "auto" else keep_out) if keep_out else None
+
     def train_adaptive(self, config: ProtectConfig) -> None:
         """The adaptive attacker for ``config``: it knows the algorithm and the config, trains its own shadow
         (the server's family and identity weight) on its own faces, protects its own features with it, and
@@ -504,8 +519,7 @@ class Run:
         its basis is its own faces' principal directions."""
         s = self.s
         own = self._decoder(s.shadow, "shadow", self.attacker_images, seed=s.seed + 4, name="adaptive shadow")
-        basis = principal_directions(embed(self.encoder, self.attacker_images, flip=s.flip), s.keep_out) \
-            if s.keep_out else None
+        basis = self._basis(embed(self.encoder, self.attacker_images, flip=s.flip))
         protector = Protector(own, self.encoder, config, backend=s.backend, keep_out=basis)
         self.attackers[ADAPTIVE] = self._decoder(s.adaptive_family, "attacker", self.attacker_images,
                                                  seed=s.seed + 5, name=f"attacker {ADAPTIVE}",
@@ -716,6 +730,9 @@ def run_evaluation(s: EvalSettings, progress: bool = True) -> dict:
         "attackers": attackers,
         "cross_family_attackers": cross,
     }
+    if first.keep_out is not None:  # per seed: the directions kept out and their share of the gallery's variance
+        results["keep_out"] = {"directions": [len(r.keep_out) for r in runs],
+                               "variance_share": [variance_share(r.keep_out, r.z) for r in runs]}
     grids = {}
     stored_advface = None
     taken = {}  # (method, config, shadow identity weight) -> Measurements: the sweep's own point is not redone

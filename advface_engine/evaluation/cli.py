@@ -11,6 +11,7 @@ from pathlib import Path
 from ..config import ProtectConfig
 from ..config_args import add_protect_args, add_renamed, check_smoothing_scale, min_cosine_arg, positive_int
 from ..models import DECODERS
+from ..principal import AUTO_SHARE
 
 NOT_GIVEN = object()  # a protection flag's default here: None is a value (--min-cosine none), not "not given"
 
@@ -40,6 +41,16 @@ def _names(text: str) -> tuple[str, ...]:
 
 def _ensembles(text: str) -> tuple[tuple[str, ...], ...]:
     return _parse(text, lambda v: tuple(f.strip() for f in v.split("+")), "ensembles like dcgan+nbnet")
+
+
+def _keep_out(text: str) -> int | str:
+    """--keep-out: a count of directions, or 'auto' (as many as hold principal.AUTO_SHARE of the variance)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count of directions or 'auto', got {text!r}") from None
 
 
 def _guards(text: str) -> tuple[float | None, ...]:
@@ -77,9 +88,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "with one, two, ... other families)")
     p.add_argument("--transfer-objectives", type=_names, metavar="NAMES",
                    help="objectives each row of the matrix is protected with (default pixel)")
-    p.add_argument("--keep-out", type=int, metavar="K",
+    p.add_argument("--keep-out", type=_keep_out, metavar="K|auto",
                    help="keep the steps out of the top K principal directions of the clean gallery's features "
-                        "(Protector keep_out; default 0: off)")
+                        f"(Protector keep_out); 'auto': as many as hold {100 * AUTO_SHARE:.0f}%% of their variance, "
+                        "per seed, as the gallery job's --keep-out auto (default 0: off)")
     p.add_argument("--sweep-eps", type=_floats, help="comma-separated eps values of the privacy/utility curve")
     p.add_argument("--sweep-steps", type=_ints, help="comma-separated step counts swept as well")
     p.add_argument("--sweep-min-cosine", type=_guards, help="comma-separated guards swept as well ('none': no guard)")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..principal import AUTO_SHARE
 from .benchmark import METHODS, SHADOW_COPY_SEED
 from .grids import save_grid
 
@@ -119,6 +120,19 @@ def _seeds(values: list[float]) -> str:
     return " / ".join(_pct(v) for v in values)
 
 
+def _kept_out(setting, kept: dict | None) -> str:
+    """The directions kept out, for the method line: "16 principal directions of the clean gallery (80.2% of
+    its variance, per seed)"; for "auto", the count each seed took."""
+    if kept is None:  # results of versions that did not record them
+        return f"{setting} principal directions of the clean gallery"
+    shares = " / ".join(f"{100 * v:.1f}%" for v in kept["variance_share"])
+    if setting != "auto":
+        return f"{setting} principal directions of the clean gallery ({shares} of its variance, per seed)"
+    counts = " / ".join(str(k) for k in kept["directions"])
+    return (f"{counts} principal directions of the clean gallery, per seed (as many as hold "
+            f"{100 * AUTO_SHARE:.0f}% of its variance: {shares})")
+
+
 def _point_cells(p: dict) -> list[str]:
     gallery = p.get("gallery_loss")  # None without identities (a .bin), absent in results of older versions
     return [_pct(p["offline"]), interval(p["offline_loss"]), "-" if gallery is None else interval(gallery),
@@ -137,7 +151,7 @@ def markdown(results: dict, grid_files: dict[str, str], curve_file: str) -> str:
         weight += (f", each step's gradient averaged over {cfg['smoothing']} noisy copies "
                    f"(scale {cfg['smoothing_scale']:g})")
     if s.get("keep_out"):  # results of versions before keep_out have no such field
-        weight += f", the steps kept out of the top {s['keep_out']} principal directions of the clean gallery"
+        weight += f", the steps kept out of the top {_kept_out(s['keep_out'], results.get('keep_out'))}"
     lines = [
         f"# AdvFace evaluation ({label} faces)",
         "",

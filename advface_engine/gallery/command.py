@@ -8,10 +8,11 @@ from pathlib import Path
 
 from ..backends import available
 from ..config_args import add_protect_args, config_from_args, positive_int, threshold_arg
+from ..principal import AUTO_SHARE
 from ..progress import format_rate
 from ..stats import FIT_ROWS, MIN_ANCHOR_COSINE
 from .formats import FORMATS, open_gallery
-from .job import AUTO_SHARE, BASIS_CHUNK_ROWS, ENGINES, POLICIES, gallery_moments, protect_gallery
+from .job import BASIS_CHUNK_ROWS, ENGINES, POLICIES, gallery_moments, protect_gallery
 
 
 def _per_channel(text: str) -> float | list[float]:
@@ -101,8 +102,9 @@ def run_basis(args: argparse.Namespace) -> int:
         moments = gallery_moments(gallery, args.progress, args.chunk_rows)
     finally:
         gallery.close()
-    k = args.k or moments.directions_for(AUTO_SHARE)
-    save_basis(args.output, moments.directions(k))
+    basis = moments.directions(args.k or None)
+    save_basis(args.output, basis)
+    k = len(basis)
     print(f"wrote {args.output}: the top {k} principal directions of {moments.count} rows of dim {gallery.dim}, "
           f"holding {100 * moments.variance_share(k):.1f}% of their variance")
     return 0

@@ -362,9 +362,6 @@ def assemble(job: ChunkJob, manifest: Manifest, figures: Figures, fmt: str, outp
     return result
 
 
-# keep_out="auto": the fewest principal directions that hold this share of the gallery's variance, a count that
-# follows the features' dimension and spectrum (chosen on 128- and 512-dim features: docs/evaluation.md)
-AUTO_SHARE = 0.9
 BASIS_CHUNK_ROWS = 65536  # rows read at a time for a basis: the same chunks give the same float64 sums
 
 
@@ -407,7 +404,7 @@ def _auto_basis(work: Path, gallery: Gallery, k: int, progress: bool) -> Tensor:
         raise ValueError(f"keep_out auto:{k} keeps out {k} directions of {gallery.dim}-dim rows: K must be below "
                          f"{gallery.dim}")
     moments = gallery_moments(gallery, progress)
-    return moments.directions(k or moments.directions_for(AUTO_SHARE))
+    return moments.directions(k or None)
 
 
 def protect_gallery(
