@@ -475,6 +475,22 @@ def test_an_empty_gallery_gives_an_empty_output(tmp_path, ckpt, fmt):
     assert not (tmp_path / f"out{SUFFIX[fmt]}.job").exists()
 
 
+def test_an_empty_gallery_needs_no_auto_basis(tmp_path, ckpt):
+    """keep_out="auto" on an empty shard: no rows to make a basis of and none to protect; an empty output."""
+    np.save(tmp_path / "in.npy", np.zeros((0, DIM), np.float32))
+    result = run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt, keep_out="auto")
+    assert result.rows_written == 0 and np.load(tmp_path / "out.npy").shape == (0, DIM)
+    assert not (tmp_path / "out.npy.job").exists()
+
+
+def test_too_few_rows_for_an_auto_basis_are_refused_before_any_work(tmp_path, ckpt):
+    np.save(tmp_path / "in.npy", gallery_rows(3))
+    with pytest.raises(ValueError, match=r"keep_out auto:4: 4 principal directions need more than 4 feature rows, "
+                                         r"got 3; give a basis made of other rows \(advface basis\)"):
+        run(tmp_path / "in.npy", tmp_path / "out.npy", ckpt, keep_out="auto:4")
+    assert not (tmp_path / "out.npy").exists() and not (tmp_path / "out.npy.job").exists()
+
+
 NS = pa.timestamp("ns", tz="UTC")
 
 

@@ -391,10 +391,10 @@ def auto_k(keep_out) -> int | None:
     return int(k)
 
 
-def _auto_basis(work: Path, gallery: Gallery, k: int, progress: bool) -> Tensor:
+def _auto_basis(work: Path, gallery: Gallery, k: int, progress: bool) -> Tensor | None:
     """keep_out "auto" (k 0) or "auto:k": the basis an earlier run of this job made and kept in its folder
     (``AUTO_BASIS``, written once its manifest is), else the input's top principal directions, k of them or as
-    many as hold AUTO_SHARE of its variance (``gallery_moments``)."""
+    many as hold AUTO_SHARE of its variance (``gallery_moments``); None for an input without usable rows."""
     kept = work / AUTO_BASIS
     if kept.is_file() and not kept.is_symlink():
         basis = load_basis(kept)
@@ -404,7 +404,13 @@ def _auto_basis(work: Path, gallery: Gallery, k: int, progress: bool) -> Tensor:
         raise ValueError(f"keep_out auto:{k} keeps out {k} directions of {gallery.dim}-dim rows: K must be below "
                          f"{gallery.dim}")
     moments = gallery_moments(gallery, progress)
-    return moments.directions(k or None)
+    if moments.count == 0:  # no usable rows: nothing to protect, nothing to keep anything out of
+        return None
+    try:
+        return moments.directions(k or None)
+    except ValueError as err:  # too few rows, or rows that do not vary
+        raise ValueError(f"keep_out {'auto' if not k else f'auto:{k}'}: {err}; give a basis made of other rows "
+                         "(advface basis) or leave keep_out out") from None
 
 
 def protect_gallery(
@@ -521,7 +527,7 @@ def protect_gallery(
                 _refuse_bad_rows(gallery, chunk_rows, dst, progress)
             stack.enter_context(_workspace(work))
             manifest = Manifest.open(work, fingerprint)
-            if auto is not None and not (work / AUTO_BASIS).exists():  # after the manifest: it names the basis
+            if keep_out is not None and auto is not None and not (work / AUTO_BASIS).exists():  # the manifest names it
                 save_basis(work / AUTO_BASIS, keep_out)
             if ray is None and fmt in RAW_FORMATS:  # the output written in place: no second pass at the end
                 made = None if fmt in SIDECAR_FORMATS else provenance(manifest.fingerprint, on_bad_rows)
