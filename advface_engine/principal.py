@@ -29,6 +29,7 @@ class Moments:
     def __init__(self, dim: int):
         self.count, self.total = 0, torch.zeros(dim, dtype=torch.float64)
         self.outer = torch.zeros(dim, dim, dtype=torch.float64)
+        self._eigen: tuple[Tensor, Tensor] | None = None  # of the rows added so far (``_spectrum``)
 
     def add(self, rows: Tensor | np.ndarray) -> None:
         rows = torch.as_tensor(rows).detach().to(device="cpu", dtype=torch.float64)
@@ -39,6 +40,7 @@ class Moments:
         self.count += rows.shape[0]
         self.total += rows.sum(0)
         self.outer += rows.T @ rows
+        self._eigen = None
 
     def directions(self, k: int | None = None) -> Tensor:
         """The top ``k`` principal directions of the rows added (None: as many as hold AUTO_SHARE of their
@@ -47,16 +49,15 @@ class Moments:
         (the same rows give the same basis)."""
         k = self.directions_for(AUTO_SHARE) if k is None else k
         self._check(k)
-        _, vectors = torch.linalg.eigh(self._covariance())  # ascending eigenvalues
-        basis = vectors[:, -k:].flip(1).T
+        basis = self._spectrum()[1][:, :k].T
         top = basis.abs().argmax(dim=1, keepdim=True)
         return (basis * basis.gather(1, top).sign()).float().contiguous()
 
     def variance_share(self, k: int) -> float:
         """The share of the rows' variance that their top ``k`` principal directions hold."""
         self._check(k)
-        values = torch.linalg.eigvalsh(self._covariance()).clamp_min(0)
-        return float(values[-k:].sum() / values.sum()) if values.sum() > 0 else float("nan")
+        values = self._spectrum()[0]
+        return float(values[:k].sum() / values.sum()) if values.sum() > 0 else float("nan")
 
     def directions_for(self, share: float) -> int:
         """The fewest top principal directions that hold at least ``share`` of the rows' variance (at most
@@ -64,7 +65,7 @@ class Moments:
         if not 0 < share < 1:
             raise ValueError(f"share must be in (0, 1), got {share!r}")
         self._check(1)
-        values = torch.linalg.eigvalsh(self._covariance()).clamp_min(0).flip(0)
+        values = self._spectrum()[0]
         if not values.sum() > 0:
             raise ValueError("the rows do not vary: they have no principal directions")
         held = values.cumsum(0) / values.sum()
@@ -78,9 +79,14 @@ class Moments:
         if self.count <= k:
             raise ValueError(f"{k} principal directions need more than {k} feature rows, got {self.count}")
 
-    def _covariance(self) -> Tensor:
-        mean = self.total / self.count
-        return self.outer / self.count - torch.outer(mean, mean)
+    def _spectrum(self) -> tuple[Tensor, Tensor]:
+        """The covariance's eigenvalues (clamped at 0) and eigenvectors (columns), largest first: one
+        decomposition for directions, shares and counts until more rows are added."""
+        if self._eigen is None:
+            mean = self.total / self.count
+            values, vectors = torch.linalg.eigh(self.outer / self.count - torch.outer(mean, mean))  # ascending
+            self._eigen = values.flip(0).clamp_min(0), vectors.flip(1)
+        return self._eigen
 
 
 def principal_directions(features: Tensor | np.ndarray, k: int | None = None) -> Tensor:

@@ -306,3 +306,17 @@ def test_auto_takes_the_fewest_directions_that_hold_the_share():
     k = moments.directions_for(AUTO_SHARE)
     assert moments.variance_share(k) >= AUTO_SHARE > moments.variance_share(k - 1)
     assert torch.equal(afe.principal_directions(z), moments.directions(k))  # k None: by the share
+
+
+def test_moments_added_after_a_basis_give_the_basis_of_all_rows():
+    """The decomposition is kept between calls and made again once more rows are added."""
+    z = clustered_rows(300, 16)
+    chunked = Moments(16)
+    chunked.add(z[:40])
+    first = chunked.directions(4)
+    chunked.add(z[40:])
+    whole = Moments(16)
+    whole.add(z)
+    assert torch.equal(chunked.directions(4), whole.directions(4)) and not torch.equal(first, whole.directions(4))
+    assert chunked.directions_for(AUTO_SHARE) == whole.directions_for(AUTO_SHARE)
+    assert chunked.variance_share(4) == pytest.approx(whole.variance_share(4), abs=1e-12)
